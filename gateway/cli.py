@@ -1,0 +1,145 @@
+"""phoenix-gateway: serve | check-config PATH | models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import Config, ConfigError, resolve_config
+from gateway.logs import configure, get_logger
+from gateway.state import State
+
+
+def routing_table(config: Config) -> str:
+    """The resolved model -> deployment table that check-config prints."""
+    rows = [("MODEL", "ALIASES", "BACKEND", "TYPE", "LOCAL", "UPSTREAM MODEL", "FALLBACKS")]
+    for route in config.models:
+        for i, deployment in enumerate(route.deployments):
+            backend = config.backend(deployment.backend)
+            upstream = deployment.model or ("(as requested)" if route.is_pattern else route.name)
+            first = i == 0
+            rows.append((
+                route.name if first else "",
+                ", ".join(route.aliases) if first else "",
+                backend.name,
+                backend.type,
+                "yes" if backend.local else "no",
+                upstream,
+                ", ".join(route.fallbacks) if first else "",
+            ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def app_factory() -> object:
+    """Entry point for uvicorn workers: each builds its app from PHOENIX_CONFIG or the environment."""
+    config = resolve_config(None)
+    configure(os.environ.get("PHOENIX_LOG_LEVEL", config.server.log_level))
+    return create_app(config)
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = resolve_config(args.config)
+    level = args.log_level or os.environ.get("PHOENIX_LOG_LEVEL") or config.server.log_level
+    configure(level)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    log = get_logger()
+    if not config.auth.keys and not _is_loopback(host):
+        log.warning(
+            "no API keys configured: the gateway is open to anyone who can reach it", host=host, port=port
+        )
+    if args.config:
+        os.environ["PHOENIX_CONFIG"] = os.path.abspath(args.config)
+    os.environ["PHOENIX_LOG_LEVEL"] = level
+    log.info("serving", host=host, port=port, workers=args.workers, backends=len(config.backends))
+    uvicorn.run(
+        "gateway.cli:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=args.workers,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    config = resolve_config(args.path)
+    print(f"{args.path}: OK ({len(config.backends)} backends, {len(config.models)} models)")
+    print(routing_table(config))
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    config = resolve_config(args.config)
+
+    async def listing() -> int:
+        state = State.build(config)
+        try:
+            inventory = await state.inventory()
+        finally:
+            await state.aclose()
+        for backend in config.backends:
+            names = [m.id + (" (remote)" if m.remote else "") for m in inventory.get(backend.name, [])]
+            print(f"{backend.name} [{backend.type}, {'local' if backend.local else 'cloud'}]:")
+            print("\n".join(f"  {name}" for name in names) if names else "  (nothing listed or unreachable)")
+        return 0
+
+    return asyncio.run(listing())
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="phoenix-gateway", description="OpenAI-compatible LLM gateway.")
+    sub = top.add_subparsers(dest="command")
+    run = sub.add_parser("serve", help="serve the OpenAI-compatible API (the default)")
+    run.add_argument("--config", help="YAML config file (default: $PHOENIX_CONFIG, else the environment)")
+    run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=serve)
+    check = sub.add_parser("check-config", help="validate a config file and print its routing table")
+    check.add_argument("path")
+    check.set_defaults(func=check_config)
+    listing = sub.add_parser("models", help="list what each backend serves")
+    listing.add_argument("--config")
+    listing.set_defaults(func=models)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

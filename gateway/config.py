@@ -1,0 +1,267 @@
+"""The gateway's configuration: one YAML file, or the zero-file default built from the environment.
+
+Everything is validated by pydantic with `extra="forbid"`: an unknown key or a bad value is an
+error that names the file and the key, before the gateway serves a single request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+OLLAMA_DEFAULT_URL = "http://localhost:11434"
+OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
+GEMINI_DEFAULT_URL = "https://generativelanguage.googleapis.com/v1beta"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be served; the message names the source and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    """Seconds. A cold Ollama model load can take minutes, hence the generous first token."""
+
+    connect: float = Field(default=5.0, gt=0)
+    first_token: float = Field(default=300.0, gt=0)
+    idle: float = Field(default=120.0, gt=0)
+    total: float = Field(default=1800.0, gt=0)
+
+
+class _Backend(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    weight: int = Field(default=1, ge=1)
+    max_inflight: int | None = Field(default=None, ge=1)
+    timeouts: Timeouts = Timeouts()
+    headers: dict[str, str] = {}
+    api_key_env: str | None = None
+
+    @field_validator("base_url", check_fields=False)
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    def api_key(self, environ: Mapping[str, str]) -> str | None:
+        return environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class OllamaBackend(_Backend):
+    type: Literal["ollama"]
+    base_url: str = OLLAMA_DEFAULT_URL
+    local: bool = True
+
+
+class OpenAIBackend(_Backend):
+    type: Literal["openai"]
+    base_url: str = OPENAI_DEFAULT_URL
+    local: bool = False
+
+
+class GeminiBackend(_Backend):
+    type: Literal["gemini"]
+    base_url: str = GEMINI_DEFAULT_URL
+    local: bool = False
+
+
+Backend = Annotated[OllamaBackend | OpenAIBackend | GeminiBackend, Field(discriminator="type")]
+
+
+class Deployment(_Strict):
+    backend: str
+    model: str | None = None  # upstream model name; defaults to the client-facing name
+
+
+class ModelRoute(_Strict):
+    name: str = Field(min_length=1)
+    aliases: list[str] = []
+    deployments: list[Deployment] = Field(min_length=1)
+    fallbacks: list[str] = []
+    privacy: Literal["private", "public"] | None = None
+
+    @property
+    def is_pattern(self) -> bool:
+        return "*" in self.name
+
+
+class ApiKey(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    key_env: str | None = None
+    models: list[str] = ["*"]
+    privacy: Literal["private", "public"] | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKey:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("give exactly one of 'key_sha256' or 'key_env'")
+        return self
+
+
+class Auth(_Strict):
+    keys: list[ApiKey] = []
+
+
+class Health(_Strict):
+    interval: float = Field(default=10.0, gt=0)
+    unhealthy_after: int = Field(default=3, ge=1)
+    cooldown: float = Field(default=30.0, gt=0)
+
+
+class Routing(_Strict):
+    strategy: Literal["round_robin", "weighted", "least_inflight", "latency"] = "least_inflight"
+    affinity: Literal["none", "prefix"] = "none"
+    retries: int = Field(default=2, ge=0, le=10)
+    health: Health = Health()
+
+
+class Privacy(_Strict):
+    header: str = "x-privacy"
+    detect_pii: bool = True
+    local_model: str | None = None
+    audit_log: str | None = None
+
+
+class Server(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    server: Server = Server()
+    auth: Auth = Auth()
+    backends: list[Backend] = Field(min_length=1)
+    models: list[ModelRoute] = Field(min_length=1)
+    routing: Routing = Routing()
+    privacy: Privacy = Privacy()
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        backends = [backend.name for backend in self.backends]
+        _unique(backends, "backend name")
+        _unique([name for route in self.models for name in (route.name, *route.aliases)], "model name")
+        names = {name for route in self.models for name in (route.name, *route.aliases)}
+        for route in self.models:
+            for deployment in route.deployments:
+                if deployment.backend not in backends:
+                    raise ValueError(
+                        f"model {route.name!r} names unknown backend {deployment.backend!r}"
+                        f" (known: {', '.join(backends)})"
+                    )
+            for fallback in route.fallbacks:
+                if fallback not in names:
+                    raise ValueError(f"model {route.name!r} falls back to unknown model {fallback!r}")
+        if self.privacy.local_model is not None and self.privacy.local_model not in names:
+            raise ValueError(f"privacy.local_model names unknown model {self.privacy.local_model!r}")
+        return self
+
+    def backend(self, name: str) -> OllamaBackend | OpenAIBackend | GeminiBackend:
+        return next(backend for backend in self.backends if backend.name == name)
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"duplicate {what} {name!r}")
+        seen.add(name)
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_config(data, str(path))
+
+
+def config_from_env(environ: Mapping[str, str]) -> Config:
+    """The provider guide's zero-file set-up: Ollama by default, OpenAI and Gemini when keyed."""
+    urls = [url.strip() for url in environ.get("OLLAMA_BASE_URL", OLLAMA_DEFAULT_URL).split(",")]
+    urls = [url for url in urls if url]
+    ollama = ["ollama"] if len(urls) == 1 else [f"ollama-{i}" for i in range(1, len(urls) + 1)]
+    backends: list[dict[str, Any]] = [
+        {"name": name, "type": "ollama", "base_url": url} for name, url in zip(ollama, urls, strict=True)
+    ]
+    by_provider = {"ollama": ollama}
+    if environ.get("OPENAI_API_KEY"):
+        backends.append(
+            {
+                "name": "openai",
+                "type": "openai",
+                "base_url": environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL,
+                "api_key_env": "OPENAI_API_KEY",
+            }
+        )
+        by_provider["openai"] = ["openai"]
+    if environ.get("GEMINI_API_KEY"):
+        backends.append({"name": "gemini", "type": "gemini", "api_key_env": "GEMINI_API_KEY"})
+        by_provider["gemini"] = ["gemini"]
+
+    provider = environ.get("LLM_PROVIDER", "ollama").strip().lower() or "ollama"
+    if provider not in ("ollama", "openai", "gemini"):
+        raise ConfigError(f"environment: LLM_PROVIDER: expected ollama, openai or gemini, got {provider!r}")
+    if provider not in by_provider:
+        key = f"{provider.upper()}_API_KEY"
+        raise ConfigError(f"environment: LLM_PROVIDER is {provider!r} but {key} is not set")
+
+    def deployments(names: list[str], model: str | None = None) -> list[dict[str, Any]]:
+        return [{"backend": name, "model": model} for name in names]
+
+    models: list[dict[str, Any]] = []
+    default_model = environ.get("OLLAMA_MODEL", "").strip()
+    if default_model:
+        models.append({"name": "default", "deployments": deployments(ollama, default_model)})
+    models += [
+        {"name": f"{prefix}/*", "deployments": deployments(names)} for prefix, names in by_provider.items()
+    ]
+    models.append({"name": "*", "deployments": deployments(by_provider[provider])})
+    return parse_config({"backends": backends, "models": models}, "environment")
+
+
+def resolve_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """`--config`, else `PHOENIX_CONFIG`, else the environment default; never a file found by looking."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("PHOENIX_CONFIG") or None
+    return load_config(path) if path else config_from_env(environ)

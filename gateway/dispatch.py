@@ -1,0 +1,133 @@
+"""One request's journey to a backend: plan -> lease -> provider, retrying on another instance.
+
+Retries happen only before anything has reached the client: a stream is "opened" when its first
+chunk has arrived, and that peek happens inside the retry scope. After that the stream is handed
+to relay, and a failure becomes an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_none
+
+from gateway.balancer import Balancer
+from gateway.errors import GatewayError, UpstreamError, UpstreamProtocol, UpstreamTimeout
+from gateway.exchange import Exchange
+from gateway.metrics import Metrics
+from gateway.policy import Plan, Target
+from gateway.providers.base import Provider
+from gateway.relay import StreamSource
+from gateway.schemas import ChatRequest, Completion, EmbeddingRequest, Embeddings
+
+T = TypeVar("T")
+
+
+def _retryable(error: BaseException) -> bool:
+    return isinstance(error, GatewayError) and error.retryable
+
+
+@dataclass(slots=True)
+class Dispatcher:
+    providers: dict[str, Provider]
+    balancer: Balancer
+    metrics: Metrics
+    retries: int
+
+    async def _first_success(
+        self, plan: Plan, exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
+    ) -> T:
+        """Try the plan's targets in the balancer's order until one succeeds or a failure is final."""
+        targets = self.balancer.order(plan.targets)
+
+        def count_retry(state: RetryCallState) -> None:
+            self.metrics.retries.labels(targets[state.attempt_number - 1].backend).inc()
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(min(self.retries + 1, len(targets))),
+            retry=retry_if_exception(_retryable),
+            wait=wait_none(),
+            before_sleep=count_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                target = targets[attempt.retry_state.attempt_number - 1]
+                exchange.backend = target.backend
+                exchange.served_model = target.model
+                try:
+                    return await attempt_one(target, self.providers[target.backend])
+                except UpstreamError as error:
+                    self.metrics.upstream_errors.labels(target.backend, error.reason).inc()
+                    raise
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _unary(self, target: Target, exchange: Exchange, call: Awaitable[T], total: float) -> T:
+        lease = self.balancer.lease(target.backend)
+        waited = time.perf_counter()
+        try:
+            async with asyncio.timeout(total):
+                return await call
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"backend {target.backend} did not answer within its total deadline"
+            ) from None
+        finally:
+            exchange.upstream_seconds += time.perf_counter() - waited
+            lease.release()
+
+    async def complete(self, plan: Plan, request: ChatRequest, exchange: Exchange) -> Completion:
+        async def one(target: Target, provider: Provider) -> Completion:
+            call = provider.complete(request, target.model)
+            return await self._unary(target, exchange, call, provider.backend.timeouts.total)
+
+        return await self._first_success(plan, exchange, one)
+
+    async def embed(self, plan: Plan, request: EmbeddingRequest, exchange: Exchange) -> Embeddings:
+        async def one(target: Target, provider: Provider) -> Embeddings:
+            call = provider.embed(request, target.model)
+            return await self._unary(target, exchange, call, provider.backend.timeouts.total)
+
+        return await self._first_success(plan, exchange, one)
+
+    async def open_stream(self, plan: Plan, request: ChatRequest, exchange: Exchange) -> StreamSource:
+        async def one(target: Target, provider: Provider) -> StreamSource:
+            return await self._open(target, provider, request, exchange)
+
+        return await self._first_success(plan, exchange, one)
+
+    async def _open(
+        self, target: Target, provider: Provider, request: ChatRequest, exchange: Exchange
+    ) -> StreamSource:
+        timeouts = provider.backend.timeouts
+        lease = self.balancer.lease(target.backend)
+        stream: Any = provider.stream(request, target.model)
+        waited = time.perf_counter()
+        try:
+            async with asyncio.timeout(min(timeouts.first_token, timeouts.total)):
+                first = await anext(stream)
+        except BaseException as error:
+            await stream.aclose()
+            lease.release()
+            if isinstance(error, TimeoutError):
+                raise UpstreamTimeout(
+                    f"backend {target.backend} sent nothing within its first-token deadline"
+                ) from None
+            if isinstance(error, StopAsyncIteration):
+                raise UpstreamProtocol(
+                    f"backend {target.backend} ended the stream before any chunk"
+                ) from None
+            raise
+        finally:
+            exchange.upstream_seconds += time.perf_counter() - waited
+        return StreamSource(
+            first=first,
+            rest=stream,
+            idle_timeout=timeouts.idle,
+            deadline=waited + timeouts.total,
+            on_close=lease.release,
+        )

@@ -1,0 +1,177 @@
+"""The gateway's one error tree. Every failure a client can see is one of these.
+
+    GatewayError                      500 server_error
+    ├── InvalidRequest                400 invalid_request_error   (param names the field)
+    │   └── BodyTooLarge              413
+    ├── AuthenticationFailed          401 invalid_request_error   code=invalid_api_key
+    ├── PermissionDenied              403 permission_error
+    │   └── PrivacyViolation          403 code=privacy_violation
+    ├── ModelNotFound                 404 invalid_request_error   code=model_not_found
+    ├── RateLimited                   429 rate_limit_error        (retry_after seconds)
+    └── UpstreamError                 502 server_error            (the backend failed us)
+        ├── UpstreamUnavailable       503 connection refused / DNS / reset before a byte
+        ├── UpstreamTimeout           504 connect, first token, idle or total deadline
+        ├── UpstreamRejected          the backend's own 4xx/429/5xx, status mapped per class
+        └── UpstreamProtocol          502 the backend answered something we cannot parse
+
+Each class carries its HTTP status, OpenAI error `type`, and the log level it deserves:
+a client's mistake is `info`, a backend's failure is `warning`, our own bug is `error`.
+Messages never carry a stack trace, a secret or prompt text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    log_level: ClassVar[str] = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def retryable(self) -> bool:
+        """Upstream failures are retried on another instance; client errors never are."""
+        return False
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+    log_level = "info"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    log_level = "info"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    error_type = "permission_error"
+    log_level = "info"
+
+
+class PrivacyViolation(PermissionDenied):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="privacy_violation")
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    log_level = "info"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_not_found")
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+    log_level = "info"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    log_level = "warning"
+    # Label for gateway_upstream_errors_total{reason}.
+    reason: ClassVar[str] = "protocol"
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    reason = "connect"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    reason = "timeout"
+
+
+class UpstreamProtocol(UpstreamError):
+    reason = "protocol"
+
+
+class UpstreamRejected(UpstreamError):
+    """The backend answered with an error status; we keep its meaning, not its words verbatim."""
+
+    reason = "status"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.upstream_status = upstream_status
+
+    @property
+    def http_status(self) -> int:
+        if self.upstream_status == 429:
+            return 429
+        if self.upstream_status in (400, 413, 422):
+            return 400
+        if self.upstream_status in (401, 403):
+            # The gateway's own credentials were refused: the client cannot fix that.
+            return 502
+        if self.upstream_status == 503:
+            return 503
+        return 502
+
+    @property
+    def retryable(self) -> bool:
+        return self.upstream_status == 429 or self.upstream_status >= 500
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        status = self.http_status
+        if status == 400:
+            body["error"]["type"] = "invalid_request_error"
+        elif status == 429:
+            body["error"]["type"] = "rate_limit_error"
+        return body

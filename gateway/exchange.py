@@ -1,0 +1,77 @@
+"""One request's record: what was asked, where it went, how it ended.
+
+Routes create it, dispatch and relay fill it in, and `finish` is called exactly once, when the
+last byte has gone (or the client has gone): it records the request metrics and writes the audit
+line. The audit line carries ids, names, decisions and counts, never prompt or completion text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.metrics import Metrics
+from gateway.schemas import Usage
+
+CANCELLED = 499  # nginx's "client closed request": the client went away before the end
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    stream: bool = False
+    requested_model: str = ""
+    model_label: str = ""  # configured client-facing name, "" when unknown
+    served_model: str = ""  # what the backend ran
+    backend: str = ""
+    key_name: str = ""
+    privacy: str = "public"
+    privacy_reason: str = "default"
+    status: int = 0
+    error_type: str | None = None
+    usage: Usage | None = None
+    upstream_seconds: float = 0.0
+    first_token_at: float | None = None
+    finished: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def finish(self, status: int, metrics: Metrics, log: Any) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.status = status
+        elapsed = time.perf_counter() - self.started
+        backend = self.backend
+        metrics.requests.labels(self.endpoint, self.model_label, backend, str(status)).inc()
+        metrics.duration.labels(
+            self.endpoint, self.model_label, backend, "true" if self.stream else "false"
+        ).observe(elapsed)
+        metrics.overhead.labels(self.endpoint).observe(max(elapsed - self.upstream_seconds, 0.0))
+        if self.usage is not None and backend:
+            metrics.tokens.labels(self.model_label, backend, "prompt").inc(self.usage.prompt_tokens)
+            metrics.tokens.labels(self.model_label, backend, "completion").inc(self.usage.completion_tokens)
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "key": self.key_name or None,
+            "model": self.requested_model,
+            "served_model": self.served_model or None,
+            "backend": backend or None,
+            "privacy": self.privacy,
+            "privacy_reason": self.privacy_reason,
+            "stream": self.stream,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+        }
+        if self.usage is not None:
+            fields["prompt_tokens"] = self.usage.prompt_tokens
+            fields["completion_tokens"] = self.usage.completion_tokens
+        if self.first_token_at is not None:
+            fields["ttft_ms"] = round((self.first_token_at - self.started) * 1000, 3)
+        if self.error_type:
+            fields["error"] = self.error_type
+        fields.update(self.notes)
+        log.info("request", **fields)

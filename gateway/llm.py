@@ -1,0 +1,188 @@
+"""The provider guide's library API, kept for the applications that embed it, over the gateway's providers.
+
+    provider = LLMProviderFactory.create_from_env("ollama")
+    reply = await provider.generate([LLMMessage(LLMRole.USER, "Hello")], temperature=0.2, max_tokens=64)
+    print(reply.content, reply.usage["total_tokens"])
+    async for text in provider.generate_stream(messages):
+        ...
+
+It runs without the server: no routing, no metrics, one backend. Every failure is raised as
+`LLMError`, a ValueError (as the guide promised), e.g. "Cannot connect to Ollama server at URL".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from gateway.config import OLLAMA_DEFAULT_URL, OllamaBackend, Timeouts
+from gateway.errors import GatewayError
+from gateway.providers import build_provider
+from gateway.providers.base import BackendConfig, Provider
+from gateway.schemas import ChatRequest
+from gateway.upstream import make_client
+
+DEFAULT_OLLAMA_MODEL = "llama3.2"
+
+
+class LLMError(ValueError):
+    """A request the provider could not serve; the message says why, in the gateway's words."""
+
+
+class LLMRole(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class LLMMessage:
+    role: LLMRole | str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": str(self.role), "content": self.content}
+
+
+@dataclass(frozen=True, slots=True)
+class LLMResponse:
+    content: str
+    model: str
+    provider: str
+    finish_reason: str
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class LLMProvider:
+    """One backend, one default model. Use as an async context manager, or call `aclose`."""
+
+    def __init__(self, name: str, backend: BackendConfig, model: str, temperature: float | None = None,
+                 api_key: str | None = None) -> None:  # fmt: skip
+        self.name = name
+        self.model = model
+        self.temperature = temperature
+        self._client = make_client(max_connections=20)
+        environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
+        self._provider: Provider = build_provider(backend, self._client, environ)
+        self._timeouts = backend.timeouts
+
+    async def __aenter__(self) -> LLMProvider:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _request(
+        self, messages: Sequence[LLMMessage | Mapping[str, Any]], stream: bool, **params: Any
+    ) -> ChatRequest:
+        body: dict[str, Any] = {
+            "model": params.pop("model", None) or self.model,
+            "messages": [m.as_dict() if isinstance(m, LLMMessage) else dict(m) for m in messages],
+            "stream": stream,
+        }
+        if params.get("temperature") is None and self.temperature is not None:
+            params["temperature"] = self.temperature
+        body.update({key: value for key, value in params.items() if value is not None})
+        try:
+            return ChatRequest.model_validate(body)
+        except ValueError as error:
+            raise LLMError(f"invalid request: {error}") from None
+
+    async def generate(
+        self,
+        messages: Sequence[LLMMessage | Mapping[str, Any]],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        **params: Any,
+    ) -> LLMResponse:
+        request = self._request(messages, False, temperature=temperature, max_tokens=max_tokens, **params)
+        try:
+            completion = await self._provider.complete(request, request.model)
+        except GatewayError as error:
+            raise LLMError(error.message) from None
+        choice = completion.choices[0]
+        return LLMResponse(
+            content=choice.content or "",
+            model=request.model,
+            provider=self.name,
+            finish_reason=choice.finish_reason,
+            usage=completion.usage.as_dict(),
+        )
+
+    async def generate_stream(
+        self,
+        messages: Sequence[LLMMessage | Mapping[str, Any]],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        **params: Any,
+    ) -> AsyncIterator[str]:
+        """The answer's text, piece by piece as the backend produces it."""
+        request = self._request(messages, True, temperature=temperature, max_tokens=max_tokens, **params)
+        stream = self._provider.stream(request, request.model)
+        try:
+            async for chunk in stream:
+                if chunk.content:
+                    yield chunk.content
+        except GatewayError as error:
+            raise LLMError(error.message) from None
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def list_available_models(self) -> list[str]:
+        try:
+            return [model.id for model in await self._provider.list_models()]
+        except GatewayError as error:
+            raise LLMError(error.message) from None
+
+    async def is_model_available(self, model: str | None = None) -> bool:
+        model = model or self.model
+        names = await self.list_available_models()
+        return model in names or f"{model}:latest" in names
+
+
+def _timeouts(timeout: float | None) -> Timeouts:
+    if timeout is None:
+        return Timeouts()
+    return Timeouts(connect=min(timeout, 5.0), first_token=timeout, idle=timeout, total=timeout)
+
+
+class LLMProviderFactory:
+    PROVIDERS = ("ollama",)
+
+    @staticmethod
+    def create(provider: str, config: Mapping[str, Any] | None = None) -> LLMProvider:
+        """`config`: base_url, model, temperature, timeout (seconds)."""
+        config = dict(config or {})
+        name = provider.strip().lower()
+        if name == "ollama":
+            backend = OllamaBackend(
+                name="ollama",
+                type="ollama",
+                base_url=config.get("base_url") or OLLAMA_DEFAULT_URL,
+                timeouts=_timeouts(config.get("timeout")),
+            )
+            model = config.get("model") or DEFAULT_OLLAMA_MODEL
+            return LLMProvider(name, backend, model, config.get("temperature"))
+        raise LLMError(f"unknown provider {provider!r}; available: {', '.join(LLMProviderFactory.PROVIDERS)}")
+
+    @staticmethod
+    def create_from_env(provider: str | None = None, environ: Mapping[str, str] | None = None) -> LLMProvider:
+        """OLLAMA_BASE_URL (the first, if several) and OLLAMA_MODEL; LLM_PROVIDER when `provider` is None."""
+        environ = os.environ if environ is None else environ
+        name = (provider or environ.get("LLM_PROVIDER") or "ollama").strip().lower()
+        if name == "ollama":
+            url = environ.get("OLLAMA_BASE_URL", OLLAMA_DEFAULT_URL).split(",")[0].strip()
+            return LLMProviderFactory.create(name, {"base_url": url, "model": environ.get("OLLAMA_MODEL")})
+        return LLMProviderFactory.create(name)
+
+
+__all__ = ["LLMError", "LLMMessage", "LLMProvider", "LLMProviderFactory", "LLMResponse", "LLMRole"]

@@ -1,0 +1,34 @@
+"""structlog set-up and the audit line: one JSON line per request, never prompt or completion text."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+AUDIT_EVENT = "request"
+
+
+def configure(level: str = "info", *, stream: TextIO | None = None, json: bool | None = None) -> None:
+    """JSON lines by default; human-readable console output when writing to a terminal."""
+    stream = stream or sys.stderr
+    if json is None:
+        json = not stream.isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str = "gateway") -> Any:
+    return structlog.get_logger(name)

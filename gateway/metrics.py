@@ -1,0 +1,80 @@
+"""Every instrument the gateway exports (DESIGN.md's table), defined once on a registry per app.
+
+Label values come from the config only (model = configured client-facing name or "", backend =
+instance name), so no request can create new series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total", "Requests answered, by outcome status.",
+            ["endpoint", "model", "backend", "status"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "gateway_request_duration_seconds", "Time from arrival to the last byte sent.",
+            ["endpoint", "model", "backend", "stream"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds", "Streaming: arrival to the first content or tool call.",
+            ["model", "backend"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "gateway_time_per_output_token_seconds", "Streaming: time per output token after the first.",
+            ["model", "backend"], buckets=TPOT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "gateway_tokens_total", "Tokens as the backend counted them.",
+            ["model", "backend", "type"], registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "gateway_inflight_requests", "Requests holding a backend right now.", ["backend"], registry=r
+        )
+        self.backend_up = Gauge(
+            "gateway_backend_up", "1 when the backend answers its probe.", ["backend"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total", "Backend failures by kind.", ["backend", "reason"], registry=r
+        )
+        self.retries = Counter(
+            "gateway_retries_total", "Attempts moved to another instance.", ["backend"], registry=r
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks_total",
+            "Requests served by a fallback model.",
+            ["from_model", "to_model"],
+            registry=r,
+        )
+        self.privacy = Counter(
+            "gateway_privacy_decisions_total",
+            "Privacy classification of requests.",
+            ["privacy", "reason"],
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds", "Time spent in the gateway itself, upstream waits excluded.",
+            ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def register_backends(self, names: list[str]) -> None:
+        """Make the per-backend gauges exist from the start, so dashboards show zero, not nothing."""
+        for name in names:
+            self.inflight.labels(name)
+            self.backend_up.labels(name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,21 @@
+"""Backend adapters. Each module exposes the same names: build_request, parse_response,
+parse_chunk and <Name>Provider; translation is pure functions, I/O a thin class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+
+from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
+from gateway.providers.base import BackendConfig, Provider
+from gateway.providers.ollama import OllamaProvider
+
+
+def build_provider(backend: BackendConfig, client: httpx.AsyncClient, environ: Mapping[str, str]) -> Provider:
+    api_key = backend.api_key(environ)
+    if isinstance(backend, OllamaBackend):
+        return OllamaProvider(backend, client, api_key)
+    if isinstance(backend, OpenAIBackend | GeminiBackend):
+        raise NotImplementedError(f"backend type {backend.type!r} is not available yet")
+    raise TypeError(f"unknown backend {backend!r}")

@@ -1,0 +1,38 @@
+"""What every provider offers the dispatcher: the same five calls whatever the protocol."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
+from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo
+
+BackendConfig = OllamaBackend | OpenAIBackend | GeminiBackend
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def random_id(prefix: str, length: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+class Provider(Protocol):
+    """One backend instance. Providers translate and do I/O; they record no metrics."""
+
+    @property
+    def backend(self) -> BackendConfig: ...
+
+    async def complete(self, request: ChatRequest, model: str) -> Completion: ...
+
+    def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]: ...
+
+    async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings: ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def probe(self) -> None:
+        """Raise an UpstreamError when the backend cannot serve."""
+        ...

@@ -1,0 +1,406 @@
+"""Ollama's native API (`/api/chat`, NDJSON streams) behind the OpenAI surface.
+
+Translation choices (contracts/ollama.md §8):
+- temperature and top_p are sent only when the client sets them, so the Modelfile's defaults apply
+  otherwise (Ollama's own /v1 layer forces 1.0; we prefer what the model's author tuned).
+- `tool_choice: "none"` drops the tools; a named function keeps only that tool; `required` sends all
+  tools (Ollama has no way to force a call).
+- `n` > 1 is refused (400, param n): Ollama returns one choice.
+- Gateway extensions in the body are passed on: `options` (merged under the mapped ones),
+  `keep_alive`, `think`; `reasoning_effort` maps to `think`.
+- A stream that ends without Ollama's `done` line is reported as an error, never as a clean finish.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.config import OllamaBackend
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamProtocol,
+    UpstreamRejected,
+)
+from gateway.ndjson import NDJSONDecoder
+from gateway.providers.base import random_id
+from gateway.schemas import (
+    ChatRequest,
+    Choice,
+    Chunk,
+    Completion,
+    EmbeddingRequest,
+    Embeddings,
+    FinishReason,
+    Message,
+    ModelInfo,
+    ToolCallDelta,
+    Usage,
+)
+from gateway.upstream import client_timeout, json_or_none, mapped_errors
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# OpenAI field -> Ollama option, for values that mean the same thing on both sides.
+OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+         "max": "max", "xhigh": "max", "ultra": "max"}  # fmt: skip
+EXTENSIONS = ("keep_alive", "think", "logprobs", "top_logprobs")
+
+
+# ---- request ----
+
+
+def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
+    if request.n is not None and request.n > 1:
+        raise InvalidRequest("Ollama backends return one choice; 'n' must be 1", param="n")
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": _messages(request.messages),
+        "stream": stream,
+    }
+    options = _options(request)
+    if options:
+        body["options"] = options
+    fmt = _format(request)
+    if fmt is not None:
+        body["format"] = fmt
+    tools = _tools(request)
+    if tools:
+        body["tools"] = tools
+    extra = request.model_extra or {}
+    for key in EXTENSIONS:
+        if key in extra:
+            body[key] = extra[key]
+    effort = extra.get("reasoning_effort")
+    if effort is not None and "think" not in body:
+        if effort not in THINK:
+            raise InvalidRequest(f"unknown reasoning_effort {effort!r}", param="reasoning_effort")
+        body["think"] = THINK[effort]
+    return body
+
+
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role = ROLES.get(message.role, "tool")  # legacy `function` results are tool results
+        native: dict[str, Any] = {"role": role, "content": message.text()}
+        images = [_image(url, f"messages[{i}].content") for url in message.image_urls()]
+        if images:
+            native["images"] = images
+        if message.tool_calls:
+            native["tool_calls"] = [_tool_call(call, i, j) for j, call in enumerate(message.tool_calls)]
+        extra = message.model_extra or {}
+        reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+        if role == "assistant" and isinstance(reasoning, str):
+            native["thinking"] = reasoning
+        if role == "tool":
+            name = message.name or _tool_name(messages[:i], message.tool_call_id)
+            if name:
+                native["tool_name"] = name
+            if message.tool_call_id:
+                native["tool_call_id"] = message.tool_call_id
+        out.append(native)
+    return out
+
+
+def _image(url: str, param: str) -> str:
+    if not url.startswith("data:"):
+        raise InvalidRequest(
+            "Ollama backends need images inline: send a base64 data URL (data:image/png;base64,...)",
+            param=param,
+        )
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise InvalidRequest("image data URLs must be base64-encoded", param=param)
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise InvalidRequest("image data URL is not valid base64", param=param) from None
+    return data
+
+
+def _tool_call(call: Any, i: int, j: int) -> dict[str, Any]:
+    arguments = call.function.arguments or "{}"
+    try:
+        parsed = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "tool call arguments must be a JSON object",
+            param=f"messages[{i}].tool_calls[{j}].function.arguments",
+        ) from None
+    return {"id": call.id, "function": {"name": call.function.name, "arguments": parsed}}
+
+
+def _tool_name(history: list[Message], call_id: str | None) -> str | None:
+    """The function a tool result answers, found through its call id (last match wins)."""
+    for message in reversed(history):
+        for call in message.tool_calls or ():
+            if call.id == call_id:
+                return call.function.name
+    return None
+
+
+def _options(request: ChatRequest) -> dict[str, Any]:
+    extra = request.model_extra or {}
+    supplied = extra.get("options")
+    options: dict[str, Any] = dict(supplied) if isinstance(supplied, dict) else {}
+    for field, option in OPTIONS.items():
+        value = getattr(request, field)
+        if value is not None:
+            options[option] = value
+    if request.max_output_tokens is not None:
+        options["num_predict"] = request.max_output_tokens
+    if request.stop_list is not None:
+        options["stop"] = request.stop_list
+    return options
+
+
+def _format(request: ChatRequest) -> str | dict[str, Any] | None:
+    response_format = request.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_schema" and response_format.json_schema is not None:
+        return response_format.json_schema.schema_ or "json"
+    return "json"
+
+
+def _tools(request: ChatRequest) -> list[dict[str, Any]]:
+    if not request.tools or request.tool_choice == "none":
+        return []
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+    choice = request.tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name is not None:
+            tools = [tool for tool in tools if tool["function"]["name"] == name]
+            if not tools:
+                raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
+    return tools
+
+
+# ---- response ----
+
+
+def finish_reason(done_reason: str | None, tool_calls: bool) -> FinishReason:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if done_reason == "length" else "stop"
+
+
+def usage(body: dict[str, Any]) -> Usage:
+    return Usage(int(body.get("prompt_eval_count") or 0), int(body.get("eval_count") or 0))
+
+
+def _tool_calls(native: list[dict[str, Any]], first_index: int) -> list[ToolCallDelta]:
+    calls = []
+    for offset, call in enumerate(native):
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        calls.append(
+            ToolCallDelta(
+                index=first_index + offset,
+                id=call.get("id") or random_id("call_"),
+                name=function.get("name", ""),
+                arguments=arguments if isinstance(arguments, str) else orjson.dumps(arguments or {}).decode(),
+            )
+        )
+    return calls
+
+
+def parse_response(body: Any) -> Completion:
+    if not isinstance(body, dict) or not isinstance(body.get("message"), dict):
+        raise UpstreamProtocol("Ollama answered without a 'message' object")
+    if not body.get("done", False):
+        raise UpstreamProtocol(
+            "Ollama ended the answer without 'done'; it may be incomplete", code="upstream_incomplete"
+        )
+    message = body["message"]
+    calls = _tool_calls(message.get("tool_calls") or [], 0)
+    choice = Choice(
+        content=message.get("content") or ("" if not calls else None),
+        reasoning=message.get("thinking") or None,
+        tool_calls=calls,
+        finish_reason=finish_reason(body.get("done_reason"), bool(calls)),
+    )
+    return Completion([choice], usage(body))
+
+
+class StreamState:
+    """Turns NDJSON lines into chunks; remembers what a stream has seen so far."""
+
+    __slots__ = ("done", "tool_calls")
+
+    def __init__(self) -> None:
+        self.tool_calls = 0
+        self.done = False
+
+    def parse_chunk(self, line: Any) -> list[Chunk]:
+        if not isinstance(line, dict):
+            raise UpstreamProtocol("Ollama sent a stream line that is not a JSON object")
+        if "error" in line:
+            raise UpstreamRejected(
+                f"Ollama reported an error mid-stream: {line['error']}", upstream_status=500
+            )
+        chunks: list[Chunk] = []
+        message = line.get("message") or {}
+        if message.get("thinking"):
+            chunks.append(Chunk(reasoning=message["thinking"]))
+        if message.get("content"):
+            chunks.append(Chunk(content=message["content"]))
+        if message.get("tool_calls"):
+            calls = _tool_calls(message["tool_calls"], self.tool_calls)
+            self.tool_calls += len(calls)
+            chunks.append(Chunk(tool_calls=calls))
+        if line.get("done"):
+            self.done = True
+            reason = finish_reason(line.get("done_reason"), self.tool_calls > 0)
+            chunks.append(Chunk(finish_reason=reason, usage=usage(line)))
+        return chunks
+
+
+def parse_chunk(line: Any, state: StreamState) -> list[Chunk]:
+    return state.parse_chunk(line)
+
+
+def error_from(status: int, content: bytes, model: str, base_url: str) -> GatewayError:
+    body = json_or_none(content)
+    text = body.get("error") if isinstance(body, dict) else None
+    text = str(text) if text else content[:200].decode("utf-8", errors="replace")
+    if status == 404:
+        return ModelNotFound(
+            f"The model '{model}' is not available on the Ollama server at {base_url}; "
+            f"run `ollama pull {model}` there to install it."
+        )
+    if status == 400:
+        param = next((p for p in ("tools", "format", "stop", "images", "think") if p in text), None)
+        params = {"format": "response_format", "images": "messages", "think": "reasoning_effort"}
+        return InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
+    headers = {"retry-after": "1"} if status == 503 else None
+    return UpstreamRejected(f"Ollama server at {base_url} answered {status}: {text}", upstream_status=status,
+                            headers=headers)  # fmt: skip
+
+
+def created_at(value: Any) -> int:
+    try:
+        return int(datetime.fromisoformat(str(value)).timestamp())
+    except ValueError:
+        return 0
+
+
+# ---- I/O ----
+
+
+class OllamaProvider:
+    def __init__(self, backend: OllamaBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
+        self.backend = backend
+        self._client = client
+        self._url = backend.base_url
+        self._headers = dict(backend.headers)
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._timeout = client_timeout(backend.timeouts.connect)
+
+    async def _post(self, path: str, body: dict[str, Any], model: str) -> Any:
+        async with mapped_errors("ollama", self._url):
+            response = await self._client.post(
+                self._url + path, content=orjson.dumps(body), headers=self._headers, timeout=self._timeout
+            )
+        if response.status_code != 200:
+            raise error_from(response.status_code, response.content, model, self._url)
+        async with mapped_errors("ollama", self._url, started=True):
+            return orjson.loads(response.content)
+
+    async def complete(self, request: ChatRequest, model: str) -> Completion:
+        body = await self._post("/api/chat", build_request(request, model, stream=False), model)
+        return parse_response(body)
+
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
+        payload = orjson.dumps(build_request(request, model, stream=True))
+        state = StreamState()
+        decoder = NDJSONDecoder()
+        async with mapped_errors("ollama", self._url):
+            request_ = self._client.build_request(
+                "POST", self._url + "/api/chat", content=payload, headers=self._headers, timeout=self._timeout
+            )
+            response = await self._client.send(request_, stream=True)
+        try:
+            if response.status_code != 200:
+                async with mapped_errors("ollama", self._url):
+                    content = await response.aread()
+                raise error_from(response.status_code, content, model, self._url)
+            async with mapped_errors("ollama", self._url, started=True):
+                async for data in response.aiter_raw():
+                    for line in decoder.feed(data):
+                        for chunk in state.parse_chunk(line):
+                            yield chunk
+                for line in decoder.flush():
+                    for chunk in state.parse_chunk(line):
+                        yield chunk
+            if not state.done:
+                raise UpstreamProtocol(
+                    f"Ollama server at {self._url} ended the stream without its final 'done' line;"
+                    " the answer may be incomplete",
+                    code="upstream_incomplete",
+                )
+        finally:
+            await response.aclose()
+
+    async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
+        if not isinstance(request.input, str) and request.input and not isinstance(request.input[0], str):
+            raise InvalidRequest("Ollama backends take text input, not token arrays", param="input")
+        body: dict[str, Any] = {"model": model, "input": request.input}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        answer = await self._post("/api/embed", body, model)
+        vectors = answer.get("embeddings") if isinstance(answer, dict) else None
+        if not isinstance(vectors, list):
+            raise UpstreamProtocol(f"Ollama server at {self._url} answered /api/embed without 'embeddings'")
+        return Embeddings(vectors, int(answer.get("prompt_eval_count") or 0))
+
+    async def _get(self, path: str) -> Any:
+        async with mapped_errors("ollama", self._url):
+            response = await self._client.get(self._url + path, headers=self._headers, timeout=self._timeout)
+        if response.status_code != 200:
+            raise UpstreamRejected(
+                f"Ollama server at {self._url} answered {response.status_code} to {path}",
+                upstream_status=response.status_code,
+            )
+        async with mapped_errors("ollama", self._url, started=True):
+            return orjson.loads(response.content)
+
+    async def list_models(self) -> list[ModelInfo]:
+        body = await self._get("/api/tags")
+        models = body.get("models") if isinstance(body, dict) else None
+        return [model_info(entry) for entry in models or [] if isinstance(entry, dict)]
+
+    async def probe(self) -> None:
+        await self._get("/api/version")
+
+
+def model_info(entry: dict[str, Any]) -> ModelInfo:
+    name = str(entry.get("model") or entry.get("name") or "")
+    namespace, _, _ = name.rpartition("/")
+    remote = bool(entry.get("remote_host") or entry.get("remote_model")) or name.endswith(
+        ("-cloud", ":cloud")
+    )
+    return ModelInfo(
+        id=name,
+        created=created_at(entry.get("modified_at")),
+        owned_by=namespace or "library",
+        remote=remote,
+        capabilities=tuple(entry.get("capabilities") or ()),
+    )

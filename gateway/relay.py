@@ -1,0 +1,260 @@
+"""The only writer to the client: turns `Completion`s and `Chunk`s into OpenAI bytes.
+
+A stream gets one `id` and `created`; each choice gets `role` in its first delta only, tool-call
+ids and names in their first fragment only, and a separate finish chunk; with
+`stream_options.include_usage` a last chunk with `choices: []` carries the usage; then
+`data: [DONE]`. A failure after the first byte becomes a `data: {"error": ...}` event and the
+stream ends. A client that goes away cancels the stream, which closes the upstream response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.exchange import CANCELLED, Exchange
+from gateway.providers.base import random_id
+from gateway.schemas import Chunk, Completion, ToolCallDelta, Usage
+from gateway.sse import DONE
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+def tool_call_dict(call: ToolCallDelta) -> dict[str, Any]:
+    if call.id is None:
+        return {"index": call.index, "function": {"arguments": call.arguments}}
+    return {
+        "index": call.index,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name or "", "arguments": call.arguments},
+    }
+
+
+def completion_body(
+    completion: Completion, *, model: str, completion_id: str | None = None
+) -> dict[str, Any]:
+    choices = []
+    for choice in completion.choices:
+        message: dict[str, Any] = {"role": "assistant", "content": choice.content, "refusal": None}
+        if choice.reasoning:
+            message["reasoning_content"] = choice.reasoning
+        if choice.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name or "", "arguments": c.arguments}}
+                for c in choice.tool_calls
+            ]
+        choices.append(
+            {
+                "index": choice.index,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+            }
+        )
+    return {
+        "id": completion_id or random_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": completion.usage.as_dict(),
+    }
+
+
+def error_event(error: GatewayError) -> bytes:
+    return b"data: " + orjson.dumps(error.body()) + b"\n\n"
+
+
+@dataclass(slots=True)
+class StreamSource:
+    """An opened upstream stream: the chunk that proved it alive, the rest, and its deadlines."""
+
+    first: Chunk
+    rest: AsyncIterator[Chunk]
+    idle_timeout: float
+    deadline: float  # perf_counter() value after which the stream is cut
+    on_close: Callable[[], None]  # releases the backend lease
+
+
+class ChunkEncoder:
+    """Encodes chunks of one stream; the fixed envelope is serialised once per stream."""
+
+    __slots__ = ("_prefix", "_roles", "_suffix", "finished")
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        head = orjson.dumps(
+            {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        )
+        self._prefix = b"data: " + head[:-1] + b',"choices":['
+        self._suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+        self._roles: set[int] = set()
+        self.finished: set[int] = set()
+
+    def _event(self, choice: dict[str, Any]) -> bytes:
+        return self._prefix + orjson.dumps(choice) + self._suffix
+
+    def encode(self, chunk: Chunk) -> bytes:
+        index = chunk.index
+        out = b""
+        if index not in self._roles:
+            self._roles.add(index)
+            first = {"role": "assistant", "content": "" if not chunk.tool_calls else None}
+            out += self._event({"index": index, "delta": first, "logprobs": None, "finish_reason": None})
+        delta: dict[str, Any] = {}
+        if chunk.reasoning:
+            delta["reasoning_content"] = chunk.reasoning
+        if chunk.content:
+            delta["content"] = chunk.content
+        if chunk.tool_calls:
+            delta["tool_calls"] = [tool_call_dict(call) for call in chunk.tool_calls]
+        if delta:
+            out += self._event({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+        if chunk.finish_reason is not None and index not in self.finished:
+            self.finished.add(index)
+            out += self._event(
+                {"index": index, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}
+            )
+        return out
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._prefix + b'],"usage":' + orjson.dumps(usage.as_dict()) + b"}\n\n"
+
+
+class StreamRelay:
+    """Relays one opened stream to the client; `finish(status)` is called exactly once, at the end."""
+
+    def __init__(
+        self,
+        source: StreamSource,
+        exchange: Exchange,
+        *,
+        model: str,
+        include_usage: bool,
+        finish: Callable[[int], None],
+        on_unexpected: Callable[[BaseException], None],
+    ) -> None:
+        self._source = source
+        self._exchange = exchange
+        self._encoder = ChunkEncoder(random_id("chatcmpl-"), int(time.time()), model, include_usage)
+        self._include_usage = include_usage
+        self._finish = finish
+        self._on_unexpected = on_unexpected
+        self._usage: Usage | None = None
+        self._last_output = 0.0
+
+    async def _next(self) -> Chunk | None:
+        source = self._source
+        waited = time.perf_counter()
+        try:
+            async with asyncio.timeout(max(min(source.idle_timeout, source.deadline - waited), 0.0)):
+                return await anext(source.rest)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UpstreamTimeout("the backend stopped sending within its idle or total deadline") from None
+        finally:
+            self._exchange.upstream_seconds += time.perf_counter() - waited
+
+    def _encode(self, chunk: Chunk) -> bytes:
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        if chunk.has_output:
+            self._last_output = time.perf_counter()
+            if self._exchange.first_token_at is None:
+                self._exchange.first_token_at = self._last_output
+        return self._encoder.encode(chunk)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        exchange = self._exchange
+        status = 200
+        try:
+            chunk: Chunk | None = self._source.first
+            while chunk is not None:
+                data = self._encode(chunk)
+                if data:
+                    yield data
+                chunk = await self._next()
+            if self._include_usage:
+                yield self._encoder.usage(self._usage or Usage())
+            yield DONE
+        except GatewayError as error:
+            status = error.http_status
+            exchange.error_type = error.error_type
+            if isinstance(error, UpstreamError):
+                exchange.notes["upstream_error"] = error.reason
+            yield error_event(error)
+        except (asyncio.CancelledError, GeneratorExit):
+            status = CANCELLED
+            raise
+        except Exception as error:  # our own bug: tell the client plainly, log the type
+            status = 500
+            self._on_unexpected(error)
+            yield error_event(GatewayError(f"internal error in the gateway (request {exchange.request_id})"))
+        finally:
+            try:
+                await _close(self._source.rest)
+            finally:
+                self._source.on_close()
+                self._close_books(status)
+
+    def _close_books(self, status: int) -> None:
+        exchange, usage = self._exchange, self._usage
+        exchange.usage = usage
+        first = exchange.first_token_at
+        if usage is not None and first is not None and usage.completion_tokens > 1:
+            exchange.notes["tpot"] = (self._last_output - first) / (usage.completion_tokens - 1)
+        self._finish(status)
+
+
+async def _close(stream: AsyncIterator[Chunk]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class EventStream:
+    """ASGI response for SSE: stops the body (and so the upstream) as soon as the client disconnects."""
+
+    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self._body = body
+        self._headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
+        self._headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not pump.done():
+                pump.cancel()
+            # Let the body run its cleanup (closing the upstream) before this response ends.
+            await asyncio.wait((pump,))
+        if not pump.cancelled() and pump.exception() is not None:
+            raise pump.exception()  # type: ignore[misc]
+
+    async def _pump(self, send: Send) -> None:
+        async with aclosing(self._body) as body:  # type: ignore[type-var]
+            async for data in body:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

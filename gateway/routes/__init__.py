@@ -1,0 +1,1 @@
+"""Thin HTTP handlers: parse, hand to dispatch, answer. The route table lives in app.py."""

@@ -1,0 +1,45 @@
+"""POST /v1/chat/completions, streaming and not."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.body import read_json, validate
+from gateway.errors import GatewayError
+from gateway.relay import EventStream, StreamRelay, completion_body
+from gateway.schemas import ChatRequest
+from gateway.state import State, json_response
+
+
+async def chat_completions(request: Request) -> Response:
+    state: State = request.app.state.gateway
+    exchange = state.begin(request, "chat")
+    try:
+        chat = validate(ChatRequest, await read_json(request, state.config.server.max_body_bytes))
+        exchange.requested_model = chat.model
+        exchange.stream = bool(chat.stream)
+        plan = state.router.plan(chat.model)
+        exchange.model_label = plan.label
+        if chat.stream:
+            source = await state.dispatcher.open_stream(plan, chat, exchange)
+            relay = StreamRelay(
+                source,
+                exchange,
+                model=chat.model,
+                include_usage=chat.include_usage,
+                finish=lambda status: state.finish(exchange, status),
+                on_unexpected=lambda error: state.unexpected(exchange, error),
+            )
+            return EventStream(relay.body(), state.headers(exchange))  # type: ignore[return-value]
+        completion = await state.dispatcher.complete(plan, chat, exchange)
+        exchange.usage = completion.usage
+        response = json_response(
+            completion_body(completion, model=chat.model), headers=state.headers(exchange)
+        )
+        state.finish(exchange, 200)
+        return response
+    except GatewayError as error:
+        return state.fail(exchange, error)
+    except Exception as error:
+        return state.crash(exchange, error)

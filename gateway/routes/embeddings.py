@@ -1,0 +1,60 @@
+"""POST /v1/embeddings: float vectors, or base64 of little-endian float32 as OpenAI encodes them."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.body import read_json, validate
+from gateway.errors import GatewayError, UpstreamProtocol
+from gateway.schemas import EmbeddingRequest, Usage
+from gateway.state import State, json_response
+
+
+def encode_base64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+async def embeddings(request: Request) -> Response:
+    state: State = request.app.state.gateway
+    exchange = state.begin(request, "embeddings")
+    try:
+        embed = validate(EmbeddingRequest, await read_json(request, state.config.server.max_body_bytes))
+        exchange.requested_model = embed.model
+        plan = state.router.plan(embed.model)
+        exchange.model_label = plan.label
+        result = await state.dispatcher.embed(plan, embed, exchange)
+        expected = (
+            1
+            if isinstance(embed.input, str) or (embed.input and isinstance(embed.input[0], int))
+            else len(embed.input)
+        )
+        if len(result.vectors) != expected:
+            raise UpstreamProtocol(
+                f"backend {exchange.backend} returned {len(result.vectors)} vectors for {expected} inputs"
+            )
+        exchange.usage = Usage(prompt_tokens=result.prompt_tokens)
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": encode_base64(vector) if embed.encoding_format == "base64" else vector,
+            }
+            for i, vector in enumerate(result.vectors)
+        ]
+        body = {
+            "object": "list",
+            "data": data,
+            "model": embed.model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+        response = json_response(body, headers=state.headers(exchange))
+        state.finish(exchange, 200)
+        return response
+    except GatewayError as error:
+        return state.fail(exchange, error)
+    except Exception as error:
+        return state.crash(exchange, error)

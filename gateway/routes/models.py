@@ -1,0 +1,51 @@
+"""GET /v1/models and /v1/models/{id}: configured names, plus what each backend under a pattern lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.state import State, json_response
+
+
+async def model_objects(state: State) -> dict[str, dict[str, Any]]:
+    inventory = await state.inventory()
+    objects: dict[str, dict[str, Any]] = {}
+    for route in state.router.routes:
+        if not route.is_pattern:
+            owner = route.deployments[0].backend
+            for name in (route.name, *route.aliases):
+                objects[name] = {"id": name, "object": "model", "created": 0, "owned_by": owner}
+            continue
+        for deployment in route.deployments:
+            for info in inventory.get(deployment.backend, []):
+                public = state.router.public_name(route, info.id)
+                if public is not None and public not in objects:
+                    objects[public] = {
+                        "id": public,
+                        "object": "model",
+                        "created": info.created,
+                        "owned_by": info.owned_by,
+                    }
+    return objects
+
+
+async def list_models(request: Request) -> Response:
+    state: State = request.app.state.gateway
+    objects = await model_objects(state)
+    return json_response({"object": "list", "data": list(objects.values())})
+
+
+async def get_model(request: Request) -> Response:
+    state: State = request.app.state.gateway
+    model_id = request.path_params["model_id"]
+    objects = await model_objects(state)
+    try:
+        if model_id not in objects:
+            raise ModelNotFound(f"The model '{model_id}' does not exist on this gateway.")
+        return json_response(objects[model_id])
+    except GatewayError as error:
+        return json_response(error.body(), error.http_status)

@@ -1,0 +1,105 @@
+"""Server-sent events: an incremental decoder that follows the HTML spec's line rules, and the encoder.
+
+Lines end in `\\n`, `\\r\\n` or `\\r` (a `\\r` at the end of one read may be the first half of a
+`\\r\\n`, so it is held back); a blank line dispatches the event; `:` starts a comment; several
+`data:` lines join with `\\n`. Only the fields a gateway needs are kept: event, data, id, retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.ndjson import MAX_LINE_BYTES, LineTooLong
+
+DONE = b"data: [DONE]\n\n"
+KEEP_ALIVE = b": keep-alive\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    data: str
+    event: str = "message"
+    id: str | None = None
+    retry: int | None = None
+
+
+class SSEDecoder:
+    __slots__ = ("_data", "_event", "_id", "_max_line", "_pending", "_retry")
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self._pending = ""
+        self._data: list[str] = []
+        self._event = ""
+        self._id: str | None = None
+        self._retry: int | None = None
+        self._max_line = max_line
+
+    def feed(self, chunk: bytes | str) -> list[Event]:
+        text = chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk
+        text = self._pending + text
+        events: list[Event] = []
+        start = 0
+        length = len(text)
+        while True:
+            cr = text.find("\r", start)
+            lf = text.find("\n", start)
+            if cr == -1 and lf == -1:
+                break
+            end = lf if cr == -1 else cr if lf == -1 else min(cr, lf)
+            if text[end] == "\r":
+                if end + 1 == length:
+                    break  # maybe half of a CRLF: wait for the next read
+                step = 2 if text[end + 1] == "\n" else 1
+            else:
+                step = 1
+            event = self._line(text[start:end])
+            if event is not None:
+                events.append(event)
+            start = end + step
+        self._pending = text[start:]
+        if len(self._pending) > self._max_line:
+            raise LineTooLong(f"line longer than {self._max_line} characters")
+        return events
+
+    def flush(self) -> list[Event]:
+        """End of stream: a trailing line without terminator counts; an undispatched event is dropped."""
+        events: list[Event] = []
+        if self._pending:
+            line, self._pending = self._pending.rstrip("\r"), ""
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: str) -> Event | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        elif name == "retry" and value.isdigit():
+            self._retry = int(value)
+        return None
+
+    def _dispatch(self) -> Event | None:
+        if not self._data:
+            self._event = ""
+            return None
+        event = Event("\n".join(self._data), self._event or "message", self._id, self._retry)
+        self._data = []
+        self._event = ""
+        return event
+
+
+def encode(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import main, routing_table
+from gateway.config import ConfigError, config_from_env, load_config, parse_config, resolve_config
+
+MINIMAL: dict[str, Any] = {
+    "backends": [{"name": "ollama-1", "type": "ollama", "base_url": "http://10.0.0.5:11434"}],
+    "models": [{"name": "llama3.1", "deployments": [{"backend": "ollama-1", "model": "llama3.1:8b"}]}],
+}
+
+FULL = """
+server: {host: 127.0.0.1, port: 8080, max_body_bytes: 10485760}
+auth:
+  keys:
+    - {name: clinic-app, key_sha256: "KEYHASH", models: ["*"], privacy: private}
+backends:
+  - {name: ollama-1, type: ollama, base_url: "http://10.0.0.5:11434"}
+  - {name: ollama-2, type: ollama, base_url: "http://10.0.0.6:11434", weight: 2}
+  - {name: openai, type: openai, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_API_KEY}
+  - {name: vllm, type: openai, base_url: "http://10.0.0.7:8000/v1", local: true}
+  - {name: gemini, type: gemini, api_key_env: GEMINI_API_KEY}
+models:
+  - name: llama3.1
+    deployments: [{backend: ollama-1, model: "llama3.1:8b"}, {backend: ollama-2, model: "llama3.1:8b"}]
+  - name: gpt-4o-mini
+    deployments: [{backend: openai}]
+    fallbacks: [llama3.1]
+  - {name: "ollama/*", deployments: [{backend: ollama-1}, {backend: ollama-2}]}
+routing: {strategy: least_inflight, affinity: prefix, retries: 2, health: {interval: 10, unhealthy_after: 3, cooldown: 30}}
+privacy: {header: x-privacy, detect_pii: true, local_model: llama3.1, audit_log: /var/lib/phoenix/audit.jsonl}
+""".replace("KEYHASH", "a" * 64)
+
+
+def test_the_design_example_validates_with_defaults_filled(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(FULL)
+    config = load_config(path)
+    assert [b.name for b in config.backends] == ["ollama-1", "ollama-2", "openai", "vllm", "gemini"]
+    assert [b.local for b in config.backends] == [True, True, False, True, False]
+    assert config.backend("gemini").base_url == "https://generativelanguage.googleapis.com/v1beta"
+    assert config.backend("ollama-1").timeouts.first_token == 300
+
+
+def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("backends: [{name: o, type: ollama, bse_url: 'http://x'}]\nmodels: []\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert f"{path}: backends.0.ollama.bse_url: unknown key" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"backends": [{"name": "o", "type": "ollama", "base_url": "ftp://x"}]}, "must be an http(s) URL"),
+        ({"backends": [{"name": "o", "type": "mystery"}]}, "backends.0"),
+        ({"routing": {"strategy": "fastest"}}, "routing.strategy"),
+        ({"models": [{"name": "m", "deployments": [{"backend": "nope"}]}]}, "unknown backend 'nope'"),
+        (
+            {"models": [{"name": "m", "deployments": [{"backend": "ollama-1"}], "fallbacks": ["x"]}]},
+            "unknown model 'x'",
+        ),
+        ({"privacy": {"local_model": "ghost"}}, "privacy.local_model names unknown model 'ghost'"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"auth": {"keys": [{"name": "k"}]}}, "exactly one of 'key_sha256' or 'key_env'"),
+    ],
+)
+def test_bad_values_are_errors_that_name_the_key(change: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**MINIMAL, **change}, "test.yaml")
+    assert expected in str(caught.value)
+    assert str(caught.value).startswith("test.yaml: ")
+
+
+def test_duplicate_backend_names_are_refused() -> None:
+    backends = MINIMAL["backends"] * 2
+    with pytest.raises(ConfigError, match="duplicate backend name 'ollama-1'"):
+        parse_config({**MINIMAL, "backends": backends}, "t")
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("backends:\n  - {name: x\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(path)
+
+
+def test_environment_default_is_ollama_on_localhost() -> None:
+    config = config_from_env({})
+    assert [(b.name, b.base_url, b.local) for b in config.backends] == [
+        ("ollama", "http://localhost:11434", True)
+    ]
+    assert [m.name for m in config.models] == ["ollama/*", "*"]
+
+
+def test_several_ollama_urls_make_a_pool_and_ollama_model_is_the_default_alias() -> None:
+    config = config_from_env({"OLLAMA_BASE_URL": "http://a:1, http://b:2", "OLLAMA_MODEL": "llama3.2"})
+    assert [b.name for b in config.backends] == ["ollama-1", "ollama-2"]
+    default = config.models[0]
+    assert default.name == "default"
+    assert [(d.backend, d.model) for d in default.deployments] == [
+        ("ollama-1", "llama3.2"),
+        ("ollama-2", "llama3.2"),
+    ]
+
+
+def test_llm_provider_picks_the_backend_for_bare_names() -> None:
+    config = config_from_env({"OPENAI_API_KEY": "sk-x", "LLM_PROVIDER": "openai"})
+    catch_all = config.models[-1]
+    assert catch_all.name == "*"
+    assert [d.backend for d in catch_all.deployments] == ["openai"]
+    assert config.backend("openai").local is False
+
+
+def test_llm_provider_without_its_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="GEMINI_API_KEY is not set"):
+        config_from_env({"LLM_PROVIDER": "gemini"})
+
+
+def test_phoenix_config_is_used_only_when_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(FULL)
+    assert len(resolve_config(None, {"PHOENIX_CONFIG": str(path)}).backends) == 5
+    assert len(resolve_config(None, {}).backends) == 1
+
+
+def test_routing_table_lists_each_deployment(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(FULL)
+    table = routing_table(load_config(path))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["MODEL", "ALIASES", "BACKEND"]
+    assert any(
+        line.split()[:3] == ["gpt-4o-mini", "openai", "openai"] and "llama3.1" in line for line in lines
+    )
+    assert any("ollama/*" in line and "(as requested)" in line for line in lines)
+
+
+def test_check_config_command_prints_table_or_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(FULL)
+    assert main(["check-config", str(good)]) == 0
+    assert "llama3.1:8b" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends: []\nmodels: []\n")
+    assert main(["check-config", str(bad)]) == 1
+    assert f"error: {bad}: backends: List should have at least 1 item" in capsys.readouterr().err

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.ndjson import LineTooLong, NDJSONDecoder
+
+
+def test_lines_split_across_reads_are_reassembled() -> None:
+    decoder = NDJSONDecoder()
+    assert decoder.feed(b'{"a": 1}\n{"b"') == [{"a": 1}]
+    assert decoder.feed(b": 2}") == []
+    assert decoder.feed(b"\n") == [{"b": 2}]
+
+
+def test_blank_lines_are_skipped_and_a_last_line_without_newline_flushes() -> None:
+    decoder = NDJSONDecoder()
+    assert decoder.feed(b'\n\n{"a": 1}\n  \n{"z": 0}') == [{"a": 1}]
+    assert decoder.flush() == [{"z": 0}]
+    assert decoder.flush() == []
+
+
+def test_malformed_lines_raise() -> None:
+    with pytest.raises(orjson.JSONDecodeError):
+        NDJSONDecoder().feed(b"not json\n")
+
+
+def test_an_endless_line_is_cut_off() -> None:
+    decoder = NDJSONDecoder(max_line=10)
+    with pytest.raises(LineTooLong):
+        decoder.feed(b'{"a": "aaaaaaaaaaaaaaaa')

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.ndjson import LineTooLong
+from gateway.sse import Event, SSEDecoder, encode
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"])
+def test_every_line_ending_dispatches(eol: str) -> None:
+    decoder = SSEDecoder()
+    text = f"data: one{eol}{eol}data: two{eol}{eol}"
+    # A final lone CR may be half of a CRLF, so it is only settled when the stream ends.
+    assert [e.data for e in decoder.feed(text) + decoder.flush()] == ["one", "two"]
+
+
+def test_crlf_split_between_reads_is_one_line_ending() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed("data: x\r") == []
+    assert decoder.feed("\n\r\n") == [Event("x")]
+
+
+def test_multiline_data_comments_and_fields() -> None:
+    events = SSEDecoder().feed(": keep-alive\nevent: update\nid: 7\nretry: 50\ndata: a\ndata:b\n\n")
+    assert events == [Event("a\nb", "update", "7", 50)]
+
+
+def test_event_without_data_is_not_dispatched() -> None:
+    assert SSEDecoder().feed("event: ping\n\n") == []
+
+
+def test_partial_events_wait_for_the_blank_line() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b'data: {"a"') == []
+    assert decoder.feed(b": 1}\n") == []
+    assert decoder.feed(b"\n") == [Event('{"a": 1}')]
+
+
+def test_flush_reads_a_last_unterminated_line_but_does_not_dispatch_it() -> None:
+    decoder = SSEDecoder()
+    decoder.feed("data: x\n\ndata: tail")
+    assert decoder.flush() == []
+
+
+def test_an_endless_line_is_cut_off() -> None:
+    with pytest.raises(LineTooLong):
+        SSEDecoder(max_line=8).feed("data: 0123456789")
+
+
+def test_encode_frames_one_json_event() -> None:
+    assert encode({"a": 1}) == b'data: {"a":1}\n\n'
