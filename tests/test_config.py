@@ -31,7 +31,11 @@ models:
     deployments: [{backend: openai}]
     fallbacks: [llama3.1]
   - {name: "ollama/*", deployments: [{backend: ollama-1}, {backend: ollama-2}]}
-routing: {strategy: least_inflight, affinity: prefix, retries: 2, health: {interval: 10, unhealthy_after: 3, cooldown: 30}}
+routing:
+  strategy: least_inflight
+  affinity: prefix
+  retries: 2
+  health: {interval: 10, unhealthy_after: 3, cooldown: 30}
 privacy: {header: x-privacy, detect_pii: true, local_model: llama3.1, audit_log: /var/lib/phoenix/audit.jsonl}
 """.replace("KEYHASH", "a" * 64)
 
