@@ -35,6 +35,7 @@ class Exchange:
     usage: Usage | None = None
     upstream_seconds: float = 0.0
     first_token_at: float | None = None
+    time_per_token: float | None = None
     finished: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -50,6 +51,10 @@ class Exchange:
             self.endpoint, self.model_label, backend, "true" if self.stream else "false"
         ).observe(elapsed)
         metrics.overhead.labels(self.endpoint).observe(max(elapsed - self.upstream_seconds, 0.0))
+        if self.first_token_at is not None:
+            metrics.ttft.labels(self.model_label, backend).observe(self.first_token_at - self.started)
+        if self.time_per_token is not None:
+            metrics.tpot.labels(self.model_label, backend).observe(self.time_per_token)
         if self.usage is not None and backend:
             metrics.tokens.labels(self.model_label, backend, "prompt").inc(self.usage.prompt_tokens)
             metrics.tokens.labels(self.model_label, backend, "completion").inc(self.usage.completion_tokens)

@@ -212,7 +212,7 @@ class StreamRelay:
         exchange.usage = usage
         first = exchange.first_token_at
         if usage is not None and first is not None and usage.completion_tokens > 1:
-            exchange.notes["tpot"] = (self._last_output - first) / (usage.completion_tokens - 1)
+            exchange.time_per_token = (self._last_output - first) / (usage.completion_tokens - 1)
         self._finish(status)
 
 

@@ -1,0 +1,74 @@
+"""Real servers on loopback: fake backends and the gateway itself under uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import create_app
+from gateway.config import Config, parse_config
+from tests.fakes.ollama_server import FakeOllama
+from tests.servers import ServerThread, serve
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[tuple[FakeOllama, ServerThread]]:
+    fake = FakeOllama(models=["llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest"])
+    with serve(fake.app) as server:
+        yield fake, server
+
+
+def ollama_config(url: str, **overrides: Any) -> Config:
+    data: dict[str, Any] = {
+        "backends": [{"name": "ollama-1", "type": "ollama", "base_url": url}],
+        "models": [
+            {
+                "name": "llama3.2",
+                "aliases": ["default"],
+                "deployments": [{"backend": "ollama-1", "model": "llama3.2:latest"}],
+            },
+            {"name": "embed", "deployments": [{"backend": "ollama-1", "model": "nomic-embed-text"}]},
+            {"name": "ollama/*", "deployments": [{"backend": "ollama-1"}]},
+        ],
+    }
+    data.update(overrides)
+    return parse_config(data, "test")
+
+
+@pytest.fixture
+def start_gateway() -> Iterator[Callable[[Config], ServerThread]]:
+    servers: list[ServerThread] = []
+
+    def start(config: Config) -> ServerThread:
+        server = ServerThread(create_app(config, environ={})).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def gateway(
+    fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[[Config], ServerThread]
+) -> ServerThread:
+    return start_gateway(ollama_config(fake_ollama[1].url))
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by (sample name, sorted labels)."""
+    text = httpx.get(url + "/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

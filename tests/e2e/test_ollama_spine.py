@@ -1,0 +1,480 @@
+"""The spine end to end: the official OpenAI SDK -> the gateway under uvicorn -> a fake Ollama over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from gateway.config import Config
+from tests.e2e.conftest import ollama_config, sample, scrape
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import ServerThread, free_port
+
+pytestmark = pytest.mark.e2e
+
+FakeServer = tuple[FakeOllama, ServerThread]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
+
+
+OPEN_CLIENTS: list[openai.OpenAI] = []
+
+
+def client(gateway: ServerThread) -> openai.OpenAI:
+    api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    OPEN_CLIENTS.append(api)
+    return api
+
+
+def test_sync_sdk_non_streaming_chat(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(content="Paris is the capital.", prompt_eval_count=21, eval_count=6))
+    reply = client(gateway).chat.completions.create(
+        model="llama3.2",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+        ],
+        temperature=0,
+        max_tokens=32,
+    )
+    assert reply.choices[0].message.content == "Paris is the capital."
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.model == "llama3.2"
+    assert reply.id.startswith("chatcmpl-")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (21, 6, 27)
+    sent = fake.chat_bodies()[-1]
+    assert sent["model"] == "llama3.2:latest"
+    assert sent["stream"] is False
+    assert sent["options"] == {"temperature": 0, "num_predict": 32}
+    assert [m["role"] for m in sent["messages"]] == ["system", "user"]
+
+
+def test_sync_sdk_streaming_with_usage(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["The ", "sky ", "is ", "blue."], prompt_eval_count=9, eval_count=4))
+    stream = client(gateway).chat.completions.create(
+        model="llama3.2",
+        messages=[{"role": "user", "content": "Sky colour?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert len({c.id for c in chunks}) == 1
+    assert len({c.created for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "The sky is blue."
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (9, 4)
+    assert fake.chat_bodies()[-1]["stream"] is True
+
+
+def test_raw_stream_ends_with_done_and_leaves_usage_out_unless_asked(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["a", "b"]))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-phoenix-backend"] == "ollama-1"
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
+    assert all("usage" not in p for p in payloads)
+    assert all(p["object"] == "chat.completion.chunk" for p in payloads)
+
+
+@pytest.mark.anyio
+async def test_async_sdk_streaming_and_non_streaming(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(content="one"), Reply(pieces=["t", "wo"]))
+    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as api:
+        reply = await api.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "1"}]
+        )
+        assert reply.choices[0].message.content == "one"
+        stream = await api.chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "2"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "two"
+
+
+def test_tool_calls_non_streaming_then_multi_turn(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    fake.queue(
+        Reply(content="", tool_calls=[{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]),
+        Reply(content="It is 4C in Oslo."),
+    )
+    api = client(gateway)
+    messages: list[dict[str, object]] = [{"role": "user", "content": "Weather in Oslo?"}]
+    first = api.chat.completions.create(model="llama3.2", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[arg-type,list-item]
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}
+    assert call.id.startswith("call_")
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "4C"},
+    ]
+    second = api.chat.completions.create(model="llama3.2", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[arg-type]
+    assert second.choices[0].message.content == "It is 4C in Oslo."
+    sent = fake.chat_bodies()[-1]
+    assert sent["tools"] == [WEATHER_TOOL]
+    assert sent["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert sent["messages"][2] == {
+        "role": "tool",
+        "content": "4C",
+        "tool_name": "get_weather",
+        "tool_call_id": call.id,
+    }
+
+
+def test_tool_calls_streaming_accumulate_cleanly(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    calls = [
+        {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        {"function": {"name": "get_weather", "arguments": {"city": "Lima"}}},
+    ]
+    fake.queue(Reply(content="", tool_calls=calls))
+    with client(gateway).chat.completions.stream(
+        model="llama3.2",
+        messages=[{"role": "user", "content": "Weather in Oslo and Lima?"}],
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+    ) as stream:
+        final = stream.get_final_completion()
+    message = final.choices[0].message
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert message.role == "assistant"
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+    assert got == [("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Lima"})]
+    ids = [c.id for c in message.tool_calls or []]
+    assert len(set(ids)) == 2
+    assert all(i.startswith("call_") and "call_call" not in i for i in ids)
+
+
+def test_json_mode_and_json_schema(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(content='{"a": 1}'), Reply(content='{"name": "x"}'))
+    api = client(gateway)
+    reply = api.chat.completions.create(
+        model="llama3.2",
+        messages=[{"role": "user", "content": "JSON please"}],
+        response_format={"type": "json_object"},
+    )
+    assert json.loads(reply.choices[0].message.content or "") == {"a": 1}
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    api.chat.completions.create(
+        model="llama3.2",
+        messages=[{"role": "user", "content": "name"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    )
+    formats = [body.get("format") for body in fake.chat_bodies()[-2:]]
+    assert formats == ["json", schema]
+
+
+def test_image_parts_reach_ollama_as_bare_base64(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+    client(gateway).chat.completions.create(
+        model="llama3.2",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                ],
+            }
+        ],
+    )
+    assert fake.chat_bodies()[-1]["messages"][0] == {
+        "role": "user",
+        "content": "What is it?",
+        "images": [png],
+    }
+
+
+def test_embeddings_float_and_base64(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    api = client(gateway)
+    floats = api.embeddings.create(model="embed", input=["alpha", "beta gamma"], encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1]
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens > 0
+    raw = httpx.post(
+        gateway.url + "/v1/embeddings", json={"model": "embed", "input": "alpha", "encoding_format": "base64"}
+    ).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    decoded = list(struct.unpack(f"<{len(packed) // 4}f", packed))
+    assert decoded == pytest.approx(floats.data[0].embedding, rel=1e-6)
+
+
+def test_models_lists_configured_names_and_ollama_tags(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    ids = {m.id for m in client(gateway).models.list()}
+    assert {"llama3.2", "default", "embed"} <= ids
+    assert {"ollama/llama3.2:latest", "ollama/qwen2.5:0.5b"} <= ids
+    one = client(gateway).models.retrieve("ollama/qwen2.5:0.5b")
+    assert (one.id, one.object, one.owned_by) == ("ollama/qwen2.5:0.5b", "model", "library")
+    missing = httpx.get(gateway.url + "/v1/models/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_prefix_route_passes_the_upstream_name(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    client(gateway).chat.completions.create(
+        model="ollama/qwen2.5:0.5b", messages=[{"role": "user", "content": "x"}]
+    )
+    assert fake.chat_bodies()[-1]["model"] == "qwen2.5:0.5b"
+
+
+def test_health_and_readiness(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gateway.url + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["backends"]["ollama-1"] == {"type": "ollama", "local": True, "up": True}
+
+
+# ---- errors ----
+
+
+def error_of(response: httpx.Response) -> dict[str, object]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def post(gateway: ServerThread, body: object, **kwargs: object) -> httpx.Response:
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, **kwargs)  # type: ignore[arg-type]
+
+
+def test_ollama_down_is_503_naming_the_url(start_gateway: Callable[[Config], ServerThread]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    gateway = start_gateway(ollama_config(dead))
+    with pytest.raises(openai.InternalServerError) as caught:
+        client(gateway).chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 503
+    assert f"Cannot connect to Ollama server at {dead}" in caught.value.message
+    streamed = post(
+        gateway, {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
+    assert streamed.status_code == 503
+    assert error_of(streamed)["type"] == "server_error"
+    assert httpx.get(gateway.url + "/readyz").status_code == 503
+
+
+def test_model_missing_on_ollama_says_to_pull_it(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(gateway).chat.completions.create(
+            model="ollama/mistral:7b", messages=[{"role": "user", "content": "x"}]
+        )
+    assert "run `ollama pull mistral:7b`" in caught.value.message
+    assert caught.value.code == "model_not_found"
+
+
+def test_unknown_model_is_404_with_close_names(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    response = post(gateway, {"model": "llama3", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["code"] == "model_not_found"
+    assert error["param"] == "model"
+    assert "llama3.2" in str(error["message"])
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({"model": "llama3.2"}, "messages", "Missing required parameter: 'messages'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model", "Missing required parameter: 'model'"),
+        ({"model": "llama3.2", "messages": []}, "messages", "at least 1 item"),
+        ({"model": "llama3.2", "messages": "hi"}, "messages", "valid list"),
+        (
+            {"model": "llama3.2", "messages": [{"role": "wizard", "content": "x"}]},
+            "messages[0].role",
+            "'system'",
+        ),
+        ({"model": "llama3.2", "messages": [{"role": "user"}]}, "messages[0]", "needs 'content'"),
+        (
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            "temperature",
+            "number",
+        ),
+        (
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+            "temperature",
+            "2",
+        ),
+        ({"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "one choice"),
+    ],
+)
+def test_bad_requests_are_400_naming_the_field(
+    fake_ollama: FakeServer, gateway: ServerThread, body: dict[str, object], param: str, fragment: str
+) -> None:
+    response = post(gateway, body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert fragment in str(error["message"])
+
+
+def test_malformed_json_is_400(gateway: ServerThread) -> None:
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=b'{"model": ',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert "not valid JSON" in str(error_of(response)["message"])
+
+
+def test_unknown_endpoint_is_an_openai_shaped_404(gateway: ServerThread) -> None:
+    response = httpx.get(gateway.url + "/v1/nothing")
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "not_found"
+
+
+def test_mid_stream_error_becomes_an_sse_error_event(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["a", "b", "c"], error_after=2))
+    with pytest.raises(openai.APIError) as caught:
+        list(
+            client(gateway).chat.completions.create(
+                model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        )
+    assert "mid-stream" in caught.value.message
+
+
+def test_stream_without_done_ends_with_a_defined_error(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["two", "two"], omit_done=True))
+    with pytest.raises(openai.APIError) as caught:
+        list(
+            client(gateway).chat.completions.create(
+                model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        )
+    assert "without its final 'done' line" in caught.value.message
+
+
+def test_request_id_is_honoured_or_generated(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
+    assert post(gateway, body, headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    generated = post(gateway, body).headers["x-request-id"]
+    assert len(generated) == 32
+
+
+# ---- metrics and disconnects ----
+
+
+def test_metrics_count_requests_tokens_and_ttft(fake_ollama: FakeServer, gateway: ServerThread) -> None:
+    fake, _ = fake_ollama
+    fake.queue(
+        Reply(content="x", prompt_eval_count=10, eval_count=3),
+        Reply(pieces=["a", "b"], prompt_eval_count=5, eval_count=2),
+        Reply(status=500, error_text="boom"),
+    )
+    api = client(gateway)
+    messages = [{"role": "user", "content": "x"}]
+    api.chat.completions.create(model="llama3.2", messages=messages)  # type: ignore[arg-type]
+    list(api.chat.completions.create(model="llama3.2", messages=messages, stream=True))  # type: ignore[arg-type]
+    with pytest.raises(openai.InternalServerError):
+        api.chat.completions.create(model="llama3.2", messages=messages)  # type: ignore[arg-type]
+    post(gateway, {"model": "made-up-model", "messages": messages})
+    samples = scrape(gateway.url)
+    labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1"}
+    assert sample(samples, "gateway_requests_total", **labels, status="200") == 2
+    assert sample(samples, "gateway_requests_total", **labels, status="502") == 1
+    assert sample(samples, "gateway_requests_total", endpoint="chat", model="", backend="", status="404") == 1
+    assert sample(samples, "gateway_tokens_total", model="llama3.2", backend="ollama-1", type="prompt") == 15
+    assert (
+        sample(samples, "gateway_tokens_total", model="llama3.2", backend="ollama-1", type="completion") == 5
+    )
+    assert (
+        sample(samples, "gateway_time_to_first_token_seconds_count", model="llama3.2", backend="ollama-1")
+        == 1
+    )
+    assert (
+        sample(samples, "gateway_time_per_output_token_seconds_count", model="llama3.2", backend="ollama-1")
+        == 1
+    )
+    assert sample(samples, "gateway_overhead_seconds_count", endpoint="chat") == 4
+    assert sample(samples, "gateway_request_duration_seconds_count", **labels, stream="true") == 1
+    assert sample(samples, "gateway_upstream_errors_total", backend="ollama-1", reason="status") == 1
+    assert sample(samples, "gateway_inflight_requests", backend="ollama-1") == 0
+    assert not any(dict(key[1]).get("model") == "made-up-model" for key in samples)
+
+
+def test_client_disconnect_mid_stream_cancels_the_upstream(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["tok "] * 200, delay_between=0.05))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        next(lines)
+    deadline = time.monotonic() + 1.0
+    while fake.cancelled < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.cancelled == 1
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        samples = scrape(gateway.url)
+        if sample(
+            samples,
+            "gateway_requests_total",
+            endpoint="chat",
+            model="llama3.2",
+            backend="ollama-1",
+            status="499",
+        ):
+            break
+        time.sleep(0.02)
+    assert (
+        sample(
+            samples,
+            "gateway_requests_total",
+            endpoint="chat",
+            model="llama3.2",
+            backend="ollama-1",
+            status="499",
+        )
+        == 1
+    )
+    assert sample(samples, "gateway_inflight_requests", backend="ollama-1") == 0

@@ -1,0 +1,269 @@
+"""A fake Ollama: a real HTTP server speaking the native API as contracts/ollama.md describes it.
+
+Tests script its answers with `Reply` values (FIFO; a default reply when none is queued) and read
+back what it received. Streaming is the default when `stream` is absent, as in real Ollama; zero
+counts are left out of the final line (Go's omitempty); errors are `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import string
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Reply:
+    content: str = "Hello there!"
+    pieces: list[str] | None = None  # stream pieces; default: the content split after spaces
+    tool_calls: list[dict[str, Any]] | None = None  # native form: {"function": {"name", "arguments": {...}}}
+    thinking: str | None = None
+    done_reason: str | None = "stop"
+    prompt_eval_count: int = 12
+    eval_count: int | None = None  # default: number of pieces
+    status: int | None = None  # answer this status with {"error": error_text} instead
+    error_text: str = "an error was encountered while running the model"
+    error_after: int | None = None  # stream: write an error line after N pieces
+    omit_done: bool = False  # stream ends without the done line
+    delay_first: float = 0.0
+    delay_between: float = 0.0
+    id_missing: bool = False
+
+    def stream_pieces(self) -> list[str]:
+        if self.pieces is not None:
+            return self.pieces
+        words = self.content.split(" ")
+        return [w + " " for w in words[:-1]] + [words[-1]] if self.content else []
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status, media_type="application/json")
+
+
+def _error(status: int, text: str) -> Response:
+    return _json({"error": text}, status)
+
+
+class FakeOllama:
+    def __init__(
+        self,
+        models: list[str] | None = None,
+        loaded: list[str] | None = None,
+        cloud: list[str] | None = None,
+        embed_dim: int = 4,
+    ) -> None:
+        self.models = [self._full(m) for m in (models or ["llama3.2:latest"])]
+        self.loaded = [self._full(m) for m in (loaded or [])]
+        self.cloud = [self._full(m) for m in (cloud or [])]
+        self.embed_dim = embed_dim
+        self.replies: deque[Reply] = deque()
+        self.requests: list[tuple[str, Any]] = []
+        self.cancelled = 0
+        self.completed_streams = 0
+        self.app = Starlette(
+            routes=[
+                Route("/api/chat", self.chat, methods=["POST"]),
+                Route("/api/embed", self.embed, methods=["POST"]),
+                Route("/api/tags", self.tags, methods=["GET"]),
+                Route("/api/ps", self.ps, methods=["GET"]),
+                Route("/api/show", self.show, methods=["POST"]),
+                Route("/api/version", self.version, methods=["GET", "HEAD"]),
+            ]
+        )
+
+    @staticmethod
+    def _full(name: str) -> str:
+        return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+    def queue(self, *replies: Reply) -> None:
+        self.replies.extend(replies)
+
+    def chat_bodies(self) -> list[dict[str, Any]]:
+        return [body for path, body in self.requests if path == "/api/chat"]
+
+    async def _body(self, request: Request) -> Any:
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        self.requests.append((request.url.path, body))
+        return body
+
+    def _known(self, name: Any) -> bool:
+        return isinstance(name, str) and self._full(name) in self.models + self.cloud
+
+    async def chat(self, request: Request) -> Response:
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            return _error(400, "missing request body")
+        model = body.get("model")
+        if not model:
+            return _error(400, "model is required")
+        if not self._known(model):
+            return _error(404, f'model "{model}" not found, try pulling it first')
+        stop = (body.get("options") or {}).get("stop")
+        if stop is not None and not isinstance(stop, list):
+            return _error(400, 'option "stop" must be of type array')
+        fmt = body.get("format")
+        if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
+            return _error(400, f'invalid format: {fmt!r}; expected "json" or a valid JSON Schema object')
+        for message in body.get("messages") or []:
+            if any(str(image).startswith("data:") for image in message.get("images") or []):
+                return _error(400, "illegal base64 data at input byte 4")
+        reply = self.replies.popleft() if self.replies else Reply()
+        if reply.delay_first:
+            await asyncio.sleep(reply.delay_first)
+        if reply.status is not None:
+            return _error(reply.status, reply.error_text)
+        if body.get("stream", True):
+            return StreamingResponse(self._lines(model, reply), media_type="application/x-ndjson")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.stream_pieces())}
+        if reply.thinking:
+            message["thinking"] = reply.thinking
+        if reply.tool_calls:
+            message["tool_calls"] = self._calls(reply)
+        return _json({"model": model, "created_at": _now(), "message": message, **self._final(reply)})
+
+    def _calls(self, reply: Reply) -> list[dict[str, Any]]:
+        alphabet = string.ascii_lowercase + string.digits
+        calls = []
+        for index, call in enumerate(reply.tool_calls or []):
+            native = {"function": {"index": index, **call["function"]}}
+            if not reply.id_missing:
+                native["id"] = "call_" + "".join(secrets.choice(alphabet) for _ in range(8))
+            calls.append(native)
+        return calls
+
+    def _final(self, reply: Reply) -> dict[str, Any]:
+        final: dict[str, Any] = {"done": True}
+        if reply.done_reason is not None:
+            final["done_reason"] = reply.done_reason
+        eval_count = len(reply.stream_pieces()) if reply.eval_count is None else reply.eval_count
+        counts = {
+            "total_duration": 4_883_583_458,
+            "load_duration": 1_334_875,
+            "prompt_eval_count": reply.prompt_eval_count,
+            "prompt_eval_duration": 342_546_000,
+            "eval_count": eval_count,
+            "eval_duration": 4_535_599_000,
+        }
+        final.update({key: value for key, value in counts.items() if value})
+        return final
+
+    async def _lines(self, model: str, reply: Reply) -> AsyncIterator[bytes]:
+        def line(message: dict[str, Any], **extra: Any) -> bytes:
+            payload = {"model": model, "created_at": _now(), "message": {"role": "assistant", **message}}
+            return orjson.dumps({**payload, "done": False, **extra}) + b"\n"
+
+        try:
+            if reply.thinking:
+                yield line({"content": "", "thinking": reply.thinking})
+            for i, piece in enumerate(reply.stream_pieces()):
+                if reply.error_after is not None and i == reply.error_after:
+                    yield orjson.dumps({"error": reply.error_text}) + b"\n"
+                    return
+                if i and reply.delay_between:
+                    await asyncio.sleep(reply.delay_between)
+                yield line({"content": piece})
+            if reply.tool_calls:
+                yield line({"content": "", "tool_calls": self._calls(reply)})
+            if not reply.omit_done:
+                final = line({"content": ""})
+                yield orjson.dumps({**orjson.loads(final), **self._final(reply)}) + b"\n"
+            self.completed_streams += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+    async def embed(self, request: Request) -> Response:
+        body = await self._body(request)
+        model = (body or {}).get("model")
+        if not self._known(model):
+            return _error(404, f'model "{model}" not found, try pulling it first')
+        if "embed" not in str(model):
+            return _error(400, f"{self._full(str(model))} does not support embedding")
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            return _error(400, "invalid input type")
+        vectors = [self.vector(text) for text in inputs]
+        words = sum(len(text.split()) for text in inputs)
+        return _json(
+            {"model": model, "embeddings": vectors, "total_duration": 14143917, "prompt_eval_count": words}
+        )
+
+    def vector(self, text: str) -> list[float]:
+        """The deterministic embedding the fake returns for `text`."""
+        digest = hashlib.sha256(text.encode()).digest()
+        return [round((digest[i] - 128) / 128, 6) for i in range(self.embed_dim)]
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": name,
+            "model": name,
+            "modified_at": "2025-05-04T17:37:44.706015396-07:00",
+            "size": 2019393189,
+            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "details": {
+                "format": "gguf",
+                "family": "llama",
+                "parameter_size": "3.2B",
+                "quantization_level": "Q4_K_M",
+            },
+        }
+        if name in self.cloud:
+            entry.update(remote_model=name.split(":", maxsplit=1)[0], remote_host="https://ollama.com:443")
+        return entry
+
+    async def tags(self, request: Request) -> Response:
+        self.requests.append((request.url.path, None))
+        return _json({"models": [self._entry(name) for name in self.models + self.cloud]})
+
+    async def ps(self, request: Request) -> Response:
+        self.requests.append((request.url.path, None))
+        models = [
+            {
+                **self._entry(name),
+                "expires_at": "2099-01-01T00:00:00Z",
+                "size_vram": 0,
+                "context_length": 4096,
+            }
+            for name in self.loaded
+        ]
+        return _json({"models": models})
+
+    async def show(self, request: Request) -> Response:
+        body = await self._body(request) or {}
+        name = body.get("model") or body.get("name")
+        if not self._known(name):
+            return _error(404, f"model '{name}' not found")
+        entry = self._entry(self._full(name))
+        info = {
+            "details": entry["details"],
+            "model_info": {"general.architecture": "llama", "llama.context_length": 8192},
+        }
+        info["capabilities"] = ["completion", "tools"]
+        info.update({k: entry[k] for k in ("remote_model", "remote_host") if k in entry})
+        return _json(info)
+
+    async def version(self, request: Request) -> Response:
+        self.requests.append((request.url.path, None))
+        return _json({"version": "0.12.0"})
