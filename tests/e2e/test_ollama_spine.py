@@ -478,3 +478,22 @@ def test_client_disconnect_mid_stream_cancels_the_upstream(
         == 1
     )
     assert sample(samples, "gateway_inflight_requests", backend="ollama-1") == 0
+
+
+def test_oversized_body_is_413(
+    start_gateway: Callable[[Config], ServerThread], fake_ollama: FakeServer
+) -> None:
+    gateway = start_gateway(ollama_config(fake_ollama[1].url, server={"max_body_bytes": 2048}))
+    big = {"model": "llama3.2", "messages": [{"role": "user", "content": "x" * 4096}]}
+    response = post(gateway, big)
+    assert response.status_code == 413
+    assert "2048 bytes" in str(error_of(response)["message"])
+    assert fake_ollama[0].chat_bodies() == []
+
+
+def test_wrong_content_type_is_400(gateway: ServerThread) -> None:
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions", content=b"model=x", headers={"content-type": "text/plain"}
+    )
+    assert response.status_code == 400
+    assert "application/json" in str(error_of(response)["message"])

@@ -1,0 +1,63 @@
+"""`phoenix-gateway serve` as a newcomer runs it: a real process, no config file, Ollama from the env."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import ServerThread, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def served(fake_ollama: tuple[FakeOllama, ServerThread]) -> Iterator[str]:
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OPENAI_", "GEMINI_", "PHOENIX_"))
+    }
+    env.update(OLLAMA_BASE_URL=fake_ollama[1].url, OLLAMA_MODEL="llama3.2", LLM_PROVIDER="ollama")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=0.5)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("gateway did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=20)
+        assert b"Traceback" not in stderr
+
+
+def test_zero_file_default_serves_ollama_models_by_bare_name(
+    fake_ollama: tuple[FakeOllama, ServerThread], served: str
+) -> None:
+    fake, _ = fake_ollama
+    fake.queue(Reply(content="hi"), Reply(content="hey"))
+    with openai.OpenAI(base_url=served + "/v1", api_key="x", max_retries=0) as api:
+        ids = {m.id for m in api.models.list()}
+        assert {"default", "llama3.2:latest", "ollama/qwen2.5:0.5b"} <= ids
+        bare = api.chat.completions.create(model="qwen2.5:0.5b", messages=[{"role": "user", "content": "x"}])
+        aliased = api.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}])
+    assert (bare.choices[0].message.content, aliased.choices[0].message.content) == ("hi", "hey")
+    assert [b["model"] for b in fake.chat_bodies()] == ["qwen2.5:0.5b", "llama3.2"]

@@ -1,0 +1,70 @@
+"""The provider guide's library API against a fake Ollama over real HTTP."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.llm import LLMError, LLMMessage, LLMProviderFactory, LLMRole
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import ServerThread, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
+
+FakeServer = tuple[FakeOllama, ServerThread]
+
+
+async def test_create_from_env_generate_reports_content_model_and_usage(fake_ollama: FakeServer) -> None:
+    fake, server = fake_ollama
+    fake.queue(Reply(content="Paris.", prompt_eval_count=8, eval_count=2))
+    env = {"OLLAMA_BASE_URL": server.url, "OLLAMA_MODEL": "llama3.2"}
+    async with LLMProviderFactory.create_from_env("ollama", env) as llm:
+        reply = await llm.generate(
+            [LLMMessage(LLMRole.SYSTEM, "Be brief."), LLMMessage(LLMRole.USER, "Capital of France?")],
+            temperature=0.1,
+            max_tokens=16,
+        )
+    assert (reply.content, reply.model, reply.finish_reason) == ("Paris.", "llama3.2", "stop")
+    assert reply.usage["total_tokens"] == 10
+    sent = fake.chat_bodies()[-1]
+    assert sent["options"] == {"temperature": 0.1, "num_predict": 16}
+    assert [m["role"] for m in sent["messages"]] == ["system", "user"]
+
+
+async def test_create_with_settings_streams_text(fake_ollama: FakeServer) -> None:
+    fake, server = fake_ollama
+    fake.queue(Reply(pieces=["Once ", "upon ", "a time"]))
+    config = {"base_url": server.url, "model": "qwen2.5:0.5b", "temperature": 0.7, "timeout": 30}
+    async with LLMProviderFactory.create("ollama", config) as llm:
+        pieces = [text async for text in llm.generate_stream([LLMMessage(LLMRole.USER, "Story")])]
+    assert pieces == ["Once ", "upon ", "a time"]
+    sent = fake.chat_bodies()[-1]
+    assert (sent["model"], sent["stream"], sent["options"]["temperature"]) == ("qwen2.5:0.5b", True, 0.7)
+
+
+async def test_model_listing_and_availability(fake_ollama: FakeServer) -> None:
+    _, server = fake_ollama
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url, "model": "llama3.2"}) as llm:
+        assert "qwen2.5:0.5b" in await llm.list_available_models()
+        assert await llm.is_model_available() is True
+        assert await llm.is_model_available("mistral") is False
+
+
+async def test_connection_failure_is_a_value_error_naming_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    async with LLMProviderFactory.create("ollama", {"base_url": url}) as llm:
+        with pytest.raises(ValueError, match=f"Cannot connect to Ollama server at {url}"):
+            await llm.generate([LLMMessage("user", "hi")])
+        with pytest.raises(LLMError, match="Cannot connect"):
+            await llm.list_available_models()
+
+
+async def test_missing_model_says_to_pull_it(fake_ollama: FakeServer) -> None:
+    _, server = fake_ollama
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url, "model": "mistral"}) as llm:
+        with pytest.raises(LLMError, match="ollama pull mistral"):
+            await llm.generate([LLMMessage("user", "hi")])
+
+
+def test_unknown_provider_is_refused() -> None:
+    with pytest.raises(LLMError, match="unknown provider 'cohere'"):
+        LLMProviderFactory.create("cohere")

@@ -1,0 +1,104 @@
+"""OllamaProvider's I/O against pytest-httpx: what it sends, how it reads, how failures map."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+from pytest_httpx import HTTPXMock
+
+from gateway.config import OllamaBackend
+from gateway.errors import ModelNotFound, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.providers.ollama import OllamaProvider
+from gateway.schemas import ChatRequest, EmbeddingRequest
+
+pytestmark = pytest.mark.anyio
+URL = "http://ollama.test:11434"
+CHAT = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[OllamaProvider]:
+    async with httpx.AsyncClient() as client:
+        yield OllamaProvider(OllamaBackend(name="o", type="ollama", base_url=URL), client, api_key="secret")
+
+
+async def test_complete_posts_native_chat_with_bearer(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    httpx_mock.add_response(
+        url=URL + "/api/chat",
+        json={"message": {"role": "assistant", "content": "yo"}, "done": True, "eval_count": 1},
+    )
+    completion = await provider.complete(CHAT, "llama3.2:latest")
+    assert completion.choices[0].content == "yo"
+    sent = httpx_mock.get_request()
+    assert sent is not None
+    assert sent.headers["authorization"] == "Bearer secret"
+    assert orjson.loads(sent.content)["model"] == "llama3.2:latest"
+
+
+async def test_stream_reassembles_lines_split_across_reads(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    lines = (
+        b'{"message":{"content":"Hel"},"done":false}\n'
+        b'{"message":{"content":"lo"},"done":false}\n'
+        b'{"message":{"content":""},"done":true,"done_reason":"length","prompt_eval_count":3,"eval_count":2}\n'
+    )
+    pieces = [lines[i : i + 7] for i in range(0, len(lines), 7)]
+    httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream(pieces))
+    chunks = [chunk async for chunk in provider.stream(CHAT, "m")]
+    assert "".join(c.content for c in chunks) == "Hello"
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 5
+
+
+async def test_stream_with_garbage_line_is_a_protocol_error(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    httpx_mock.add_response(
+        url=URL + "/api/chat", stream=httpx_stream([b'{"message":{"content":"a"}}\n<html>\n'])
+    )
+    with pytest.raises(UpstreamProtocol, match="malformed JSON"):
+        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
+
+
+async def test_stream_error_status_maps_before_any_chunk(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    httpx_mock.add_response(url=URL + "/api/chat", status_code=404, json={"error": 'model "m" not found'})
+    with pytest.raises(ModelNotFound, match="ollama pull m"):
+        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
+
+
+async def test_connection_refused_names_the_server(httpx_mock: HTTPXMock, provider: OllamaProvider) -> None:
+    httpx_mock.add_exception(httpx.ConnectError("refused"))
+    with pytest.raises(UpstreamUnavailable, match=f"Cannot connect to Ollama server at {URL}"):
+        await provider.complete(CHAT, "m")
+
+
+async def test_read_timeout_is_an_upstream_timeout(httpx_mock: HTTPXMock, provider: OllamaProvider) -> None:
+    httpx_mock.add_exception(httpx.ReadTimeout("slow"))
+    with pytest.raises(UpstreamTimeout):
+        await provider.complete(CHAT, "m")
+
+
+async def test_embed_sends_input_and_dimensions(httpx_mock: HTTPXMock, provider: OllamaProvider) -> None:
+    httpx_mock.add_response(url=URL + "/api/embed", json={"embeddings": [[0.1, 0.2]], "prompt_eval_count": 2})
+    result = await provider.embed(EmbeddingRequest(model="e", input="two words", dimensions=2), "e:latest")
+    assert (result.vectors, result.prompt_tokens) == ([[0.1, 0.2]], 2)
+    request = httpx_mock.get_request()
+    assert request is not None
+    assert orjson.loads(request.content) == {"model": "e:latest", "input": "two words", "dimensions": 2}
+
+
+def httpx_stream(pieces: list[bytes]) -> httpx.AsyncByteStream:
+    class Pieces(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for piece in pieces:
+                yield piece
+
+    return Pieces()
