@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -62,3 +62,65 @@ def json_or_none(content: bytes) -> Any:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
         return None
+
+
+ErrorMapper = Callable[[int, bytes, str, Mapping[str, str]], GatewayError]
+
+
+class Upstream:
+    """HTTP to one backend: JSON calls and streamed bodies, every failure mapped to the error tree.
+
+    `error_from(status, content, model, headers)` turns the backend's own error answers into
+    gateway errors; it is the one protocol-specific part.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        base_url: str,
+        client: httpx.AsyncClient,
+        headers: Mapping[str, str],
+        *,
+        connect_timeout: float,
+        error_from: ErrorMapper,
+    ) -> None:
+        self.kind = kind
+        self.base_url = base_url
+        self._client = client
+        self._headers = dict(headers)
+        self._timeout = client_timeout(connect_timeout)
+        self._error_from = error_from
+
+    async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
+        content = orjson.dumps(body) if body is not None else None
+        async with mapped_errors(self.kind, self.base_url):
+            response = await self._client.request(
+                method, self.base_url + path, content=content, headers=self._headers, timeout=self._timeout
+            )
+        if response.status_code != 200:
+            raise self._error_from(response.status_code, response.content, model, response.headers)
+        async with mapped_errors(self.kind, self.base_url, started=True):
+            return orjson.loads(response.content)
+
+    @asynccontextmanager
+    async def stream(self, path: str, body: Any, model: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The response body as it arrives; closing the context closes the upstream connection."""
+        async with mapped_errors(self.kind, self.base_url):
+            request = self._client.build_request(
+                "POST",
+                self.base_url + path,
+                content=orjson.dumps(body),
+                headers=self._headers,
+                timeout=self._timeout,
+            )
+            response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                async with mapped_errors(self.kind, self.base_url):
+                    content = await response.aread()
+                raise self._error_from(response.status_code, content, model, response.headers)
+            # Whatever fails while the caller reads and decodes the body is mapped here.
+            async with mapped_errors(self.kind, self.base_url, started=True):
+                yield response.aiter_raw()
+        finally:
+            await response.aclose()

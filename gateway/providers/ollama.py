@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -45,7 +45,7 @@ from gateway.schemas import (
     ToolCallDelta,
     Usage,
 )
-from gateway.upstream import client_timeout, json_or_none, mapped_errors
+from gateway.upstream import Upstream, json_or_none
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # OpenAI field -> Ollama option, for values that mean the same thing on both sides.
@@ -276,22 +276,23 @@ def parse_chunk(line: Any, state: StreamState) -> list[Chunk]:
     return state.parse_chunk(line)
 
 
-def error_from(status: int, content: bytes, model: str, base_url: str) -> GatewayError:
+def error_from(
+    status: int, content: bytes, model: str, headers: Mapping[str, str] | None = None
+) -> GatewayError:
     body = json_or_none(content)
     text = body.get("error") if isinstance(body, dict) else None
     text = str(text) if text else content[:200].decode("utf-8", errors="replace")
     if status == 404:
         return ModelNotFound(
-            f"The model '{model}' is not available on the Ollama server at {base_url}; "
-            f"run `ollama pull {model}` there to install it."
+            f"The model '{model}' is not available on the Ollama server;"
+            f" run `ollama pull {model}` there to install it."
         )
     if status == 400:
         param = next((p for p in ("tools", "format", "stop", "images", "think") if p in text), None)
         params = {"format": "response_format", "images": "messages", "think": "reasoning_effort"}
         return InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
-    headers = {"retry-after": "1"} if status == 503 else None
-    return UpstreamRejected(f"Ollama server at {base_url} answered {status}: {text}", upstream_status=status,
-                            headers=headers)  # fmt: skip
+    retry = {"retry-after": "1"} if status == 503 else None
+    return UpstreamRejected(f"Ollama answered {status}: {text}", upstream_status=status, headers=retry)
 
 
 def created_at(value: Any) -> int:
@@ -307,57 +308,34 @@ def created_at(value: Any) -> int:
 class OllamaProvider:
     def __init__(self, backend: OllamaBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
         self.backend = backend
-        self._client = client
-        self._url = backend.base_url
-        self._headers = dict(backend.headers)
+        headers = dict(backend.headers)
         if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
-        self._timeout = client_timeout(backend.timeouts.connect)
-
-    async def _post(self, path: str, body: dict[str, Any], model: str) -> Any:
-        async with mapped_errors("ollama", self._url):
-            response = await self._client.post(
-                self._url + path, content=orjson.dumps(body), headers=self._headers, timeout=self._timeout
-            )
-        if response.status_code != 200:
-            raise error_from(response.status_code, response.content, model, self._url)
-        async with mapped_errors("ollama", self._url, started=True):
-            return orjson.loads(response.content)
+            headers["authorization"] = f"Bearer {api_key}"
+        self._http = Upstream(
+            "ollama", backend.base_url, client, headers, backend.timeouts.connect, error_from
+        )
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
-        body = await self._post("/api/chat", build_request(request, model, stream=False), model)
-        return parse_response(body)
+        body = build_request(request, model, stream=False)
+        return parse_response(await self._http.request("POST", "/api/chat", body, model))
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
-        payload = orjson.dumps(build_request(request, model, stream=True))
         state = StreamState()
         decoder = NDJSONDecoder()
-        async with mapped_errors("ollama", self._url):
-            request_ = self._client.build_request(
-                "POST", self._url + "/api/chat", content=payload, headers=self._headers, timeout=self._timeout
-            )
-            response = await self._client.send(request_, stream=True)
-        try:
-            if response.status_code != 200:
-                async with mapped_errors("ollama", self._url):
-                    content = await response.aread()
-                raise error_from(response.status_code, content, model, self._url)
-            async with mapped_errors("ollama", self._url, started=True):
-                async for data in response.aiter_raw():
-                    for line in decoder.feed(data):
-                        for chunk in state.parse_chunk(line):
-                            yield chunk
-                for line in decoder.flush():
+        async with self._http.stream("/api/chat", build_request(request, model, stream=True), model) as body:
+            async for data in body:
+                for line in decoder.feed(data):
                     for chunk in state.parse_chunk(line):
                         yield chunk
-            if not state.done:
-                raise UpstreamProtocol(
-                    f"Ollama server at {self._url} ended the stream without its final 'done' line;"
-                    " the answer may be incomplete",
-                    code="upstream_incomplete",
-                )
-        finally:
-            await response.aclose()
+            for line in decoder.flush():
+                for chunk in state.parse_chunk(line):
+                    yield chunk
+        if not state.done:
+            raise UpstreamProtocol(
+                f"Ollama server at {self.backend.base_url} ended the stream without its final 'done' line;"
+                " the answer may be incomplete",
+                code="upstream_incomplete",
+            )
 
     async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
         if not isinstance(request.input, str) and request.input and not isinstance(request.input[0], str):
@@ -365,30 +343,21 @@ class OllamaProvider:
         body: dict[str, Any] = {"model": model, "input": request.input}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        answer = await self._post("/api/embed", body, model)
+        answer = await self._http.request("POST", "/api/embed", body, model)
         vectors = answer.get("embeddings") if isinstance(answer, dict) else None
         if not isinstance(vectors, list):
-            raise UpstreamProtocol(f"Ollama server at {self._url} answered /api/embed without 'embeddings'")
+            raise UpstreamProtocol(
+                f"Ollama server at {self.backend.base_url} answered /api/embed without 'embeddings'"
+            )
         return Embeddings(vectors, int(answer.get("prompt_eval_count") or 0))
 
-    async def _get(self, path: str) -> Any:
-        async with mapped_errors("ollama", self._url):
-            response = await self._client.get(self._url + path, headers=self._headers, timeout=self._timeout)
-        if response.status_code != 200:
-            raise UpstreamRejected(
-                f"Ollama server at {self._url} answered {response.status_code} to {path}",
-                upstream_status=response.status_code,
-            )
-        async with mapped_errors("ollama", self._url, started=True):
-            return orjson.loads(response.content)
-
     async def list_models(self) -> list[ModelInfo]:
-        body = await self._get("/api/tags")
+        body = await self._http.request("GET", "/api/tags")
         models = body.get("models") if isinstance(body, dict) else None
         return [model_info(entry) for entry in models or [] if isinstance(entry, dict)]
 
     async def probe(self) -> None:
-        await self._get("/api/version")
+        await self._http.request("GET", "/api/version")
 
 
 def model_info(entry: dict[str, Any]) -> ModelInfo:

@@ -332,7 +332,7 @@ def test_400_keeps_ollamas_reason_and_names_the_param() -> None:
 
 
 def test_503_busy_is_retryable_with_retry_after() -> None:
-    error = ollama.error_from(503, b'{"error":"server busy, please try again."}', "m", "u")
+    error = ollama.error_from(503, b'{"error":"server busy, please try again."}', "m")
     assert error.retryable
     assert error.http_status == 503
     assert error.headers["retry-after"] == "1"
