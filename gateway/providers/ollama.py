@@ -312,7 +312,12 @@ class OllamaProvider:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._http = Upstream(
-            "ollama", backend.base_url, client, headers, backend.timeouts.connect, error_from
+            "ollama",
+            backend.base_url,
+            client,
+            headers,
+            connect_timeout=backend.timeouts.connect,
+            error_from=error_from,
         )
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
