@@ -10,12 +10,15 @@ import httpx
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
 from gateway.providers.base import BackendConfig, Provider
 from gateway.providers.ollama import OllamaProvider
+from gateway.providers.openai import OpenAIProvider
 
 
 def build_provider(backend: BackendConfig, client: httpx.AsyncClient, environ: Mapping[str, str]) -> Provider:
     api_key = backend.api_key(environ)
     if isinstance(backend, OllamaBackend):
         return OllamaProvider(backend, client, api_key)
-    if isinstance(backend, OpenAIBackend | GeminiBackend):
+    if isinstance(backend, OpenAIBackend):
+        return OpenAIProvider(backend, client, api_key)
+    if isinstance(backend, GeminiBackend):
         raise NotImplementedError(f"backend type {backend.type!r} is not available yet")
     raise TypeError(f"unknown backend {backend!r}")

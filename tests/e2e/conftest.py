@@ -40,11 +40,11 @@ def ollama_config(url: str, **overrides: Any) -> Config:
 
 
 @pytest.fixture
-def start_gateway() -> Iterator[Callable[[Config], ServerThread]]:
+def start_gateway() -> Iterator[Callable[..., ServerThread]]:
     servers: list[ServerThread] = []
 
-    def start(config: Config) -> ServerThread:
-        server = ServerThread(create_app(config, environ={})).start()
+    def start(config: Config, environ: dict[str, str] | None = None) -> ServerThread:
+        server = ServerThread(create_app(config, environ=environ or {})).start()
         servers.append(server)
         return server
 

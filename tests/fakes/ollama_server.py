@@ -40,6 +40,7 @@ class Reply:
     delay_first: float = 0.0
     delay_between: float = 0.0
     id_missing: bool = False
+    garbage: bool = False  # answer 200 with a body that is not the protocol
 
     def stream_pieces(self) -> list[str]:
         if self.pieces is not None:
@@ -132,6 +133,8 @@ class FakeOllama:
             await asyncio.sleep(reply.delay_first)
         if reply.status is not None:
             return _error(reply.status, reply.error_text)
+        if reply.garbage:
+            return Response(b"<html>502 Bad Gateway</html>\n", media_type="application/x-ndjson")
         if body.get("stream", True):
             return StreamingResponse(self._lines(model, reply), media_type="application/x-ndjson")
         message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.stream_pieces())}

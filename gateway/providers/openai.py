@@ -1,0 +1,261 @@
+"""OpenAI and every OpenAI-compatible server (vLLM, llama.cpp server, LM Studio) behind the same surface.
+
+Requests pass through as the client sent them, with the model name rewritten; fields the gateway
+does not know are kept (`extra="allow"`). Streams always ask upstream for
+`stream_options.include_usage` so tokens can be counted; relay shows the usage chunk to the client
+only when it asked. Answers are parsed into the same chunks as every other backend, so the client
+sees the gateway's ids and one consistent stream shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.config import OpenAIBackend
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
+from gateway.schemas import (
+    ChatRequest,
+    Choice,
+    Chunk,
+    Completion,
+    EmbeddingRequest,
+    Embeddings,
+    FinishReason,
+    ModelInfo,
+    ToolCallDelta,
+    Usage,
+)
+from gateway.sse import SSEDecoder
+from gateway.upstream import Upstream, json_or_none
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+# Gateway-only fields that no upstream should see.
+GATEWAY_FIELDS = ("metadata",)
+
+
+# ---- request ----
+
+
+def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
+    body = request.model_dump(exclude_unset=True, by_alias=True)
+    for field in GATEWAY_FIELDS:
+        body.pop(field, None)
+    body["model"] = model
+    body["stream"] = stream
+    if stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    else:
+        body.pop("stream_options", None)
+    return body
+
+
+# ---- response ----
+
+
+def finish_reason(value: Any, tool_calls: bool) -> FinishReason:
+    if tool_calls and value in (None, "stop"):
+        return "tool_calls"
+    return FINISH_REASONS.get(str(value), "stop")
+
+
+def usage(body: Any) -> Usage:
+    if not isinstance(body, dict):
+        return Usage()
+    return Usage(int(body.get("prompt_tokens") or 0), int(body.get("completion_tokens") or 0))
+
+
+def _tool_calls(calls: Any) -> list[ToolCallDelta]:
+    deltas = []
+    for position, call in enumerate(calls or []):
+        function = call.get("function") or {}
+        deltas.append(
+            ToolCallDelta(
+                index=int(call.get("index", position)),
+                id=call.get("id"),
+                name=function.get("name"),
+                arguments=function.get("arguments") or "",
+            )
+        )
+    return deltas
+
+
+def parse_response(body: Any) -> Completion:
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        raise UpstreamProtocol("the OpenAI-compatible backend answered without 'choices'")
+    choices = []
+    for position, choice in enumerate(body["choices"]):
+        message = choice.get("message") or {}
+        calls = _tool_calls(message.get("tool_calls"))
+        choices.append(
+            Choice(
+                index=int(choice.get("index", position)),
+                content=message.get("content"),
+                reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
+                tool_calls=calls,
+                finish_reason=finish_reason(choice.get("finish_reason"), bool(calls)),
+            )
+        )
+    return Completion(choices, usage(body.get("usage")))
+
+
+class StreamState:
+    """Turns SSE events into chunks; remembers which choices finished and whether [DONE] came."""
+
+    __slots__ = ("done", "finished", "tool_calls")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finished: set[int] = set()
+        self.tool_calls: set[int] = set()
+
+    def parse_chunk(self, data: str) -> list[Chunk]:
+        if data.strip() == "[DONE]":
+            self.done = True
+            return []
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocol("the OpenAI-compatible backend sent an event that is not JSON") from None
+        if not isinstance(event, dict):
+            raise UpstreamProtocol("the OpenAI-compatible backend sent an event that is not a JSON object")
+        if event.get("error"):
+            raise _stream_error(event["error"])
+        chunks = []
+        for position, choice in enumerate(event.get("choices") or []):
+            index = int(choice.get("index", position))
+            delta = choice.get("delta") or {}
+            calls = _tool_calls(delta.get("tool_calls"))
+            if calls:
+                self.tool_calls.add(index)
+            reason = choice.get("finish_reason")
+            chunk = Chunk(
+                content=delta.get("content") or "",
+                reasoning=delta.get("reasoning_content") or delta.get("reasoning") or "",
+                tool_calls=calls,
+                finish_reason=finish_reason(reason, index in self.tool_calls) if reason else None,
+                index=index,
+            )
+            if reason:
+                self.finished.add(index)
+            if chunk.has_output or chunk.finish_reason:
+                chunks.append(chunk)
+        if event.get("usage"):
+            chunks.append(Chunk(usage=usage(event["usage"])))
+        return chunks
+
+
+def parse_chunk(data: str, state: StreamState) -> list[Chunk]:
+    return state.parse_chunk(data)
+
+
+def _stream_error(error: Any) -> GatewayError:
+    message = error.get("message") if isinstance(error, dict) else str(error)
+    return UpstreamRejected(
+        f"the OpenAI-compatible backend reported an error mid-stream: {message}", upstream_status=500
+    )
+
+
+def error_from(
+    status: int, content: bytes, model: str, headers: Mapping[str, str] | None = None
+) -> GatewayError:
+    body = json_or_none(content)
+    error = body.get("error") if isinstance(body, dict) else None
+    error = (
+        error if isinstance(error, dict) else {"message": error or content[:200].decode("utf-8", "replace")}
+    )
+    message = str(error.get("message") or f"status {status}")
+    if status == 404:
+        return ModelNotFound(
+            f"The model '{model}' is not available on the OpenAI-compatible backend: {message}"
+        )
+    if status in (400, 413, 422):
+        return InvalidRequest(message, param=error.get("param"), code=error.get("code"))
+    if status in (401, 403):
+        return UpstreamRejected(
+            f"the backend refused the gateway's credentials ({status}); check its api_key_env",
+            upstream_status=status,
+        )
+    retry = {k: v for k, v in (headers or {}).items() if k.lower() in ("retry-after", "retry-after-ms")}
+    message = f"the OpenAI-compatible backend answered {status}: {message}"
+    return UpstreamRejected(message, upstream_status=status, headers=retry)
+
+
+# ---- I/O ----
+
+
+class OpenAIProvider:
+    def __init__(self, backend: OpenAIBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
+        self.backend = backend
+        headers = dict(backend.headers)
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._http = Upstream(
+            "openai",
+            backend.base_url,
+            client,
+            headers,
+            connect_timeout=backend.timeouts.connect,
+            error_from=error_from,
+        )
+
+    async def complete(self, request: ChatRequest, model: str) -> Completion:
+        body = build_request(request, model, stream=False)
+        return parse_response(await self._http.request("POST", "/chat/completions", body, model))
+
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
+        state = StreamState()
+        decoder = SSEDecoder()
+        async with self._http.stream(
+            "/chat/completions", build_request(request, model, stream=True), model
+        ) as body:
+            async for data in body:
+                for event in decoder.feed(data):
+                    for chunk in state.parse_chunk(event.data):
+                        yield chunk
+            for event in decoder.flush():
+                for chunk in state.parse_chunk(event.data):
+                    yield chunk
+        if not state.done and not state.finished:
+            raise UpstreamProtocol(
+                f"the backend at {self.backend.base_url} ended the stream before finishing;"
+                " the answer may be incomplete",
+                code="upstream_incomplete",
+            )
+
+    async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
+        body = request.model_dump(exclude_unset=True)
+        body.update(model=model, encoding_format="float")
+        answer = await self._http.request("POST", "/embeddings", body, model)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamProtocol(
+                f"the backend at {self.backend.base_url} answered /embeddings without 'data'"
+            )
+        ordered = sorted(data, key=lambda item: int(item.get("index", 0)))
+        return Embeddings([item["embedding"] for item in ordered], usage(answer.get("usage")).prompt_tokens)
+
+    async def list_models(self) -> list[ModelInfo]:
+        body = await self._http.request("GET", "/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        return [
+            ModelInfo(
+                id=str(entry["id"]),
+                created=int(entry.get("created") or 0),
+                owned_by=str(entry.get("owned_by") or ""),
+            )
+            for entry in data or []
+            if isinstance(entry, dict) and entry.get("id")
+        ]
+
+    async def probe(self) -> None:
+        await self._http.request("GET", "/models")

@@ -1,0 +1,225 @@
+"""One table of scenarios through the official SDK against every backend type: a client must not be
+able to tell which backend answered, apart from the model it asked for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.config import Config, parse_config
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.fakes.openai_server import FakeOpenAI
+from tests.servers import ServerThread, serve
+
+pytestmark = pytest.mark.e2e
+KEY = "sk-test-0123456789"
+TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+}
+
+
+@dataclass
+class Rig:
+    kind: str
+    fake: Any
+    gateway: ServerThread
+    api: openai.OpenAI
+
+    def upstream_bodies(self) -> list[dict[str, Any]]:
+        return self.fake.chat_bodies()  # type: ignore[no-any-return]
+
+
+def _config(kind: str, url: str) -> Config:
+    if kind == "ollama":
+        backend = {"name": "b", "type": "ollama", "base_url": url}
+        chat, embed = "llama3.2:latest", "nomic-embed-text:latest"
+    else:
+        backend = {
+            "name": "b",
+            "type": "openai",
+            "base_url": url + "/v1",
+            "api_key_env": "FAKE_KEY",
+            "local": True,
+        }
+        chat, embed = "gpt-4o-mini", "text-embedding-3-small"
+    models = [
+        {"name": "chat", "deployments": [{"backend": "b", "model": chat}]},
+        {"name": "embed", "deployments": [{"backend": "b", "model": embed}]},
+    ]
+    return parse_config({"backends": [backend], "models": models}, "test")
+
+
+@pytest.fixture(params=["ollama", "openai"])
+def rig(request: pytest.FixtureRequest, start_gateway: Callable[..., ServerThread]) -> Iterator[Rig]:
+    kind = request.param
+    fake = (
+        FakeOllama(models=["llama3.2", "nomic-embed-text"]) if kind == "ollama" else FakeOpenAI(api_key=KEY)
+    )
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
+            yield Rig(kind, fake, gateway, api)
+
+
+def test_plain_completion(rig: Rig) -> None:
+    rig.fake.queue(Reply(content="Hello world", prompt_eval_count=7, eval_count=2))
+    reply = rig.api.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=9
+    )
+    assert reply.choices[0].message.content == "Hello world"
+    assert (reply.model, reply.object, reply.choices[0].finish_reason) == ("chat", "chat.completion", "stop")
+    assert reply.id.startswith("chatcmpl-") and reply.id != "chatcmpl-up"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (7, 2, 9)
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_streaming(rig: Rig, include_usage: bool) -> None:
+    rig.fake.queue(Reply(pieces=["Hel", "lo ", "there"], prompt_eval_count=4, eval_count=3))
+    options = {"include_usage": True} if include_usage else None
+    chunks = list(
+        rig.api.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options=options
+        )
+    )
+    assert len({(c.id, c.created) for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+    usage_chunks = [c for c in chunks if not c.choices]
+    if include_usage:
+        assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
+        assert usage_chunks[0].usage is not None and usage_chunks[0].usage.total_tokens == 7
+    else:
+        assert usage_chunks == []
+        assert all(c.usage is None for c in chunks)
+
+
+def test_tool_call_then_answer(rig: Rig) -> None:
+    rig.fake.queue(
+        Reply(content="", tool_calls=[{"function": {"name": "lookup", "arguments": {"q": "oslo"}}}]),
+        Reply(content="Found it."),
+    )
+    messages: list[Any] = [{"role": "user", "content": "find oslo"}]
+    first = rig.api.chat.completions.create(model="chat", messages=messages, tools=[TOOL])
+    call = (first.choices[0].message.tool_calls or [])[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("lookup", {"q": "oslo"})
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "59.9N"},
+    ]
+    second = rig.api.chat.completions.create(model="chat", messages=messages, tools=[TOOL])
+    assert second.choices[0].message.content == "Found it."
+    assert len(rig.upstream_bodies()[-1]["messages"]) == 3
+
+
+def test_streamed_tool_calls_merge_into_one_call(rig: Rig) -> None:
+    rig.fake.queue(
+        Reply(content="", tool_calls=[{"function": {"name": "lookup", "arguments": {"q": "lima"}}}])
+    )
+    with rig.api.chat.completions.stream(
+        model="chat", messages=[{"role": "user", "content": "x"}], tools=[TOOL]
+    ) as s:  # type: ignore[list-item]
+        final = s.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("lookup", {"q": "lima"})]
+    assert calls[0].id.startswith("call_") and calls[0].id.count("call_") == 1
+
+
+def test_json_schema(rig: Rig) -> None:
+    rig.fake.queue(Reply(content='{"city": "Oslo"}'))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    reply = rig.api.chat.completions.create(
+        model="chat",
+        messages=[{"role": "user", "content": "json"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
+    assert json.loads(reply.choices[0].message.content or "") == {"city": "Oslo"}
+    sent = rig.upstream_bodies()[-1]
+    assert sent.get("format") == schema or sent["response_format"]["json_schema"]["schema"] == schema
+
+
+def test_image_input(rig: Rig) -> None:
+    rig.fake.queue(Reply(content="A cat."))
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    reply = rig.api.chat.completions.create(
+        model="chat",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, part]}],  # type: ignore[list-item]
+    )
+    assert reply.choices[0].message.content == "A cat."
+
+
+def test_embeddings(rig: Rig) -> None:
+    # The SDK asks for base64 by default, which carries float32: equal to float32 precision.
+    result = rig.api.embeddings.create(model="embed", input=["one", "two words"])
+    expected = [rig.fake.vector("one"), rig.fake.vector("two words")]
+    assert [d.embedding for d in result.data] == [pytest.approx(v, rel=1e-6) for v in expected]
+    assert result.usage.prompt_tokens == 3
+
+
+def test_upstream_429_keeps_its_meaning(rig: Rig) -> None:
+    rig.fake.queue(Reply(status=429, error_text="slow down"))
+    with pytest.raises(openai.RateLimitError):
+        rig.api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+
+
+def test_upstream_500_is_502(rig: Rig) -> None:
+    rig.fake.queue(Reply(status=500, error_text="kaput"))
+    with pytest.raises(openai.InternalServerError) as caught:
+        rig.api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 502
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_garbage_is_a_clean_error(rig: Rig, stream: bool) -> None:
+    rig.fake.queue(Reply(garbage=True))
+    response = httpx.post(
+        rig.gateway.url + "/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": stream},
+    )
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "server_error"
+    assert "Traceback" not in response.text
+
+
+def test_upstream_api_key_is_sent_and_never_shown(start_gateway: Callable[..., ServerThread]) -> None:
+    fake = FakeOpenAI(api_key=KEY)
+    with serve(fake.app) as upstream:
+        good = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        bad = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": "sk-wrong-secret"})
+        body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+        assert httpx.post(good.url + "/v1/chat/completions", json=body).status_code == 200
+        assert fake.requests[-1][2]["authorization"] == f"Bearer {KEY}"
+        refused = httpx.post(bad.url + "/v1/chat/completions", json=body)
+    assert refused.status_code == 502
+    assert "api_key_env" in refused.json()["error"]["message"]
+    assert "sk-wrong-secret" not in refused.text
+
+
+def test_openai_upstream_always_counts_tokens_when_streaming(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    fake = FakeOpenAI(api_key=KEY)
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        body = {
+            "model": "chat",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "metadata": {"privacy": "public"},
+        }
+        httpx.post(gateway.url + "/v1/chat/completions", json=body)
+    sent = fake.chat_bodies()[-1]
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["model"] == "gpt-4o-mini"
+    assert "metadata" not in sent

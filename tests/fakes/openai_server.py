@@ -1,0 +1,181 @@
+"""A fake OpenAI-compatible server (as vLLM or llama.cpp's server speak it), scripted with the same
+`Reply` values as the fake Ollama so one scenario table can run against every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.fakes.ollama_server import FakeOllama, Reply
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+
+
+class FakeOpenAI:
+    def __init__(self, models: list[str] | None = None, api_key: str | None = None) -> None:
+        self.models = models or ["gpt-4o-mini", "text-embedding-3-small"]
+        self.api_key = api_key
+        self.replies: deque[Reply] = deque()
+        self.requests: list[tuple[str, Any, dict[str, str]]] = []
+        self.cancelled = 0
+        self._vectors = FakeOllama(embed_dim=4)  # the same deterministic vectors as the fake Ollama
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+            ]
+        )
+
+    def queue(self, *replies: Reply) -> None:
+        self.replies.extend(replies)
+
+    def chat_bodies(self) -> list[dict[str, Any]]:
+        return [body for path, body, _ in self.requests if path == "/v1/chat/completions"]
+
+    def vector(self, text: str) -> list[float]:
+        return self._vectors.vector(text)
+
+    async def _record(self, request: Request) -> Any:
+        raw = await request.body()
+        body = orjson.loads(raw) if raw else None
+        self.requests.append((request.url.path, body, dict(request.headers)))
+        return body
+
+    def _denied(self, request: Request) -> Response | None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            error = {"message": "Incorrect API key provided", "type": "invalid_request_error", "param": None,
+                     "code": "invalid_api_key"}  # fmt: skip
+            return _json({"error": error}, 401)
+        return None
+
+    async def chat(self, request: Request) -> Response:
+        body = await self._record(request)
+        if denied := self._denied(request):
+            return denied
+        model = body.get("model")
+        if model not in self.models:
+            error = {"message": f"The model `{model}` does not exist or you do not have access to it.",
+                     "type": "invalid_request_error", "param": None, "code": "model_not_found"}  # fmt: skip
+            return _json({"error": error}, 404)
+        reply = self.replies.popleft() if self.replies else Reply()
+        if reply.delay_first:
+            await asyncio.sleep(reply.delay_first)
+        if reply.status is not None:
+            error = {"message": reply.error_text, "type": "server_error", "param": None, "code": None}
+            headers = {"retry-after": "7"} if reply.status == 429 else None
+            return _json({"error": error}, reply.status, headers)
+        if reply.garbage:
+            return Response(b"<html>502 Bad Gateway</html>", media_type="text/event-stream")
+        if body.get("stream"):
+            return StreamingResponse(self._events(model, reply, body), media_type="text/event-stream")
+        return _json(self._completion(model, reply))
+
+    @staticmethod
+    def _calls(reply: Reply) -> list[dict[str, Any]]:
+        calls = []
+        for i, call in enumerate(reply.tool_calls or []):
+            arguments = orjson.dumps(call["function"]["arguments"]).decode()
+            function = {"name": call["function"]["name"], "arguments": arguments}
+            calls.append({"id": f"call_up{i}", "type": "function", "function": function})
+        return calls
+
+    @staticmethod
+    def _usage(reply: Reply) -> dict[str, int]:
+        completion = len(reply.stream_pieces()) if reply.eval_count is None else reply.eval_count
+        return {"prompt_tokens": reply.prompt_eval_count, "completion_tokens": completion,
+                "total_tokens": reply.prompt_eval_count + completion}  # fmt: skip
+
+    def _finish(self, reply: Reply) -> str | None:
+        if reply.tool_calls:
+            return "tool_calls"
+        return {"stop": "stop", "length": "length"}.get(reply.done_reason or "", "stop")
+
+    def _completion(self, model: str, reply: Reply) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.stream_pieces()) or None}
+        if reply.tool_calls:
+            message["tool_calls"] = self._calls(reply)
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(reply)}
+        return {"id": "chatcmpl-up", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [choice], "usage": self._usage(reply)}  # fmt: skip
+
+    async def _events(self, model: str, reply: Reply, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        head = {
+            "id": "chatcmpl-up",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
+
+        try:
+            yield event({"role": "assistant", "content": ""})
+            for i, piece in enumerate(reply.stream_pieces()):
+                if reply.error_after is not None and i == reply.error_after:
+                    yield (
+                        b"data: "
+                        + orjson.dumps({"error": {"message": reply.error_text, "type": "server_error"}})
+                        + b"\n\n"
+                    )
+                    return
+                if i and reply.delay_between:
+                    await asyncio.sleep(reply.delay_between)
+                yield event({"content": piece})
+            for i, call in enumerate(self._calls(reply)):
+                # Fragmented as OpenAI does: id and name first, then the arguments in two pieces.
+                args = call["function"]["arguments"]
+                first = {
+                    "index": i,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""},
+                }
+                yield event({"tool_calls": [first]})
+                half = len(args) // 2
+                for part in (args[:half], args[half:]):
+                    yield event({"tool_calls": [{"index": i, "function": {"arguments": part}}]})
+            if reply.omit_done:
+                return
+            yield event({}, self._finish(reply))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield b"data: " + orjson.dumps({**head, "choices": [], "usage": self._usage(reply)}) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self._record(request)
+        if denied := self._denied(request):
+            return denied
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [
+            {"object": "embedding", "index": i, "embedding": self.vector(text)}
+            for i, text in enumerate(inputs)
+        ]
+        tokens = sum(len(str(text).split()) for text in inputs)
+        return _json({"object": "list", "data": data, "model": body["model"],
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+
+    async def list_models(self, request: Request) -> Response:
+        self.requests.append((request.url.path, None, dict(request.headers)))
+        if denied := self._denied(request):
+            return denied
+        data = [
+            {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"} for m in self.models
+        ]
+        return _json({"object": "list", "data": data})
