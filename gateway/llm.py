@@ -18,14 +18,22 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from gateway.config import OLLAMA_DEFAULT_URL, OllamaBackend, Timeouts
+from gateway.config import (
+    GEMINI_DEFAULT_URL,
+    OLLAMA_DEFAULT_URL,
+    OPENAI_DEFAULT_URL,
+    GeminiBackend,
+    OllamaBackend,
+    OpenAIBackend,
+    Timeouts,
+)
 from gateway.errors import GatewayError
 from gateway.providers import build_provider
 from gateway.providers.base import BackendConfig, Provider
 from gateway.schemas import ChatRequest
 from gateway.upstream import make_client
 
-DEFAULT_OLLAMA_MODEL = "llama3.2"
+DEFAULT_MODELS = {"ollama": "llama3.2", "openai": "gpt-4o-mini", "gemini": "gemini-2.5-flash"}
 
 
 class LLMError(ValueError):
@@ -156,33 +164,50 @@ def _timeouts(timeout: float | None) -> Timeouts:
 
 
 class LLMProviderFactory:
-    PROVIDERS = ("ollama",)
+    PROVIDERS = ("ollama", "openai", "gemini")
 
     @staticmethod
     def create(provider: str, config: Mapping[str, Any] | None = None) -> LLMProvider:
-        """`config`: base_url, model, temperature, timeout (seconds)."""
+        """`config`: base_url, model, temperature, timeout (seconds), api_key (openai, gemini)."""
         config = dict(config or {})
         name = provider.strip().lower()
+        if name not in LLMProviderFactory.PROVIDERS:
+            known = ", ".join(LLMProviderFactory.PROVIDERS)
+            raise LLMError(f"unknown provider {provider!r}; available: {known}")
+        api_key = config.get("api_key")
+        if name != "ollama" and not api_key:
+            raise LLMError(f"the {name} provider needs an api_key")
+        settings: dict[str, Any] = {"name": name, "type": name, "timeouts": _timeouts(config.get("timeout"))}
         if name == "ollama":
-            backend = OllamaBackend(
-                name="ollama",
-                type="ollama",
-                base_url=config.get("base_url") or OLLAMA_DEFAULT_URL,
-                timeouts=_timeouts(config.get("timeout")),
+            backend: BackendConfig = OllamaBackend(
+                **settings, base_url=config.get("base_url") or OLLAMA_DEFAULT_URL
             )
-            model = config.get("model") or DEFAULT_OLLAMA_MODEL
-            return LLMProvider(name, backend, model, config.get("temperature"))
-        raise LLMError(f"unknown provider {provider!r}; available: {', '.join(LLMProviderFactory.PROVIDERS)}")
+        elif name == "openai":
+            url = config.get("base_url") or OPENAI_DEFAULT_URL
+            backend = OpenAIBackend(**settings, base_url=url, api_key_env="OPENAI_API_KEY")
+        else:
+            url = config.get("base_url") or GEMINI_DEFAULT_URL
+            backend = GeminiBackend(**settings, base_url=url, api_key_env="GEMINI_API_KEY")
+        model = config.get("model") or DEFAULT_MODELS[name]
+        return LLMProvider(name, backend, model, config.get("temperature"), api_key)
 
     @staticmethod
     def create_from_env(provider: str | None = None, environ: Mapping[str, str] | None = None) -> LLMProvider:
-        """OLLAMA_BASE_URL (the first, if several) and OLLAMA_MODEL; LLM_PROVIDER when `provider` is None."""
+        """Ollama: OLLAMA_BASE_URL (the first, if several), OLLAMA_MODEL; OpenAI: OPENAI_API_KEY,
+        OPENAI_MODEL, OPENAI_BASE_URL; Gemini: GEMINI_API_KEY, GEMINI_MODEL. LLM_PROVIDER picks when
+        `provider` is None."""
         environ = os.environ if environ is None else environ
         name = (provider or environ.get("LLM_PROVIDER") or "ollama").strip().lower()
+        prefix = name.upper()
+        config: dict[str, Any] = {
+            "model": environ.get(f"{prefix}_MODEL"),
+            "api_key": environ.get(f"{prefix}_API_KEY"),
+        }
         if name == "ollama":
-            url = environ.get("OLLAMA_BASE_URL", OLLAMA_DEFAULT_URL).split(",")[0].strip()
-            return LLMProviderFactory.create(name, {"base_url": url, "model": environ.get("OLLAMA_MODEL")})
-        return LLMProviderFactory.create(name)
+            config["base_url"] = environ.get("OLLAMA_BASE_URL", OLLAMA_DEFAULT_URL).split(",")[0].strip()
+        elif name == "openai":
+            config["base_url"] = environ.get("OPENAI_BASE_URL")
+        return LLMProviderFactory.create(name, config)
 
 
 __all__ = ["LLMError", "LLMMessage", "LLMProvider", "LLMProviderFactory", "LLMResponse", "LLMRole"]

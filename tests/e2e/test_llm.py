@@ -6,7 +6,8 @@ import pytest
 
 from gateway.llm import LLMError, LLMMessage, LLMProviderFactory, LLMRole
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, free_port
+from tests.fakes.openai_server import FakeOpenAI
+from tests.servers import ServerThread, free_port, serve
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -68,3 +69,26 @@ async def test_missing_model_says_to_pull_it(fake_ollama: FakeServer) -> None:
 def test_unknown_provider_is_refused() -> None:
     with pytest.raises(LLMError, match="unknown provider 'cohere'"):
         LLMProviderFactory.create("cohere")
+
+
+async def test_openai_provider_from_env_against_an_openai_compatible_server() -> None:
+    fake = FakeOpenAI(api_key="sk-lib")
+    fake.queue(Reply(content="Hi from OpenAI", prompt_eval_count=3, eval_count=4), Reply(pieces=["a", "b"]))
+    with serve(fake.app) as server:
+        env = {
+            "OPENAI_API_KEY": "sk-lib",
+            "OPENAI_MODEL": "gpt-4o-mini",
+            "OPENAI_BASE_URL": server.url + "/v1",
+        }
+        async with LLMProviderFactory.create_from_env("openai", env) as llm:
+            reply = await llm.generate([LLMMessage(LLMRole.USER, "hi")])
+            pieces = [text async for text in llm.generate_stream([LLMMessage(LLMRole.USER, "more")])]
+            assert await llm.is_model_available() is True
+    assert (reply.content, reply.model, reply.usage["total_tokens"]) == ("Hi from OpenAI", "gpt-4o-mini", 7)
+    assert pieces == ["a", "b"]
+    assert fake.requests[0][2]["authorization"] == "Bearer sk-lib"
+
+
+def test_cloud_providers_need_a_key() -> None:
+    with pytest.raises(LLMError, match="openai provider needs an api_key"):
+        LLMProviderFactory.create_from_env("openai", {})
