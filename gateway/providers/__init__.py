@@ -9,6 +9,7 @@ import httpx
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
 from gateway.providers.base import BackendConfig, Provider
+from gateway.providers.gemini import GeminiProvider
 from gateway.providers.ollama import OllamaProvider
 from gateway.providers.openai import OpenAIProvider
 
@@ -20,5 +21,5 @@ def build_provider(backend: BackendConfig, client: httpx.AsyncClient, environ: M
     if isinstance(backend, OpenAIBackend):
         return OpenAIProvider(backend, client, api_key)
     if isinstance(backend, GeminiBackend):
-        raise NotImplementedError(f"backend type {backend.type!r} is not available yet")
+        return GeminiProvider(backend, client, api_key)
     raise TypeError(f"unknown backend {backend!r}")
