@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.llm import LLMError, LLMMessage, LLMProviderFactory, LLMRole
+from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread, free_port, serve
@@ -92,3 +93,22 @@ async def test_openai_provider_from_env_against_an_openai_compatible_server() ->
 def test_cloud_providers_need_a_key() -> None:
     with pytest.raises(LLMError, match="openai provider needs an api_key"):
         LLMProviderFactory.create_from_env("openai", {})
+
+
+async def test_gemini_provider_against_the_native_api() -> None:
+    fake = FakeGemini(api_key="gm-lib")
+    fake.queue(Reply(content="Hola", prompt_eval_count=2, eval_count=1), Reply(pieces=["x", "y"]))
+    with serve(fake.app) as server:
+        config = {"api_key": "gm-lib", "model": "gemini-2.5-flash", "base_url": server.url + "/v1beta"}
+        async with LLMProviderFactory.create("gemini", config) as llm:
+            reply = await llm.generate(
+                [LLMMessage(LLMRole.SYSTEM, "Spanish"), LLMMessage(LLMRole.USER, "hi")]
+            )
+            pieces = [text async for text in llm.generate_stream([LLMMessage(LLMRole.USER, "more")])]
+            models = await llm.list_available_models()
+    assert (reply.content, reply.usage["total_tokens"]) == ("Hola", 3)
+    assert pieces == ["x", "y"]
+    assert "gemini-2.5-flash" in models
+    assert fake.chat_bodies()[0]["systemInstruction"]["parts"] == [{"text": "Spanish"}]
+    assert all(headers["x-goog-api-key"] == "gm-lib" for _, _, headers in fake.requests)
+    assert all("gm-lib" not in path for path, _, _ in fake.requests)
