@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
 from gateway.errors import GatewayError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
 from gateway.ndjson import LineTooLong
 
@@ -90,6 +91,19 @@ class Upstream:
         self._headers = dict(headers)
         self._timeout = client_timeout(connect_timeout)
         self._error_from = error_from
+
+    @classmethod
+    def for_backend(
+        cls,
+        backend: OllamaBackend | OpenAIBackend | GeminiBackend,
+        client: httpx.AsyncClient,
+        auth: Mapping[str, str],
+        error_from: ErrorMapper,
+    ) -> Upstream:
+        """From a backend's config: its type, URL, extra headers and connect timeout, plus auth headers."""
+        headers = {**backend.headers, **auth}
+        return cls(backend.type, backend.base_url, client, headers,
+                   connect_timeout=backend.timeouts.connect, error_from=error_from)  # fmt: skip
 
     async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
         content = orjson.dumps(body) if body is not None else None

@@ -417,17 +417,8 @@ def _resource(model: str) -> str:
 class GeminiProvider:
     def __init__(self, backend: GeminiBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
         self.backend = backend
-        headers = dict(backend.headers)
-        if api_key:
-            headers["x-goog-api-key"] = api_key
-        self._http = Upstream(
-            "gemini",
-            backend.base_url,
-            client,
-            headers,
-            connect_timeout=backend.timeouts.connect,
-            error_from=error_from,
-        )
+        auth = {"x-goog-api-key": api_key} if api_key else {}
+        self._http = Upstream.for_backend(backend, client, auth, error_from)
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body, path = build_request(request, model), f"/{_resource(model)}:generateContent"

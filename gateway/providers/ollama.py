@@ -308,17 +308,8 @@ def created_at(value: Any) -> int:
 class OllamaProvider:
     def __init__(self, backend: OllamaBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
         self.backend = backend
-        headers = dict(backend.headers)
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._http = Upstream(
-            "ollama",
-            backend.base_url,
-            client,
-            headers,
-            connect_timeout=backend.timeouts.connect,
-            error_from=error_from,
-        )
+        auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = Upstream.for_backend(backend, client, auth, error_from)
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body = build_request(request, model, stream=False)

@@ -196,17 +196,8 @@ def error_from(
 class OpenAIProvider:
     def __init__(self, backend: OpenAIBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
         self.backend = backend
-        headers = dict(backend.headers)
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._http = Upstream(
-            "openai",
-            backend.base_url,
-            client,
-            headers,
-            connect_timeout=backend.timeouts.connect,
-            error_from=error_from,
-        )
+        auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = Upstream.for_backend(backend, client, auth, error_from)
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body = build_request(request, model, stream=False)
