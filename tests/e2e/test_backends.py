@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from gateway.config import Config, parse_config
+from tests.e2e.conftest import sample, scrape
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -85,6 +86,13 @@ def test_plain_completion(rig: Rig) -> None:
     assert (reply.model, reply.object, reply.choices[0].finish_reason) == ("chat", "chat.completion", "stop")
     assert reply.id.startswith("chatcmpl-") and reply.id != "chatcmpl-up"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (7, 2, 9)
+    samples = scrape(rig.gateway.url)
+    assert (
+        sample(samples, "gateway_requests_total", endpoint="chat", model="chat", backend="b", status="200")
+        == 1
+    )
+    assert sample(samples, "gateway_tokens_total", model="chat", backend="b", type="prompt") == 7
+    assert sample(samples, "gateway_tokens_total", model="chat", backend="b", type="completion") == 2
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
@@ -193,6 +201,12 @@ def test_upstream_500_is_502(rig: Rig) -> None:
     with pytest.raises(openai.InternalServerError) as caught:
         rig.api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
     assert caught.value.status_code == 502
+    samples = scrape(rig.gateway.url)
+    assert sample(samples, "gateway_upstream_errors_total", backend="b", reason="status") == 1
+    assert (
+        sample(samples, "gateway_requests_total", endpoint="chat", model="chat", backend="b", status="502")
+        == 1
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
