@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -58,6 +59,13 @@ def gateway(
     fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[[Config], ServerThread]
 ) -> ServerThread:
     return start_gateway(ollama_config(fake_ollama[1].url))
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 1.0) -> None:
+    """Poll until `condition()` is truthy or the time is up; the caller asserts afterwards."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -13,7 +12,7 @@ import openai
 import pytest
 
 from gateway.config import Config
-from tests.e2e.conftest import ollama_config, sample, scrape
+from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, free_port
 
@@ -449,34 +448,16 @@ def test_client_disconnect_mid_stream_cancels_the_upstream(
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         next(lines)
-    deadline = time.monotonic() + 1.0
-    while fake.cancelled < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: fake.cancelled >= 1)
     assert fake.cancelled == 1
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        samples = scrape(gateway.url)
-        if sample(
-            samples,
-            "gateway_requests_total",
-            endpoint="chat",
-            model="llama3.2",
-            backend="ollama-1",
-            status="499",
-        ):
-            break
-        time.sleep(0.02)
-    assert (
-        sample(
-            samples,
-            "gateway_requests_total",
-            endpoint="chat",
-            model="llama3.2",
-            backend="ollama-1",
-            status="499",
-        )
-        == 1
-    )
+
+    def cancelled_requests() -> float:
+        labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1", "status": "499"}
+        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
+
+    wait_for(lambda: cancelled_requests() >= 1)
+    assert cancelled_requests() == 1
+    samples = scrape(gateway.url)
     assert sample(samples, "gateway_inflight_requests", backend="ollama-1") == 0
 
 

@@ -21,6 +21,7 @@ from gateway.errors import (
 from gateway.providers import gemini
 from gateway.providers.gemini import GeminiProvider, StreamState
 from gateway.schemas import ChatRequest, Chunk, EmbeddingRequest
+from tests.providers.streams import httpx_stream
 
 pytestmark = pytest.mark.anyio  # applies to the async I/O tests at the end
 KEY = "AIza-test-secret"
@@ -792,15 +793,6 @@ def assert_keyed(sent: httpx.Request | None) -> httpx.Request:
     assert KEY not in str(sent.url)
     assert "key=" not in str(sent.url)
     return sent
-
-
-def httpx_stream(pieces: list[bytes]) -> httpx.AsyncByteStream:
-    class Pieces(httpx.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            for piece in pieces:
-                yield piece
-
-    return Pieces()
 
 
 @pytest.mark.parametrize("model", ["gemini-2.5-flash", "models/gemini-2.5-flash"])

@@ -13,6 +13,7 @@ from gateway.config import OllamaBackend
 from gateway.errors import ModelNotFound, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
 from gateway.providers.ollama import OllamaProvider
 from gateway.schemas import ChatRequest, EmbeddingRequest
+from tests.providers.streams import httpx_stream
 
 pytestmark = pytest.mark.anyio
 URL = "http://ollama.test:11434"
@@ -93,12 +94,3 @@ async def test_embed_sends_input_and_dimensions(httpx_mock: HTTPXMock, provider:
     request = httpx_mock.get_request()
     assert request is not None
     assert orjson.loads(request.content) == {"model": "e:latest", "input": "two words", "dimensions": 2}
-
-
-def httpx_stream(pieces: list[bytes]) -> httpx.AsyncByteStream:
-    class Pieces(httpx.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            for piece in pieces:
-                yield piece
-
-    return Pieces()
