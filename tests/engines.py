@@ -77,6 +77,20 @@ class RealOllama:
             env=self.env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
 
+    def runner_cpu_seconds(self) -> float:
+        """CPU time used so far by this server's model runners (its process group, minus the server)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended while we looked
+            pid, pgid = int(stat.parent.name), int(fields[2])
+            if pgid == self.process.pid and pid != self.process.pid:
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / ticks
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)

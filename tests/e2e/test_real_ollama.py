@@ -6,6 +6,7 @@ knows nothing about what the model says, only that the gateway changed nothing o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -109,3 +110,31 @@ async def test_library_api_against_the_real_server(real_ollama: RealOllama) -> N
     assert reply.content
     assert 0 < reply.usage["completion_tokens"] <= 8
     assert "".join(pieces)
+
+
+def test_client_disconnect_stops_the_real_generation(real_ollama: RealOllama, gateway: ServerThread) -> None:
+    def cpu_over(seconds: float) -> float:
+        before = real_ollama.runner_cpu_seconds()
+        time.sleep(seconds)
+        return real_ollama.runner_cpu_seconds() - before
+
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+        generating = cpu_over(1.0)
+    time.sleep(0.5)  # the gateway closes the upstream; Ollama cancels the runner's work
+    after = cpu_over(1.0)
+    assert generating > 0.3, (
+        f"the runner should be busy while streaming (used {generating:.2f} s of CPU in 1 s)"
+    )
+    assert after < 0.1 * generating, (
+        f"the runner kept working after the disconnect ({after:.2f} s vs {generating:.2f} s)"
+    )
