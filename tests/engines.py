@@ -21,6 +21,53 @@ SMOLLM2 = "smollm2:135m"
 MODELS = {SMOLLM2: ("SmolLM2-135M-Instruct.Q4_1.gguf", ["PARAMETER num_ctx 2048"])}
 
 
+def _wait_for_http(url: str, process: subprocess.Popen[bytes], log: str, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"engine exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"engine did not answer {url} in {limit:.0f} s; see {log}")
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+class RealLlamaServer:
+    """llama.cpp's OpenAI-compatible server (xllamacpp) serving one GGUF under `alias`."""
+
+    def __init__(self, gguf: str, alias: str) -> None:
+        python = ENGINES / "venv" / "bin" / "python"
+        if not (ENGINES / "models" / gguf).exists():
+            raise RuntimeError(f"no {gguf} in {ENGINES}: run scripts/test-engines.sh first")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.alias = alias
+        script = Path(__file__).resolve().parent.parent / "scripts" / "llama_server.py"
+        self.log = (ENGINES / f"llama-{self.port}.log").open("wb")
+        self.process = subprocess.Popen(
+            [str(python), str(script), str(ENGINES / "models" / gguf), str(self.port), alias],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        _wait_for_http(self.url + "/v1/models", self.process, self.log.name)
+
+    def stop(self) -> None:
+        _stop_group(self.process)
+        self.log.close()
+
+
 class RealOllama:
     """`ollama serve` in its own process group (its model runners die with it)."""
 
@@ -53,17 +100,7 @@ class RealOllama:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ollama exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/api/version", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"ollama did not answer in 30 s; see {self.log.name}")
+        _wait_for_http(self.url + "/api/version", self.process, self.log.name, limit=30)
 
     def ensure_model(self, name: str) -> None:
         listed = {m["name"] for m in httpx.get(self.url + "/api/tags", timeout=10).json()["models"]}
@@ -92,11 +129,5 @@ class RealOllama:
         return total / ticks
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        _stop_group(self.process)
         self.log.close()

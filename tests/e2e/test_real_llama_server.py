@@ -1,0 +1,89 @@
+"""A real llama.cpp server (OpenAI-compatible, no /api/*) as a `type: openai, local: true` backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.config import parse_config
+from tests.engines import RealLlamaServer
+from tests.servers import ServerThread
+
+pytestmark = pytest.mark.e2e
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llama() -> Iterator[RealLlamaServer]:
+    server = RealLlamaServer("SmolLM2-135M-Instruct.Q4_1.gguf", alias="smollm2")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def api(llama: RealLlamaServer, start_gateway: Callable[..., ServerThread]) -> Iterator[openai.OpenAI]:
+    config = parse_config(
+        {
+            "backends": [
+                {"name": "llamacpp", "type": "openai", "base_url": llama.url + "/v1", "local": True}
+            ],
+            "models": [{"name": "local-smol", "deployments": [{"backend": "llamacpp", "model": "smollm2"}]}],
+        },
+        "test",
+    )
+    gateway = start_gateway(config)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+        yield client
+
+
+def direct(llama: RealLlamaServer, **fields: Any) -> dict[str, Any]:
+    body = {"model": "smollm2", "messages": QUESTION, "temperature": 0, "seed": 1, "max_tokens": 16, **fields}
+    answer: dict[str, Any] = httpx.post(llama.url + "/v1/chat/completions", json=body, timeout=120).json()
+    return answer
+
+
+def test_non_streaming_matches_the_server_itself(llama: RealLlamaServer, api: openai.OpenAI) -> None:
+    expected = direct(llama)
+    reply = api.chat.completions.create(
+        model="local-smol", messages=QUESTION, temperature=0, seed=1, max_tokens=16
+    )  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert reply.choices[0].message.content  # what the model says is its business; equality is ours
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+    assert reply.usage.completion_tokens == expected["usage"]["completion_tokens"]
+    assert reply.model == "local-smol"
+
+
+def test_streaming_matches_and_counts_tokens(llama: RealLlamaServer, api: openai.OpenAI) -> None:
+    expected = direct(llama, max_tokens=12)
+    chunks = list(
+        api.chat.completions.create(
+            model="local-smol", messages=QUESTION, temperature=0, seed=1, max_tokens=12,  # type: ignore[arg-type]
+            stream=True, stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected["choices"][0]["message"]["content"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == expected["usage"]["completion_tokens"]
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_usage_is_counted_even_when_the_client_did_not_ask(
+    llama: RealLlamaServer, api: openai.OpenAI
+) -> None:
+    chunks = list(
+        api.chat.completions.create(model="local-smol", messages=QUESTION, max_tokens=4, stream=True)
+    )  # type: ignore[arg-type]
+    assert all(c.usage is None for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (
+        ["length"],
+        ["stop"],
+    )
