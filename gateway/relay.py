@@ -71,6 +71,16 @@ def completion_body(
     }
 
 
+def notice_headers(notices: dict[str, str]) -> dict[str, str]:
+    """`prompt_truncated` -> `x-phoenix-prompt-truncated`."""
+    return {"x-phoenix-" + key.replace("_", "-"): value for key, value in notices.items()}
+
+
+def notice_comments(notices: dict[str, str]) -> bytes:
+    """Streams learn such facts only at the end, after the headers: SSE comments, which clients skip."""
+    return b"".join(f": {key}={value}\n\n".encode() for key, value in notices.items())
+
+
 def error_event(error: GatewayError) -> bytes:
     return b"data: " + orjson.dumps(error.body()) + b"\n\n"
 
@@ -166,6 +176,9 @@ class StreamRelay:
             self._exchange.upstream_seconds += time.perf_counter() - waited
 
     def _encode(self, chunk: Chunk) -> bytes:
+        if chunk.notices:
+            self._exchange.notes.update(chunk.notices)
+            return notice_comments(chunk.notices) + self._encoder.encode(chunk)
         if chunk.usage is not None:
             self._usage = chunk.usage
         if chunk.has_output:

@@ -221,6 +221,8 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     index: int = 0
+    # Facts worth telling the client at the end, e.g. that the backend silently truncated the prompt.
+    notices: dict[str, str] | None = None
 
     @property
     def has_output(self) -> bool:

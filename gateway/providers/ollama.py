@@ -9,12 +9,15 @@ Translation choices (contracts/ollama.md §8):
 - Gateway extensions in the body are passed on: `options` (merged under the mapped ones),
   `keep_alive`, `think`; `reasoning_effort` maps to `think`.
 - A stream that ends without Ollama's `done` line is reported as an error, never as a clean finish.
+- A prompt Ollama silently cut to the context size is reported (notice `prompt_truncated`) when the
+  context size is known: the request's `options.num_ctx`, else the model's from `/api/show`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -56,6 +59,8 @@ OPTIONS = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
 }
+PROMPT_TRUNCATED = "prompt_truncated"  # notice key; its value is the context size in tokens
+NUM_CTX = re.compile(r"^num_ctx\s+(\d+)", re.MULTILINE)
 THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
          "max": "max", "xhigh": "max", "ultra": "max"}  # fmt: skip
 EXTENSIONS = ("keep_alive", "think", "logprobs", "top_logprobs")
@@ -242,11 +247,12 @@ def parse_response(body: Any) -> Completion:
 class StreamState:
     """Turns NDJSON lines into chunks; remembers what a stream has seen so far."""
 
-    __slots__ = ("done", "tool_calls")
+    __slots__ = ("done", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.tool_calls = 0
         self.done = False
+        self.usage: Usage | None = None
 
     def parse_chunk(self, line: Any) -> list[Chunk]:
         if not isinstance(line, dict):
@@ -268,7 +274,8 @@ class StreamState:
         if line.get("done"):
             self.done = True
             reason = finish_reason(line.get("done_reason"), self.tool_calls > 0)
-            chunks.append(Chunk(finish_reason=reason, usage=usage(line)))
+            self.usage = usage(line)
+            chunks.append(Chunk(finish_reason=reason, usage=self.usage))
         return chunks
 
 
@@ -310,15 +317,41 @@ class OllamaProvider:
         self.backend = backend
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = Upstream.for_backend(backend, client, auth, error_from)
+        self._context_sizes: dict[str, int | None] = {}  # model -> num_ctx from /api/show
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body = build_request(request, model, stream=False)
-        return parse_response(await self._http.request("POST", "/api/chat", body, model))
+        completion = parse_response(await self._http.request("POST", "/api/chat", body, model))
+        completion.notices.update(await self._truncation(model, body, completion.usage))
+        return completion
+
+    async def _truncation(self, model: str, body: dict[str, Any], used: Usage) -> dict[str, str]:
+        """Ollama cuts a prompt longer than the context without an error (HTTP 200); the only trace is
+        a prompt count equal to the context size. Say so, when the context size can be known."""
+        if not used.prompt_tokens:
+            return {}
+        size = (body.get("options") or {}).get("num_ctx")
+        if not isinstance(size, int):
+            if model not in self._context_sizes:
+                self._context_sizes[model] = await self._context_size(model)
+            size = self._context_sizes[model]
+        if size is None or used.prompt_tokens < size:
+            return {}
+        return {PROMPT_TRUNCATED: str(size)}
+
+    async def _context_size(self, model: str) -> int | None:
+        try:
+            show = await self._http.request("POST", "/api/show", {"model": model}, model)
+        except GatewayError:
+            return None
+        match = NUM_CTX.search(str(show.get("parameters") or "")) if isinstance(show, dict) else None
+        return int(match.group(1)) if match else None
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
         state = StreamState()
         decoder = NDJSONDecoder()
-        async with self._http.stream("/api/chat", build_request(request, model, stream=True), model) as body:
+        payload = build_request(request, model, stream=True)
+        async with self._http.stream("/api/chat", payload, model) as body:
             async for data in body:
                 for line in decoder.feed(data):
                     for chunk in state.parse_chunk(line):
@@ -326,6 +359,8 @@ class OllamaProvider:
             for line in decoder.flush():
                 for chunk in state.parse_chunk(line):
                     yield chunk
+        if state.usage is not None and (notices := await self._truncation(model, payload, state.usage)):
+            yield Chunk(notices=notices)
         if not state.done:
             raise UpstreamProtocol(
                 f"Ollama server at {self.backend.base_url} ended the stream without its final 'done' line;"

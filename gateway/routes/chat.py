@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from gateway.body import read_json, validate
 from gateway.errors import GatewayError
-from gateway.relay import EventStream, StreamRelay, completion_body
+from gateway.relay import EventStream, StreamRelay, completion_body, notice_headers
 from gateway.schemas import ChatRequest
 from gateway.state import State, json_response
 
@@ -34,9 +34,9 @@ async def chat_completions(request: Request) -> Response:
             return EventStream(relay.body(), state.headers(exchange))  # type: ignore[return-value]
         completion = await state.dispatcher.complete(plan, chat, exchange)
         exchange.usage = completion.usage
-        response = json_response(
-            completion_body(completion, model=chat.model), headers=state.headers(exchange)
-        )
+        exchange.notes.update(completion.notices)
+        headers = {**state.headers(exchange), **notice_headers(completion.notices)}
+        response = json_response(completion_body(completion, model=chat.model), headers=headers)
         state.finish(exchange, 200)
         return response
     except GatewayError as error:

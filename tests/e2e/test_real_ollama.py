@@ -138,3 +138,29 @@ def test_client_disconnect_stops_the_real_generation(real_ollama: RealOllama, ga
     assert after < 0.1 * generating, (
         f"the runner kept working after the disconnect ({after:.2f} s vs {generating:.2f} s)"
     )
+
+
+def test_a_prompt_longer_than_the_context_is_served_and_reported(
+    real_ollama: RealOllama, gateway: ServerThread
+) -> None:
+    long = [{"role": "user", "content": "word " * 3000}]  # SmolLM2 is registered with num_ctx 2048
+    answer = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "smol", "messages": long, "max_tokens": 2},
+        timeout=120,
+    )
+    assert answer.status_code == 200
+    assert answer.headers["x-phoenix-prompt-truncated"] == "2048"
+    assert answer.json()["usage"]["prompt_tokens"] == 2048
+    short = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "smol", "messages": QUESTION, "max_tokens": 2},
+        timeout=60,
+    )
+    assert "x-phoenix-prompt-truncated" not in short.headers
+    body = {"model": "smol", "messages": long, "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=120) as streamed:
+        lines = list(streamed.iter_lines())
+    events = [line for line in lines if line]
+    assert ": prompt_truncated=2048" in events
+    assert events.index(": prompt_truncated=2048") < events.index("data: [DONE]") == len(events) - 1

@@ -51,6 +51,7 @@ async def test_stream_reassembles_lines_split_across_reads(
     )
     pieces = [lines[i : i + 7] for i in range(0, len(lines), 7)]
     httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream(pieces))
+    httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx                        2048"})
     chunks = [chunk async for chunk in provider.stream(CHAT, "m")]
     assert "".join(c.content for c in chunks) == "Hello"
     assert chunks[-1].finish_reason == "length"
@@ -94,3 +95,37 @@ async def test_embed_sends_input_and_dimensions(httpx_mock: HTTPXMock, provider:
     request = httpx_mock.get_request()
     assert request is not None
     assert orjson.loads(request.content) == {"model": "e:latest", "input": "two words", "dimensions": 2}
+
+
+async def test_a_prompt_cut_to_the_context_size_is_reported(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    final = {"message": {"content": "x"}, "done": True, "done_reason": "length", "eval_count": 2}
+    httpx_mock.add_response(url=URL + "/api/chat", json={**final, "prompt_eval_count": 2048})
+    httpx_mock.add_response(url=URL + "/api/show", json={"parameters": 'num_ctx 2048\nstop "<|im_end|>"'})
+    httpx_mock.add_response(url=URL + "/api/chat", json={**final, "prompt_eval_count": 2047})
+    truncated = await provider.complete(CHAT, "m")
+    assert truncated.notices == {"prompt_truncated": "2048"}
+    assert (await provider.complete(CHAT, "m")).notices == {}  # the context size is asked once per model
+    [show] = [r for r in httpx_mock.get_requests() if r.url.path == "/api/show"]
+    assert orjson.loads(show.content) == {"model": "m"}
+
+
+async def test_the_requests_own_num_ctx_is_used_without_asking(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    final = {"message": {"content": "x"}, "done": True, "prompt_eval_count": 512, "eval_count": 1}
+    httpx_mock.add_response(url=URL + "/api/chat", json=final)
+    request = CHAT.model_copy(update={"options": {"num_ctx": 512}})
+    assert (await provider.complete(request, "m")).notices == {"prompt_truncated": "512"}
+
+
+async def test_streams_report_truncation_in_a_last_chunk(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    final = {"message": {"content": "a"}, "done": True, "prompt_eval_count": 4096, "eval_count": 1}
+    line = orjson.dumps(final) + b"\n"
+    httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream([line]))
+    httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx 4096"})
+    chunks = [chunk async for chunk in provider.stream(CHAT, "m")]
+    assert chunks[-1].notices == {"prompt_truncated": "4096"}
