@@ -41,8 +41,8 @@ def _param(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[...]", "function-after[_content_rules(), Message]") or "[" in str(part):
-            continue  # union-branch names pydantic puts into locations
+        elif part == "str" or "[" in part:
+            continue  # union-branch and validator names pydantic puts into locations
         else:
             out += f".{part}" if out else str(part)
     return out

@@ -86,14 +86,14 @@ class State:
         self.finish(exchange, error.http_status)
         return json_response(error.body(), error.http_status, {**self.headers(exchange), **error.headers})
 
-    def unexpected(self, exchange: Exchange | None, error: BaseException) -> None:
+    def unexpected(self, error: BaseException) -> None:
         """Our own bug: log where it happened (not the message, which may hold request text)."""
         frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
         where = f"{frame.filename}:{frame.lineno}" if frame else "?"
         self.log.error("internal error", error=type(error).__name__, where=where)
 
     def crash(self, exchange: Exchange, error: BaseException) -> Response:
-        self.unexpected(exchange, error)
+        self.unexpected(error)
         return self.fail(
             exchange, GatewayError(f"Internal error in the gateway (request {exchange.request_id}).")
         )

@@ -29,7 +29,7 @@ async def chat_completions(request: Request) -> Response:
                 model=chat.model,
                 include_usage=chat.include_usage,
                 finish=lambda status: state.finish(exchange, status),
-                on_unexpected=lambda error: state.unexpected(exchange, error),
+                on_unexpected=state.unexpected,
             )
             return EventStream(relay.body(), state.headers(exchange))  # type: ignore[return-value]
         completion = await state.dispatcher.complete(plan, chat, exchange)
