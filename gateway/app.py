@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -47,9 +48,11 @@ def create_app(config: Config, environ: Mapping[str, str] | None = None) -> Star
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        refresher = asyncio.create_task(state.keep_fresh())
         try:
             yield
         finally:
+            refresher.cancel()
             await state.aclose()
 
     app = Starlette(

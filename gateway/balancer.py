@@ -1,22 +1,69 @@
-"""Which instance serves a request: orders a plan's targets and holds in-flight leases.
+"""Which instance serves a request, and what the gateway knows about each instance.
 
-Strategies (DESIGN.md): least_inflight (default), round_robin, weighted, latency. The order is
-the order retries take: the first target is tried first, the next one on a retryable failure.
+`order` ranks a plan's targets; the first is tried first, the next one on a retryable failure.
+The ranking, from most to least important:
+
+1. Health. An instance that failed `unhealthy_after` times in a row (requests or probes) is
+   ejected for `cooldown` seconds, then gets one trial request (half-open): success brings it back,
+   failure ejects it again. Ejected instances are only tried after every healthy one.
+2. The model. An instance whose inventory (`/api/tags`) lacks the model is never picked, unless no
+   instance of the pool has it, so that Ollama's own 404 (with its pull hint) reaches the client.
+3. Conversation affinity (`affinity: prefix`): requests of one conversation go to one instance, so
+   its KV cache is reused, chosen by rendezvous hashing so that adding or removing an instance moves
+   only the conversations that were on it. Skipped while that instance is saturated.
+4. Room: instances at their `max_inflight` cap come after those with room.
+5. Warmth: an instance that has the model loaded (`/api/ps`) before one that would load it cold.
+6. The strategy: least_inflight (in-flight / weight; the default), round_robin, weighted (random,
+   by weight), latency (EWMA of time to first token; an instance not yet measured is tried first).
+
+`acquire` takes a lease on an instance, waiting up to `routing.max_wait` seconds for room under its
+`max_inflight` cap, then 429 with `retry-after`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import itertools
+import math
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-from gateway.config import Routing
+from gateway.config import Config
+from gateway.errors import RateLimited
 from gateway.metrics import Metrics
-from gateway.policy import Target
+from gateway.policy import Target, listed_name
+
+EWMA_WEIGHT = 0.3  # of the newest observation
+
+
+@dataclass(slots=True)
+class Instance:
+    weight: int
+    max_inflight: int | None
+    inflight: int = 0
+    failures: int = 0  # consecutive
+    ejected_until: float = 0.0  # 0: healthy
+    trial: bool = False  # a half-open trial request is under way
+    latency: float | None = None  # EWMA of time to first token, seconds
+    available: frozenset[str] | None = None  # models it has; None: not known
+    loaded: frozenset[str] | None = None  # models in memory now; None: not known
+
+    @property
+    def saturated(self) -> bool:
+        return self.max_inflight is not None and self.inflight >= self.max_inflight
+
+    def has(self, model: str) -> bool | None:
+        return None if self.available is None else listed_name(self.available, model) is not None
+
+    def warm(self, model: str) -> bool | None:
+        return None if self.loaded is None else listed_name(self.loaded, model) is not None
 
 
 class Lease:
-    """One request's hold on a backend; `release` is idempotent."""
+    """One request's hold on an instance; `release` is idempotent."""
 
     __slots__ = ("_balancer", "backend", "released")
 
@@ -31,44 +78,149 @@ class Lease:
             self._balancer._release(self.backend)
 
 
+def rendezvous(key: str, backend: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}|{backend}".encode(), digest_size=8).digest(), "big")
+
+
 class Balancer:
-    def __init__(self, routing: Routing, weights: dict[str, int], metrics: Metrics) -> None:
-        self._strategy = routing.strategy
-        self._weights = weights
-        self._inflight = dict.fromkeys(weights, 0)
-        self._gauges = {name: metrics.inflight.labels(name) for name in weights}
+    def __init__(self, config: Config, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        routing = config.routing
+        self.strategy = routing.strategy
+        self.affinity = routing.affinity
+        self.max_wait = routing.max_wait
+        self._unhealthy_after = routing.health.unhealthy_after
+        self._cooldown = routing.health.cooldown
+        self.instances = {b.name: Instance(b.weight, b.max_inflight) for b in config.backends}
+        self._inflight_gauges = {name: metrics.inflight.labels(name) for name in self.instances}
+        self._up_gauges = {name: metrics.backend_up.labels(name) for name in self.instances}
+        for gauge in self._up_gauges.values():
+            gauge.set(1)
+        self._clock = clock
         self._turn = itertools.count()
         self._random = random.Random()
+        self._room = asyncio.Condition()
+
+    # ---- what is known about each instance ----
 
     def inflight(self, backend: str) -> int:
-        return self._inflight[backend]
+        return self.instances[backend].inflight
 
-    def order(self, targets: Sequence[Target]) -> list[Target]:
+    def healthy(self, backend: str) -> bool:
+        return self.instances[backend].ejected_until == 0.0
+
+    def set_models(
+        self, backend: str, available: Iterable[str] | None, loaded: Iterable[str] | None = None
+    ) -> None:
+        instance = self.instances[backend]
+        instance.available = None if available is None else frozenset(available)
+        instance.loaded = None if loaded is None else frozenset(loaded)
+
+    def observe_latency(self, backend: str, seconds: float) -> None:
+        instance = self.instances[backend]
+        previous = instance.latency
+        instance.latency = seconds if previous is None else previous + EWMA_WEIGHT * (seconds - previous)
+
+    def succeeded(self, backend: str) -> None:
+        instance = self.instances[backend]
+        instance.failures = 0
+        instance.trial = False
+        if instance.ejected_until:
+            instance.ejected_until = 0.0
+            self._up_gauges[backend].set(1)
+
+    def failed(self, backend: str) -> None:
+        instance = self.instances[backend]
+        instance.failures += 1
+        if instance.trial or instance.failures >= self._unhealthy_after:
+            instance.trial = False
+            instance.ejected_until = self._clock() + self._cooldown
+            self._up_gauges[backend].set(0)
+
+    def probed(self, backend: str, ok: bool) -> None:
+        """An active probe's result: a failure counts like a failed request; success after the
+        cool-down brings an ejected instance back."""
+        instance = self.instances[backend]
+        if not ok:
+            self.failed(backend)
+        elif not instance.ejected_until or self._clock() >= instance.ejected_until:
+            self.succeeded(backend)
+
+    def _usable(self, instance: Instance, now: float) -> bool:
+        if not instance.ejected_until:
+            return True
+        return now >= instance.ejected_until and not instance.trial  # half-open: one trial at a time
+
+    # ---- choosing ----
+
+    def order(self, targets: Sequence[Target], affinity: str | None = None) -> list[Target]:
         if len(targets) < 2:
             return list(targets)
+        now = self._clock()
+        with_model = [t for t in targets if self.instances[t.backend].has(t.model) is not False]
+        candidates = with_model or list(targets)
+        healthy = [t for t in candidates if self._usable(self.instances[t.backend], now)]
+        ejected = [t for t in candidates if t not in healthy]
+        ranked = self._rank(healthy)
+        if affinity and self.affinity == "prefix":
+            roomy = [t for t in healthy if not self.instances[t.backend].saturated]
+            if roomy:
+                home = max(roomy, key=lambda t: rendezvous(affinity, t.backend))
+                ranked.remove(home)
+                ranked.insert(0, home)
+        return ranked + sorted(ejected, key=lambda t: self.instances[t.backend].ejected_until)
+
+    def _rank(self, targets: list[Target]) -> list[Target]:
         turn = next(self._turn)
         # Rotating the start breaks ties fairly, so equal instances share the load.
-        rotated = [targets[(turn + i) % len(targets)] for i in range(len(targets))]
-        if self._strategy == "round_robin":
-            return rotated
-        if self._strategy == "weighted":
-            return self._weighted(rotated)
-        return sorted(rotated, key=lambda t: self._inflight[t.backend] / self._weights[t.backend])
+        rotated = [targets[(turn + i) % len(targets)] for i in range(len(targets))] if targets else []
+        score = self._scores(rotated)
 
-    def _weighted(self, targets: list[Target]) -> list[Target]:
-        remaining = list(targets)
-        ordered = []
-        while remaining:
-            weights = [self._weights[t.backend] for t in remaining]
-            pick = self._random.choices(range(len(remaining)), weights)[0]
-            ordered.append(remaining.pop(pick))
-        return ordered
+        def key(target: Target) -> tuple[bool, bool, float]:
+            instance = self.instances[target.backend]
+            return instance.saturated, instance.warm(target.model) is False, score[target]
+
+        return sorted(rotated, key=key)
+
+    def _scores(self, targets: list[Target]) -> dict[Target, float]:
+        if self.strategy == "round_robin":
+            return {t: float(i) for i, t in enumerate(targets)}
+        if self.strategy == "weighted":
+            # Weighted random order: sort by u^(1/w), the Efraimidis-Spirakis key, largest first.
+            return {t: -(self._random.random() ** (1 / self.instances[t.backend].weight)) for t in targets}
+        if self.strategy == "latency":
+            return {t: self.instances[t.backend].latency or 0.0 for t in targets}
+        return {t: self.instances[t.backend].inflight / self.instances[t.backend].weight for t in targets}
+
+    # ---- leases ----
+
+    async def acquire(self, backend: str) -> Lease:
+        instance = self.instances[backend]
+        if instance.saturated:
+            try:
+                async with asyncio.timeout(self.max_wait), self._room:
+                    await self._room.wait_for(lambda: not instance.saturated)
+            except TimeoutError:
+                raise RateLimited(
+                    f"backend {backend} is at its limit of {instance.max_inflight} requests in flight;"
+                    f" retry after a few seconds",
+                    headers={"retry-after": str(max(1, math.ceil(self.max_wait)))},
+                ) from None
+        if instance.ejected_until:
+            instance.trial = True
+        return self.lease(backend)
 
     def lease(self, backend: str) -> Lease:
-        self._inflight[backend] += 1
-        self._gauges[backend].inc()
+        self.instances[backend].inflight += 1
+        self._inflight_gauges[backend].inc()
         return Lease(self, backend)
 
     def _release(self, backend: str) -> None:
-        self._inflight[backend] -= 1
-        self._gauges[backend].dec()
+        instance = self.instances[backend]
+        instance.inflight -= 1
+        self._inflight_gauges[backend].dec()
+        if instance.max_inflight is not None:
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._room:
+            self._room.notify_all()

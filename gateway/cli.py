@@ -1,4 +1,4 @@
-"""phoenix-gateway: serve | check-config PATH | models."""
+"""phoenix-gateway: serve | check-config PATH | models | audit verify PATH."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import uvicorn
 
 from gateway.app import create_app
+from gateway.audit import AuditError, format_report, verify
+from gateway.auth import Keys
 from gateway.config import Config, ConfigError, resolve_config
 from gateway.logs import configure, get_logger
 from gateway.state import State
@@ -58,6 +60,7 @@ def app_factory() -> object:
 
 def serve(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
+    Keys(config.auth, os.environ)  # a key whose variable is unset stops the start, with its name
     level = args.log_level or os.environ.get("PHOENIX_LOG_LEVEL") or config.server.log_level
     configure(level)
     host = args.host or config.server.host
@@ -109,6 +112,16 @@ def models(args: argparse.Namespace) -> int:
     return asyncio.run(listing())
 
 
+def audit_verify(args: argparse.Namespace) -> int:
+    try:
+        report = verify(args.path)
+    except AuditError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="phoenix-gateway", description="OpenAI-compatible LLM gateway.")
     sub = top.add_subparsers(dest="command")
@@ -125,6 +138,11 @@ def parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("models", help="list what each backend serves")
     listing.add_argument("--config")
     listing.set_defaults(func=models)
+    audit = sub.add_parser("audit", help="work with the hash-chained audit file")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    chain = audit_commands.add_parser("verify", help="check the audit file's chain and summarise it")
+    chain.add_argument("path")
+    chain.set_defaults(func=audit_verify)
     return top
 
 

@@ -124,6 +124,7 @@ class Routing(_Strict):
     strategy: Literal["round_robin", "weighted", "least_inflight", "latency"] = "least_inflight"
     affinity: Literal["none", "prefix"] = "none"
     retries: int = Field(default=2, ge=0, le=10)
+    max_wait: float = Field(default=10.0, ge=0)  # seconds a request waits for room under max_inflight
     health: Health = Health()
 
 

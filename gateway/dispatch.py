@@ -1,8 +1,11 @@
-"""One request's journey to a backend: plan -> lease -> provider, retrying on another instance.
+"""One request's journey to a backend: plans -> lease -> provider, retrying on another instance.
 
-Retries happen only before anything has reached the client: a stream is "opened" when its first
-chunk has arrived, and that peek happens inside the retry scope. After that the stream is handed
-to relay, and a failure becomes an error event.
+A request comes with one or more plans: the model's own, then its fallbacks (public traffic only).
+Within a plan, a retryable failure moves to another instance (at most `retries` times); when every
+instance of a plan has failed that way, the next plan is tried. All of it happens only before
+anything has reached the client: a stream is "opened" when its first chunk has arrived, and that
+peek happens inside the retry scope. After that the stream is handed to relay, and a failure
+becomes an error event.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from gateway.balancer import Balancer
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocol, UpstreamTimeout
 from gateway.exchange import Exchange
 from gateway.metrics import Metrics
-from gateway.policy import Plan, Target
+from gateway.policy import Plan, Target, is_cloud_name
 from gateway.providers.base import Provider
 from gateway.relay import StreamSource
 from gateway.schemas import ChatRequest, Completion, EmbeddingRequest, Embeddings
@@ -39,10 +42,26 @@ class Dispatcher:
     retries: int
 
     async def _first_success(
+        self, plans: list[Plan], exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
+    ) -> T:
+        """Each plan in turn until one succeeds; a plan's non-retryable failure is final."""
+        for index, plan in enumerate(plans):
+            if index:
+                self.metrics.fallbacks.labels(plans[0].label, plan.label).inc()
+                exchange.notes["fallback_from"] = plans[0].label
+            exchange.answered_as = plan.requested
+            try:
+                return await self._over_targets(plan, exchange, attempt_one)
+            except GatewayError as error:
+                if not error.retryable or index == len(plans) - 1:
+                    raise
+        raise AssertionError("unreachable: the last plan's failure is raised")
+
+    async def _over_targets(
         self, plan: Plan, exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
     ) -> T:
         """Try the plan's targets in the balancer's order until one succeeds or a failure is final."""
-        targets = self.balancer.order(plan.targets)
+        targets = self.balancer.order(plan.targets, exchange.affinity)
 
         def count_retry(state: RetryCallState) -> None:
             self.metrics.retries.labels(targets[state.attempt_number - 1].backend).inc()
@@ -57,21 +76,33 @@ class Dispatcher:
         async for attempt in retrying:
             with attempt:
                 target = targets[attempt.retry_state.attempt_number - 1]
+                provider = self.providers[target.backend]
                 exchange.backend = target.backend
                 exchange.served_model = target.model
+                exchange.local = provider.backend.local and not is_cloud_name(target.model)
                 try:
-                    return await attempt_one(target, self.providers[target.backend])
+                    result = await attempt_one(target, provider)
                 except UpstreamError as error:
                     self.metrics.upstream_errors.labels(target.backend, error.reason).inc()
+                    if error.retryable:
+                        self.balancer.failed(target.backend)
+                    else:  # it answered, if only to refuse: the instance itself is fine
+                        self.balancer.succeeded(target.backend)
                     raise
+                self.balancer.succeeded(target.backend)
+                return result
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _unary(self, target: Target, exchange: Exchange, call: Awaitable[T], total: float) -> T:
-        lease = self.balancer.lease(target.backend)
+    async def _unary(
+        self, target: Target, exchange: Exchange, call: Callable[[], Awaitable[T]], total: float
+    ) -> T:
         waited = time.perf_counter()
+        lease = await self.balancer.acquire(target.backend)
         try:
             async with asyncio.timeout(total):
-                return await call
+                result = await call()
+            self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
+            return result
         except TimeoutError:
             raise UpstreamTimeout(
                 f"backend {target.backend} did not answer within its total deadline"
@@ -80,36 +111,45 @@ class Dispatcher:
             exchange.upstream_seconds += time.perf_counter() - waited
             lease.release()
 
-    async def complete(self, plan: Plan, request: ChatRequest, exchange: Exchange) -> Completion:
+    async def complete(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> Completion:
         async def one(target: Target, provider: Provider) -> Completion:
-            call = provider.complete(request, target.model)
-            return await self._unary(target, exchange, call, provider.backend.timeouts.total)
+            return await self._unary(
+                target,
+                exchange,
+                lambda: provider.complete(request, target.model),
+                provider.backend.timeouts.total,
+            )
 
-        return await self._first_success(plan, exchange, one)
+        return await self._first_success(plans, exchange, one)
 
-    async def embed(self, plan: Plan, request: EmbeddingRequest, exchange: Exchange) -> Embeddings:
+    async def embed(self, plans: list[Plan], request: EmbeddingRequest, exchange: Exchange) -> Embeddings:
         async def one(target: Target, provider: Provider) -> Embeddings:
-            call = provider.embed(request, target.model)
-            return await self._unary(target, exchange, call, provider.backend.timeouts.total)
+            return await self._unary(
+                target,
+                exchange,
+                lambda: provider.embed(request, target.model),
+                provider.backend.timeouts.total,
+            )
 
-        return await self._first_success(plan, exchange, one)
+        return await self._first_success(plans, exchange, one)
 
-    async def open_stream(self, plan: Plan, request: ChatRequest, exchange: Exchange) -> StreamSource:
+    async def open_stream(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> StreamSource:
         async def one(target: Target, provider: Provider) -> StreamSource:
             return await self._open(target, provider, request, exchange)
 
-        return await self._first_success(plan, exchange, one)
+        return await self._first_success(plans, exchange, one)
 
     async def _open(
         self, target: Target, provider: Provider, request: ChatRequest, exchange: Exchange
     ) -> StreamSource:
         timeouts = provider.backend.timeouts
-        lease = self.balancer.lease(target.backend)
-        stream: Any = provider.stream(request, target.model)
         waited = time.perf_counter()
+        lease = await self.balancer.acquire(target.backend)
+        stream: Any = provider.stream(request, target.model)
         try:
             async with asyncio.timeout(min(timeouts.first_token, timeouts.total)):
                 first = await anext(stream)
+            self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
         except BaseException as error:
             await stream.aclose()
             lease.release()

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.audit import AuditError, AuditLog
 from gateway.metrics import Metrics
 from gateway.schemas import Usage
 
@@ -26,7 +27,14 @@ class Exchange:
     requested_model: str = ""
     model_label: str = ""  # configured client-facing name, "" when unknown
     served_model: str = ""  # what the backend ran
+    answered_as: str = (
+        ""  # the client-facing model that answered: the requested one, a fallback, or privacy.local_model
+    )
     backend: str = ""
+    local: bool | None = None
+    affinity: str | None = (
+        None  # conversation key for instance affinity  # whether `backend` keeps the data on the premises
+    )
     key_name: str = ""
     privacy: str = "public"
     privacy_reason: str = "default"
@@ -39,7 +47,7 @@ class Exchange:
     finished: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def finish(self, status: int, metrics: Metrics, log: Any) -> None:
+    def finish(self, status: int, metrics: Metrics, log: Any, audit: AuditLog | None = None) -> None:
         if self.finished:
             return
         self.finished = True
@@ -65,6 +73,7 @@ class Exchange:
             "model": self.requested_model,
             "served_model": self.served_model or None,
             "backend": backend or None,
+            "local": self.local,
             "privacy": self.privacy,
             "privacy_reason": self.privacy_reason,
             "stream": self.stream,
@@ -78,5 +87,12 @@ class Exchange:
             fields["ttft_ms"] = round((self.first_token_at - self.started) * 1000, 3)
         if self.error_type:
             fields["error"] = self.error_type
+        if self.answered_as and self.answered_as != self.requested_model:
+            fields["answered_as"] = self.answered_as
         fields.update(self.notes)
         log.info("request", **fields)
+        if audit is not None:
+            try:
+                audit.append(fields)
+            except AuditError as error:  # the answer has gone; say loudly that its record did not
+                log.error("audit write failed", error=str(error))

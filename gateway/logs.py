@@ -11,11 +11,20 @@ import structlog
 AUDIT_EVENT = "request"
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time of writing (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", *, stream: TextIO | None = None, json: bool | None = None) -> None:
     """JSON lines by default; human-readable console output when writing to a terminal."""
-    stream = stream or sys.stderr
     if json is None:
-        json = not stream.isatty()
+        json = not (stream or sys.stderr).isatty()
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
@@ -25,7 +34,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.WriteLoggerFactory(stream),
+        logger_factory=structlog.WriteLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

@@ -1,18 +1,24 @@
-"""Model name -> an ordered plan of targets. Decides before any I/O; imports no provider.
+"""Model name -> an ordered plan of targets, and the privacy filter over it. Pure: no I/O.
 
 Exact names and aliases win; then patterns (`ollama/*`, `*`) in config order, where the part
 matched by `*` is the upstream model name. A model unknown to every route is a 404 that lists
 close names.
+
+A private request keeps only the targets whose locality is established: a `local: true` backend,
+and for Ollama also a model its own inventory lists as not remote (Ollama forwards "cloud" models
+to its hosted service). Fallbacks are for public traffic only.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from gateway.config import Config, ModelRoute
-from gateway.errors import ModelNotFound
+from gateway.config import Backend, Config, ModelRoute
+from gateway.errors import ModelNotFound, UpstreamUnavailable
+from gateway.schemas import ModelInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +34,64 @@ class Plan:
     label: str  # metrics label: configured name, or the requested name when a backend lists it
     targets: tuple[Target, ...]
     fallbacks: tuple[str, ...] = ()
+    privacy: str | None = None  # the route's own policy
+
+
+# What a private request may assume about one target.
+LOCAL, CLOUD, MISSING, UNKNOWN = "local", "cloud", "missing", "unknown"
+
+
+def is_cloud_name(model: str) -> bool:
+    return model.endswith(("-cloud", ":cloud"))
+
+
+def listed_name(names: AbstractSet[str], model: str) -> str | None:
+    """`model` among Ollama's names, where `llama3.2` and `llama3.2:latest` are the same model."""
+    if model in names:
+        return model
+    tagged = f"{model}:latest"
+    return tagged if ":" not in model and tagged in names else None
+
+
+def listed(listing: list[ModelInfo], model: str) -> ModelInfo | None:
+    name = listed_name({info.id for info in listing}, model)
+    return next((info for info in listing if info.id == name), None)
+
+
+def locality(backend: Backend, model: str, listing: list[ModelInfo] | None) -> str:
+    """LOCAL only when established; `listing` is the backend's inventory, None when unreachable."""
+    if not backend.local or is_cloud_name(model):
+        return CLOUD
+    if backend.type != "ollama":
+        return LOCAL  # the operator vouches for it (`local: true`)
+    if listing is None:
+        return UNKNOWN
+    info = listed(listing, model)
+    if info is None:
+        return MISSING
+    return CLOUD if info.remote else LOCAL
+
+
+def local_only(plan: Plan, verdicts: dict[Target, str]) -> Plan | None:
+    """The plan cut down to established-local targets, without fallbacks; None when the model has
+    no local deployment at all. Raises when local deployments exist but none can be used now."""
+    local = tuple(target for target in plan.targets if verdicts[target] == LOCAL)
+    if local:
+        return Plan(plan.requested, plan.route, plan.label, local, (), plan.privacy)
+    unreachable = [t.backend for t in plan.targets if verdicts[t] == UNKNOWN]
+    if unreachable:
+        raise UpstreamUnavailable(
+            f"No local backend for '{plan.requested}' is reachable ({', '.join(unreachable)});"
+            " private requests are never sent to a cloud backend."
+        )
+    missing = [t for t in plan.targets if verdicts[t] == MISSING]
+    if missing:
+        where = ", ".join(t.backend for t in missing)
+        raise ModelNotFound(
+            f"The model '{missing[0].model}' is not on the local Ollama instance(s) {where};"
+            f" run `ollama pull {missing[0].model}` there. Private requests never go to a cloud backend."
+        )
+    return None
 
 
 def _wildcard_part(pattern: str, name: str) -> str:
@@ -58,7 +122,7 @@ class Router:
         route = self._exact.get(name)
         if route is not None:
             targets = tuple(Target(d.backend, d.model or route.name) for d in route.deployments)
-            return Plan(name, route.name, route.name, targets, tuple(route.fallbacks))
+            return Plan(name, route.name, route.name, targets, tuple(route.fallbacks), route.privacy)
         for route in self._patterns:
             if fnmatchcase(name, route.name):
                 upstream = _wildcard_part(route.name, name)
@@ -66,7 +130,7 @@ class Router:
                     continue
                 targets = tuple(Target(d.backend, d.model or upstream) for d in route.deployments)
                 label = name if upstream in self.known else route.name
-                return Plan(name, route.name, label, targets, tuple(route.fallbacks))
+                return Plan(name, route.name, label, targets, tuple(route.fallbacks), route.privacy)
         raise ModelNotFound(self._not_found_message(name))
 
     def _not_found_message(self, name: str) -> str:

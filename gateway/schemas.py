@@ -7,6 +7,8 @@ gateway does not know. Responses are not validated: providers return `Completion
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -158,6 +160,23 @@ class ChatRequest(_Wire):
     metadata: dict[str, str] | None = None
     user: str | None = None
 
+    def conversation(self) -> str:
+        """What identifies a conversation across its turns: the leading system or developer messages
+        and the first user message (later turns repeat them), as a short digest."""
+        digest = hashlib.blake2b(digest_size=16)
+        for message in self.messages:
+            digest.update(message.role.encode() + b"\0" + message.text().encode() + b"\0")
+            if message.role == "user":
+                break
+        return digest.hexdigest()
+
+    def texts(self) -> Iterator[str]:
+        """Everything a person may have written into the conversation, for the PII detector."""
+        for message in self.messages:
+            yield message.text()
+            for call in message.tool_calls or ():
+                yield call.function.arguments
+
     @property
     def max_output_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -179,6 +198,10 @@ class EmbeddingRequest(_Wire):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+    metadata: dict[str, str] | None = None  # the gateway's own (privacy); never sent upstream
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else [s for s in self.input if isinstance(s, str)]
 
 
 # ---- internal values (what providers return; relay encodes them) ----

@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,14 +15,17 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import privacy
+from gateway.audit import AuditLog
+from gateway.auth import Keys, check_model
 from gateway.balancer import Balancer
-from gateway.config import Config
+from gateway.config import ApiKey, Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, PrivacyViolation
 from gateway.exchange import Exchange
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.policy import Router
+from gateway.policy import Plan, Router, Target, local_only, locality
 from gateway.providers import build_provider
 from gateway.providers.base import Provider
 from gateway.schemas import ModelInfo
@@ -30,6 +33,7 @@ from gateway.upstream import make_client
 
 INVENTORY_TTL = 5.0
 INVENTORY_TIMEOUT = 3.0
+FAILED_LISTING_TTL = 1.0  # an unreachable backend is asked again this soon
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -45,9 +49,12 @@ class State:
     router: Router
     balancer: Balancer
     dispatcher: Dispatcher
+    keys: Keys
+    audit: AuditLog | None = None
     log: Any = field(default_factory=get_logger)
-    _inventory: dict[str, list[ModelInfo]] = field(default_factory=dict)
-    _inventory_at: float = -INVENTORY_TTL
+    # backend -> (fetched at, its models or None when unreachable), and the fetches under way
+    _listings: dict[str, tuple[float, list[ModelInfo] | None]] = field(default_factory=dict)
+    _fetching: dict[str, asyncio.Task[list[ModelInfo] | None]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config, environ: Mapping[str, str] | None = None) -> State:
@@ -57,12 +64,16 @@ class State:
         metrics.register_backends(names)
         client = make_client()
         providers = {backend.name: build_provider(backend, client, environ) for backend in config.backends}
-        balancer = Balancer(config.routing, {b.name: b.weight for b in config.backends}, metrics)
+        balancer = Balancer(config, metrics)
         dispatcher = Dispatcher(providers, balancer, metrics, config.routing.retries)
-        return cls(config, metrics, client, providers, Router(config), balancer, dispatcher)
+        keys = Keys(config.auth, environ)
+        audit = AuditLog(config.privacy.audit_log) if config.privacy.audit_log else None
+        return cls(config, metrics, client, providers, Router(config), balancer, dispatcher, keys, audit)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self.audit is not None:
+            self.audit.close()
 
     # ---- one request ----
 
@@ -70,7 +81,64 @@ class State:
         return Exchange(request_id=request.state.request_id, endpoint=endpoint)
 
     def finish(self, exchange: Exchange, status: int) -> None:
-        exchange.finish(status, self.metrics, self.log)
+        exchange.finish(status, self.metrics, self.log, self.audit)
+
+    def authenticate(self, request: Request, exchange: Exchange) -> ApiKey | None:
+        key = self.keys.identify(request.headers.get("authorization"))
+        if key is not None:
+            exchange.key_name = key.name
+        return key
+
+    async def plans(
+        self,
+        request: Request,
+        exchange: Exchange,
+        *,
+        key: ApiKey | None,
+        model: str,
+        metadata: Mapping[str, Any] | None,
+        texts: Callable[[], Iterable[str]],
+    ) -> list[Plan]:
+        """Where a request may go, in order: route it, check the key, decide its privacy, and for a
+        private request keep only local targets (or `privacy.local_model`'s), never a fallback."""
+        exchange.requested_model = model
+        plan = self.router.plan(model)
+        exchange.model_label = plan.label
+        check_model(key, model)
+        decision = privacy.classify(
+            self.config.privacy,
+            request.headers,
+            metadata=metadata,
+            key=key,
+            model_policy=plan.privacy,
+            texts=texts,
+        )
+        exchange.privacy, exchange.privacy_reason = decision.label, decision.reason
+        self.metrics.privacy.labels(decision.label, decision.reason).inc()
+        if not decision.private:
+            return [plan, *(self.router.plan(name) for name in plan.fallbacks)]
+        local = await self._local_plan(plan)
+        substitute = self.config.privacy.local_model
+        if local is None and substitute is not None and substitute != plan.route:
+            local = await self._local_plan(self.router.plan(substitute))
+            if local is not None:
+                exchange.notes["privacy_substitute"] = substitute
+        if local is None:
+            hint = "" if substitute else " Set privacy.local_model to serve such requests with a local model."
+            raise PrivacyViolation(
+                f"The model '{model}' has no local deployment, and this request is private"
+                f" (reason: {decision.reason}); it is never sent to a cloud backend.{hint}"
+            )
+        return [local]
+
+    async def _local_plan(self, plan: Plan) -> Plan | None:
+        ollamas = {t.backend for t in plan.targets if self.config.backend(t.backend).type == "ollama"}
+        listings = dict(zip(ollamas, await asyncio.gather(*map(self.listing, ollamas)), strict=True))
+        verdicts: dict[Target, str] = {
+            t: locality(self.config.backend(t.backend), t.model, listings.get(t.backend))
+            for t in plan.targets
+        }
+        return local_only(plan, verdicts)
 
     def headers(self, exchange: Exchange) -> dict[str, str]:
         headers = {"x-phoenix-privacy": exchange.privacy if exchange.privacy == "public"
@@ -100,25 +168,73 @@ class State:
 
     # ---- what backends serve ----
 
-    async def inventory(self) -> dict[str, list[ModelInfo]]:
-        """Each backend's model list, fetched concurrently, cached briefly; a down backend lists nothing."""
-        if time.monotonic() - self._inventory_at < INVENTORY_TTL:
-            return self._inventory
+    async def listing(self, name: str) -> list[ModelInfo] | None:
+        """One backend's models, cached briefly; None when it could not be asked. Concurrent callers
+        share one fetch."""
+        cached = self._listings.get(name)
+        if cached is not None:
+            fetched_at, models = cached
+            ttl = INVENTORY_TTL if models is not None else FAILED_LISTING_TTL
+            if time.monotonic() - fetched_at < ttl:
+                return models
+        task = self._fetching.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch_listing(name))
+            self._fetching[name] = task
+            task.add_done_callback(lambda _: self._fetching.pop(name, None))
+        return await asyncio.shield(task)
 
-        async def listing(name: str, provider: Provider) -> tuple[str, list[ModelInfo]]:
+    async def _fetch_listing(self, name: str) -> list[ModelInfo] | None:
+        models: list[ModelInfo] | None
+        try:
+            async with asyncio.timeout(INVENTORY_TIMEOUT):
+                models = await self.providers[name].list_models()
+        except (GatewayError, TimeoutError) as error:
+            self.log.warning("model listing failed", backend=name, error=type(error).__name__)
+            models = None
+        self._listings[name] = (time.monotonic(), models)
+        for info in models or ():
+            self.router.known.add(info.id)
+            # Ollama's `llama3.2` is `llama3.2:latest`; clients use both.
+            self.router.known.add(info.id.removesuffix(":latest"))
+        return models
+
+    async def refresh(self) -> None:
+        """One round of the background work: probe every backend (health), and re-read what each
+        Ollama instance has and has loaded (placement)."""
+
+        async def one(name: str, provider: Provider) -> None:
             try:
                 async with asyncio.timeout(INVENTORY_TIMEOUT):
-                    return name, await provider.list_models()
-            except (GatewayError, TimeoutError) as error:
-                self.log.warning("model listing failed", backend=name, error=type(error).__name__)
-                return name, []
+                    await provider.probe()
+            except (GatewayError, TimeoutError):
+                self.balancer.probed(name, ok=False)
+                return
+            self.balancer.probed(name, ok=True)
+            if provider.backend.type != "ollama":
+                return
+            models = await self._fetch_listing(name)
+            try:
+                async with asyncio.timeout(INVENTORY_TIMEOUT):
+                    loaded = await provider.loaded_models()
+            except (GatewayError, TimeoutError):
+                loaded = None
+            available = None if models is None else [info.id for info in models]
+            self.balancer.set_models(name, available, loaded)
 
-        results = await asyncio.gather(*(listing(n, p) for n, p in self.providers.items()))
-        self._inventory = dict(results)
-        self._inventory_at = time.monotonic()
-        for models in self._inventory.values():
-            for info in models:
-                self.router.known.add(info.id)
-                # Ollama's `llama3.2` is `llama3.2:latest`; clients use both.
-                self.router.known.add(info.id.removesuffix(":latest"))
-        return self._inventory
+        await asyncio.gather(*(one(name, provider) for name, provider in self.providers.items()))
+
+    async def keep_fresh(self) -> None:
+        """The background loop, every `routing.health.interval` seconds until cancelled."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception as error:  # never let the loop die; our own bug is logged
+                self.unexpected(error)
+            await asyncio.sleep(self.config.routing.health.interval)
+
+    async def inventory(self) -> dict[str, list[ModelInfo]]:
+        """Every backend's model list, fetched concurrently; a down backend lists nothing."""
+        names = list(self.providers)
+        listings = await asyncio.gather(*map(self.listing, names))
+        return {name: models or [] for name, models in zip(names, listings, strict=True)}

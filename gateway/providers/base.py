@@ -36,3 +36,7 @@ class Provider(Protocol):
     async def probe(self) -> None:
         """Raise an UpstreamError when the backend cannot serve."""
         ...
+
+    async def loaded_models(self) -> list[str] | None:
+        """Models in memory right now; None when the backend has no such notion."""
+        ...

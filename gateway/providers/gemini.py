@@ -474,6 +474,9 @@ class GeminiProvider:
                 return models
             query = f"?pageSize=1000&pageToken={page['nextPageToken']}"
 
+    async def loaded_models(self) -> list[str] | None:
+        return None
+
     async def probe(self) -> None:
         await self._http.request("GET", "/models?pageSize=1")
 

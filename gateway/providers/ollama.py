@@ -387,6 +387,13 @@ class OllamaProvider:
         models = body.get("models") if isinstance(body, dict) else None
         return [model_info(entry) for entry in models or [] if isinstance(entry, dict)]
 
+    async def loaded_models(self) -> list[str] | None:
+        body = await self._http.request("GET", "/api/ps")
+        models = body.get("models") if isinstance(body, dict) else None
+        if not isinstance(models, list):
+            return None
+        return [str(m.get("model") or m.get("name")) for m in models if isinstance(m, dict)]
+
     async def probe(self) -> None:
         await self._http.request("GET", "/api/version")
 

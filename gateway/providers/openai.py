@@ -224,7 +224,7 @@ class OpenAIProvider:
             )
 
     async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
-        body = request.model_dump(exclude_unset=True)
+        body = request.model_dump(exclude_unset=True, exclude=set(GATEWAY_FIELDS))
         body.update(model=model, encoding_format="float")
         answer = await self._http.request("POST", "/embeddings", body, model)
         data = answer.get("data") if isinstance(answer, dict) else None
@@ -247,6 +247,9 @@ class OpenAIProvider:
             for entry in data or []
             if isinstance(entry, dict) and entry.get("id")
         ]
+
+    async def loaded_models(self) -> list[str] | None:
+        return None
 
     async def probe(self) -> None:
         await self._http.request("GET", "/models")

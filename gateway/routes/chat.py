@@ -16,27 +16,30 @@ async def chat_completions(request: Request) -> Response:
     state: State = request.app.state.gateway
     exchange = state.begin(request, "chat")
     try:
+        key = state.authenticate(request, exchange)
         chat = validate(ChatRequest, await read_json(request, state.config.server.max_body_bytes))
-        exchange.requested_model = chat.model
         exchange.stream = bool(chat.stream)
-        plan = state.router.plan(chat.model)
-        exchange.model_label = plan.label
+        if state.config.routing.affinity == "prefix":
+            exchange.affinity = f"{exchange.key_name}|{chat.conversation()}"
+        plans = await state.plans(
+            request, exchange, key=key, model=chat.model, metadata=chat.metadata, texts=chat.texts
+        )
         if chat.stream:
-            source = await state.dispatcher.open_stream(plan, chat, exchange)
+            source = await state.dispatcher.open_stream(plans, chat, exchange)
             relay = StreamRelay(
                 source,
                 exchange,
-                model=chat.model,
+                model=exchange.answered_as,
                 include_usage=chat.include_usage,
                 finish=lambda status: state.finish(exchange, status),
                 on_unexpected=state.unexpected,
             )
             return EventStream(relay.body(), state.headers(exchange))  # type: ignore[return-value]
-        completion = await state.dispatcher.complete(plan, chat, exchange)
+        completion = await state.dispatcher.complete(plans, chat, exchange)
         exchange.usage = completion.usage
         exchange.notes.update(completion.notices)
         headers = {**state.headers(exchange), **notice_headers(completion.notices)}
-        response = json_response(completion_body(completion, model=chat.model), headers=headers)
+        response = json_response(completion_body(completion, model=exchange.answered_as), headers=headers)
         state.finish(exchange, 200)
         return response
     except GatewayError as error:

@@ -22,11 +22,12 @@ async def embeddings(request: Request) -> Response:
     state: State = request.app.state.gateway
     exchange = state.begin(request, "embeddings")
     try:
+        key = state.authenticate(request, exchange)
         embed = validate(EmbeddingRequest, await read_json(request, state.config.server.max_body_bytes))
-        exchange.requested_model = embed.model
-        plan = state.router.plan(embed.model)
-        exchange.model_label = plan.label
-        result = await state.dispatcher.embed(plan, embed, exchange)
+        plans = await state.plans(
+            request, exchange, key=key, model=embed.model, metadata=embed.metadata, texts=embed.texts
+        )
+        result = await state.dispatcher.embed(plans, embed, exchange)
         expected = (
             1
             if isinstance(embed.input, str) or (embed.input and isinstance(embed.input[0], int))
@@ -48,7 +49,7 @@ async def embeddings(request: Request) -> Response:
         body = {
             "object": "list",
             "data": data,
-            "model": embed.model,
+            "model": exchange.answered_as,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
         response = json_response(body, headers=state.headers(exchange))

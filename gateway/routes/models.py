@@ -1,4 +1,7 @@
-"""GET /v1/models and /v1/models/{id}: configured names, plus what each backend under a pattern lists."""
+"""GET /v1/models and /v1/models/{id}: configured names, plus what each backend under a pattern lists.
+
+With API keys configured, a caller sees only the models its key may use.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.auth import allows
+from gateway.config import ApiKey
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.state import State, json_response
 
 
-async def model_objects(state: State) -> dict[str, dict[str, Any]]:
+async def model_objects(state: State, key: ApiKey | None) -> dict[str, dict[str, Any]]:
     inventory = await state.inventory()
     objects: dict[str, dict[str, Any]] = {}
     for route in state.router.routes:
@@ -30,20 +35,24 @@ async def model_objects(state: State) -> dict[str, dict[str, Any]]:
                         "created": info.created,
                         "owned_by": info.owned_by,
                     }
-    return objects
+    return {name: body for name, body in objects.items() if allows(key, name)}
 
 
 async def list_models(request: Request) -> Response:
     state: State = request.app.state.gateway
-    objects = await model_objects(state)
+    try:
+        key = state.keys.identify(request.headers.get("authorization"))
+    except GatewayError as error:
+        return json_response(error.body(), error.http_status)
+    objects = await model_objects(state, key)
     return json_response({"object": "list", "data": list(objects.values())})
 
 
 async def get_model(request: Request) -> Response:
     state: State = request.app.state.gateway
     model_id = request.path_params["model_id"]
-    objects = await model_objects(state)
     try:
+        objects = await model_objects(state, state.keys.identify(request.headers.get("authorization")))
         if model_id not in objects:
             raise ModelNotFound(f"The model '{model_id}' does not exist on this gateway.")
         return json_response(objects[model_id])

@@ -1,17 +1,12 @@
-"""Operator endpoints: /healthz (process alive), /readyz (a backend answers), /metrics."""
+"""Operator endpoints: /healthz (process alive), /readyz (a backend is healthy), /metrics."""
 
 from __future__ import annotations
-
-import asyncio
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import GatewayError
 from gateway.metrics import CONTENT_TYPE
 from gateway.state import State, json_response
-
-PROBE_TIMEOUT = 2.0
 
 
 async def healthz(request: Request) -> Response:
@@ -19,24 +14,18 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready when at least one backend is healthy, as the background probes and the requests'
+    own outcomes have found (see `balancer`)."""
     state: State = request.app.state.gateway
-
-    async def probe(name: str) -> tuple[str, bool]:
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                await state.providers[name].probe()
-        except (GatewayError, TimeoutError):
-            return name, False
-        return name, True
-
-    results = dict(await asyncio.gather(*(probe(name) for name in state.providers)))
-    for name, up in results.items():
-        state.metrics.backend_up.labels(name).set(1 if up else 0)
     backends = {
-        backend.name: {"type": backend.type, "local": backend.local, "up": results[backend.name]}
+        backend.name: {
+            "type": backend.type,
+            "local": backend.local,
+            "up": state.balancer.healthy(backend.name),
+        }
         for backend in state.config.backends
     }
-    ready = any(results.values())
+    ready = any(entry["up"] for entry in backends.values())
     return json_response(
         {"status": "ready" if ready else "unavailable", "backends": backends}, 200 if ready else 503
     )

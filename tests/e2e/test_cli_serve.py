@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+import uvicorn
 
+from gateway.cli import main
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, free_port
 
@@ -61,3 +66,32 @@ def test_zero_file_default_serves_ollama_models_by_bare_name(
         aliased = api.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}])
     assert (bare.choices[0].message.content, aliased.choices[0].message.content) == ("hi", "hey")
     assert [b["model"] for b in fake.chat_bodies()] == ["qwen2.5:0.5b", "llama3.2"]
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [("10.1.2.3", False, True), ("10.1.2.3", True, False), ("127.0.0.1", False, False)],
+)
+def test_an_open_gateway_beyond_loopback_is_warned_about(
+    *,
+    host: str,
+    keys: bool,
+    warned: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config: dict[str, Any] = {
+        "backends": [{"name": "ollama-1", "type": "ollama"}],
+        "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama-1"}]}],
+    }
+    if keys:
+        config["auth"] = {"keys": [{"name": "app", "key_sha256": "ab" * 32}]}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(config))
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
+    assert main(["serve", "--config", str(path), "--host", host]) == 0
+    assert started[0]["host"] == host  # nothing was bound: uvicorn.run is replaced
+    assert ("open to anyone" in capsys.readouterr().err) is warned

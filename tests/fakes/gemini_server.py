@@ -51,6 +51,7 @@ class FakeGemini:
         self.models = models or ["gemini-2.5-flash", "gemini-embedding-001"]
         self.api_key = api_key
         self.replies: deque[Reply] = deque()
+        self.default = Reply()  # the answer when nothing is queued
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
         self.cancelled = 0
         self._vectors = FakeOllama(embed_dim=4)
@@ -99,7 +100,7 @@ class FakeGemini:
             )
         if method == "batchEmbedContents":
             return self._embed(body)
-        reply = self.replies.popleft() if self.replies else Reply()
+        reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)
         if reply.status is not None:

@@ -74,6 +74,7 @@ class FakeOllama:
         self.cloud = [self._full(m) for m in (cloud or [])]
         self.embed_dim = embed_dim
         self.replies: deque[Reply] = deque()
+        self.default = Reply()  # the answer when nothing is queued
         self.requests: list[tuple[str, Any]] = []
         self.cancelled = 0
         self.completed_streams = 0
@@ -128,7 +129,7 @@ class FakeOllama:
         for message in body.get("messages") or []:
             if any(str(image).startswith("data:") for image in message.get("images") or []):
                 return _error(400, "illegal base64 data at input byte 4")
-        reply = self.replies.popleft() if self.replies else Reply()
+        reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)
         if reply.status is not None:

@@ -27,6 +27,7 @@ class FakeOpenAI:
         self.models = models or ["gpt-4o-mini", "text-embedding-3-small"]
         self.api_key = api_key
         self.replies: deque[Reply] = deque()
+        self.default = Reply()  # the answer when nothing is queued
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
         self.cancelled = 0
         self._vectors = FakeOllama(embed_dim=4)  # the same deterministic vectors as the fake Ollama
@@ -69,7 +70,7 @@ class FakeOpenAI:
             error = {"message": f"The model `{model}` does not exist or you do not have access to it.",
                      "type": "invalid_request_error", "param": None, "code": "model_not_found"}  # fmt: skip
             return _json({"error": error}, 404)
-        reply = self.replies.popleft() if self.replies else Reply()
+        reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)
         if reply.status is not None:

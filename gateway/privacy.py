@@ -1,0 +1,71 @@
+"""Is a request private, and why: decided once, before routing, from every source there is.
+
+A request is private when any source says so, checked in this order (the first one found is the
+reason reported): the privacy header, the body's `metadata.privacy`, the API key's policy, the
+model's policy, and the PII detector. An explicit "public" never overrides another source. A
+private request may only be served by a local backend; `policy.Router.restrict` enforces that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import pii
+from gateway.config import ApiKey, Privacy
+from gateway.errors import InvalidRequest
+
+LEVELS = ("private", "public")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    private: bool
+    reason: str  # header | metadata | key | model | pii:<kind>; "default" when public
+
+    @property
+    def label(self) -> str:
+        return "private" if self.private else "public"
+
+    @property
+    def header(self) -> str:
+        """The `x-phoenix-privacy` value: `private;reason=pii:email` or `public`."""
+        return f"private;reason={self.reason}" if self.private else "public"
+
+
+PUBLIC = Decision(False, "default")
+
+
+def _level(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.strip().lower() not in LEVELS:
+        raise InvalidRequest(f"{where} must be 'private' or 'public', got {value!r}.", param=where)
+    return value.strip().lower()
+
+
+def classify(
+    settings: Privacy,
+    headers: Mapping[str, str],
+    *,
+    metadata: Mapping[str, Any] | None,
+    key: ApiKey | None,
+    model_policy: str | None,
+    texts: Callable[[], Iterable[str]],
+) -> Decision:
+    """`texts` is called only when the PII detector has to look (nothing else made it private)."""
+    stated = [
+        ("header", _level(headers.get(settings.header), settings.header)),
+        ("metadata", _level((metadata or {}).get("privacy"), "metadata.privacy")),
+        ("key", key.privacy if key is not None else None),
+        ("model", model_policy),
+    ]
+    for source, level in stated:
+        if level == "private":
+            return Decision(True, source)
+    if settings.detect_pii:
+        found = pii.scan_all(texts())
+        if found:
+            return Decision(True, f"pii:{found[0]}")
+    return PUBLIC

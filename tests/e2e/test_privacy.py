@@ -1,0 +1,235 @@
+"""The privacy guarantee, end to end: every way a request becomes private, under every state of the
+local backend, against real HTTP fakes of Ollama (local), OpenAI and Gemini (cloud). Whatever
+happens, the cloud servers never see a private request."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.config import parse_config
+from tests.e2e.conftest import sample, scrape
+from tests.fakes.gemini_server import FakeGemini
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.fakes.openai_server import FakeOpenAI
+from tests.servers import ServerThread, free_port, serve
+
+pytestmark = pytest.mark.e2e
+APP_KEY, CLINIC_KEY = "sk-app-0123456789", "sk-clinic-0123456789"
+ENVIRON = {"OPENAI_KEY": "sk-upstream", "GEMINI_KEY": "gm-upstream"}
+CLOUD = [{"backend": "openai", "model": "gpt-4o-mini"}, {"backend": "gemini", "model": "gemini-2.5-flash"}]
+LOCAL = [{"backend": "ollama-1", "model": "llama3.2:latest"}]
+SCENARIOS = ("local up", "local down", "local slow", "cloud-only model", "cloud-only model, local_model set")
+SOURCES = ("header", "metadata", "key", "model", "pii:email", "pii:card")
+
+
+def sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def config(ollama_url: str, openai_url: str, gemini_url: str, *, slow: bool, local_model: bool) -> Any:
+    timeouts = {"first_token": 0.4, "total": 0.4} if slow else {}
+    return parse_config(
+        {
+            "auth": {
+                "keys": [
+                    {"name": "app", "key_sha256": sha256(APP_KEY)},
+                    {"name": "clinic", "key_sha256": sha256(CLINIC_KEY), "privacy": "private"},
+                ]
+            },
+            "backends": [
+                {"name": "ollama-1", "type": "ollama", "base_url": ollama_url, "timeouts": timeouts},
+                {"name": "openai", "type": "openai", "base_url": openai_url, "api_key_env": "OPENAI_KEY"},
+                {"name": "gemini", "type": "gemini", "base_url": gemini_url, "api_key_env": "GEMINI_KEY"},
+            ],
+            "models": [
+                {"name": "chat", "deployments": CLOUD + LOCAL},
+                {"name": "chat-strict", "deployments": CLOUD + LOCAL, "privacy": "private"},
+                {"name": "gpt", "deployments": CLOUD},
+                {"name": "gpt-strict", "deployments": CLOUD, "privacy": "private"},
+                {"name": "chat-local", "deployments": LOCAL},
+                {
+                    "name": "embed",
+                    "deployments": [
+                        {"backend": "openai", "model": "text-embedding-3-small"},
+                        {"backend": "ollama-1", "model": "nomic-embed-text"},
+                    ],
+                },
+            ],
+            "privacy": {"local_model": "chat-local"} if local_model else {},
+        },
+        "test",
+    )
+
+
+@dataclass
+class Rig:
+    ollama: FakeOllama
+    openai: FakeOpenAI
+    gemini: FakeGemini
+    gateways: dict[str, ServerThread]
+
+    def cloud_calls(self) -> int:
+        """Requests the cloud fakes received, other than model listings."""
+        listings = ("/v1/models", "/v1beta/models")
+        return sum(1 for path, *_ in [*self.openai.requests, *self.gemini.requests] if path not in listings)
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    ollama, slow_ollama = FakeOllama(models=["llama3.2", "nomic-embed-text"]), FakeOllama()
+    slow_ollama.default = Reply(delay_first=2.0)
+    cloud_openai, cloud_gemini = FakeOpenAI(api_key="sk-upstream"), FakeGemini(api_key="gm-upstream")
+    with (
+        serve(ollama.app) as local,
+        serve(slow_ollama.app) as slow,
+        serve(cloud_openai.app) as openai_server,
+        serve(cloud_gemini.app) as gemini_server,
+    ):
+        urls = {
+            "local up": local.url,
+            "local down": f"http://127.0.0.1:{free_port()}",
+            "local slow": slow.url,
+            "cloud-only model": local.url,
+            "cloud-only model, local_model set": local.url,
+        }
+        gateways = {
+            scenario: ServerThread(
+                create_app(
+                    config(
+                        url,
+                        openai_server.url + "/v1",
+                        gemini_server.url + "/v1beta",
+                        slow=scenario == "local slow",
+                        local_model=scenario.endswith("local_model set"),
+                    ),
+                    environ=ENVIRON,
+                )
+            ).start()
+            for scenario, url in urls.items()
+        }
+        try:
+            yield Rig(ollama, cloud_openai, cloud_gemini, gateways)
+        finally:
+            for gateway in gateways.values():
+                gateway.stop()
+
+
+def request_for(source: str, scenario: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A chat request made private by `source`, for the model the scenario needs."""
+    model = "gpt" if scenario.startswith("cloud-only") else "chat"
+    text = "Summarise the visit notes."
+    headers = {"authorization": f"Bearer {CLINIC_KEY if source == 'key' else APP_KEY}"}
+    body: dict[str, Any] = {"model": model, "max_tokens": 5}
+    if source == "header":
+        headers["x-privacy"] = "private"
+    elif source == "metadata":
+        body["metadata"] = {"privacy": "private"}
+    elif source == "model":
+        body["model"] = model + "-strict"
+    elif source == "pii:email":
+        text += " Reply to ana.lopez@example.org when done."
+    elif source == "pii:card":
+        text += " Mi tarjeta es 4111 1111 1111 1111, vence 09/27."
+    body["messages"] = [{"role": "user", "content": text}]
+    return body, headers
+
+
+EXPECTED = {  # scenario -> (status, backend, model in the answer) for a private request
+    "local up": (200, "ollama-1", None),
+    "local down": (503, None, None),
+    "local slow": (504, "ollama-1", None),  # it was tried, and timed out
+    "cloud-only model": (403, None, None),
+    "cloud-only model, local_model set": (200, "ollama-1", "chat-local"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_a_private_request_never_reaches_the_cloud(
+    rig: Rig, scenario: str, source: str, stream: bool
+) -> None:
+    gateway = rig.gateways[scenario]
+    body, headers = request_for(source, scenario)
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        gateway.url + "/v1/chat/completions", json={**body, "stream": stream}, headers=headers, timeout=10
+    )
+    status, backend, model = EXPECTED[scenario]
+    assert rig.cloud_calls() == before, "a cloud backend received a private request"
+    assert answer.status_code == status, answer.text
+    assert answer.headers["x-phoenix-privacy"] == f"private;reason={source}"
+    assert answer.headers.get("x-phoenix-backend") == backend
+    if status == 200 and not stream:
+        assert answer.json()["model"] == (model or body["model"])
+    if status == 200 and stream:
+        assert answer.text.rstrip().endswith("data: [DONE]")
+        assert f'"model":"{model or body["model"]}"' in answer.text
+    if status == 403:
+        assert answer.json()["error"]["code"] == "privacy_violation"
+        assert "never sent to a cloud backend" in answer.json()["error"]["message"]
+    if status == 503:
+        assert "ollama-1" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_public_requests_may_use_the_cloud(rig: Rig, scenario: str) -> None:
+    body, headers = request_for("none", scenario)
+    url = rig.gateways[scenario].url + "/v1/chat/completions"
+    answer = httpx.post(url, json=body, headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-phoenix-privacy"] == "public"
+    if scenario != "local up":  # the local instance is down, slow, or not a deployment of the model
+        assert answer.headers["x-phoenix-backend"] in ("openai", "gemini")
+
+
+def test_privacy_decisions_are_counted(rig: Rig) -> None:
+    gateway = rig.gateways["local up"]
+    for source in ("header", "pii:email", "none"):
+        body, headers = request_for(source, "local up")
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+    samples = scrape(gateway.url)
+    for privacy, reason in (("private", "header"), ("private", "pii:email"), ("public", "default")):
+        assert sample(samples, "gateway_privacy_decisions_total", privacy=privacy, reason=reason) >= 1
+
+
+def test_embeddings_with_personal_data_stay_local(rig: Rig) -> None:
+    gateway = rig.gateways["local up"]
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": "embed", "input": ["call me on +34 612 34 56 78", "fine"]},
+        headers={"authorization": f"Bearer {APP_KEY}"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:phone"
+    assert answer.headers["x-phoenix-backend"] == "ollama-1"
+    assert rig.cloud_calls() == before
+
+
+@pytest.mark.parametrize(
+    ("header", "body_extra", "param"),
+    [
+        ({"x-privacy": "secret"}, {}, "x-privacy"),
+        ({}, {"metadata": {"privacy": "confidential"}}, "metadata.privacy"),
+    ],
+)
+def test_a_privacy_tag_that_is_neither_value_is_refused(
+    rig: Rig, header: dict[str, str], body_extra: dict[str, Any], param: str
+) -> None:
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], **body_extra},
+        headers={"authorization": f"Bearer {APP_KEY}", **header},
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == param
+    assert rig.cloud_calls() == before
