@@ -12,7 +12,8 @@ The ranking, from most to least important:
    its KV cache is reused, chosen by rendezvous hashing so that adding or removing an instance moves
    only the conversations that were on it. Skipped while that instance is saturated.
 4. Room: instances at their `max_inflight` cap come after those with room.
-5. Warmth: an instance that has the model loaded (`/api/ps`) before one that would load it cold.
+5. Warmth: an instance that has the model loaded (`/api/ps`) before one not known either way,
+   before one that would load it cold.
 6. The strategy: least_inflight (in-flight / weight; the default), round_robin, weighted (random,
    by weight), latency (EWMA of time to first token; an instance not yet measured is tried first).
 
@@ -99,6 +100,8 @@ class Balancer:
         self._turn = itertools.count()
         self._random = random.Random()
         self._room = asyncio.Condition()
+        self._waiting = 0  # requests waiting for room under a cap
+        self._wakers: set[asyncio.Task[None]] = set()
 
     # ---- what is known about each instance ----
 
@@ -175,9 +178,10 @@ class Balancer:
         rotated = [targets[(turn + i) % len(targets)] for i in range(len(targets))] if targets else []
         score = self._scores(rotated)
 
-        def key(target: Target) -> tuple[bool, bool, float]:
+        def key(target: Target) -> tuple[bool, int, float]:
             instance = self.instances[target.backend]
-            return instance.saturated, instance.warm(target.model) is False, score[target]
+            warmth = {True: 0, None: 1, False: 2}[instance.warm(target.model)]  # unknown between
+            return instance.saturated, warmth, score[target]
 
         return sorted(rotated, key=key)
 
@@ -196,6 +200,7 @@ class Balancer:
     async def acquire(self, backend: str) -> Lease:
         instance = self.instances[backend]
         if instance.saturated:
+            self._waiting += 1
             try:
                 async with asyncio.timeout(self.max_wait), self._room:
                     await self._room.wait_for(lambda: not instance.saturated)
@@ -205,6 +210,8 @@ class Balancer:
                     f" retry after a few seconds",
                     headers={"retry-after": str(max(1, math.ceil(self.max_wait)))},
                 ) from None
+            finally:
+                self._waiting -= 1
         if instance.ejected_until:
             instance.trial = True
         return self.lease(backend)
@@ -218,8 +225,10 @@ class Balancer:
         instance = self.instances[backend]
         instance.inflight -= 1
         self._inflight_gauges[backend].dec()
-        if instance.max_inflight is not None:
-            asyncio.get_running_loop().create_task(self._wake())
+        if self._waiting:
+            task = asyncio.get_running_loop().create_task(self._wake())
+            self._wakers.add(task)
+            task.add_done_callback(self._wakers.discard)
 
     async def _wake(self) -> None:
         async with self._room:

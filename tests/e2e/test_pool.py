@@ -1,0 +1,191 @@
+"""A pool of Ollama instances behind one model name, through the real gateway: real HTTP fakes on
+separate ports, each advertising its own models and loaded models."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.config import Config, parse_config
+from tests.e2e.conftest import wait_for
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import ServerThread, serve
+
+pytestmark = pytest.mark.e2e
+FAST_HEALTH = {"interval": 0.1, "unhealthy_after": 1, "cooldown": 0.5}
+
+
+class Pool:
+    def __init__(self, fakes: list[FakeOllama], servers: list[ServerThread]) -> None:
+        self.fakes = fakes
+        self.servers = servers
+
+    def config(self, models: list[str], **routing: Any) -> Config:
+        backends: list[dict[str, Any]] = [
+            {"name": f"ollama-{i}", "type": "ollama", "base_url": server.url}
+            for i, server in enumerate(self.servers)
+        ]
+        for backend, weight in zip(backends, routing.pop("weights", []), strict=False):
+            backend["weight"] = weight
+        for backend, cap in zip(backends, routing.pop("caps", []), strict=False):
+            backend["max_inflight"] = cap
+        deployments = [{"backend": b["name"]} for b in backends]
+        return parse_config(
+            {
+                "backends": backends,
+                "models": [{"name": name, "deployments": deployments} for name in models],
+                "routing": {"health": FAST_HEALTH, **routing},
+            },
+            "test",
+        )
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    fakes = [
+        FakeOllama(models=["llama3.2", "qwen2.5:0.5b"], loaded=[]),
+        FakeOllama(models=["llama3.2"], loaded=["llama3.2"]),
+        FakeOllama(models=["llama3.2", "gemma3:1b"], loaded=["gemma3:1b"]),
+    ]
+    with ExitStack() as stack:
+        servers = [stack.enter_context(serve(fake.app)) for fake in fakes]
+        yield Pool(fakes, servers)
+
+
+def chat(gateway: ServerThread, model: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
+
+
+def ready(gateway: ServerThread) -> None:
+    time.sleep(0.3)  # the background refresh has read every /api/tags and /api/ps
+
+
+def test_requests_go_where_the_model_is_and_warm(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    gateway = start_gateway(
+        pool.config(["llama3.2", "qwen2.5:0.5b", "gemma3:1b", "phi4"], strategy="round_robin")
+    )
+    ready(gateway)
+    served = Counter(chat(gateway, "llama3.2").headers["x-phoenix-backend"] for _ in range(6))
+    assert served == {"ollama-1": 6}  # the only one with llama3.2 in memory
+    assert {chat(gateway, "qwen2.5:0.5b").headers["x-phoenix-backend"] for _ in range(4)} == {"ollama-0"}
+    assert {chat(gateway, "gemma3:1b").headers["x-phoenix-backend"] for _ in range(4)} == {"ollama-2"}
+    missing = chat(gateway, "phi4")
+    assert missing.status_code == 404
+    assert "ollama pull phi4" in missing.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("routing", "expected"),
+    [
+        ({"strategy": "round_robin"}, {"ollama-0": 10, "ollama-1": 10, "ollama-2": 10}),
+        ({"strategy": "weighted", "weights": [1, 2, 3]}, {"ollama-0": 5, "ollama-1": 10, "ollama-2": 15}),
+    ],
+    ids=["round_robin", "weighted"],
+)
+def test_strategies_spread_requests(
+    pool: Pool, start_gateway: Callable[..., ServerThread], routing: dict[str, Any], expected: dict[str, int]
+) -> None:
+    for fake in pool.fakes:
+        fake.loaded = []  # all cold: nothing to prefer but the strategy
+    gateway = start_gateway(pool.config(["llama3.2"], **routing))
+    ready(gateway)
+    served = Counter(chat(gateway, "llama3.2").headers["x-phoenix-backend"] for _ in range(30))
+    tolerance = 0 if routing["strategy"] == "round_robin" else 6
+    for name, count in expected.items():
+        assert abs(served[name] - count) <= tolerance, served
+
+
+def test_least_inflight_spreads_concurrent_requests(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    for fake in pool.fakes:
+        fake.loaded = []
+        fake.default = Reply(delay_first=0.5)
+    gateway = start_gateway(pool.config(["llama3.2"]))
+    ready(gateway)
+    with concurrent.futures.ThreadPoolExecutor(9) as workers:
+        answers = list(workers.map(lambda _: chat(gateway, "llama3.2"), range(9)))
+    assert Counter(a.headers["x-phoenix-backend"] for a in answers) == {
+        "ollama-0": 3,
+        "ollama-1": 3,
+        "ollama-2": 3,
+    }
+
+
+def test_a_conversation_stays_on_its_instance(pool: Pool, start_gateway: Callable[..., ServerThread]) -> None:
+    for fake in pool.fakes:
+        fake.loaded = ["llama3.2:latest"]
+    gateway = start_gateway(pool.config(["llama3.2"], strategy="round_robin", affinity="prefix"))
+    ready(gateway)
+    homes: dict[int, set[str]] = {}
+    for turn in range(4):
+        for conversation in range(6):
+            messages = [
+                {"role": "system", "content": "You are a tutor."},
+                {"role": "user", "content": f"Question {conversation}"},
+                *([{"role": "assistant", "content": "..."}, {"role": "user", "content": "and?"}] * turn),
+            ]
+            answer = httpx.post(
+                gateway.url + "/v1/chat/completions", json={"model": "llama3.2", "messages": messages}
+            )
+            homes.setdefault(conversation, set()).add(answer.headers["x-phoenix-backend"])
+    assert all(len(backends) == 1 for backends in homes.values()), homes
+    assert len(set().union(*homes.values())) > 1  # different conversations, different homes
+
+
+def test_a_dead_instance_costs_no_request_and_rejoins(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    for fake in pool.fakes:
+        fake.loaded = []
+        fake.default = Reply(delay_first=0.02)
+    gateway = start_gateway(pool.config(["llama3.2"], strategy="round_robin"))
+    ready(gateway)
+    victim = pool.servers[1]
+
+    def one(i: int) -> int:
+        if i == 40:
+            victim.stop()
+        return chat(gateway, "llama3.2", stream=i % 2 == 0).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(4) as workers:
+        statuses = list(workers.map(one, range(120)))
+    assert statuses == [200] * 120
+    wait_for(lambda: not httpx.get(gateway.url + "/readyz").json()["backends"]["ollama-1"]["up"], timeout=2)
+    assert httpx.get(gateway.url + "/readyz").json()["backends"]["ollama-1"]["up"] is False
+    assert 'gateway_backend_up{backend="ollama-1"} 0.0' in httpx.get(gateway.url + "/metrics").text
+
+    revived = ServerThread(pool.fakes[1].app, port=victim.port).start()
+    try:
+        served_before = len(pool.fakes[1].chat_bodies())
+        wait_for(lambda: httpx.get(gateway.url + "/readyz").json()["backends"]["ollama-1"]["up"], timeout=3)
+        for _ in range(6):
+            assert chat(gateway, "llama3.2").status_code == 200
+        assert len(pool.fakes[1].chat_bodies()) > served_before  # back in the rotation
+    finally:
+        revived.stop()
+
+
+def test_past_max_inflight_a_request_waits_then_gets_429(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    pool.fakes[0].default = Reply(delay_first=1.0)
+    single = Pool(pool.fakes[:1], pool.servers[:1])
+    gateway = start_gateway(single.config(["llama3.2"], caps=[1], max_wait=0.2))
+    with concurrent.futures.ThreadPoolExecutor(2) as workers:
+        answers = list(workers.map(lambda _: chat(gateway, "llama3.2"), range(2)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200, 429]
+    limited = next(a for a in answers if a.status_code == 429)
+    assert limited.headers["retry-after"] == "1"
+    assert limited.json()["error"]["type"] == "rate_limit_error"

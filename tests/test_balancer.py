@@ -1,0 +1,209 @@
+"""The balancer's ranking and bookkeeping, with a hand-driven clock: strategies, models, warmth,
+affinity, health and in-flight caps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from gateway.balancer import Balancer
+from gateway.config import parse_config
+from gateway.errors import RateLimited
+from gateway.metrics import Metrics
+from gateway.policy import Target
+
+MODEL = "llama3.2:latest"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def balancer(n: int = 3, clock: Clock | None = None, **routing: Any) -> tuple[Balancer, list[Target]]:
+    backends: list[dict[str, Any]] = [{"name": f"o{i}", "type": "ollama"} for i in range(n)]
+    for backend, weight in zip(backends, routing.pop("weights", [1] * n), strict=True):
+        backend["weight"] = weight
+    for backend, cap in zip(backends, routing.pop("caps", [None] * n), strict=True):
+        backend["max_inflight"] = cap
+    config = parse_config(
+        {
+            "backends": backends,
+            "models": [
+                {"name": "m", "deployments": [{"backend": b["name"], "model": MODEL} for b in backends]}
+            ],
+            "routing": routing,
+        },
+        "test",
+    )
+    targets = [Target(b["name"], MODEL) for b in backends]
+    return Balancer(config, Metrics(), clock=clock or Clock()), targets
+
+
+def firsts(b: Balancer, targets: list[Target], rounds: int, affinity: str | None = None) -> Counter[str]:
+    return Counter(b.order(targets, affinity)[0].backend for _ in range(rounds))
+
+
+def test_round_robin_takes_turns() -> None:
+    b, targets = balancer(strategy="round_robin")
+    assert [b.order(targets)[0].backend for _ in range(6)] == ["o0", "o1", "o2", "o0", "o1", "o2"]
+
+
+def test_weighted_follows_the_weights() -> None:
+    b, targets = balancer(strategy="weighted", weights=[1, 3, 6])
+    counts = firsts(b, targets, 5000)
+    for name, share in (("o0", 0.1), ("o1", 0.3), ("o2", 0.6)):
+        assert counts[name] / 5000 == pytest.approx(share, abs=0.03)
+
+
+def test_least_inflight_prefers_the_idle_instance_per_weight() -> None:
+    b, targets = balancer(weights=[1, 1, 2])
+    leases = [b.lease("o0"), b.lease("o1"), b.lease("o2")]
+    assert b.order(targets)[0].backend == "o2"  # 1 in flight over weight 2
+    leases[0].release()
+    assert b.order(targets)[0].backend == "o0"
+    assert b.inflight("o0") == 0 and b.inflight("o1") == 1
+
+
+def test_latency_tries_the_unmeasured_then_the_fastest() -> None:
+    b, targets = balancer(strategy="latency")
+    b.observe_latency("o0", 0.5)
+    b.observe_latency("o1", 0.1)
+    assert b.order(targets)[0].backend == "o2"  # never measured: explored first
+    b.observe_latency("o2", 0.9)
+    assert [t.backend for t in b.order(targets)] == ["o1", "o0", "o2"]
+    for _ in range(10):
+        b.observe_latency("o1", 2.0)  # the EWMA follows a slowdown
+    assert b.order(targets)[0].backend == "o0"
+
+
+def test_an_instance_without_the_model_is_never_picked() -> None:
+    b, targets = balancer(strategy="round_robin")
+    b.set_models("o0", ["qwen2.5:0.5b"])
+    b.set_models("o1", ["llama3.2:latest"])
+    assert set(firsts(b, targets, 30)) == {"o1", "o2"}  # o2: not known yet, so possible
+    assert "o0" not in {t.backend for t in b.order(targets)}
+
+
+def test_when_no_instance_has_the_model_all_are_kept_for_ollamas_404() -> None:
+    b, targets = balancer()
+    for name in ("o0", "o1", "o2"):
+        b.set_models(name, ["qwen2.5:0.5b"])
+    assert len(b.order(targets)) == 3
+
+
+def test_the_warm_instance_is_preferred_over_a_cold_load() -> None:
+    b, targets = balancer(strategy="round_robin")
+    for name in ("o0", "o1", "o2"):
+        b.set_models(name, [MODEL], loaded=[])
+    b.set_models("o2", [MODEL], loaded=["llama3.2:latest"])
+    assert set(firsts(b, targets, 9)) == {"o2"}
+    bare, _ = balancer()
+    bare.set_models("o1", ["llama3.2:latest"], loaded=["llama3.2:latest"])
+    assert bare.order([Target("o0", "llama3.2"), Target("o1", "llama3.2")])[0].backend == "o1"  # tag implied
+
+
+def test_a_full_instance_yields_to_one_with_room() -> None:
+    b, targets = balancer(strategy="round_robin", caps=[1, None, None])
+    b.set_models("o0", [MODEL], loaded=[MODEL])  # warm, but full
+    b.lease("o0")
+    assert b.order(targets)[0].backend != "o0"
+
+
+def test_a_conversation_stays_on_its_instance() -> None:
+    b, targets = balancer(affinity="prefix")
+    homes = {key: b.order(targets, key)[0].backend for key in ("alice|c1", "bob|c2", "carol|c3")}
+    for _ in range(5):
+        b.lease("o1")  # load elsewhere does not move a conversation
+        assert {key: b.order(targets, key)[0].backend for key in homes} == homes
+
+
+def test_affinity_is_ignored_without_the_setting() -> None:
+    b, targets = balancer(strategy="round_robin")
+    assert len(firsts(b, targets, 6, affinity="alice|c1")) == 3
+
+
+def test_removing_an_instance_moves_only_its_conversations() -> None:
+    b4, four = balancer(4, affinity="prefix")
+    b3, three = balancer(3, affinity="prefix")
+    keys = [f"key|conv{i}" for i in range(2000)]
+    before = {k: b4.order(four, k)[0].backend for k in keys}
+    after = {k: b3.order(three, k)[0].backend for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == "o3" for k in moved)
+    assert len(moved) == pytest.approx(500, abs=80)  # about a quarter: o3's share
+
+
+def test_a_saturated_home_is_skipped_for_the_moment() -> None:
+    b, targets = balancer(affinity="prefix", caps=[1, 1, 1])
+    home = b.order(targets, "k|c")[0].backend
+    lease = b.lease(home)
+    assert b.order(targets, "k|c")[0].backend != home
+    lease.release()
+    assert b.order(targets, "k|c")[0].backend == home
+
+
+def test_ejection_cooldown_half_open_and_recovery() -> None:
+    clock = Clock()
+    b, targets = balancer(strategy="round_robin", clock=clock, health={"unhealthy_after": 2, "cooldown": 30})
+    b.failed("o0")
+    assert b.healthy("o0")  # one failure is not enough
+    b.failed("o0")
+    assert not b.healthy("o0")
+    assert all(b.order(targets)[-1].backend == "o0" for _ in range(6))  # last resort only
+    clock.now += 31
+    b.probed("o0", ok=True)  # cool-down over and the probe answers: back
+    assert b.healthy("o0")
+
+
+@pytest.mark.anyio
+async def test_a_half_open_instance_gets_one_trial_and_a_failed_trial_ejects_it_again() -> None:
+    clock = Clock()
+    b, targets = balancer(strategy="round_robin", clock=clock, health={"unhealthy_after": 1, "cooldown": 10})
+    b.failed("o0")
+    clock.now += 11
+    assert "o0" in {b.order(targets)[0].backend for _ in range(3)}  # eligible again
+    trial = await b.acquire("o0")
+    assert all(b.order(targets)[0].backend != "o0" for _ in range(6))  # one trial at a time
+    b.failed("o0")
+    trial.release()
+    assert not b.healthy("o0")
+    clock.now += 11
+    (await b.acquire("o0")).release()
+    b.succeeded("o0")
+    assert b.healthy("o0")
+
+
+def test_a_probe_inside_the_cooldown_does_not_end_it() -> None:
+    clock = Clock()
+    b, _ = balancer(clock=clock, health={"unhealthy_after": 1, "cooldown": 30})
+    b.failed("o1")
+    clock.now += 5
+    b.probed("o1", ok=True)
+    assert not b.healthy("o1")
+
+
+@pytest.mark.anyio
+async def test_past_the_cap_a_request_waits_then_gets_a_429() -> None:
+    b, _ = balancer(caps=[1, None, None], max_wait=0.2)
+    held = await b.acquire("o0")
+    with pytest.raises(RateLimited) as caught:
+        await b.acquire("o0")
+    assert caught.value.http_status == 429
+    assert caught.value.headers["retry-after"] == "1"
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.05)
+        held.release()
+
+    releaser = asyncio.create_task(release_soon())
+    second = await b.acquire("o0")  # waits for the room, does not fail
+    await releaser
+    assert b.inflight("o0") == 1
+    second.release()
