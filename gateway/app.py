@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -13,13 +15,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.config import Config
+from gateway.audit import AuditError
+from gateway.config import Config, ConfigError
 from gateway.middleware import RequestId
 from gateway.routes.chat import chat_completions
 from gateway.routes.embeddings import embeddings
 from gateway.routes.models import get_model, list_models
 from gateway.routes.ops import healthz, metrics, readyz
 from gateway.state import State, json_response
+
+DRAIN_SECONDS = 300.0  # how long a reload waits for the previous config's requests
 
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -43,17 +48,89 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return json_response(body, exc.status_code, exc.headers)
 
 
-def create_app(config: Config, environ: Mapping[str, str] | None = None) -> Starlette:
-    state = State.build(config, environ)
+class Reloader:
+    """Swaps the app's State for one built from a re-read config (SIGHUP), without dropping a
+    request: new requests get the new State at once; those in flight keep the one they started
+    with, which is retired when they have finished (or after `DRAIN_SECONDS`). A config that does
+    not load or validate is logged and changes nothing."""
+
+    def __init__(self, app: Starlette, load: Callable[[], Config], environ: Mapping[str, str] | None) -> None:
+        self.app = app
+        self.load = load
+        self.environ = environ
+        self.refresher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._lock = asyncio.Lock()
+
+    @property
+    def state(self) -> State:
+        state: State = self.app.state.gateway
+        return state
+
+    def start(self) -> None:
+        self.refresher = asyncio.create_task(self.state.keep_fresh())
+
+    async def reload(self) -> bool:
+        async with self._lock:
+            old = self.state
+            try:
+                new = old.successor(self.load(), self.environ)
+            except (ConfigError, AuditError) as error:
+                old.log.error("config reload failed; the running config stays", error=str(error))
+                return False
+            self.app.state.gateway = new
+            if self.refresher is not None:
+                self.refresher.cancel()
+            self.start()
+            before, after = {b.name for b in old.config.backends}, {b.name for b in new.config.backends}
+            new.log.info(
+                "config reloaded",
+                backends=len(after),
+                added=sorted(after - before),
+                removed=sorted(before - after),
+                draining=old.active,
+            )
+            task = asyncio.create_task(self._retire(old, new))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return True
+
+    async def _retire(self, old: State, new: State) -> None:
+        left = await old.retire(new, DRAIN_SECONDS)
+        if left:
+            new.log.warning("requests of the previous config still running after the drain", count=left)
+
+    def on_hangup(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        if self.refresher is not None:
+            self.refresher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.state.aclose()
+
+
+def create_app(
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+    load: Callable[[], Config] | None = None,
+) -> Starlette:
+    """The app for `config`. With `load`, SIGHUP re-reads the config through it (only where the
+    app runs in the main thread, as under `phoenix-gateway serve`)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        refresher = asyncio.create_task(state.keep_fresh())
+        reloader.start()
+        hangup = load is not None and _handle_hangup(reloader.on_hangup)
         try:
             yield
         finally:
-            refresher.cancel()
-            await state.aclose()
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await reloader.stop()
 
     app = Starlette(
         routes=ROUTES,
@@ -61,5 +138,14 @@ def create_app(config: Config, environ: Mapping[str, str] | None = None) -> Star
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    app.state.gateway = state
+    app.state.gateway = State.build(config, environ)
+    reloader = Reloader(app, load or (lambda: config), environ)
+    app.state.reloader = reloader
     return app
+
+
+def _handle_hangup(callback: Callable[[], object]) -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    return True

@@ -19,6 +19,9 @@ The ranking, from most to least important:
 
 `acquire` takes a lease on an instance, waiting up to `routing.max_wait` seconds for room under its
 `max_inflight` cap, then 429 with `retry-after`.
+
+One balancer lives as long as the app: a config reload (`reconfigure`) adds and removes instances
+and keeps what is known about those that stay, including the leases of requests still in flight.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
 from gateway.config import Config
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
@@ -44,6 +49,8 @@ EWMA_WEIGHT = 0.3  # of the newest observation
 class Instance:
     weight: int
     max_inflight: int | None
+    inflight_gauge: Gauge
+    up_gauge: Gauge
     inflight: int = 0
     failures: int = 0  # consecutive
     ejected_until: float = 0.0  # 0: healthy
@@ -62,21 +69,29 @@ class Instance:
     def warm(self, model: str) -> bool | None:
         return None if self.loaded is None else listed_name(self.loaded, model) is not None
 
+    def forget(self) -> None:
+        """Everything learnt about the server, when a reload points the name at another one."""
+        self.failures, self.ejected_until, self.trial = 0, 0.0, False
+        self.latency = self.available = self.loaded = None
+        self.up_gauge.set(1)
+
 
 class Lease:
-    """One request's hold on an instance; `release` is idempotent."""
+    """One request's hold on an instance; `release` is idempotent, and works after a reload has
+    removed the instance."""
 
-    __slots__ = ("_balancer", "backend", "released")
+    __slots__ = ("_balancer", "_instance", "backend", "released")
 
-    def __init__(self, balancer: Balancer, backend: str) -> None:
+    def __init__(self, balancer: Balancer, backend: str, instance: Instance) -> None:
         self._balancer = balancer
+        self._instance = instance
         self.backend = backend
         self.released = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._balancer._release(self.backend)
+            self._balancer._release(self._instance)
 
 
 def rendezvous(key: str, backend: str) -> int:
@@ -85,23 +100,51 @@ def rendezvous(key: str, backend: str) -> int:
 
 class Balancer:
     def __init__(self, config: Config, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
-        routing = config.routing
-        self.strategy = routing.strategy
-        self.affinity = routing.affinity
-        self.max_wait = routing.max_wait
-        self._unhealthy_after = routing.health.unhealthy_after
-        self._cooldown = routing.health.cooldown
-        self.instances = {b.name: Instance(b.weight, b.max_inflight) for b in config.backends}
-        self._inflight_gauges = {name: metrics.inflight.labels(name) for name in self.instances}
-        self._up_gauges = {name: metrics.backend_up.labels(name) for name in self.instances}
-        for gauge in self._up_gauges.values():
-            gauge.set(1)
+        self._metrics = metrics
         self._clock = clock
         self._turn = itertools.count()
         self._random = random.Random()
         self._room = asyncio.Condition()
         self._waiting = 0  # requests waiting for room under a cap
         self._wakers: set[asyncio.Task[None]] = set()
+        self.instances: dict[str, Instance] = {}
+        self._config = config
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a new config: instances it adds start healthy and unknown; those it removes are
+        dropped (requests in flight on them finish and release normally); those it keeps, with
+        the same type and URL, keep their health, latency, inventory and in-flight count."""
+        routing = config.routing
+        self.strategy = routing.strategy
+        self.affinity = routing.affinity
+        self.max_wait = routing.max_wait
+        self._unhealthy_after = routing.health.unhealthy_after
+        self._cooldown = routing.health.cooldown
+        kept: dict[str, Instance] = {}
+        for backend in config.backends:
+            instance = self.instances.get(backend.name)
+            if instance is None:
+                instance = Instance(
+                    backend.weight,
+                    backend.max_inflight,
+                    self._metrics.inflight.labels(backend.name),
+                    self._metrics.backend_up.labels(backend.name),
+                )
+                instance.up_gauge.set(1)
+            else:
+                before = self._config.backend(backend.name)
+                if (before.type, before.base_url) != (backend.type, backend.base_url):
+                    instance.forget()
+                instance.weight, instance.max_inflight = backend.weight, backend.max_inflight
+            kept[backend.name] = instance
+        for name in self.instances.keys() - kept.keys():
+            self._metrics.inflight.remove(name)
+            self._metrics.backend_up.remove(name)
+        self.instances = kept
+        self._config = config
+        if self._waiting:
+            self._wake_waiters()  # a cap may have been raised
 
     # ---- what is known about each instance ----
 
@@ -129,7 +172,7 @@ class Balancer:
         instance.trial = False
         if instance.ejected_until:
             instance.ejected_until = 0.0
-            self._up_gauges[backend].set(1)
+            instance.up_gauge.set(1)
 
     def failed(self, backend: str) -> None:
         instance = self.instances[backend]
@@ -137,7 +180,7 @@ class Balancer:
         if instance.trial or instance.failures >= self._unhealthy_after:
             instance.trial = False
             instance.ejected_until = self._clock() + self._cooldown
-            self._up_gauges[backend].set(0)
+            instance.up_gauge.set(0)
 
     def probed(self, backend: str, ok: bool) -> None:
         """An active probe's result: a failure counts like a failed request; success after the
@@ -217,18 +260,21 @@ class Balancer:
         return self.lease(backend)
 
     def lease(self, backend: str) -> Lease:
-        self.instances[backend].inflight += 1
-        self._inflight_gauges[backend].inc()
-        return Lease(self, backend)
-
-    def _release(self, backend: str) -> None:
         instance = self.instances[backend]
+        instance.inflight += 1
+        instance.inflight_gauge.inc()
+        return Lease(self, backend, instance)
+
+    def _release(self, instance: Instance) -> None:
         instance.inflight -= 1
-        self._inflight_gauges[backend].dec()
+        instance.inflight_gauge.dec()
         if self._waiting:
-            task = asyncio.get_running_loop().create_task(self._wake())
-            self._wakers.add(task)
-            task.add_done_callback(self._wakers.discard)
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._wake())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
 
     async def _wake(self) -> None:
         async with self._room:

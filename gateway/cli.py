@@ -55,7 +55,7 @@ def app_factory() -> object:
     """Entry point for uvicorn workers: each builds its app from PHOENIX_CONFIG or the environment."""
     config = resolve_config(None)
     configure(os.environ.get("PHOENIX_LOG_LEVEL", config.server.log_level))
-    return create_app(config)
+    return create_app(config, load=lambda: resolve_config(None))
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -27,14 +27,11 @@ class Exchange:
     requested_model: str = ""
     model_label: str = ""  # configured client-facing name, "" when unknown
     served_model: str = ""  # what the backend ran
-    answered_as: str = (
-        ""  # the client-facing model that answered: the requested one, a fallback, or privacy.local_model
-    )
+    # the client-facing model that answered: the requested one, a fallback, or privacy.local_model
+    answered_as: str = ""
     backend: str = ""
-    local: bool | None = None
-    affinity: str | None = (
-        None  # conversation key for instance affinity  # whether `backend` keeps the data on the premises
-    )
+    local: bool | None = None  # whether `backend` keeps the data on the premises
+    affinity: str | None = None  # conversation key for instance affinity
     key_name: str = ""
     privacy: str = "public"
     privacy_reason: str = "default"

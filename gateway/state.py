@@ -52,23 +52,65 @@ class State:
     keys: Keys
     audit: AuditLog | None = None
     log: Any = field(default_factory=get_logger)
+    active: int = 0  # requests begun and not yet finished
     # backend -> (fetched at, its models or None when unreachable), and the fetches under way
     _listings: dict[str, tuple[float, list[ModelInfo] | None]] = field(default_factory=dict)
     _fetching: dict[str, asyncio.Task[list[ModelInfo] | None]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config, environ: Mapping[str, str] | None = None) -> State:
-        environ = os.environ if environ is None else environ
         metrics = Metrics()
-        names = [backend.name for backend in config.backends]
-        metrics.register_backends(names)
-        client = make_client()
+        return cls._assemble(
+            config,
+            environ,
+            metrics=metrics,
+            client=make_client(),
+            balancer=Balancer(config, metrics),
+            audit=None,
+        )
+
+    def successor(self, config: Config, environ: Mapping[str, str] | None = None) -> State:
+        """The State for a reloaded config. It shares what outlives a config (metrics, the
+        connection pool, the balancer with its leases and health, the audit file when its path
+        is unchanged), so requests in flight on this one finish undisturbed. Raises ConfigError,
+        with nothing changed, when the new config cannot be used."""
+        audit = self.audit if config.privacy.audit_log == self.config.privacy.audit_log else None
+        successor = State._assemble(
+            config, environ, metrics=self.metrics, client=self.client, balancer=self.balancer, audit=audit
+        )
+        self.balancer.reconfigure(config)
+        return successor
+
+    @classmethod
+    def _assemble(
+        cls,
+        config: Config,
+        environ: Mapping[str, str] | None,
+        *,
+        metrics: Metrics,
+        client: httpx.AsyncClient,
+        balancer: Balancer,
+        audit: AuditLog | None,
+    ) -> State:
+        environ = os.environ if environ is None else environ
+        keys = Keys(config.auth, environ)  # first: it is what can fail
         providers = {backend.name: build_provider(backend, client, environ) for backend in config.backends}
-        balancer = Balancer(config, metrics)
+        if audit is None and config.privacy.audit_log:
+            audit = AuditLog(config.privacy.audit_log)
+        metrics.register_backends([backend.name for backend in config.backends])
         dispatcher = Dispatcher(providers, balancer, metrics, config.routing.retries)
-        keys = Keys(config.auth, environ)
-        audit = AuditLog(config.privacy.audit_log) if config.privacy.audit_log else None
         return cls(config, metrics, client, providers, Router(config), balancer, dispatcher, keys, audit)
+
+    async def retire(self, successor: State, deadline: float) -> int:
+        """After a reload: wait up to `deadline` seconds for this State's requests to finish, then
+        close what the successor does not share. Returns how many were still running."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + deadline
+        while self.active and loop.time() < until:
+            await asyncio.sleep(0.05)
+        if self.audit is not None and self.audit is not successor.audit:
+            self.audit.close()
+        return self.active
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -78,10 +120,13 @@ class State:
     # ---- one request ----
 
     def begin(self, request: Request, endpoint: str) -> Exchange:
+        self.active += 1
         return Exchange(request_id=request.state.request_id, endpoint=endpoint)
 
     def finish(self, exchange: Exchange, status: int) -> None:
-        exchange.finish(status, self.metrics, self.log, self.audit)
+        if not exchange.finished:
+            self.active -= 1
+            exchange.finish(status, self.metrics, self.log, self.audit)
 
     def authenticate(self, request: Request, exchange: Exchange) -> ApiKey | None:
         key = self.keys.identify(request.headers.get("authorization"))

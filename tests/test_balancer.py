@@ -207,3 +207,66 @@ async def test_past_the_cap_a_request_waits_then_gets_a_429() -> None:
     await releaser
     assert b.inflight("o0") == 1
     second.release()
+
+
+def pool_config(urls: dict[str, str], **backend: Any) -> Any:
+    return parse_config(
+        {
+            "backends": [{"name": n, "type": "ollama", "base_url": u, **backend} for n, u in urls.items()],
+            "models": [{"name": "m", "deployments": [{"backend": n, "model": MODEL} for n in urls]}],
+            "routing": {"health": {"unhealthy_after": 1, "cooldown": 30}},
+        },
+        "test",
+    )
+
+
+def test_a_reload_keeps_what_is_known_about_the_instances_that_stay() -> None:
+    metrics = Metrics()
+    before = pool_config({"a": "http://h1:1", "b": "http://h2:1", "c": "http://h3:1"})
+    b = Balancer(before, metrics, clock=Clock())
+    b.failed("a")
+    b.observe_latency("b", 0.25)
+    b.set_models("b", [MODEL], [MODEL])
+    lease_b, lease_c = b.lease("b"), b.lease("c")
+
+    b.reconfigure(pool_config({"a": "http://h1:1", "b": "http://h2:1", "d": "http://h4:1"}, max_inflight=4))
+
+    assert list(b.instances) == ["a", "b", "d"]
+    assert not b.healthy("a")
+    assert (b.instances["b"].latency, b.instances["b"].loaded, b.inflight("b")) == (
+        0.25,
+        frozenset([MODEL]),
+        1,
+    )
+    assert b.instances["b"].max_inflight == 4
+    assert b.healthy("d") and b.inflight("d") == 0
+    lease_b.release()
+    lease_c.release()  # on an instance the reload removed: harmless
+    assert b.inflight("b") == 0
+    exported = metrics.render().decode()
+    assert 'gateway_backend_up{backend="d"} 1.0' in exported
+    assert 'gateway_backend_up{backend="a"} 0.0' in exported
+    assert 'backend="c"' not in exported
+
+
+def test_a_reload_that_points_a_name_at_another_server_forgets_the_old_one() -> None:
+    b = Balancer(pool_config({"a": "http://h1:1", "b": "http://h2:1"}), Metrics(), clock=Clock())
+    b.failed("a")
+    b.set_models("a", ["other"], [])
+    b.reconfigure(pool_config({"a": "http://elsewhere:1", "b": "http://h2:1"}))
+    assert b.healthy("a")
+    assert b.instances["a"].available is None
+
+
+@pytest.mark.anyio
+async def test_a_reload_that_raises_a_cap_lets_a_waiting_request_in() -> None:
+    b = Balancer(pool_config({"a": "http://h1:1", "b": "http://h2:1"}, max_inflight=1), Metrics())
+    held = b.lease("a")
+    waiting = asyncio.create_task(b.acquire("a"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    b.reconfigure(pool_config({"a": "http://h1:1", "b": "http://h2:1"}, max_inflight=2))
+    second = await asyncio.wait_for(waiting, 1)
+    assert b.inflight("a") == 2
+    held.release()
+    second.release()

@@ -16,6 +16,7 @@ import pytest
 from gateway.config import Config, parse_config
 from tests.e2e.conftest import wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread, serve
 
 pytestmark = pytest.mark.e2e
@@ -189,3 +190,31 @@ def test_past_max_inflight_a_request_waits_then_gets_429(
     limited = next(a for a in answers if a.status_code == 429)
     assert limited.headers["retry-after"] == "1"
     assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_two_openai_compatible_servers_are_balanced_the_same_way(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    fakes = [FakeOpenAI(models=["qwen2.5-7b"]) for _ in range(2)]
+    with ExitStack() as stack:
+        servers = [stack.enter_context(serve(fake.app)) for fake in fakes]
+        config = parse_config(
+            {
+                "backends": [
+                    {"name": f"vllm-{i}", "type": "openai", "base_url": s.url + "/v1", "local": True}
+                    for i, s in enumerate(servers)
+                ],
+                "models": [{"name": "qwen", "deployments": [{"backend": "vllm-0", "model": "qwen2.5-7b"},
+                                                            {"backend": "vllm-1", "model": "qwen2.5-7b"}]}],
+                "routing": {"strategy": "round_robin", "health": FAST_HEALTH},
+            },
+            "test",
+        )  # fmt: skip
+        gateway = start_gateway(config)
+        assert [chat(gateway, "qwen").status_code for _ in range(10)] == [200] * 10
+        assert [len(fake.chat_bodies()) for fake in fakes] == [5, 5]
+
+        servers[0].stop()
+        assert [chat(gateway, "qwen", stream=i % 2 == 0).status_code for i in range(6)] == [200] * 6
+        assert len(fakes[1].chat_bodies()) == 11  # the failed attempt was retried there
+        wait_for(lambda: not httpx.get(gateway.url + "/readyz").json()["backends"]["vllm-0"]["up"], timeout=2)

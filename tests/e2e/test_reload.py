@@ -1,0 +1,182 @@
+"""A config reload on SIGHUP, in a real `phoenix-gateway serve` process: instances added and removed
+while a stream is in flight, nothing dropped, metrics and the audit chain carried on; a broken
+config changes nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gateway.audit import verify
+from tests.e2e.conftest import sample, scrape
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import ServerThread, free_port, serve
+
+pytestmark = pytest.mark.e2e
+SLOW = Reply(content=" ".join(f"w{i}" for i in range(40)), delay_between=0.05)  # about 2 s
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Served:
+    def __init__(self, fakes: dict[str, FakeOllama], servers: dict[str, ServerThread], tmp: Path) -> None:
+        self.fakes = fakes
+        self.servers = servers
+        self.config_path = tmp / "gateway.yaml"
+        self.audit_path = tmp / "audit.jsonl"
+        self.stderr_path = tmp / "stderr.log"
+        self.url = ""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, names: list[str]) -> None:
+        config = {
+            "backends": [{"name": n, "type": "ollama", "base_url": self.servers[n].url} for n in names],
+            "models": [{"name": "llama3.2", "deployments": [{"backend": n} for n in names]}],
+            "routing": {"strategy": "round_robin", "health": {"interval": 0.2}},
+            "privacy": {"audit_log": str(self.audit_path)},
+        }
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def hangup(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def ready_backends(self) -> set[str]:
+        return set(httpx.get(self.url + "/readyz", timeout=2).json()["backends"])
+
+    def wait_for_backends(self, names: set[str], timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while self.ready_backends() != names:
+            assert time.monotonic() < deadline, f"backends stayed {self.ready_backends()}, not {names}"
+            time.sleep(0.05)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        lines = self.stderr_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    fakes = {name: FakeOllama(models=["llama3.2"], loaded=["llama3.2"]) for name in ("a", "b", "c")}
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(serve(fake.app)) for name, fake in fakes.items()}
+        gateway = Served(fakes, servers, tmp_path)
+        gateway.write_config(["a", "b"])
+        port = free_port()
+        gateway.url = f"http://127.0.0.1:{port}"
+        stderr = stack.enter_context(gateway.stderr_path.open("wb"))
+        gateway.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(gateway.config_path),
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    httpx.get(gateway.url + "/healthz", timeout=0.5)
+                    break
+                except httpx.TransportError:
+                    assert gateway.process.poll() is None and time.monotonic() < deadline, "no start"
+                    time.sleep(0.1)
+            yield gateway
+        finally:
+            gateway.process.terminate()
+            gateway.process.wait(timeout=20)
+            assert "Traceback" not in gateway.stderr_path.read_text()
+
+
+def test_a_reload_swaps_the_pool_without_dropping_the_stream_in_flight(served: Served) -> None:
+    for fake in served.fakes.values():
+        fake.default = SLOW
+    received: list[str] = []
+    started = threading.Event()
+    backend: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            backend.append(r.headers["x-phoenix-backend"])
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    received.append(line.removeprefix("data: "))
+                    started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(5)
+    gone = backend[0]
+    stays = "b" if gone == "a" else "a"
+    served.write_config([stays, "c"])
+    served.hangup()
+    served.wait_for_backends({stays, "c"})
+    assert reader.is_alive(), "the reload came after the stream ended; the test proves nothing"
+
+    for fake in served.fakes.values():
+        fake.default = Reply(content="quick")
+    chats_on_gone = len(served.fakes[gone].chat_bodies())
+    answered = [httpx.post(served.url + "/v1/chat/completions", json=CHAT, timeout=5) for _ in range(6)]
+    assert [r.status_code for r in answered] == [200] * 6
+    assert {r.headers["x-phoenix-backend"] for r in answered} == {stays, "c"}
+    assert len(served.fakes[gone].chat_bodies()) == chats_on_gone
+
+    reader.join(10)
+    assert not reader.is_alive()
+    assert received[-1] == "[DONE]"
+    text = "".join(
+        chunk["choices"][0]["delta"].get("content") or ""
+        for chunk in map(json.loads, received[:-1])
+        if chunk["choices"]
+    )
+    assert text == SLOW.content
+
+    samples = scrape(served.url)
+    assert sample(samples, "gateway_backend_up", backend="c") == 1
+    assert not [
+        labels for name, labels in samples if name == "gateway_backend_up" and ("backend", gone) in labels
+    ]
+    total = sum(v for (name, _), v in samples.items() if name == "gateway_requests_total")
+    assert total == 7  # the counters lived through the reload
+    report = verify(served.audit_path)
+    assert report.ok and report.records == 7
+    reloaded = [e for e in served.log_events() if e.get("event") == "config reloaded"]
+    assert reloaded and reloaded[0]["added"] == ["c"] and reloaded[0]["removed"] == [gone]
+
+
+def test_a_broken_config_is_refused_and_the_running_one_stays(served: Served) -> None:
+    served.config_path.write_text("backends: [unclosed\n")
+    served.hangup()
+    deadline = time.monotonic() + 10
+    while not any(
+        e.get("event") == "config reload failed; the running config stays" for e in served.log_events()
+    ):
+        assert time.monotonic() < deadline, "the failed reload was not logged"
+        time.sleep(0.05)
+    failed = next(e for e in served.log_events() if e.get("event", "").startswith("config reload failed"))
+    assert "not valid YAML" in failed["error"]
+    assert served.ready_backends() == {"a", "b"}
+    answer = httpx.post(served.url + "/v1/chat/completions", json=CHAT, timeout=5)
+    assert answer.status_code == 200
+
+    served.write_config(["a", "b", "c"])  # a good config after the bad one is taken
+    served.hangup()
+    served.wait_for_backends({"a", "b", "c"})
