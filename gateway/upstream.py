@@ -12,16 +12,18 @@ import orjson
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
 from gateway.errors import GatewayError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
 from gateway.ndjson import LineTooLong
+from gateway.transport import AiohttpTransport
 
 # What a backend type is called in messages: "Cannot connect to Ollama server at URL".
 LABELS = {"ollama": "Ollama", "openai": "OpenAI-compatible", "gemini": "Gemini"}
 
 
 def make_client(max_connections: int = 1000) -> httpx.AsyncClient:
-    """One pooled client for every backend. Deadlines are enforced by dispatch, not by httpx reads."""
+    """One pooled client for every backend, on aiohttp's pool (see `transport`). Deadlines are
+    enforced by dispatch, not by httpx reads."""
     return httpx.AsyncClient(
+        transport=AiohttpTransport(max_connections),
         timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         follow_redirects=False,
     )
 
