@@ -9,13 +9,18 @@ The ranking, from most to least important:
 2. The model. An instance whose inventory (`/api/tags`) lacks the model is never picked, unless no
    instance of the pool has it, so that Ollama's own 404 (with its pull hint) reaches the client.
 3. Conversation affinity (`affinity: prefix`): requests of one conversation go to one instance, so
-   its KV cache is reused, chosen by rendezvous hashing so that adding or removing an instance moves
-   only the conversations that were on it. Skipped while that instance is saturated.
+   its KV cache is reused, chosen by weighted rendezvous hashing so that adding or removing an
+   instance moves only the conversations that were on it. Only instances with room, and with the
+   model in memory when any has it, can be home; a home much busier than the idlest instance is
+   skipped for the moment (`AFFINITY_SLACK`).
 4. Room: instances at their `max_inflight` cap come after those with room.
-5. Warmth: an instance that has the model loaded (`/api/ps`) before one not known either way,
-   before one that would load it cold.
-6. The strategy: least_inflight (in-flight / weight; the default), round_robin, weighted (random,
-   by weight), latency (EWMA of time to first token; an instance not yet measured is tried first).
+5. The strategy, and warmth (the model in memory by `/api/ps`, not known, or to be loaded cold).
+   least_inflight (the default) picks the fewest requests in flight per unit of weight, a cold
+   load counting as `COLD_LOAD_COST` requests, so a warm instance is preferred until its queue
+   costs more than a load elsewhere. latency (peak EWMA) multiplies the same queue by the
+   instance's moving average of time to first token. round_robin and weighted (random, in
+   proportion to weight) know nothing of load: they take warm instances first, then their turn.
+   bench/pool.py compares them on a simulated pool.
 
 `acquire` takes a lease on an instance, waiting up to `routing.max_wait` seconds for room under its
 `max_inflight` cap, then 429 with `retry-after`.
@@ -28,10 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import math
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +48,11 @@ from gateway.metrics import Metrics
 from gateway.policy import Target, listed_name
 
 EWMA_WEIGHT = 0.3  # of the newest observation
+# A cold model load, in requests' worth of waiting; unknown (no /api/ps yet) in between.
+COLD_LOAD_COST = {True: 0.0, None: 0.5, False: 2.0}
+WARMTH_RANK = {True: 0, None: 1, False: 2}
+AFFINITY_SLACK = 2.0  # requests (on the strongest instance) a home may be busier than the idlest
+LOAD_AWARE = ("least_inflight", "latency")
 
 
 @dataclass(slots=True)
@@ -94,15 +104,18 @@ class Lease:
             self._balancer._release(self._instance)
 
 
-def rendezvous(key: str, backend: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{key}|{backend}".encode(), digest_size=8).digest(), "big")
+def rendezvous(key: str, backend: str, weight: int = 1) -> float:
+    """Weighted rendezvous score: the largest wins; an instance of weight w wins w times as often."""
+    digest = hashlib.blake2b(f"{key}|{backend}".encode(), digest_size=8).digest()
+    unit = (int.from_bytes(digest, "big") + 1) / 2.0**64  # in (0, 1]
+    return -weight / math.log(unit) if unit < 1.0 else math.inf
 
 
 class Balancer:
     def __init__(self, config: Config, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
         self._metrics = metrics
         self._clock = clock
-        self._turn = itertools.count()
+        self._turns: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self._random = random.Random()
         self._room = asyncio.Condition()
         self._waiting = 0  # requests waiting for room under a cap
@@ -207,36 +220,73 @@ class Balancer:
         healthy = [t for t in candidates if self._usable(self.instances[t.backend], now)]
         ejected = [t for t in candidates if t not in healthy]
         ranked = self._rank(healthy)
-        if affinity and self.affinity == "prefix":
-            roomy = [t for t in healthy if not self.instances[t.backend].saturated]
-            if roomy:
-                home = max(roomy, key=lambda t: rendezvous(affinity, t.backend))
-                ranked.remove(home)
-                ranked.insert(0, home)
+        home = self._home(healthy, affinity) if affinity and self.affinity == "prefix" else None
+        if home is not None:
+            ranked.remove(home)
+            ranked.insert(0, home)
         return ranked + sorted(ejected, key=lambda t: self.instances[t.backend].ejected_until)
 
+    def _home(self, targets: list[Target], affinity: str) -> Target | None:
+        """The conversation's instance: by weighted rendezvous hashing among those that have room
+        and, if any has the model in memory, among those (a cold instance holds no cache). None
+        when the home's queue is more than `AFFINITY_SLACK` requests longer than the shortest
+        (a cold load included): waiting would cost more than evaluating the prompt again."""
+        roomy = [t for t in targets if not self.instances[t.backend].saturated]
+        warm = [t for t in roomy if self.instances[t.backend].warm(t.model)]
+        pool = warm or roomy
+        if not pool:
+            return None
+        instances = self.instances
+        home = max(pool, key=lambda t: rendezvous(affinity, t.backend, instances[t.backend].weight))
+        # The queue (a cold load counted in) in requests on the strongest instance: on one of
+        # half its weight, each request counts twice.
+        strongest = max(instances[t.backend].weight for t in roomy)
+
+        def queue(t: Target) -> float:
+            instance = instances[t.backend]
+            return (instance.inflight + COLD_LOAD_COST[instance.warm(t.model)]) * strongest / instance.weight
+
+        return home if queue(home) <= min(map(queue, roomy)) + AFFINITY_SLACK else None
+
     def _rank(self, targets: list[Target]) -> list[Target]:
-        turn = next(self._turn)
-        # Rotating the start breaks ties fairly, so equal instances share the load.
-        rotated = [targets[(turn + i) % len(targets)] for i in range(len(targets))] if targets else []
+        if not targets:
+            return []
+        # Rotating the start per set of candidates breaks ties fairly, so equal instances share
+        # the load, and round robin takes turns among exactly the instances that can serve.
+        turn = self._turns[tuple(t.backend for t in targets)]
+        self._turns[tuple(t.backend for t in targets)] = turn + 1
+        rotated = [targets[(turn + i) % len(targets)] for i in range(len(targets))]
         score = self._scores(rotated)
-
-        def key(target: Target) -> tuple[bool, int, float]:
-            instance = self.instances[target.backend]
-            warmth = {True: 0, None: 1, False: 2}[instance.warm(target.model)]  # unknown between
-            return instance.saturated, warmth, score[target]
-
-        return sorted(rotated, key=key)
+        saturated = {t: self.instances[t.backend].saturated for t in rotated}
+        if self.strategy in LOAD_AWARE:  # warmth is part of the score
+            return sorted(rotated, key=lambda t: (saturated[t], score[t]))
+        warmth = {t: WARMTH_RANK[self.instances[t.backend].warm(t.model)] for t in rotated}
+        return sorted(rotated, key=lambda t: (saturated[t], warmth[t], score[t]))
 
     def _scores(self, targets: list[Target]) -> dict[Target, float]:
+        instances = self.instances
         if self.strategy == "round_robin":
             return {t: float(i) for i, t in enumerate(targets)}
         if self.strategy == "weighted":
             # Weighted random order: sort by u^(1/w), the Efraimidis-Spirakis key, largest first.
-            return {t: -(self._random.random() ** (1 / self.instances[t.backend].weight)) for t in targets}
+            return {t: -(self._random.random() ** (1 / instances[t.backend].weight)) for t in targets}
+
+        def queue(t: Target) -> float:
+            """Requests this one would wait behind, a cold load counted as COLD_LOAD_COST more."""
+            instance = instances[t.backend]
+            return instance.inflight + 1 + COLD_LOAD_COST[instance.warm(t.model)]
+
         if self.strategy == "latency":
-            return {t: self.instances[t.backend].latency or 0.0 for t in targets}
-        return {t: self.instances[t.backend].inflight / self.instances[t.backend].weight for t in targets}
+            # Expected wait: the EWMA of time to first token, times the queue (peak-EWMA). An
+            # instance not measured yet counts as the average of those measured.
+            measured = [instances[t.backend].latency for t in targets]
+            known = [m for m in measured if m is not None]
+            typical = sum(known) / len(known) if known else 1.0
+            return {
+                t: (m if m is not None else typical) * queue(t)
+                for t, m in zip(targets, measured, strict=True)
+            }
+        return {t: queue(t) / instances[t.backend].weight for t in targets}
 
     # ---- leases ----
 

@@ -62,22 +62,35 @@ def test_weighted_follows_the_weights() -> None:
         assert counts[name] / 5000 == pytest.approx(share, abs=0.03)
 
 
-def test_least_inflight_prefers_the_idle_instance_per_weight() -> None:
+def test_least_inflight_shares_by_weight_and_prefers_the_idle() -> None:
     b, targets = balancer(weights=[1, 1, 2])
-    leases = [b.lease("o0"), b.lease("o1"), b.lease("o2")]
-    assert b.order(targets)[0].backend == "o2"  # 1 in flight over weight 2
-    leases[0].release()
-    assert b.order(targets)[0].backend == "o0"
-    assert b.inflight("o0") == 0 and b.inflight("o1") == 1
+    taken = [b.lease(b.order(targets)[0].backend) for _ in range(40)]
+    counts = Counter(lease.backend for lease in taken)
+    assert counts == {"o0": 10, "o1": 10, "o2": 20}
+    for lease in taken:
+        if lease.backend == "o1":
+            lease.release()
+    assert b.order(targets)[0].backend == "o1"
 
 
-def test_latency_tries_the_unmeasured_then_the_fastest() -> None:
+def test_least_inflight_prefers_a_warm_instance_until_its_queue_costs_more_than_a_load() -> None:
+    b, targets = balancer(2)
+    b.set_models("o0", [MODEL], loaded=[MODEL])
+    b.set_models("o1", [MODEL], loaded=[])
+    chosen = [b.lease(b.order(targets)[0].backend).backend for _ in range(3)]
+    assert chosen == ["o0", "o0", "o0"]  # waiting behind 2 costs as much as a cold load
+    assert b.order(targets)[0].backend == "o1"
+
+
+def test_latency_weighs_the_moving_average_by_the_queue() -> None:
     b, targets = balancer(strategy="latency")
     b.observe_latency("o0", 0.5)
     b.observe_latency("o1", 0.1)
-    assert b.order(targets)[0].backend == "o2"  # never measured: explored first
+    assert [t.backend for t in b.order(targets)] == ["o1", "o2", "o0"]  # o2 unmeasured: the average
+    for _ in range(4):
+        b.lease("o1")
+    assert b.order(targets)[0].backend == "o2"  # 0.1 s behind 4 requests is worse than 0.3 s
     b.observe_latency("o2", 0.9)
-    assert [t.backend for t in b.order(targets)] == ["o1", "o0", "o2"]
     for _ in range(10):
         b.observe_latency("o1", 2.0)  # the EWMA follows a slowdown
     assert b.order(targets)[0].backend == "o0"
@@ -116,12 +129,41 @@ def test_a_full_instance_yields_to_one_with_room() -> None:
     assert b.order(targets)[0].backend != "o0"
 
 
-def test_a_conversation_stays_on_its_instance() -> None:
+def test_a_conversation_stays_on_its_instance_unless_it_is_much_busier() -> None:
     b, targets = balancer(affinity="prefix")
     homes = {key: b.order(targets, key)[0].backend for key in ("alice|c1", "bob|c2", "carol|c3")}
-    for _ in range(5):
-        b.lease("o1")  # load elsewhere does not move a conversation
-        assert {key: b.order(targets, key)[0].backend for key in homes} == homes
+    assert len(set(homes.values())) > 1
+    home = homes["alice|c1"]
+    others = [t.backend for t in targets if t.backend != home]
+    held = [b.lease(others[0]) for _ in range(5)]  # load elsewhere does not move it
+    assert b.order(targets, "alice|c1")[0].backend == home
+    held += [b.lease(home), b.lease(home)]  # two more than the idlest: still home
+    assert b.order(targets, "alice|c1")[0].backend == home
+    held.append(b.lease(home))  # three more: the cache is not worth the wait
+    assert b.order(targets, "alice|c1")[0].backend == others[1]
+    held.pop().release()
+    assert b.order(targets, "alice|c1")[0].backend == home
+
+
+def test_a_conversation_goes_home_among_instances_with_the_model_in_memory() -> None:
+    b, targets = balancer(affinity="prefix")
+    keys = [f"k|c{i}" for i in range(60)]
+    b.set_models("o0", [MODEL], loaded=[])
+    b.set_models("o1", [MODEL], loaded=[MODEL])
+    b.set_models("o2", [MODEL], loaded=[MODEL])
+    assert {b.order(targets, k)[0].backend for k in keys} == {"o1", "o2"}
+
+
+def test_affinity_shares_conversations_by_weight() -> None:
+    b, targets = balancer(affinity="prefix", weights=[1, 1, 2])
+    homes = Counter(b.order(targets, f"k|c{i}")[0].backend for i in range(4000))
+    assert homes["o2"] / 4000 == pytest.approx(0.5, abs=0.03)
+
+
+def test_round_robin_takes_turns_among_the_instances_that_can_serve() -> None:
+    b, targets = balancer(strategy="round_robin")
+    b.set_models("o1", ["other"])
+    assert Counter(b.order(targets)[0].backend for _ in range(300)) == {"o0": 150, "o2": 150}
 
 
 def test_affinity_is_ignored_without_the_setting() -> None:
