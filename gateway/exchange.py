@@ -51,18 +51,18 @@ class Exchange:
         self.status = status
         elapsed = time.perf_counter() - self.started
         backend = self.backend
-        metrics.requests.labels(self.endpoint, self.model_label, backend, str(status)).inc()
-        metrics.duration.labels(
-            self.endpoint, self.model_label, backend, "true" if self.stream else "false"
-        ).observe(elapsed)
-        metrics.overhead.labels(self.endpoint).observe(max(elapsed - self.upstream_seconds, 0.0))
+        stream = "true" if self.stream else "false"
+        label = self.model_label
+        metrics.child(metrics.requests, self.endpoint, label, backend, str(status)).inc()
+        metrics.child(metrics.duration, self.endpoint, label, backend, stream).observe(elapsed)
+        metrics.child(metrics.overhead, self.endpoint).observe(max(elapsed - self.upstream_seconds, 0.0))
         if self.first_token_at is not None:
-            metrics.ttft.labels(self.model_label, backend).observe(self.first_token_at - self.started)
+            metrics.child(metrics.ttft, label, backend).observe(self.first_token_at - self.started)
         if self.time_per_token is not None:
-            metrics.tpot.labels(self.model_label, backend).observe(self.time_per_token)
+            metrics.child(metrics.tpot, label, backend).observe(self.time_per_token)
         if self.usage is not None and backend:
-            metrics.tokens.labels(self.model_label, backend, "prompt").inc(self.usage.prompt_tokens)
-            metrics.tokens.labels(self.model_label, backend, "completion").inc(self.usage.completion_tokens)
+            metrics.child(metrics.tokens, label, backend, "prompt").inc(self.usage.prompt_tokens)
+            metrics.child(metrics.tokens, label, backend, "completion").inc(self.usage.completion_tokens)
         fields: dict[str, Any] = {
             "request_id": self.request_id,
             "endpoint": self.endpoint,

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 AUDIT_EVENT = "request"
@@ -21,11 +22,15 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def _dumps(event: dict[str, Any], **_: Any) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
 def configure(level: str = "info", *, stream: TextIO | None = None, json: bool | None = None) -> None:
     """JSON lines by default; human-readable console output when writing to a terminal."""
     if json is None:
         json = not (stream or sys.stderr).isatty()
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    renderer: Any = structlog.processors.JSONRenderer(_dumps) if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -6,6 +6,8 @@ instance name), so no request can create new series.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -69,6 +71,17 @@ class Metrics:
             "gateway_overhead_seconds", "Time spent in the gateway itself, upstream waits excluded.",
             ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
+
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, bound once and kept: `labels` costs a lock and a lookup per
+        call. The label values come from the config and a few status codes, so this stays small."""
+        key = (metric, labels)
+        bound = self._children.get(key)
+        if bound is None:
+            bound = self._children[key] = metric.labels(*labels)
+        return bound
 
     def register_backends(self, names: list[str]) -> None:
         """Make the per-backend gauges exist from the start, so dashboards show zero, not nothing."""

@@ -67,6 +67,7 @@ def json_or_none(content: bytes) -> Any:
         return None
 
 
+URL_CACHE_SIZE = 256
 ErrorMapper = Callable[[int, bytes, str, Mapping[str, str]], GatewayError]
 
 
@@ -93,6 +94,15 @@ class Upstream:
         self._headers = dict(headers)
         self._timeout = client_timeout(connect_timeout)
         self._error_from = error_from
+        self._urls: dict[str, httpx.URL] = {}  # parsed once per path: parsing is a cost per request
+
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) < URL_CACHE_SIZE:  # paths can hold client-chosen model names
+                self._urls[path] = url
+        return url
 
     @classmethod
     def for_backend(
@@ -111,7 +121,7 @@ class Upstream:
         content = orjson.dumps(body) if body is not None else None
         async with mapped_errors(self.kind, self.base_url):
             response = await self._client.request(
-                method, self.base_url + path, content=content, headers=self._headers, timeout=self._timeout
+                method, self._url(path), content=content, headers=self._headers, timeout=self._timeout
             )
         if response.status_code != 200:
             raise self._error_from(response.status_code, response.content, model, response.headers)
@@ -124,7 +134,7 @@ class Upstream:
         async with mapped_errors(self.kind, self.base_url):
             request = self._client.build_request(
                 "POST",
-                self.base_url + path,
+                self._url(path),
                 content=orjson.dumps(body),
                 headers=self._headers,
                 timeout=self._timeout,

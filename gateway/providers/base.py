@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 import string
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -12,11 +12,13 @@ from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Em
 
 BackendConfig = OllamaBackend | OpenAIBackend | GeminiBackend
 
-_ID_ALPHABET = string.ascii_letters + string.digits
+_ID_ALPHABET = (string.ascii_letters + string.digits).encode()
+# Random bytes to letters and digits in one `translate` (a slight bias to the first 8 of the 62).
+_ID_TABLE = bytes(_ID_ALPHABET[b % len(_ID_ALPHABET)] for b in range(256))
 
 
 def random_id(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+    return prefix + os.urandom(length).translate(_ID_TABLE).decode("ascii")
 
 
 class Provider(Protocol):
