@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -17,6 +18,7 @@ from starlette.routing import Route
 
 from gateway.audit import AuditError
 from gateway.config import Config, ConfigError
+from gateway.metrics import worker_exited
 from gateway.middleware import RequestId
 from gateway.routes.chat import chat_completions
 from gateway.routes.embeddings import embeddings
@@ -131,6 +133,7 @@ def create_app(
             if hangup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await reloader.stop()
+            worker_exited(os.getpid())
 
     app = Starlette(
         routes=ROUTES,

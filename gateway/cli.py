@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import ipaddress
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import uvicorn
 
@@ -16,6 +20,7 @@ from gateway.audit import AuditError, format_report, verify
 from gateway.auth import Keys
 from gateway.config import Config, ConfigError, resolve_config
 from gateway.logs import configure, get_logger
+from gateway.metrics import MULTIPROC_ENV
 from gateway.state import State
 
 
@@ -74,17 +79,39 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["PHOENIX_CONFIG"] = os.path.abspath(args.config)
     os.environ["PHOENIX_LOG_LEVEL"] = level
     log.info("serving", host=host, port=port, workers=args.workers, backends=len(config.backends))
-    uvicorn.run(
-        "gateway.cli:app_factory",
-        factory=True,
-        host=host,
-        port=port,
-        workers=args.workers,
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=30,
-    )
+    with metrics_directory(args.workers):
+        uvicorn.run(
+            "gateway.cli:app_factory",
+            factory=True,
+            host=host,
+            port=port,
+            workers=args.workers,
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=30,
+        )
     return 0
+
+
+@contextmanager
+def metrics_directory(workers: int) -> Iterator[None]:
+    """With several workers, the directory where each records its metrics: the operator's
+    `PROMETHEUS_MULTIPROC_DIR` (emptied of a previous run's files), else a temporary one that is
+    removed at exit."""
+    if workers < 2:
+        yield
+        return
+    given = os.environ.get(MULTIPROC_ENV)
+    directory = given or tempfile.mkdtemp(prefix="phoenix-metrics-")
+    os.makedirs(directory, exist_ok=True)
+    for stale in glob.glob(os.path.join(directory, "*.db")):
+        os.remove(stale)
+    os.environ[MULTIPROC_ENV] = directory
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -1,17 +1,24 @@
 """Every instrument the gateway exports (DESIGN.md's table), defined once on a registry per app.
 
+With `serve --workers N`, every worker process records into files in a shared directory and
+`/metrics` on any worker reports the sum over all of them (prometheus_client's multiprocess mode).
+
 Label values come from the config only (model = configured client-facing name or "", backend =
 instance name), so no request can create new series.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# prometheus_client's switch: set before it is imported, every process writes its values to files
+# in this directory, and `render` merges them. `serve --workers N` sets it up.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -43,12 +50,16 @@ class Metrics:
             "gateway_tokens_total", "Tokens as the backend counted them.",
             ["model", "backend", "type"], registry=r,
         )  # fmt: skip
+        # With several workers, each process writes its own values (see `multiprocess_dir`):
+        # in-flight requests add up over the live workers; a backend is up while any worker finds it so.
         self.inflight = Gauge(
-            "gateway_inflight_requests", "Requests holding a backend right now.", ["backend"], registry=r
-        )
+            "gateway_inflight_requests", "Requests holding a backend right now.", ["backend"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.backend_up = Gauge(
-            "gateway_backend_up", "1 when the backend answers its probe.", ["backend"], registry=r
-        )
+            "gateway_backend_up", "1 when the backend answers its probe.", ["backend"], registry=r,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "gateway_upstream_errors_total", "Backend failures by kind.", ["backend", "reason"], registry=r
         )
@@ -90,4 +101,16 @@ class Metrics:
             self.backend_up.labels(name)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics, or, with several workers, every worker's added up."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def worker_exited(pid: int) -> None:
+    """Drop a finished worker's live gauges (in-flight, up) from the merged view."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,105 @@
+"""`serve --workers 2`: two processes answer, and /metrics on either reports both (prometheus_client's
+multiprocess mode, its directory set up and cleaned by the gateway)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e.conftest import sample, scrape
+from tests.fakes.ollama_server import FakeOllama
+from tests.servers import ServerThread, free_port
+
+pytestmark = pytest.mark.e2e
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+@contextmanager
+def two_workers(tmp_path: Path, backend_url: str, env: dict[str, str]) -> Iterator[str]:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "backends": [{"name": "ollama", "type": "ollama", "base_url": backend_url}],
+                "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
+            }
+        )
+    )
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        env={**base, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=0.5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+        assert b"Traceback" not in stderr, stderr.decode()[-2000:]
+
+
+def test_every_worker_reports_every_request(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    (directory / "counter_1.db").write_bytes(b"left over from an earlier run")
+    with two_workers(tmp_path, fake_ollama[1].url, {"PROMETHEUS_MULTIPROC_DIR": str(directory)}) as url:
+        for _ in range(30):  # a new connection each time, so both workers take some
+            assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        writers = {path.name for path in directory.glob("counter_*.db")}
+        assert "counter_1.db" not in writers  # the stale file was removed at start
+        assert len(writers) == 2, writers  # both workers answered, so the merge below is real
+        for _ in range(6):
+            samples = scrape(url)
+            total = sum(v for (name, _), v in samples.items() if name == "gateway_requests_total")
+            assert total == 30
+            assert sample(samples, "gateway_requests_total", endpoint="chat", model="llama3.2",
+                          backend="ollama", status="200") == 30  # fmt: skip
+            assert sample(samples, "gateway_inflight_requests", backend="ollama") == 0
+            assert sample(samples, "gateway_backend_up", backend="ollama") == 1
+    assert directory.is_dir()  # the operator's directory stays
+
+
+def test_the_gateway_cleans_up_the_directory_it_made(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    with two_workers(tmp_path, fake_ollama[1].url, {"TMPDIR": str(temporary)}) as url:
+        assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        made = list(temporary.glob("phoenix-metrics-*"))
+        assert len(made) == 1 and list(made[0].glob("*.db"))
+    assert not list(temporary.iterdir())
