@@ -1,0 +1,132 @@
+"""The log of a real `phoenix-gateway serve` process: JSON lines, the request id in every line of a
+request, the level from the environment, and never a key or a word of the prompt."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+import yaml
+
+from gateway.logs import configure, get_logger
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import ServerThread, free_port
+
+pytestmark = pytest.mark.e2e
+SECRET_KEY = "sk-phoenix-very-secret-0123456789"
+PROMPT = "the patient Zebulon Quixote was admitted on Tuesday"
+
+
+def run_gateway(tmp_path: Path, backend: str, level: str, traffic: Any) -> list[str]:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "backends": [{"name": "ollama", "type": "ollama", "base_url": backend}],
+                "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
+                "auth": {"keys": [{"name": "app", "key_env": "APP_KEY"}]},
+            }
+        )
+    )
+    port = free_port()
+    env = {**os.environ, "APP_KEY": SECRET_KEY, "PHOENIX_LOG_LEVEL": level}
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    httpx.get(url + "/healthz", timeout=0.5)
+                    break
+                except httpx.TransportError:
+                    assert process.poll() is None and time.monotonic() < deadline, "no start"
+                    time.sleep(0.1)
+            traffic(url)
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+    return stderr.read_text().splitlines()
+
+
+def traffic(url: str) -> None:
+    auth = {"authorization": f"Bearer {SECRET_KEY}"}
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": PROMPT}]}
+    ok = httpx.post(url + "/v1/chat/completions", json=chat, headers={**auth, "x-request-id": "trace-1"})
+    assert ok.status_code == 200
+    streamed = httpx.post(
+        url + "/v1/chat/completions",
+        json={**chat, "stream": True},
+        headers={**auth, "x-request-id": "trace-2"},
+    )
+    assert streamed.status_code == 200
+    failed = httpx.post(url + "/v1/chat/completions", json=chat, headers={**auth, "x-request-id": "trace-3"})
+    assert failed.status_code == 502
+    refused = httpx.post(url + "/v1/chat/completions", json=chat, headers={"x-request-id": "trace-4"})
+    assert refused.status_code == 401
+
+
+def test_every_line_of_a_request_carries_its_id_and_nothing_secret(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    fake, server = fake_ollama
+    fake.queue(Reply(content="fine"), Reply(content="also fine"), Reply(status=500, error_text="boom"))
+    lines = run_gateway(tmp_path, server.url, "info", traffic)
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    by_request: dict[str, list[str]] = {}
+    for event in events:
+        assert {"event", "level", "timestamp"} <= event.keys()
+        if "request_id" in event:
+            by_request.setdefault(event["request_id"], []).append(event["event"])
+    assert set(by_request) == {"trace-1", "trace-2", "trace-3", "trace-4"}
+    assert all(names[-1] == "request" for names in by_request.values())  # the audit line, last
+    assert by_request["trace-3"] == ["request failed", "request"]
+    assert by_request["trace-4"] == ["request failed", "request"]
+    unbound = [e["event"] for e in events if "request_id" not in e]
+    assert "request" not in unbound and "request failed" not in unbound
+    text = "\n".join(lines)
+    assert SECRET_KEY not in text and "Zebulon" not in text and "Quixote" not in text
+
+
+def test_the_level_comes_from_the_environment(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    fake, server = fake_ollama
+    fake.queue(Reply(content="fine"), Reply(content="also fine"), Reply(status=500, error_text="boom"))
+    events = [json.loads(line) for line in run_gateway(tmp_path, server.url, "warning", traffic)]
+    assert events, "the 502 is a warning or worse and must be there"
+    assert {e["level"] for e in events} <= {"warning", "error"}
+    assert not [e for e in events if e["event"] == "request"]
+
+
+def test_a_terminal_gets_console_lines_and_a_pipe_gets_json() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    before = structlog.get_config()
+    try:
+        configure("info", stream=terminal)
+        get_logger().info("hello", where="terminal")
+        configure("info", stream=pipe)
+        get_logger().info("hello", where="pipe")
+    finally:
+        structlog.configure(**before)
+    assert "hello" in terminal.getvalue() and not terminal.getvalue().lstrip().startswith("{")
+    assert json.loads(pipe.getvalue())["where"] == "pipe"
