@@ -1,0 +1,1191 @@
+"""What the gateway adds, measured against going direct to a zero-latency mock upstream.
+
+Starts `bench/mock_upstream.py` (a fast one, and one that paces its tokens) and the gateway
+(`python -m gateway serve`) as their own processes, pinned with taskset: the load generator (wrk),
+the mocks and this driver on core 0, the gateway on core 1. Each round runs every scenario on every
+path, alternating the order (direct first in odd rounds, last in even ones), after a warm-up:
+
+- non-streaming chat at 64 connections: req/s, p50, p99;
+- streaming chat (`--chunks` content pieces, 20 by default) at 64 connections: streams/s;
+- non-streaming at one connection: p50, p99, and what the gateway adds to them;
+- time to the first content chunk, sequential streams from a raw-socket client, paired;
+- a paced upstream (tokens every `--paced-delay` ms) at 16 and 256 concurrent streams: total time.
+
+The paths: direct to the mock's Ollama `/api/chat`, through the gateway (OpenAI in, Ollama NDJSON
+translated to SSE), direct to the mock's OpenAI `/v1/chat/completions`, through the gateway to it
+(`type: openai`), and with `--peers` LiteLLM's proxy in front of the same Ollama mock. The tables
+give medians over rounds; "added" is paired within a round (gateway minus direct).
+
+    .venv/bin/python bench/gateway.py --quick                 # smoke run, under a minute
+    .venv/bin/python bench/gateway.py [--rounds 3] [--duration 5] [--workers 1,2] [--peers]
+    .venv/bin/python bench/gateway.py --memory 200000         # RSS over many requests
+
+wrk comes from apt when missing. LiteLLM (`--peers`) is looked for in `--litellm-venv` (default
+`.venv-litellm`: `python -m venv .venv-litellm && .venv-litellm/bin/pip install 'litellm[proxy]'`).
+Loopback only; every run is bounded by --duration and every loop by a count and a time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WRK_DIR = BENCH / "wrk"
+sys.path.insert(0, str(BENCH))
+
+from mock_upstream import WORDS  # noqa: E402
+
+LOAD_CPU, GATEWAY_CPU, BOTH_CPUS = "0", "1", "0,1"
+PROMPT = "Why is the sky blue?"  # the wrk scripts send the same
+UPSTREAM_MODEL = "llama3.2"
+OPENAI_MODEL = "gpt-mock"
+SCENARIOS = ("nonstream", "stream", "latency", "ttft", "paced")
+PACED_CONNECTIONS = (16, 256)
+MAX_ROUNDS, MAX_DURATION, MAX_TTFT_STREAMS, MAX_MEMORY_REQUESTS = 20, 60, 5000, 2_000_000
+TARGETS = {"rps": 5000.0, "p99_ms": 10.0, "streams": 1500.0, "added_p50_ms": 0.3, "added_p99_ms": 1.0}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Failure(Exception):
+    """Stops the run with a message (no traceback)."""
+
+
+# ---- processes ----
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Processes:
+    """Everything the driver starts, each in its own session so that a whole tree can be stopped."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], cpus: str | None, env: dict[str, str] | None = None
+    ) -> Proc:
+        command = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as out:
+            popen = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGCONT)  # in case it was paused
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # stragglers in the group (uvicorn workers)
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(proc: Proc, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise Failure(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise Failure(f"{proc.name} did not answer {url} within {timeout:.0f} s:\n{proc.tail()}")
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of `pid` and all its descendants (uvicorn's workers), in kB."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0
+    for member in tree:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+# ---- wrk ----
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    command = ["apt-get", "install", "-y", "wrk"]
+    if os.geteuid() != 0 and shutil.which("sudo"):
+        command.insert(0, "sudo")
+    log(f"wrk not found; installing it: {' '.join(command)}")
+    try:
+        subprocess.run(command, check=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise Failure(
+            f"wrk is missing and `{' '.join(command)}` failed ({exc}); install wrk and retry"
+        ) from exc
+    found = shutil.which("wrk")
+    if not found:
+        raise Failure("apt-get finished but wrk is still not on PATH")
+    return found
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    rps: float
+    mean_us: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    max_us: float
+    errors: dict[str, int]
+    paced_ms: float | None = None  # mean token pacing of the streams the paced mock completed
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    key: str  # e.g. "gateway-ollama"
+    label: str  # its row in the tables
+    via: str  # direct | gateway | litellm
+    base: str  # http://127.0.0.1:port
+    path: str  # /api/chat or /v1/chat/completions
+    model: str
+    direct: str  # the key of the direct endpoint it is compared with
+
+    @property
+    def native(self) -> bool:
+        return self.path == "/api/chat"
+
+    @property
+    def url(self) -> str:
+        return self.base + self.path
+
+    def script(self) -> Path:
+        return WRK_DIR / ("ollama_chat.lua" if self.native else "openai_chat.lua")
+
+    def body(self, stream: bool) -> bytes:
+        messages = [{"role": "user", "content": PROMPT}]
+        return json.dumps({"model": self.model, "stream": stream, "messages": messages}).encode()
+
+
+def run_wrk(wrk: str, endpoint: Endpoint, *, stream: bool, connections: int, duration: float) -> WrkResult:
+    command = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
+        "--timeout",
+        "10s",
+        "-s",
+        str(endpoint.script()),
+        endpoint.url,
+        "--",
+        "true" if stream else "false",
+        endpoint.model,
+    ]
+    popen = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        out, _ = popen.communicate(timeout=duration + 30)
+    finally:
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+    text = out.decode(errors="replace")
+    line = next((x for x in text.splitlines() if x.startswith("WRK_RESULT ")), None)
+    if popen.returncode != 0 or line is None:
+        raise Failure(f"wrk failed on {endpoint.url} (exit {popen.returncode}):\n{text}")
+    data = json.loads(line.removeprefix("WRK_RESULT "))
+    errors = {
+        name: int(data[name]) for name in ("connect", "read", "write", "status", "timeout") if data[name]
+    }
+    done = int(data["requests"])
+
+    def latency(name: str) -> float:  # NaN when nothing completed
+        return float(data[name]) if done else float("nan")
+
+    return WrkResult(
+        requests=done,
+        rps=float(data["rps"]),
+        mean_us=latency("mean_us"),
+        p50_us=latency("p50_us"),
+        p90_us=latency("p90_us"),
+        p99_us=latency("p99_us"),
+        max_us=latency("max_us"),
+        errors=errors,
+    )
+
+
+# ---- a raw-socket client for the time to first content ----
+
+
+def ollama_content(line: bytes) -> bool:
+    if not line.strip():
+        return False
+    message = json.loads(line).get("message") or {}
+    return bool(message.get("content"))
+
+
+def sse_content(line: bytes) -> bool:
+    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+        return False
+    choices = json.loads(line[6:]).get("choices") or []
+    return bool(choices and (choices[0].get("delta") or {}).get("content"))
+
+
+class StreamClient:
+    """One keep-alive HTTP/1.1 connection that times a stream's first content line."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        host, port = endpoint.base.removeprefix("http://").rsplit(":", 1)
+        self.address = (host, int(port))
+        body = endpoint.body(stream=True)
+        self.request = (
+            f"POST {endpoint.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.is_content = ollama_content if endpoint.native else sse_content
+        self.sock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def connect(self) -> socket.socket:
+        if self.sock is None:
+            self.sock = socket.create_connection(self.address, timeout=10)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.sock
+
+    def ttft(self) -> float:
+        """Seconds from sending the request to reading the first content line; reads the whole stream."""
+        sock = self.connect()
+        started = time.perf_counter()
+        sock.sendall(self.request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self.recv(sock)
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        status = head.split(b" ", 2)[1]
+        if status != b"200" or b"transfer-encoding: chunked" not in head.lower():
+            self.close()
+            raise Failure(f"{self.endpoint.label}: unexpected stream answer: {head.decode(errors='replace')}")
+        first: float | None = None
+        pending = b""
+        while True:
+            eol = buf.find(b"\r\n")
+            size = int(buf[:eol].split(b";")[0], 16) if eol >= 0 else -1
+            if size < 0 or len(buf) < eol + 4 + size:
+                buf += self.recv(sock)
+                continue
+            data, buf = buf[eol + 2 : eol + 2 + size], buf[eol + 4 + size :]
+            if size == 0:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if first is None:
+                for line in lines:
+                    if self.is_content(line):
+                        first = time.perf_counter()
+                        break
+        if first is None:
+            raise Failure(f"{self.endpoint.label}: a stream ended without content")
+        if b"connection: close" in head.lower():
+            self.close()
+        return first - started
+
+    def recv(self, sock: socket.socket) -> bytes:
+        data = sock.recv(65536)
+        if not data:
+            self.close()
+            raise Failure(f"{self.endpoint.label}: the connection closed mid-answer")
+        return data
+
+
+# ---- results ----
+
+
+@dataclass
+class Results:
+    wrk: dict[str, dict[str, list[WrkResult]]] = field(default_factory=dict)  # scenario -> endpoint -> rounds
+    ttft: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # endpoint -> [(p50, p99) s]
+    rss_kb: dict[str, int] = field(default_factory=dict)
+    workers: dict[int, dict[str, list[WrkResult]]] = field(default_factory=dict)  # extra worker counts
+    memory: list[tuple[int, float, int]] = field(default_factory=list)  # (requests so far, seconds, kB)
+    notes: list[str] = field(default_factory=list)
+    load_before: float = 0.0  # 1-minute load average when the run began: other work on the machine
+
+    def add(self, scenario: str, key: str, result: WrkResult) -> None:
+        self.wrk.setdefault(scenario, {}).setdefault(key, []).append(result)
+
+    def runs(self, scenario: str, key: str) -> list[WrkResult]:
+        return self.wrk.get(scenario, {}).get(key, [])
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of the values that are numbers (a run that completed nothing has NaN latencies)."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.median(known) if known else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+# ---- the bench ----
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    procs: Processes
+    wrk: str
+    results: Results = field(default_factory=Results)
+    endpoints: list[Endpoint] = field(default_factory=list)  # zero-latency paths
+    paced: list[Endpoint] = field(default_factory=list)
+    mock_url: str = ""
+    paced_url: str = ""
+    gateway: Proc | None = None
+    litellm: Proc | None = None  # paused (SIGSTOP) except while its own runs go, so it never steals CPU
+    gateway_url: str = ""
+    config_path: Path | None = None
+    litellm_url: str | None = None
+
+    # -- setup --
+
+    def start_mocks(self) -> None:
+        python = sys.executable
+        mock = str(BENCH / "mock_upstream.py")
+        chunks = str(self.args.chunks)
+        port, paced_port = free_port(), free_port()
+        fast = self.procs.start("mock", [python, mock, "--port", str(port), "--chunks", chunks], LOAD_CPU)
+        paced = self.procs.start(
+            "mock-paced",
+            [
+                python,
+                mock,
+                "--port",
+                str(paced_port),
+                "--chunks",
+                chunks,
+                "--delay-ms",
+                self.args.paced_delay,
+            ],
+            LOAD_CPU,
+        )
+        self.mock_url, self.paced_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{paced_port}"
+        wait_http(fast, self.mock_url + "/api/version", 20)
+        wait_http(paced, self.paced_url + "/api/version", 20)
+
+    def write_config(self, workdir: Path) -> None:
+        text = f"""\
+server: {{host: 127.0.0.1, log_level: warning}}
+backends:
+  - {{name: mock-ollama, type: ollama, base_url: "{self.mock_url}"}}
+  - {{name: mock-openai, type: openai, base_url: "{self.mock_url}/v1"}}
+  - {{name: mock-paced, type: ollama, base_url: "{self.paced_url}"}}
+models:
+  - {{name: bench, deployments: [{{backend: mock-ollama, model: "{UPSTREAM_MODEL}"}}]}}
+  - {{name: bench-openai, deployments: [{{backend: mock-openai, model: "{OPENAI_MODEL}"}}]}}
+  - {{name: bench-paced, deployments: [{{backend: mock-paced, model: "{UPSTREAM_MODEL}"}}]}}
+"""
+        self.config_path = workdir / "gateway.yaml"
+        self.config_path.write_text(text)
+
+    def start_gateway(self, workers: int) -> None:
+        assert self.config_path is not None
+        if self.gateway is not None:
+            self.procs.stop(self.gateway)
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--port",
+            str(port),
+        ]
+        argv += ["--log-level", "warning", "--workers", str(workers)]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        cpus = GATEWAY_CPU if workers == 1 else BOTH_CPUS
+        self.gateway = self.procs.start(f"gateway-w{workers}", argv, cpus, env)
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        wait_http(self.gateway, self.gateway_url + "/healthz", 60)
+        if workers > 1:
+            time.sleep(1.5)  # let every worker finish starting, not just the first to answer
+
+    def start_litellm(self, workdir: Path) -> None:
+        venv = Path(self.args.litellm_venv)
+        venv = venv if venv.is_absolute() else ROOT / venv
+        binary = venv / "bin" / "litellm"
+        if not binary.exists():
+            note = (
+                f"LiteLLM skipped: no {binary}. To add it: python -m venv {self.args.litellm_venv} && "
+                f"{self.args.litellm_venv}/bin/pip install 'litellm[proxy]'"
+            )
+            self.results.notes.append(note)
+            log(note)
+            return
+        config = workdir / "litellm.yaml"
+        # A local model costs nothing; saying so spares LiteLLM part of its per-request cost lookup.
+        free = "{input_cost_per_token: 0, output_cost_per_token: 0, max_tokens: 4096}"
+        config.write_text(f"""\
+model_list:
+  - model_name: bench
+    litellm_params: {{model: "ollama_chat/{UPSTREAM_MODEL}", api_base: "{self.mock_url}"}}
+    model_info: {free}
+  - model_name: bench-paced
+    litellm_params: {{model: "ollama_chat/{UPSTREAM_MODEL}", api_base: "{self.paced_url}"}}
+    model_info: {free}
+litellm_settings: {{telemetry: false, set_verbose: false}}
+""")
+        port = free_port()
+        env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+        env["LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"] = "true"  # no auth, like the gateway here
+        env.pop("PYTHONPATH", None)
+        argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--num_workers", "1"]
+        log(f"starting LiteLLM proxy from {venv} (pinned to core {GATEWAY_CPU})")
+        proc = self.procs.start("litellm", argv, GATEWAY_CPU, env)
+        self.litellm_url = f"http://127.0.0.1:{port}"
+        wait_http(proc, self.litellm_url + "/health/liveliness", 180)
+        self.litellm = proc
+        os.killpg(proc.pid, signal.SIGSTOP)
+
+    @contextlib.contextmanager
+    def active(self, endpoint: Endpoint) -> Iterator[None]:
+        """Runs with LiteLLM resumed when `endpoint` is LiteLLM's."""
+        if endpoint.via != "litellm" or self.litellm is None:
+            yield
+            return
+        os.killpg(self.litellm.pid, signal.SIGCONT)
+        try:
+            yield
+        finally:
+            os.killpg(self.litellm.pid, signal.SIGSTOP)
+
+    def define_endpoints(self) -> None:
+        gw, mock, paced = self.gateway_url, self.mock_url, self.paced_url
+        chat, native = "/v1/chat/completions", "/api/chat"
+        self.endpoints = [
+            Endpoint(
+                "direct-ollama",
+                "direct: mock Ollama /api/chat",
+                "direct",
+                mock,
+                native,
+                UPSTREAM_MODEL,
+                "direct-ollama",
+            ),
+            Endpoint(
+                "gateway-ollama",
+                "gateway: OpenAI in, Ollama NDJSON -> SSE",
+                "gateway",
+                gw,
+                chat,
+                "bench",
+                "direct-ollama",
+            ),
+            Endpoint(
+                "direct-openai",
+                "direct: mock OpenAI /v1",
+                "direct",
+                mock,
+                chat,
+                OPENAI_MODEL,
+                "direct-openai",
+            ),
+            Endpoint(
+                "gateway-openai",
+                "gateway: OpenAI in, OpenAI out",
+                "gateway",
+                gw,
+                chat,
+                "bench-openai",
+                "direct-openai",
+            ),
+        ]
+        self.paced = [
+            Endpoint(
+                "direct-paced",
+                "direct: paced mock /api/chat",
+                "direct",
+                paced,
+                native,
+                UPSTREAM_MODEL,
+                "direct-paced",
+            ),
+            Endpoint(
+                "gateway-paced", "gateway: NDJSON -> SSE", "gateway", gw, chat, "bench-paced", "direct-paced"
+            ),
+        ]
+        if self.litellm_url:
+            lite = self.litellm_url
+            self.endpoints.append(
+                Endpoint(
+                    "litellm-ollama",
+                    "LiteLLM: OpenAI in, Ollama out",
+                    "litellm",
+                    lite,
+                    chat,
+                    "bench",
+                    "direct-ollama",
+                )
+            )
+            self.paced.append(
+                Endpoint(
+                    "litellm-paced",
+                    "LiteLLM: Ollama -> SSE",
+                    "litellm",
+                    lite,
+                    chat,
+                    "bench-paced",
+                    "direct-paced",
+                )
+            )
+
+    def check_answers(self) -> None:
+        """One plain and one streamed answer on every path, checked, so that wrk measures real work."""
+        expected = "".join(WORDS[i % len(WORDS)] for i in range(self.args.chunks))
+        with httpx.Client(timeout=30) as client:
+            for endpoint in self.endpoints + self.paced:
+                with self.active(endpoint):
+                    plain = client.post(endpoint.url, content=endpoint.body(False), headers=JSON)
+                    streamed = client.post(endpoint.url, content=endpoint.body(True), headers=JSON)
+                if plain.status_code != 200 or streamed.status_code != 200:
+                    status = f"{plain.status_code}/{streamed.status_code}"
+                    raise Failure(
+                        f"{endpoint.label}: HTTP {status}: {plain.text[:300]} {streamed.text[:300]}"
+                    )
+                answer = plain.json()
+                message = answer["message"] if endpoint.native else answer["choices"][0]["message"]
+                pieces = stream_text(endpoint, streamed.text)
+                if message["content"] != expected or pieces != expected:
+                    raise Failure(f"{endpoint.label}: wrong answer: {message['content']!r} / {pieces!r}")
+
+    # -- runs --
+
+    def wrk_run(self, endpoint: Endpoint, *, stream: bool, connections: int, duration: float) -> WrkResult:
+        with self.active(endpoint):
+            result = run_wrk(self.wrk, endpoint, stream=stream, connections=connections, duration=duration)
+        if result.error_count or not result.requests:
+            what = (
+                f"wrk errors {result.errors}"
+                if result.error_count
+                else f"nothing completed in {duration:g} s"
+            )
+            note = f"{endpoint.label}, {connections} connections, stream={stream}: {what}"
+            self.results.notes.append(note)
+            log("  ! " + note)
+        return result
+
+    def warm_up(self) -> None:
+        seconds = min(2.0, self.args.duration)
+        log(f"warm-up: {seconds:g} s per path and mode")
+        for endpoint in self.endpoints:
+            for stream in (False, True):
+                self.wrk_run(endpoint, stream=stream, connections=64, duration=seconds)
+
+    def round(self, number: int) -> None:
+        order = self.endpoints if number % 2 == 0 else list(reversed(self.endpoints))
+        paced = self.paced if number % 2 == 0 else list(reversed(self.paced))
+        duration, only = self.args.duration, self.args.only
+        tag = f"[round {number + 1}/{self.args.rounds}]"
+        runs = [("nonstream", False, 64), ("stream", True, 64), ("latency", False, 1)]
+        for scenario, stream, connections in runs:
+            if scenario not in only:
+                continue
+            for endpoint in order:
+                result = self.wrk_run(endpoint, stream=stream, connections=connections, duration=duration)
+                self.results.add(scenario, endpoint.key, result)
+                p50, p99 = result.p50_us / 1000, result.p99_us / 1000
+                rate = f"{result.rps:9,.0f}/s"
+                log(f"{tag} {scenario:9} {endpoint.key:15} {rate}  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms")
+        if "ttft" in only:
+            self.ttft_round(order, tag)
+        if "paced" in only:
+            for connections in PACED_CONNECTIONS:
+                for endpoint in paced:
+                    self.paced_run(endpoint, connections, tag)
+
+    def paced_run(self, endpoint: Endpoint, connections: int, tag: str) -> None:
+        httpx.post(self.paced_url + "/_mock/reset", timeout=5)
+        result = self.wrk_run(endpoint, stream=True, connections=connections, duration=self.args.duration)
+        stats = httpx.get(self.paced_url + "/_mock/stats", timeout=5).json()
+        result.paced_ms = float(stats["paced_ms_mean"]) if stats["streams"] else None
+        self.results.add(f"paced{connections}", endpoint.key, result)
+        mean, pacing = result.mean_us / 1000, result.paced_ms or 0.0
+        rate = f"{result.rps:7,.1f}/s"
+        log(f"{tag} paced c{connections:<4} {endpoint.key:15} {rate}  mean {mean:7.1f} ms, pace {pacing:.1f}")
+
+    def ttft_round(self, order: list[Endpoint], tag: str) -> None:
+        """Interleaves the streams of the direct and gateway paths; LiteLLM's go after, on their own."""
+        times: dict[str, list[float]] = {}
+        self.ttft_streams([e for e in order if e.via != "litellm"], times)
+        for endpoint in order:
+            if endpoint.via == "litellm":
+                with self.active(endpoint):
+                    self.ttft_streams([endpoint], times)
+        for key, values in times.items():
+            pair = (percentile(values, 50), percentile(values, 99))
+            self.results.ttft.setdefault(key, []).append(pair)
+            log(f"{tag} ttft      {key:15} p50 {pair[0] * 1000:6.3f} ms  p99 {pair[1] * 1000:6.3f} ms")
+
+    def ttft_streams(self, endpoints: list[Endpoint], times: dict[str, list[float]]) -> None:
+        clients = [StreamClient(endpoint) for endpoint in endpoints]
+        deadline = time.monotonic() + 120
+        try:
+            for i in range(self.args.ttft_streams):
+                if time.monotonic() > deadline:
+                    self.results.notes.append(f"TTFT round stopped at {i} streams (time limit)")
+                    break
+                for client in clients if i % 2 == 0 else reversed(clients):
+                    times.setdefault(client.endpoint.key, []).append(client.ttft())
+        finally:
+            for client in clients:
+                client.close()
+
+    def warm_up_gateway(self) -> None:
+        gateway = next(e for e in self.endpoints if e.key == "gateway-ollama")
+        for stream in (False, True):
+            self.wrk_run(gateway, stream=stream, connections=64, duration=min(2.0, self.args.duration))
+
+    def workers_run(self, workers: int) -> None:
+        gateway = next(e for e in self.endpoints if e.key == "gateway-ollama")
+        for number in range(self.args.rounds):
+            for scenario, stream in (("nonstream", False), ("stream", True)):
+                result = self.wrk_run(gateway, stream=stream, connections=64, duration=self.args.duration)
+                self.results.workers.setdefault(workers, {}).setdefault(scenario, []).append(result)
+                log(f"[workers {workers}, round {number + 1}] {scenario:9} {result.rps:9,.0f}/s")
+
+    def memory_soak(self, total: int, limit: float) -> None:
+        assert self.gateway is not None
+        gateway = next(e for e in self.endpoints if e.key == "gateway-ollama")
+        started = time.monotonic()
+        sent, segment, stream = 0, 5.0, False
+        self.results.memory.append((0, 0.0, rss_kb(self.gateway.pid)))
+        while sent < total and time.monotonic() - started < limit:
+            left = limit - (time.monotonic() - started)
+            seconds = float(max(1, round(min(segment, left))))
+            result = self.wrk_run(gateway, stream=stream, connections=64, duration=seconds)
+            sent += result.requests
+            elapsed = time.monotonic() - started
+            kb = rss_kb(self.gateway.pid)
+            self.results.memory.append((sent, elapsed, kb))
+            log(f"[memory] {sent:>9,} requests  {elapsed:6.1f} s  RSS {kb / 1024:6.1f} MB")
+            if result.rps > 0:  # aim for ~10 s segments, never past the total
+                segment = max(1.0, min(10.0, (total - sent) / result.rps))
+            stream = not stream
+        if sent < total:
+            self.results.notes.append(
+                f"memory soak stopped at {sent:,} of {total:,} requests (time limit {limit:g} s)"
+            )
+
+
+JSON = {"content-type": "application/json"}
+
+
+def stream_text(endpoint: Endpoint, body: str) -> str:
+    pieces: list[str] = []
+    lines = body.splitlines()
+    if endpoint.native:
+        objects = [json.loads(line) for line in lines if line.strip()]
+        if not objects or not objects[-1].get("done"):
+            raise Failure(f"{endpoint.label}: the NDJSON stream has no final done line")
+        pieces = [str(obj["message"]["content"]) for obj in objects]
+    else:
+        data = [line[6:] for line in lines if line.startswith("data: ")]
+        if not data or data[-1] != "[DONE]":
+            raise Failure(f"{endpoint.label}: the SSE stream does not end with [DONE]")
+        for payload in data[:-1]:
+            for choice in json.loads(payload).get("choices") or []:
+                pieces.append(str((choice.get("delta") or {}).get("content") or ""))
+    return "".join(pieces)
+
+
+# ---- report ----
+
+
+def ms(us: float) -> str:
+    return f"{us / 1000:.2f}"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    rev = "unknown revision"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "gateway"], capture_output=True, text=True, check=False
+        )
+        rev = head.stdout.strip() + (" + uncommitted changes in gateway/" if dirty.stdout.strip() else "")
+    loops = ", ".join(name for name in ("uvloop", "httptools") if importlib.util.find_spec(name)) or "none"
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {now}; gateway at {rev}; "
+        f"speedups installed: {loops}"
+    )
+
+
+def added(results: Results, scenario: str, endpoint: Endpoint, attr: str) -> float:
+    """Median over rounds of (this path - its direct path) for one wrk statistic, in µs."""
+    mine, theirs = results.runs(scenario, endpoint.key), results.runs(scenario, endpoint.direct)
+    return median([getattr(a, attr) - getattr(b, attr) for a, b in zip(mine, theirs, strict=False)])
+
+
+def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
+    args, results = bench.args, bench.results
+    w = out.write
+    w(f"\n## Gateway overhead against a zero-latency mock\n\n{machine()}; ")
+    w(f"1-minute load average before the run: {results.load_before:.2f}.\n\n")
+    if args.only:
+        w(
+            f"{args.rounds} round(s) of {args.duration:g} s per run, medians over rounds; wrk -t1 and the "
+            f"mocks on core {LOAD_CPU}, the gateway on core {GATEWAY_CPU} ({args.workers[0]} worker(s)); "
+            f"{args.chunks} content chunks per stream.\n\n"
+        )
+
+    def cell(scenario: str, endpoint: Endpoint, attr: str) -> float:
+        return median([getattr(r, attr) for r in results.runs(scenario, endpoint.key)])
+
+    if any(s in args.only for s in ("nonstream", "stream", "latency")):
+        w(
+            f"| through | non-streaming req/s | p50 ms | p99 ms | vs direct | {args.chunks}-chunk streams/s "
+            "| p99 ms | vs direct | c=1 p50 ms | c=1 p99 ms | added p50 ms | added p99 ms |\n"
+        )
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+        for e in bench.endpoints:
+            direct = next(x for x in bench.endpoints if x.key == e.direct)
+            row = [e.label]
+            rps, srps = cell("nonstream", e, "rps"), cell("stream", e, "rps")
+            row += [f"{rps:,.0f}", ms(cell("nonstream", e, "p50_us")), ms(cell("nonstream", e, "p99_us"))]
+            row.append("" if e is direct else f"{rps / cell('nonstream', direct, 'rps'):.2f}")
+            row += [f"{srps:,.0f}", ms(cell("stream", e, "p99_us"))]
+            row.append("" if e is direct else f"{srps / cell('stream', direct, 'rps'):.2f}")
+            row += [ms(cell("latency", e, "p50_us")), ms(cell("latency", e, "p99_us"))]
+            if e is direct:
+                row += ["", ""]
+            else:
+                row += [
+                    f"{added(results, 'latency', e, 'p50_us') / 1000:.3f}",
+                    f"{added(results, 'latency', e, 'p99_us') / 1000:.3f}",
+                ]
+            w("| " + " | ".join(row).replace("nan", "-") + " |\n")
+        w("\n")
+
+    if results.ttft:
+        w(
+            f"Time to first content, {args.ttft_streams} sequential streams per path and round "
+            f"(raw-socket client on core {LOAD_CPU}), paired in each round:\n\n"
+        )
+        w("| through | TTFT p50 ms | TTFT p99 ms | added p50 ms | added p99 ms |\n")
+        w("|---|---:|---:|---:|---:|\n")
+        for e in bench.endpoints:
+            mine = results.ttft.get(e.key, [])
+            if not mine:
+                continue
+            theirs = results.ttft.get(e.direct, [])
+            p50, p99 = median([p[0] for p in mine]) * 1000, median([p[1] for p in mine]) * 1000
+            row = [e.label, f"{p50:.3f}", f"{p99:.3f}"]
+            if e.key == e.direct:
+                row += ["", ""]
+            else:
+                row += [
+                    f"{median([a[0] - b[0] for a, b in zip(mine, theirs, strict=False)]) * 1000:.3f}",
+                    f"{median([a[1] - b[1] for a, b in zip(mine, theirs, strict=False)]) * 1000:.3f}",
+                ]
+            w("| " + " | ".join(row) + " |\n")
+        w("\n")
+
+    if "paced" in args.only and results.wrk.get(f"paced{PACED_CONNECTIONS[0]}"):
+        w(
+            f"Paced upstream: {args.chunks} tokens, each after {args.paced_delay} ms (uniform, seeded). "
+            "'Excess' is the mean total time minus the mean pacing of the streams the mock completed in "
+            "that run, which takes the draw's noise out; 'added' is excess minus the direct path's.\n\n"
+        )
+        w("| streams | through | streams/s | mean ms | p50 ms | p99 ms | excess ms | added ms |\n")
+        w("|---:|---|---:|---:|---:|---:|---:|---:|\n")
+        for connections in PACED_CONNECTIONS:
+            scenario = f"paced{connections}"
+            for e in bench.paced:
+                runs = results.runs(scenario, e.key)
+                if not runs:
+                    continue
+                excess = median([r.mean_us / 1000 - r.paced_ms for r in runs if r.paced_ms is not None])
+                base_runs = results.runs(scenario, e.direct)
+                more = [
+                    (a.mean_us / 1000 - a.paced_ms) - (b.mean_us / 1000 - b.paced_ms)
+                    for a, b in zip(runs, base_runs, strict=False)
+                    if a.paced_ms is not None and b.paced_ms is not None
+                ]
+                row = [
+                    str(connections),
+                    e.label,
+                    f"{cell(scenario, e, 'rps'):,.1f}",
+                    ms(cell(scenario, e, "mean_us")),
+                    ms(cell(scenario, e, "p50_us")),
+                    ms(cell(scenario, e, "p99_us")),
+                    f"{excess:.2f}",
+                    "" if e.key == e.direct else f"{median(more):.2f}",
+                ]
+                w("| " + " | ".join(row).replace("nan", "-") + " |\n")
+        w("\n")
+
+    rss = results.rss_kb
+    if rss:
+        w("Gateway memory (VmRSS, the process and its workers):\n\n| moment | RSS MB |\n|---|---:|\n")
+        for moment, kb in rss.items():
+            w(f"| {moment} | {kb / 1024:.1f} |\n")
+        w("\n")
+
+    if results.workers:
+        w(
+            "`serve --workers N` on the Ollama path (64 connections). One worker is pinned to "
+            f"core {GATEWAY_CPU}; more run on cores {BOTH_CPUS}, sharing core {LOAD_CPU} with wrk and "
+            "the mock:\n\n"
+        )
+        w(f"| workers | non-streaming req/s | vs 1 | {args.chunks}-chunk streams/s | vs 1 |\n")
+        w("|---:|---:|---:|---:|---:|\n")
+        for count, scenarios in sorted(results.workers.items()):
+            rps = median([r.rps for r in scenarios.get("nonstream", [])])
+            srps = median([r.rps for r in scenarios.get("stream", [])])
+            base = results.workers.get(1, {})
+            brps = median([r.rps for r in base.get("nonstream", [])])
+            bsrps = median([r.rps for r in base.get("stream", [])])
+            w(
+                f"| {count} | {rps:,.0f} | {rps / brps:.2f} | {srps:,.0f} | {srps / bsrps:.2f} |\n".replace(
+                    "nan", "-"
+                )
+            )
+        w("\n")
+
+    if results.memory:
+        first, warm, last = soak_points(results.memory)
+        peak = max(kb for _, _, kb in results.memory)
+        w(
+            f"Memory soak: {last[0]:,} requests in {last[1]:.0f} s (non-streaming and streaming segments "
+            f"alternating, 64 connections); 'warm' is the first sample after a tenth of the requests:\n\n"
+        )
+        w("| RSS at start MB | warm MB | peak MB | at end MB | growth since start | growth since warm |\n")
+        w("|---:|---:|---:|---:|---:|---:|\n")
+        since_start, since_warm = (last[2] / first[2] - 1) * 100, (last[2] / warm[2] - 1) * 100
+        w(
+            f"| {first[2] / 1024:.1f} | {warm[2] / 1024:.1f} ({warm[0]:,} requests) | {peak / 1024:.1f} "
+            f"| {last[2] / 1024:.1f} | {since_start:+.1f}% | {since_warm:+.1f}% |\n\n"
+        )
+
+    targets(bench, out)
+    if results.notes:
+        w("Notes:\n\n" + "".join(f"- {note}\n" for note in results.notes) + "\n")
+
+
+Sample = tuple[int, float, int]  # requests so far, seconds, RSS kB
+
+
+def soak_points(samples: list[Sample]) -> tuple[Sample, Sample, Sample]:
+    """The first sample, the first after a tenth of the requests (warm), and the last."""
+    first, last = samples[0], samples[-1]
+    warm = next((s for s in samples[1:] if s[0] >= last[0] / 10), last)
+    return first, warm, last
+
+
+def targets(bench: Bench, out: IO[str]) -> None:
+    results, rows = bench.results, []
+    gateway = next((e for e in bench.endpoints if e.key == "gateway-ollama"), None)
+    if gateway is None:
+        return
+
+    def check(name: str, value: float, ok: bool, text: str) -> None:
+        if not math.isnan(value):
+            rows.append((name, text, "yes" if ok else "**no**"))
+
+    rps = median([r.rps for r in results.runs("nonstream", gateway.key)])
+    p99 = median([r.p99_us for r in results.runs("nonstream", gateway.key)]) / 1000
+    srps = median([r.rps for r in results.runs("stream", gateway.key)])
+    add50 = added(results, "latency", gateway, "p50_us") / 1000
+    add99 = added(results, "latency", gateway, "p99_us") / 1000
+    check("non-streaming >= 5,000 req/s at c=64", rps, rps >= TARGETS["rps"], f"{rps:,.0f}")
+    check("non-streaming p99 < 10 ms at c=64", p99, p99 < TARGETS["p99_ms"], f"{p99:.2f} ms")
+    check("NDJSON -> SSE >= 1,500 streams/s", srps, srps >= TARGETS["streams"], f"{srps:,.0f}")
+    check("added p50 <= 0.3 ms at c=1", add50, add50 <= TARGETS["added_p50_ms"], f"{add50:.3f} ms")
+    check("added p99 <= 1 ms at c=1", add99, add99 <= TARGETS["added_p99_ms"], f"{add99:.3f} ms")
+    mine, theirs = results.ttft.get(gateway.key, []), results.ttft.get(gateway.direct, [])
+    if mine and theirs:
+        ttft = median([a[0] - b[0] for a, b in zip(mine, theirs, strict=False)]) * 1000
+        check("added TTFT <= 0.5 ms (p50)", ttft, ttft <= 0.5, f"{ttft:.3f} ms")
+    for connections in PACED_CONNECTIONS:
+        runs = results.runs(f"paced{connections}", "gateway-paced")
+        direct = results.runs(f"paced{connections}", "direct-paced")
+        more = [
+            (a.mean_us - b.mean_us) / 1000 - ((a.paced_ms or 0) - (b.paced_ms or 0))
+            for a, b in zip(runs, direct, strict=False)
+        ]
+        if more:
+            value, total = median(more), median([b.mean_us / 1000 for b in direct])
+            name = f"paced, {connections} streams: adds < 1% of total time"
+            check(name, value, value < total / 100, f"{value:+.2f} ms of {total:.0f} ms")
+    start = results.rss_kb.get("after start")
+    if start:
+        check("RSS < 80 MB after start", start, start / 1024 < 80, f"{start / 1024:.1f} MB")
+    if len(results.memory) > 2:
+        _, warm, last = soak_points(results.memory)
+        growth = (last[2] / warm[2] - 1) * 100
+        name = f"RSS growth <= 10% over {last[0]:,} requests (since warm)"
+        check(name, growth, growth <= 10, f"{growth:+.1f}%")
+    if rows:
+        out.write(
+            "Targets (gateway, Ollama path, one worker unless stated):\n\n| target | measured | met |\n"
+        )
+        out.write("|---|---:|:---:|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows) + "\n")
+
+
+# ---- main ----
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario (default 3)")
+    parser.add_argument("--duration", type=int, default=5, help="whole seconds per wrk run (default 5)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 1 round of 2 s runs, 100 TTFT streams"
+    )
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated scenarios (default all): {','.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--workers", default="1", help="gateway worker counts, e.g. 1,2; the first runs every scenario"
+    )
+    parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream (default 20)")
+    parser.add_argument("--paced-delay", default="10-50", help="ms before each token of the paced mock")
+    parser.add_argument("--ttft-streams", type=int, default=500, help="sequential streams per path and round")
+    parser.add_argument("--memory", type=int, default=0, metavar="N", help="send N requests and sample RSS")
+    parser.add_argument(
+        "--memory-time-limit", type=float, default=420, help="seconds at most for --memory (420)"
+    )
+    parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy when it is installed")
+    parser.add_argument(
+        "--litellm-venv", default=".venv-litellm", help="venv with litellm[proxy] (default .venv-litellm)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration = 1, 2
+        args.ttft_streams = min(args.ttft_streams, 100)
+    if args.only is None:
+        args.only = set() if args.memory else set(SCENARIOS)
+    else:
+        args.only = {s.strip() for s in args.only.split(",") if s.strip()}
+        if unknown := args.only - set(SCENARIOS):
+            parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
+    try:
+        args.workers = [int(n) for n in args.workers.split(",")]
+    except ValueError:
+        parser.error("--workers takes counts such as 1,2")
+    if not 1 <= args.rounds <= MAX_ROUNDS or not 1 <= args.duration <= MAX_DURATION:
+        parser.error(f"--rounds must be 1..{MAX_ROUNDS} and --duration 1..{MAX_DURATION}")
+    if not 1 <= args.ttft_streams <= MAX_TTFT_STREAMS or not 0 <= args.memory <= MAX_MEMORY_REQUESTS:
+        parser.error(f"--ttft-streams must be 1..{MAX_TTFT_STREAMS} and --memory 0..{MAX_MEMORY_REQUESTS}")
+    if not all(1 <= n <= 8 for n in args.workers) or not 1 <= args.chunks <= 1000:
+        parser.error("--workers counts must be 1..8 and --chunks 1..1000")
+    args.memory_time_limit = min(args.memory_time_limit, 1800)
+    return args
+
+
+def estimate(args: argparse.Namespace) -> float:
+    """Roughly how long a run takes, in seconds (the TTFT streams counted at ~3 ms each)."""
+    paths = 5 if args.peers else 4
+    wrk_runs = paths * len(args.only & {"nonstream", "stream", "latency"})
+    wrk_runs += len(PACED_CONNECTIONS) * (paths // 2) if "paced" in args.only else 0
+    seconds: float = 10 + (30 if args.peers else 0)
+    if args.only:
+        seconds += paths * 2 * min(2.0, args.duration) + args.rounds * wrk_runs * (args.duration + 0.3)
+        seconds += args.rounds * args.ttft_streams * paths * 0.003 if "ttft" in args.only else 0
+    seconds += (len(args.workers) - 1) * (8 + 2 * min(2.0, args.duration) + args.rounds * 2 * args.duration)
+    soak: float = min(args.memory_time_limit, args.memory / 500) if args.memory else 0.0
+    return seconds + soak
+
+
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace, workdir: Path) -> Bench:
+    if (os.cpu_count() or 1) < 2:
+        raise Failure("this benchmark pins the gateway and the load on separate cores: it needs 2 CPUs")
+    os.sched_setaffinity(0, {int(LOAD_CPU)})  # this driver (and its TTFT client) lives with the load
+    procs = Processes(workdir)
+    bench = Bench(args, procs, ensure_wrk())
+    started = time.monotonic()
+    log(f"this run takes about {estimate(args) / 60:.1f} minutes")
+    bench.results.load_before = os.getloadavg()[0]
+    if bench.results.load_before > 0.5:
+        load = bench.results.load_before
+        log(f"warning: the machine is busy (load {load:.2f}); the numbers will be low and noisy")
+    try:
+        bench.start_mocks()
+        bench.write_config(workdir)
+        if args.peers:
+            bench.start_litellm(workdir)
+        for index, workers in enumerate(args.workers):
+            bench.start_gateway(workers)
+            assert bench.gateway is not None
+            bench.define_endpoints()
+            if index == 0:
+                bench.results.rss_kb["after start"] = rss_kb(bench.gateway.pid)
+                bench.check_answers()
+                if args.only:
+                    bench.warm_up()
+                    bench.results.rss_kb["after warm-up"] = rss_kb(bench.gateway.pid)
+                    for number in range(args.rounds):
+                        bench.round(number)
+                    bench.results.rss_kb["after the rounds"] = rss_kb(bench.gateway.pid)
+                if args.memory:
+                    bench.memory_soak(args.memory, args.memory_time_limit)
+                    bench.results.rss_kb["after the memory soak"] = rss_kb(bench.gateway.pid)
+                if len(args.workers) > 1 and args.only & {"nonstream", "stream"}:
+                    scenarios = bench.results.wrk
+                    bench.results.workers[workers] = {
+                        s: scenarios[s]["gateway-ollama"] for s in ("nonstream", "stream") if s in scenarios
+                    }
+            else:
+                bench.warm_up_gateway()
+                bench.workers_run(workers)
+    finally:
+        procs.stop_all()
+    log(f"done in {time.monotonic() - started:.0f} s")
+    return bench
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="phoenix-bench-") as tmp:
+        try:
+            bench = run(args, Path(tmp))
+        except Failure as exc:
+            log(f"error: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            log("interrupted; every process this run started has been stopped")
+            return 130
+    report(bench, sys.stdout)
+    if args.json:
+        raw = {
+            "args": {
+                k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+            },
+            "machine": machine(),
+            "wrk": {
+                s: {k: [asdict(r) for r in rs] for k, rs in e.items()} for s, e in bench.results.wrk.items()
+            },
+            "ttft_s": bench.results.ttft,
+            "rss_kb": bench.results.rss_kb,
+            "workers": {
+                n: {s: [asdict(r) for r in rs] for s, rs in e.items()}
+                for n, e in bench.results.workers.items()
+            },
+            "memory": bench.results.memory,
+            "notes": bench.results.notes,
+        }
+        args.json.write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+-- POST /api/chat with Ollama's native request. Args after "--": stream (true|false), model.
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "") .. "report.lua")
+
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+
+function init(args)
+  wrk.body = '{"model":"' .. (args[2] or "llama3.2") .. '","stream":' .. (args[1] or "false") ..
+    ',"messages":[{"role":"user","content":"Why is the sky blue?"}]}'
+end
