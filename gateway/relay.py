@@ -89,8 +89,8 @@ def error_event(error: GatewayError) -> bytes:
 class StreamSource:
     """An opened upstream stream: the chunk that proved it alive, the rest, and its deadlines."""
 
-    first: list[Chunk]
-    rest: AsyncIterator[list[Chunk]]
+    first: Chunk
+    rest: AsyncIterator[Chunk]
     idle_timeout: float
     deadline: float  # perf_counter() value after which the stream is cut
     on_close: Callable[[], None]  # releases the backend lease
@@ -162,7 +162,7 @@ class StreamRelay:
         self._usage: Usage | None = None
         self._last_output = 0.0
 
-    async def _next(self) -> list[Chunk] | None:
+    async def _next(self) -> Chunk | None:
         source = self._source
         waited = time.perf_counter()
         try:
@@ -175,32 +175,28 @@ class StreamRelay:
         finally:
             self._exchange.upstream_seconds += time.perf_counter() - waited
 
-    def _encode(self, chunks: list[Chunk]) -> bytes:
-        """One write's worth: every chunk of one read from the backend."""
-        out = []
-        for chunk in chunks:
-            if chunk.notices:
-                self._exchange.notes.update(chunk.notices)
-                out.append(notice_comments(chunk.notices))
-            if chunk.usage is not None:
-                self._usage = chunk.usage
-            if chunk.has_output:
-                self._last_output = time.perf_counter()
-                if self._exchange.first_token_at is None:
-                    self._exchange.first_token_at = self._last_output
-            out.append(self._encoder.encode(chunk))
-        return b"".join(out)
+    def _encode(self, chunk: Chunk) -> bytes:
+        if chunk.notices:
+            self._exchange.notes.update(chunk.notices)
+            return notice_comments(chunk.notices) + self._encoder.encode(chunk)
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        if chunk.has_output:
+            self._last_output = time.perf_counter()
+            if self._exchange.first_token_at is None:
+                self._exchange.first_token_at = self._last_output
+        return self._encoder.encode(chunk)
 
     async def body(self) -> AsyncIterator[bytes]:
         exchange = self._exchange
         status = 200
         try:
-            chunks: list[Chunk] | None = self._source.first
-            while chunks is not None:
-                data = self._encode(chunks)
+            chunk: Chunk | None = self._source.first
+            while chunk is not None:
+                data = self._encode(chunk)
                 if data:
                     yield data
-                chunks = await self._next()
+                chunk = await self._next()
             if self._include_usage:
                 yield self._encoder.usage(self._usage or Usage())
             yield DONE
@@ -233,7 +229,7 @@ class StreamRelay:
         self._finish(status)
 
 
-async def _close(stream: AsyncIterator[list[Chunk]]) -> None:
+async def _close(stream: AsyncIterator[Chunk]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()

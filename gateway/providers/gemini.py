@@ -33,7 +33,7 @@ from gateway.errors import (
     UpstreamProtocol,
     UpstreamRejected,
 )
-from gateway.providers.base import parse_each, random_id
+from gateway.providers.base import random_id
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -424,34 +424,26 @@ class GeminiProvider:
         body, path = build_request(request, model), f"/{_resource(model)}:generateContent"
         return parse_response(await self._http.request("POST", path, body, model))
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
         state = StreamState()
         decoder = SSEDecoder()
-
-        def parse(event: Any) -> list[Chunk]:
-            return state.parse_chunk(orjson.loads(event.data))
-
         path = f"/{_resource(model)}:streamGenerateContent?alt=sse"
         async with self._http.stream(path, build_request(request, model), model) as body:
             async for data in body:
-                chunks, error = parse_each(decoder.feed(data), parse)
-                if chunks:
-                    yield chunks
-                if error:
-                    raise error
-            chunks, error = parse_each(decoder.flush(), parse)
-            if chunks:
-                yield chunks
-            if error:
-                raise error
+                for event in decoder.feed(data):
+                    for chunk in state.parse_chunk(orjson.loads(event.data)):
+                        yield chunk
+            for event in decoder.flush():
+                for chunk in state.parse_chunk(orjson.loads(event.data)):
+                    yield chunk
         if not state.done:
             raise UpstreamProtocol(
                 f"Gemini at {self.backend.base_url} ended the stream without a finishReason;"
                 " the answer may be incomplete",
                 code="upstream_incomplete",
             )
-        if closing := list(state.close()):
-            yield closing
+        for chunk in state.close():
+            yield chunk
 
     async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
         texts = [request.input] if isinstance(request.input, str) else request.input

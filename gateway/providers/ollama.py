@@ -34,7 +34,7 @@ from gateway.errors import (
     UpstreamRejected,
 )
 from gateway.ndjson import NDJSONDecoder
-from gateway.providers.base import parse_each, random_id
+from gateway.providers.base import random_id
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -347,24 +347,20 @@ class OllamaProvider:
         match = NUM_CTX.search(str(show.get("parameters") or "")) if isinstance(show, dict) else None
         return int(match.group(1)) if match else None
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
         state = StreamState()
         decoder = NDJSONDecoder()
         payload = build_request(request, model, stream=True)
         async with self._http.stream("/api/chat", payload, model) as body:
             async for data in body:
-                chunks, error = parse_each(decoder.feed(data), state.parse_chunk)
-                if chunks:
-                    yield chunks
-                if error:
-                    raise error
-            chunks, error = parse_each(decoder.flush(), state.parse_chunk)
-            if chunks:
-                yield chunks
-            if error:
-                raise error
+                for line in decoder.feed(data):
+                    for chunk in state.parse_chunk(line):
+                        yield chunk
+            for line in decoder.flush():
+                for chunk in state.parse_chunk(line):
+                    yield chunk
         if state.usage is not None and (notices := await self._truncation(model, payload, state.usage)):
-            yield [Chunk(notices=notices)]
+            yield Chunk(notices=notices)
         if not state.done:
             raise UpstreamProtocol(
                 f"Ollama server at {self.backend.base_url} ended the stream without its final 'done' line;"

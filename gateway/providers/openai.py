@@ -17,7 +17,6 @@ import orjson
 
 from gateway.config import OpenAIBackend
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
-from gateway.providers.base import parse_each
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -204,27 +203,19 @@ class OpenAIProvider:
         body = build_request(request, model, stream=False)
         return parse_response(await self._http.request("POST", "/chat/completions", body, model))
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
         state = StreamState()
         decoder = SSEDecoder()
-
-        def parse(event: Any) -> list[Chunk]:
-            return state.parse_chunk(event.data)
-
         async with self._http.stream(
             "/chat/completions", build_request(request, model, stream=True), model
         ) as body:
             async for data in body:
-                chunks, error = parse_each(decoder.feed(data), parse)
-                if chunks:
-                    yield chunks
-                if error:
-                    raise error
-            chunks, error = parse_each(decoder.flush(), parse)
-            if chunks:
-                yield chunks
-            if error:
-                raise error
+                for event in decoder.feed(data):
+                    for chunk in state.parse_chunk(event.data):
+                        yield chunk
+            for event in decoder.flush():
+                for chunk in state.parse_chunk(event.data):
+                    yield chunk
         if not state.done and not state.finished:
             raise UpstreamProtocol(
                 f"the backend at {self.backend.base_url} ended the stream before finishing;"

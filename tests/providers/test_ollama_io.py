@@ -10,13 +10,7 @@ import pytest
 from pytest_httpx import HTTPXMock
 
 from gateway.config import OllamaBackend
-from gateway.errors import (
-    ModelNotFound,
-    UpstreamError,
-    UpstreamProtocol,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from gateway.errors import ModelNotFound, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
 from gateway.providers.ollama import OllamaProvider
 from gateway.schemas import ChatRequest, EmbeddingRequest
 from tests.providers.streams import httpx_stream
@@ -58,7 +52,7 @@ async def test_stream_reassembles_lines_split_across_reads(
     pieces = [lines[i : i + 7] for i in range(0, len(lines), 7)]
     httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream(pieces))
     httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx                        2048"})
-    chunks = [chunk async for batch in provider.stream(CHAT, "m") for chunk in batch]
+    chunks = [chunk async for chunk in provider.stream(CHAT, "m")]
     assert "".join(c.content for c in chunks) == "Hello"
     assert chunks[-1].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 5
@@ -71,7 +65,7 @@ async def test_stream_with_garbage_line_is_a_protocol_error(
         url=URL + "/api/chat", stream=httpx_stream([b'{"message":{"content":"a"}}\n<html>\n'])
     )
     with pytest.raises(UpstreamProtocol, match="malformed JSON"):
-        _ = [chunk async for batch in provider.stream(CHAT, "m") for chunk in batch]
+        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
 
 
 async def test_stream_error_status_maps_before_any_chunk(
@@ -79,7 +73,7 @@ async def test_stream_error_status_maps_before_any_chunk(
 ) -> None:
     httpx_mock.add_response(url=URL + "/api/chat", status_code=404, json={"error": 'model "m" not found'})
     with pytest.raises(ModelNotFound, match="ollama pull m"):
-        _ = [chunk async for batch in provider.stream(CHAT, "m") for chunk in batch]
+        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
 
 
 async def test_connection_refused_names_the_server(httpx_mock: HTTPXMock, provider: OllamaProvider) -> None:
@@ -133,23 +127,5 @@ async def test_streams_report_truncation_in_a_last_chunk(
     line = orjson.dumps(final) + b"\n"
     httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream([line]))
     httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx 4096"})
-    chunks = [chunk async for batch in provider.stream(CHAT, "m") for chunk in batch]
+    chunks = [chunk async for chunk in provider.stream(CHAT, "m")]
     assert chunks[-1].notices == {"prompt_truncated": "4096"}
-
-
-async def test_one_read_is_one_batch_and_an_error_line_comes_after_what_preceded_it(
-    httpx_mock: HTTPXMock, provider: OllamaProvider
-) -> None:
-    burst = (
-        b'{"message":{"content":"a"},"done":false}\n'
-        b'{"message":{"content":"b"},"done":false}\n'
-        b'{"error":"an error was encountered while running the model"}\n'
-    )
-    httpx_mock.add_response(
-        url=URL + "/api/chat", stream=httpx_stream([b'{"message":{"content":"x"},"done":false}\n', burst])
-    )
-    batches: list[list[str]] = []
-    with pytest.raises(UpstreamError, match="error was encountered"):
-        async for batch in provider.stream(CHAT, "m"):
-            batches.append([chunk.content for chunk in batch])
-    assert batches == [["x"], ["a", "b"]]
