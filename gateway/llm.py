@@ -31,7 +31,7 @@ from gateway.errors import GatewayError
 from gateway.providers import build_provider
 from gateway.providers.base import BackendConfig, Provider
 from gateway.schemas import ChatRequest
-from gateway.upstream import make_client
+from gateway.upstream import make_transport
 
 DEFAULT_MODELS = {"ollama": "llama3.2", "openai": "gpt-4o-mini", "gemini": "gemini-2.5-flash"}
 
@@ -73,9 +73,9 @@ class LLMProvider:
         self.name = name
         self.model = model
         self.temperature = temperature
-        self._client = make_client(max_connections=20)
+        self._transport = make_transport(max_connections=20)
         environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
-        self._provider: Provider = build_provider(backend, self._client, environ)
+        self._provider: Provider = build_provider(backend, self._transport, environ)
         self._timeouts = backend.timeouts
 
     async def __aenter__(self) -> LLMProvider:
@@ -85,7 +85,7 @@ class LLMProvider:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
     def _request(
         self, messages: Sequence[LLMMessage | Mapping[str, Any]], stream: bool, **params: Any

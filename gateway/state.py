@@ -29,7 +29,7 @@ from gateway.policy import Plan, Router, Target, local_only, locality
 from gateway.providers import build_provider
 from gateway.providers.base import Provider
 from gateway.schemas import ModelInfo
-from gateway.upstream import make_client
+from gateway.upstream import make_transport
 
 INVENTORY_TTL = 5.0
 INVENTORY_TIMEOUT = 3.0
@@ -44,7 +44,7 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
 class State:
     config: Config
     metrics: Metrics
-    client: httpx.AsyncClient
+    transport: httpx.AsyncBaseTransport  # the connection pool every provider shares
     providers: dict[str, Provider]
     router: Router
     balancer: Balancer
@@ -64,7 +64,7 @@ class State:
             config,
             environ,
             metrics=metrics,
-            client=make_client(),
+            transport=make_transport(),
             balancer=Balancer(config, metrics),
             audit=None,
         )
@@ -76,7 +76,12 @@ class State:
         with nothing changed, when the new config cannot be used."""
         audit = self.audit if config.privacy.audit_log == self.config.privacy.audit_log else None
         successor = State._assemble(
-            config, environ, metrics=self.metrics, client=self.client, balancer=self.balancer, audit=audit
+            config,
+            environ,
+            metrics=self.metrics,
+            transport=self.transport,
+            balancer=self.balancer,
+            audit=audit,
         )
         self.balancer.reconfigure(config)
         return successor
@@ -88,18 +93,18 @@ class State:
         environ: Mapping[str, str] | None,
         *,
         metrics: Metrics,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         balancer: Balancer,
         audit: AuditLog | None,
     ) -> State:
         environ = os.environ if environ is None else environ
         keys = Keys(config.auth, environ)  # first: it is what can fail
-        providers = {backend.name: build_provider(backend, client, environ) for backend in config.backends}
+        providers = {backend.name: build_provider(backend, transport, environ) for backend in config.backends}
         if audit is None and config.privacy.audit_log:
             audit = AuditLog(config.privacy.audit_log)
         metrics.register_backends([backend.name for backend in config.backends])
         dispatcher = Dispatcher(providers, balancer, metrics, config.routing.retries)
-        return cls(config, metrics, client, providers, Router(config), balancer, dispatcher, keys, audit)
+        return cls(config, metrics, transport, providers, Router(config), balancer, dispatcher, keys, audit)
 
     async def retire(self, successor: State, deadline: float) -> int:
         """After a reload: wait up to `deadline` seconds for this State's requests to finish, then
@@ -113,7 +118,7 @@ class State:
         return self.active
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.transport.aclose()
         if self.audit is not None:
             self.audit.close()
 

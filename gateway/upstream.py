@@ -18,18 +18,15 @@ from gateway.transport import AiohttpTransport
 LABELS = {"ollama": "Ollama", "openai": "OpenAI-compatible", "gemini": "Gemini"}
 
 
-def make_client(max_connections: int = 1000) -> httpx.AsyncClient:
-    """One pooled client for every backend, on aiohttp's pool (see `transport`). Deadlines are
-    enforced by dispatch, not by httpx reads."""
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(max_connections),
-        timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0),
-        follow_redirects=False,
-    )
+def make_transport(max_connections: int = 1000) -> httpx.AsyncBaseTransport:
+    """One connection pool for every backend, aiohttp's (see `transport`)."""
+    return AiohttpTransport(max_connections)
 
 
-def client_timeout(connect: float) -> httpx.Timeout:
-    return httpx.Timeout(connect=connect, read=None, write=30.0, pool=connect)
+def request_timeout(connect: float) -> dict[str, float | None]:
+    """httpx's per-request timeout extension. Only connecting is bounded here; the deadlines for
+    the first token, between chunks and in total are dispatch's and relay's."""
+    return httpx.Timeout(connect=connect, read=None, write=30.0, pool=connect).as_dict()
 
 
 @asynccontextmanager
@@ -68,21 +65,24 @@ def json_or_none(content: bytes) -> Any:
 
 
 URL_CACHE_SIZE = 256
+USER_AGENT = "phoenix-gateway"
 ErrorMapper = Callable[[int, bytes, str, Mapping[str, str]], GatewayError]
 
 
 class Upstream:
     """HTTP to one backend: JSON calls and streamed bodies, every failure mapped to the error tree.
 
-    `error_from(status, content, model, headers)` turns the backend's own error answers into
-    gateway errors; it is the one protocol-specific part.
+    Requests go straight to the transport as httpx `Request`s: httpx's client layer (URL merging,
+    cookies, auth and redirect handling) cost more than the transport itself on the benchmark and
+    the gateway needs none of it. `error_from(status, content, model, headers)` turns the
+    backend's own error answers into gateway errors; it is the one protocol-specific part.
     """
 
     def __init__(
         self,
         kind: str,
         base_url: str,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         headers: Mapping[str, str],
         *,
         connect_timeout: float,
@@ -90,9 +90,9 @@ class Upstream:
     ) -> None:
         self.kind = kind
         self.base_url = base_url
-        self._client = client
-        self._headers = dict(headers)
-        self._timeout = client_timeout(connect_timeout)
+        self._transport = transport
+        self._headers = {"user-agent": USER_AGENT, "accept": "application/json", **headers}
+        self._timeout = request_timeout(connect_timeout)
         self._error_from = error_from
         self._urls: dict[str, httpx.URL] = {}  # parsed once per path: parsing is a cost per request
 
@@ -108,38 +108,42 @@ class Upstream:
     def for_backend(
         cls,
         backend: OllamaBackend | OpenAIBackend | GeminiBackend,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         auth: Mapping[str, str],
         error_from: ErrorMapper,
     ) -> Upstream:
         """From a backend's config: its type, URL, extra headers and connect timeout, plus auth headers."""
         headers = {**backend.headers, **auth}
-        return cls(backend.type, backend.base_url, client, headers,
+        return cls(backend.type, backend.base_url, transport, headers,
                    connect_timeout=backend.timeouts.connect, error_from=error_from)  # fmt: skip
 
-    async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
+    def _request(self, method: str, path: str, body: Any) -> httpx.Request:
         content = orjson.dumps(body) if body is not None else None
+        return httpx.Request(
+            method,
+            self._url(path),
+            content=content,
+            headers=self._headers,
+            extensions={"timeout": self._timeout},
+        )
+
+    async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
         async with mapped_errors(self.kind, self.base_url):
-            response = await self._client.request(
-                method, self._url(path), content=content, headers=self._headers, timeout=self._timeout
-            )
+            response = await self._transport.handle_async_request(self._request(method, path, body))
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
         if response.status_code != 200:
-            raise self._error_from(response.status_code, response.content, model, response.headers)
+            raise self._error_from(response.status_code, content, model, response.headers)
         async with mapped_errors(self.kind, self.base_url, started=True):
-            return orjson.loads(response.content)
+            return orjson.loads(content)
 
     @asynccontextmanager
     async def stream(self, path: str, body: Any, model: str) -> AsyncIterator[AsyncIterator[bytes]]:
         """The response body as it arrives; closing the context closes the upstream connection."""
         async with mapped_errors(self.kind, self.base_url):
-            request = self._client.build_request(
-                "POST",
-                self._url(path),
-                content=orjson.dumps(body),
-                headers=self._headers,
-                timeout=self._timeout,
-            )
-            response = await self._client.send(request, stream=True)
+            response = await self._transport.handle_async_request(self._request("POST", path, body))
         try:
             if response.status_code != 200:
                 async with mapped_errors(self.kind, self.base_url):

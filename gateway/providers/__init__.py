@@ -14,12 +14,14 @@ from gateway.providers.ollama import OllamaProvider
 from gateway.providers.openai import OpenAIProvider
 
 
-def build_provider(backend: BackendConfig, client: httpx.AsyncClient, environ: Mapping[str, str]) -> Provider:
+def build_provider(
+    backend: BackendConfig, transport: httpx.AsyncBaseTransport, environ: Mapping[str, str]
+) -> Provider:
     api_key = backend.api_key(environ)
     if isinstance(backend, OllamaBackend):
-        return OllamaProvider(backend, client, api_key)
+        return OllamaProvider(backend, transport, api_key)
     if isinstance(backend, OpenAIBackend):
-        return OpenAIProvider(backend, client, api_key)
+        return OpenAIProvider(backend, transport, api_key)
     if isinstance(backend, GeminiBackend):
-        return GeminiProvider(backend, client, api_key)
+        return GeminiProvider(backend, transport, api_key)
     raise TypeError(f"unknown backend {backend!r}")

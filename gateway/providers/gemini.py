@@ -415,10 +415,12 @@ def _resource(model: str) -> str:
 
 
 class GeminiProvider:
-    def __init__(self, backend: GeminiBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
+    def __init__(
+        self, backend: GeminiBackend, transport: httpx.AsyncBaseTransport, api_key: str | None = None
+    ) -> None:
         self.backend = backend
         auth = {"x-goog-api-key": api_key} if api_key else {}
-        self._http = Upstream.for_backend(backend, client, auth, error_from)
+        self._http = Upstream.for_backend(backend, transport, auth, error_from)
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body, path = build_request(request, model), f"/{_resource(model)}:generateContent"

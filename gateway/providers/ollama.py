@@ -313,10 +313,12 @@ def created_at(value: Any) -> int:
 
 
 class OllamaProvider:
-    def __init__(self, backend: OllamaBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
+    def __init__(
+        self, backend: OllamaBackend, transport: httpx.AsyncBaseTransport, api_key: str | None = None
+    ) -> None:
         self.backend = backend
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = Upstream.for_backend(backend, client, auth, error_from)
+        self._http = Upstream.for_backend(backend, transport, auth, error_from)
         self._context_sizes: dict[str, int | None] = {}  # model -> num_ctx from /api/show
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:

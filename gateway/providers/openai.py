@@ -194,10 +194,12 @@ def error_from(
 
 
 class OpenAIProvider:
-    def __init__(self, backend: OpenAIBackend, client: httpx.AsyncClient, api_key: str | None = None) -> None:
+    def __init__(
+        self, backend: OpenAIBackend, transport: httpx.AsyncBaseTransport, api_key: str | None = None
+    ) -> None:
         self.backend = backend
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = Upstream.for_backend(backend, client, auth, error_from)
+        self._http = Upstream.for_backend(backend, transport, auth, error_from)
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body = build_request(request, model, stream=False)

@@ -783,8 +783,8 @@ CHAT = request()
 
 @pytest.fixture
 async def provider() -> AsyncIterator[GeminiProvider]:
-    async with httpx.AsyncClient() as client:
-        yield GeminiProvider(GeminiBackend(name="g", type="gemini", base_url=URL), client, api_key=KEY)
+    async with httpx.AsyncHTTPTransport() as transport:
+        yield GeminiProvider(GeminiBackend(name="g", type="gemini", base_url=URL), transport, api_key=KEY)
 
 
 def assert_keyed(sent: httpx.Request | None) -> httpx.Request:

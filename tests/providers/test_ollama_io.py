@@ -22,8 +22,10 @@ CHAT = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "
 
 @pytest.fixture
 async def provider() -> AsyncIterator[OllamaProvider]:
-    async with httpx.AsyncClient() as client:
-        yield OllamaProvider(OllamaBackend(name="o", type="ollama", base_url=URL), client, api_key="secret")
+    async with httpx.AsyncHTTPTransport() as transport:
+        yield OllamaProvider(
+            OllamaBackend(name="o", type="ollama", base_url=URL), transport, api_key="secret"
+        )
 
 
 async def test_complete_posts_native_chat_with_bearer(
