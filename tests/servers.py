@@ -2,19 +2,26 @@
 
 Used for fake backends and for the gateway itself in end-to-end tests: what the
 client sees is real HTTP over a real socket, with incremental delivery and real
-disconnects, which `TestClient` and `ASGITransport` cannot show.
+disconnects, which `TestClient` and `ASGITransport` cannot show. `gateway_process`
+runs the gateway as users do, as its own `serve` process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -75,3 +82,49 @@ def serve(app: Any, port: int | None = None) -> Iterator[ServerThread]:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class GatewayProcess:
+    """A `phoenix-gateway serve` process; its stderr (the log) goes to `log`."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far."""
+        lines = self.log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@contextmanager
+def gateway_process(
+    args: Sequence[str], log: Path, env: Mapping[str, str] | None = None, limit: float = 30
+) -> Iterator[GatewayProcess]:
+    """`python -m gateway serve ARGS` on a free loopback port, yielded once `/healthz` answers and
+    terminated at the end; a traceback anywhere in its log fails the test."""
+    port = free_port()
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", *args, "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    gateway = GatewayProcess(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                httpx.get(gateway.url + "/healthz", timeout=0.5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, f"the gateway exited: {log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "the gateway did not start in time"
+                time.sleep(0.1)
+        yield gateway
+    finally:
+        process.terminate()
+        process.wait(timeout=limit)
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]

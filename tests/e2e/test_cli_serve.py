@@ -4,54 +4,29 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import uvicorn
 
 from gateway.cli import main
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, gateway_process
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def served(fake_ollama: tuple[FakeOllama, ServerThread]) -> Iterator[str]:
-    port = free_port()
+def served(fake_ollama: tuple[FakeOllama, ServerThread], tmp_path: Path) -> Iterator[str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OPENAI_", "GEMINI_", "PHOENIX_"))
     }
     env.update(OLLAMA_BASE_URL=fake_ollama[1].url, OLLAMA_MODEL="llama3.2", LLM_PROVIDER="ollama")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=0.5)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gateway did not start") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        _, stderr = process.communicate(timeout=20)
-        assert b"Traceback" not in stderr
+    with gateway_process([], tmp_path / "stderr.log", env) as gateway:
+        yield gateway.url
 
 
 def test_zero_file_default_serves_ollama_models_by_bare_name(

@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ import yaml
 
 from gateway.logs import configure, get_logger
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, gateway_process
 
 pytestmark = pytest.mark.e2e
 SECRET_KEY = "sk-phoenix-very-secret-0123456789"
@@ -37,31 +34,11 @@ def run_gateway(tmp_path: Path, backend: str, level: str, traffic: Any) -> list[
             }
         )
     )
-    port = free_port()
     env = {**os.environ, "APP_KEY": SECRET_KEY, "PHOENIX_LOG_LEVEL": level}
-    stderr = tmp_path / "stderr.log"
-    with stderr.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    httpx.get(url + "/healthz", timeout=0.5)
-                    break
-                except httpx.TransportError:
-                    assert process.poll() is None and time.monotonic() < deadline, "no start"
-                    time.sleep(0.1)
-            traffic(url)
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
-    return stderr.read_text().splitlines()
+    log = tmp_path / "stderr.log"
+    with gateway_process(["--config", str(config)], log, env) as gateway:
+        traffic(gateway.url)
+    return log.read_text().splitlines()
 
 
 def traffic(url: str) -> None:

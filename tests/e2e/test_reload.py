@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import yaml
 from gateway.audit import verify
 from tests.e2e.conftest import sample, scrape
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, free_port, serve
+from tests.servers import GatewayProcess, ServerThread, gateway_process, serve
 
 pytestmark = pytest.mark.e2e
 SLOW = Reply(content=" ".join(f"w{i}" for i in range(40)), delay_between=0.05)  # about 2 s
@@ -35,9 +33,13 @@ class Served:
         self.servers = servers
         self.config_path = tmp / "gateway.yaml"
         self.audit_path = tmp / "audit.jsonl"
-        self.stderr_path = tmp / "stderr.log"
-        self.url = ""
-        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = tmp / "stderr.log"
+        self.gateway: GatewayProcess | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.gateway is not None
+        return self.gateway.url
 
     def write_config(self, names: list[str]) -> None:
         config = {
@@ -49,8 +51,8 @@ class Served:
         self.config_path.write_text(yaml.safe_dump(config))
 
     def hangup(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGHUP)
+        assert self.gateway is not None
+        self.gateway.process.send_signal(signal.SIGHUP)
 
     def ready_backends(self) -> set[str]:
         return set(httpx.get(self.url + "/readyz", timeout=2).json()["backends"])
@@ -62,8 +64,8 @@ class Served:
             time.sleep(0.05)
 
     def log_events(self) -> list[dict[str, Any]]:
-        lines = self.stderr_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        assert self.gateway is not None
+        return self.gateway.log_events()
 
 
 @pytest.fixture
@@ -71,39 +73,12 @@ def served(tmp_path: Path) -> Iterator[Served]:
     fakes = {name: FakeOllama(models=["llama3.2"], loaded=["llama3.2"]) for name in ("a", "b", "c")}
     with ExitStack() as stack:
         servers = {name: stack.enter_context(serve(fake.app)) for name, fake in fakes.items()}
-        gateway = Served(fakes, servers, tmp_path)
-        gateway.write_config(["a", "b"])
-        port = free_port()
-        gateway.url = f"http://127.0.0.1:{port}"
-        stderr = stack.enter_context(gateway.stderr_path.open("wb"))
-        gateway.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--config",
-                str(gateway.config_path),
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
+        served = Served(fakes, servers, tmp_path)
+        served.write_config(["a", "b"])
+        served.gateway = stack.enter_context(
+            gateway_process(["--config", str(served.config_path)], served.log_path)
         )
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    httpx.get(gateway.url + "/healthz", timeout=0.5)
-                    break
-                except httpx.TransportError:
-                    assert gateway.process.poll() is None and time.monotonic() < deadline, "no start"
-                    time.sleep(0.1)
-            yield gateway
-        finally:
-            gateway.process.terminate()
-            gateway.process.wait(timeout=20)
-            assert "Traceback" not in gateway.stderr_path.read_text()
+        yield served
 
 
 def test_a_reload_swaps_the_pool_without_dropping_the_stream_in_flight(served: Served) -> None:

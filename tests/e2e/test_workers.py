@@ -4,9 +4,6 @@ multiprocess mode, its directory set up and cleaned by the gateway)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +14,7 @@ import yaml
 
 from tests.e2e.conftest import sample, scrape
 from tests.fakes.ollama_server import FakeOllama
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, gateway_process
 
 pytestmark = pytest.mark.e2e
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -34,40 +31,10 @@ def two_workers(tmp_path: Path, backend_url: str, env: dict[str, str]) -> Iterat
             }
         )
     )
-    port = free_port()
     base = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-        ],
-        env={**base, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=0.5)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "the gateway did not start"
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        _, stderr = process.communicate(timeout=30)
-        assert b"Traceback" not in stderr, stderr.decode()[-2000:]
+    args = ["--config", str(config), "--workers", "2"]
+    with gateway_process(args, tmp_path / "stderr.log", {**base, **env}) as gateway:
+        yield gateway.url
 
 
 def test_every_worker_reports_every_request(
