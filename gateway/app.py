@@ -6,8 +6,9 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -92,9 +93,7 @@ class Reloader:
                 removed=sorted(before - after),
                 draining=old.active,
             )
-            task = asyncio.create_task(self._retire(old, new))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._retire(old, new))
             return True
 
     async def _retire(self, old: State, new: State) -> None:
@@ -103,7 +102,11 @@ class Reloader:
             new.log.warning("requests of the previous config still running after the drain", count=left)
 
     def on_hangup(self) -> None:
-        task = asyncio.create_task(self.reload())
+        self._spawn(self.reload())
+
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run `work` in the background, holding a reference until it is done (or `stop`)."""
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
