@@ -11,6 +11,23 @@ from starlette.requests import Request
 from gateway.errors import BodyTooLarge, InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
+# JSON nesting accepted in a request. A chat request with tool schemas needs well under 20; the
+# bound keeps every body re-encodable for the backend (orjson writes at most 255 levels).
+MAX_DEPTH = 64
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests containers more than `limit` levels deep (walked level by level)."""
+    level = [value]
+    for _ in range(limit):
+        below: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            below.extend(child for child in children if isinstance(child, (dict, list)))
+        if not below:
+            return False
+        level = below
+    return True
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -29,11 +46,20 @@ async def read_json(request: Request, limit: int) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
         if not raw.strip():
             raise InvalidRequest("The request body is empty; expected a JSON object.") from None
+        if "UTF-8" in str(error):
+            raise InvalidRequest("The request body is not valid UTF-8.") from None
+        if "depth" in str(error):
+            raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.") from None
         raise InvalidRequest("The request body is not valid JSON.") from None
+    # Counting brackets first keeps the walk off ordinary requests: fewer containers than the
+    # limit cannot nest deeper than it.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
+        raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.")
+    return data
 
 
 def _param(loc: tuple[int | str, ...]) -> str:

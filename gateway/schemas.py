@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
+MAX_MESSAGES = 4096  # per chat request; far beyond any context window, far below a flood
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -141,7 +144,7 @@ class StreamOptions(_Wire):
 
 class ChatRequest(_Wire):
     model: str = Field(min_length=1)
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
