@@ -21,6 +21,7 @@ from gateway.audit import AuditError
 from gateway.config import Config, ConfigError
 from gateway.metrics import worker_exited
 from gateway.middleware import RequestId
+from gateway.openapi import openapi_json
 from gateway.routes.chat import chat_completions
 from gateway.routes.embeddings import embeddings
 from gateway.routes.models import get_model, list_models
@@ -37,6 +38,7 @@ ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
 ]
 
 

@@ -30,6 +30,12 @@ from gateway.schemas import ChatRequest, Completion, EmbeddingRequest, Embedding
 T = TypeVar("T")
 
 
+def _answer_deadline(provider: Provider) -> float:
+    """Without a stream the first token comes with the whole answer: its deadline, within the total."""
+    timeouts = provider.backend.timeouts
+    return min(timeouts.first_token, timeouts.total)
+
+
 def _retryable(error: BaseException) -> bool:
     return isinstance(error, GatewayError) and error.retryable
 
@@ -105,7 +111,7 @@ class Dispatcher:
             return result
         except TimeoutError:
             raise UpstreamTimeout(
-                f"backend {target.backend} did not answer within its total deadline"
+                f"backend {target.backend} did not answer within its first-token deadline"
             ) from None
         finally:
             exchange.upstream_seconds += time.perf_counter() - waited
@@ -114,10 +120,7 @@ class Dispatcher:
     async def complete(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> Completion:
         async def one(target: Target, provider: Provider) -> Completion:
             return await self._unary(
-                target,
-                exchange,
-                lambda: provider.complete(request, target.model),
-                provider.backend.timeouts.total,
+                target, exchange, lambda: provider.complete(request, target.model), _answer_deadline(provider)
             )
 
         return await self._first_success(plans, exchange, one)
@@ -125,10 +128,7 @@ class Dispatcher:
     async def embed(self, plans: list[Plan], request: EmbeddingRequest, exchange: Exchange) -> Embeddings:
         async def one(target: Target, provider: Provider) -> Embeddings:
             return await self._unary(
-                target,
-                exchange,
-                lambda: provider.embed(request, target.model),
-                provider.backend.timeouts.total,
+                target, exchange, lambda: provider.embed(request, target.model), _answer_deadline(provider)
             )
 
         return await self._first_success(plans, exchange, one)

@@ -60,6 +60,8 @@ class Exchange:
             metrics.child(metrics.ttft, label, backend).observe(self.first_token_at - self.started)
         if self.time_per_token is not None:
             metrics.child(metrics.tpot, label, backend).observe(self.time_per_token)
+        if backend and (reason := self.notes.get("upstream_error")):  # failed after the first byte
+            metrics.child(metrics.upstream_errors, backend, reason).inc()
         if self.usage is not None and backend:
             metrics.child(metrics.tokens, label, backend, "prompt").inc(self.usage.prompt_tokens)
             metrics.child(metrics.tokens, label, backend, "completion").inc(self.usage.completion_tokens)

@@ -7,6 +7,7 @@ Lines end in `\\n`, `\\r\\n` or `\\r` (a `\\r` at the end of one read may be the
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,14 @@ class Event:
 
 
 class SSEDecoder:
-    __slots__ = ("_data", "_event", "_id", "_max_line", "_pending", "_retry")
+    __slots__ = ("_data", "_event", "_id", "_max_line", "_pending", "_retry", "_size", "_utf8")
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
-        self._pending = ""
+        # The partial line, in pieces joined only once a line ends (a long line costs linear time).
+        self._pending: list[str] = []
+        self._size = 0
+        # A character split between two reads is decoded whole when its second half arrives.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
@@ -38,8 +43,14 @@ class SSEDecoder:
         self._max_line = max_line
 
     def feed(self, chunk: bytes | str) -> list[Event]:
-        text = chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk
-        text = self._pending + text
+        text = self._utf8.decode(chunk) if isinstance(chunk, bytes) else chunk
+        waiting_for_lf = bool(self._pending) and self._pending[-1].endswith("\r")
+        if "\n" not in text and "\r" not in text and not waiting_for_lf:
+            self._pending.append(text)
+            self._size += len(text)
+            self._check()
+            return []
+        text = "".join(self._pending) + text
         events: list[Event] = []
         start = 0
         length = len(text)
@@ -59,17 +70,23 @@ class SSEDecoder:
             if event is not None:
                 events.append(event)
             start = end + step
-        self._pending = text[start:]
-        if len(self._pending) > self._max_line:
-            raise LineTooLong(f"line longer than {self._max_line} characters")
+        rest = text[start:]
+        self._pending = [rest] if rest else []
+        self._size = len(rest)
+        self._check()
         return events
+
+    def _check(self) -> None:
+        if self._size > self._max_line:
+            raise LineTooLong(f"line longer than {self._max_line} characters")
 
     def flush(self) -> list[Event]:
         """End of stream: a trailing line without terminator counts; an undispatched event is dropped."""
         events: list[Event] = []
-        if self._pending:
-            line, self._pending = self._pending.rstrip("\r"), ""
-            event = self._line(line)
+        pending = "".join(self._pending) + self._utf8.decode(b"", final=True)
+        self._pending, self._size = [], 0
+        if pending:
+            event = self._line(pending.rstrip("\r"))
             if event is not None:
                 events.append(event)
         return events

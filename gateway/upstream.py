@@ -130,10 +130,11 @@ class Upstream:
     async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
         async with mapped_errors(self.kind, self.base_url):
             response = await self._transport.handle_async_request(self._request(method, path, body))
-            try:
+        try:
+            async with mapped_errors(self.kind, self.base_url, started=True):  # the backend answered
                 content = await response.aread()
-            finally:
-                await response.aclose()
+        finally:
+            await response.aclose()
         if response.status_code != 200:
             raise self._error_from(response.status_code, content, model, response.headers)
         async with mapped_errors(self.kind, self.base_url, started=True):

@@ -29,3 +29,13 @@ def test_an_endless_line_is_cut_off() -> None:
     decoder = NDJSONDecoder(max_line=10)
     with pytest.raises(LineTooLong):
         decoder.feed(b'{"a": "aaaaaaaaaaaaaaaa')
+
+
+def test_a_line_growing_in_many_reads_is_kept_whole_until_its_newline() -> None:
+    decoder = NDJSONDecoder(max_line=10_000)
+    parts = [b'{"a": "', *[b"x" * 1000] * 5, b'"}\n']
+    values = [value for part in parts for value in decoder.feed(part)]
+    assert values == [{"a": "x" * 5000}]
+    with pytest.raises(LineTooLong):
+        for _ in range(20):
+            decoder.feed(b"y" * 1000)

@@ -49,3 +49,20 @@ def test_an_endless_line_is_cut_off() -> None:
 
 def test_encode_frames_one_json_event() -> None:
     assert encode({"a": 1}) == b'data: {"a":1}\n\n'
+
+
+def test_a_character_split_between_two_reads_arrives_whole() -> None:
+    decoder = SSEDecoder()
+    encoded = 'data: {"content": "año 東京"}\n\n'.encode()
+    cut = encoded.index("東".encode()) + 1  # inside the three bytes of one character
+    events = decoder.feed(encoded[:cut]) + decoder.feed(encoded[cut:])
+    assert [event.data for event in events] == ['{"content": "año 東京"}']
+
+
+def test_a_line_growing_in_many_reads_is_cut_at_the_limit() -> None:
+    decoder = SSEDecoder(max_line=1000)
+    decoder.feed(b"data: ")
+    with pytest.raises(LineTooLong):
+        for _ in range(20):
+            decoder.feed(b"x" * 100)
+    assert SSEDecoder(max_line=1000).feed(b"data: " + b"x" * 900 + b"\n\n")[0].data == "x" * 900

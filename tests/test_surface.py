@@ -15,6 +15,7 @@ def test_route_table() -> None:
         ("/healthz", ["GET", "HEAD"]),
         ("/readyz", ["GET", "HEAD"]),
         ("/metrics", ["GET", "HEAD"]),
+        ("/openapi.json", ["GET", "HEAD"]),
     ]
 
 

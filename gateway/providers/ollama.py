@@ -298,7 +298,8 @@ def error_from(
         param = next((p for p in ("tools", "format", "stop", "images", "think") if p in text), None)
         params = {"format": "response_format", "images": "messages", "think": "reasoning_effort"}
         return InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
-    retry = {"retry-after": "1"} if status == 503 else None
+    given = (headers or {}).get("retry-after")
+    retry = {"retry-after": given or "1"} if status in (429, 503) else None
     return UpstreamRejected(f"Ollama answered {status}: {text}", upstream_status=status, headers=retry)
 
 

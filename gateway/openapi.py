@@ -1,0 +1,508 @@
+"""The gateway's own OpenAPI 3.1 document, served at GET /openapi.json.
+
+It describes exactly what this gateway serves and answers, not all of OpenAI's API: request bodies
+come from the pydantic models that validate them (`gateway.schemas`), response bodies are written
+to match what `relay`, the route handlers and `errors` produce. Streams are documented per event
+(OpenAPI before 3.2: a `text/event-stream` schema describes one event), each event's `data` being
+a chunk, an error object, or `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.config import Config
+from gateway.schemas import ChatRequest, EmbeddingRequest
+from gateway.state import State, json_response
+
+OPENAPI_VERSION = "3.1.0"
+REF = "#/components/schemas/{model}"
+
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": REF.format(model=name)}
+
+
+def nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def package_version() -> str:
+    try:
+        return version("phoenix-gateway")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0"
+
+
+# ---- response bodies ----
+
+INTEGER = {"type": "integer"}
+STRING = {"type": "string"}
+FINISH_REASON = {"type": "string", "enum": ["stop", "length", "tool_calls", "content_filter"]}
+
+ERROR: Schema = {
+    "type": "object",
+    "description": "OpenAI's error shape; every error the gateway answers has it.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": STRING,
+                "type": STRING,
+                "param": nullable(STRING),
+                "code": nullable(STRING),
+            },
+        }
+    },
+}
+
+USAGE: Schema = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {"prompt_tokens": INTEGER, "completion_tokens": INTEGER, "total_tokens": INTEGER},
+}
+
+TOOL_CALL: Schema = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": STRING,
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": STRING, "arguments": STRING},
+        },
+    },
+}
+
+CHAT_COMPLETION: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": STRING,
+        "object": {"const": "chat.completion"},
+        "created": INTEGER,
+        "model": STRING,
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "message", "logprobs", "finish_reason"],
+                "properties": {
+                    "index": INTEGER,
+                    "message": {
+                        "type": "object",
+                        "required": ["role", "content", "refusal"],
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            "content": nullable(STRING),
+                            "refusal": {"type": "null"},
+                            "reasoning_content": STRING,
+                            "tool_calls": {"type": "array", "items": ref("ToolCall")},
+                        },
+                    },
+                    "logprobs": {"type": "null"},
+                    "finish_reason": FINISH_REASON,
+                },
+            },
+        },
+        "usage": ref("Usage"),
+    },
+}
+
+TOOL_CALL_DELTA: Schema = {
+    "type": "object",
+    "description": "A tool call's first fragment carries id, type and name; later ones only arguments.",
+    "required": ["index", "function"],
+    "properties": {
+        "index": INTEGER,
+        "id": STRING,
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["arguments"],
+            "properties": {"name": STRING, "arguments": STRING},
+        },
+    },
+}
+
+CHAT_COMPLETION_CHUNK: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": STRING,
+        "object": {"const": "chat.completion.chunk"},
+        "created": INTEGER,
+        "model": STRING,
+        "choices": {
+            "type": "array",
+            "description": "Empty in the last chunk, which carries the usage (with `include_usage`).",
+            "items": {
+                "type": "object",
+                "required": ["index", "delta", "logprobs", "finish_reason"],
+                "properties": {
+                    "index": INTEGER,
+                    "delta": {
+                        "type": "object",
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            "content": nullable(STRING),
+                            "reasoning_content": STRING,
+                            "tool_calls": {"type": "array", "items": ref("ToolCallDelta")},
+                        },
+                    },
+                    "logprobs": {"type": "null"},
+                    "finish_reason": nullable(FINISH_REASON),
+                },
+            },
+        },
+        "usage": {
+            "description": "Only with `stream_options.include_usage`: null, then set in the last chunk.",
+            "anyOf": [ref("Usage"), {"type": "null"}],
+        },
+    },
+}
+
+STREAM_EVENT: Schema = {
+    "type": "object",
+    "description": (
+        "One server-sent event: a chunk, an error object when the stream fails after it started"
+        " (the stream then ends), or `[DONE]` last. Comment lines (`: name=value`) carry notices."
+    ),
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "if": {"const": "[DONE]"},
+            "else": {
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [ref("ChatCompletionChunk"), ref("Error")]},
+            },
+        },
+    },
+}
+
+EMBEDDINGS: Schema = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": INTEGER,
+                    "embedding": {
+                        "description": "Floats, or with `encoding_format: base64` little-endian float32.",
+                        "anyOf": [{"type": "array", "items": {"type": "number"}}, STRING],
+                    },
+                },
+            },
+        },
+        "model": STRING,
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "total_tokens"],
+            "properties": {"prompt_tokens": INTEGER, "total_tokens": INTEGER},
+        },
+    },
+}
+
+MODEL: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING},
+}
+
+MODEL_LIST: Schema = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}},
+}
+
+READINESS: Schema = {
+    "type": "object",
+    "required": ["status", "backends"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "unavailable"]},
+        "backends": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["type", "local", "up"],
+                "properties": {"type": STRING, "local": {"type": "boolean"}, "up": {"type": "boolean"}},
+            },
+        },
+    },
+}
+
+# ---- request bodies: the validating models' own schemas, plus the rules their validators add ----
+
+MESSAGE_RULES = [
+    {
+        "if": {"properties": {"role": {"enum": ["system", "developer", "user", "tool"]}}},
+        "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+    },
+    {
+        "if": {"properties": {"role": {"const": "tool"}}},
+        "then": {
+            "anyOf": [
+                {
+                    "required": ["tool_call_id"],
+                    "properties": {"tool_call_id": {"type": "string", "minLength": 1}},
+                },
+                {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
+            ]
+        },
+    },
+]
+
+RESPONSE_FORMAT_RULES = [
+    {
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"not": {"type": "null"}}}},
+    }
+]
+
+
+def request_schemas(model_names: list[str]) -> dict[str, Schema]:
+    """ChatRequest, EmbeddingRequest and every model they use, keyed by name for components."""
+    schemas: dict[str, Schema] = {}
+    for model in (ChatRequest, EmbeddingRequest):
+        schema = model.model_json_schema(ref_template=REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    for name in ("ChatRequest", "EmbeddingRequest"):
+        field = schemas[name]["properties"]["model"]
+        field["description"] = "A configured model name or alias, or a name a pattern route accepts."
+        if model_names:
+            field["examples"] = model_names
+    schemas["Message"]["allOf"] = MESSAGE_RULES
+    schemas["ResponseFormat"]["allOf"] = RESPONSE_FORMAT_RULES
+    return schemas
+
+
+# ---- operations ----
+
+STATUS_TEXT = {
+    200: "OK",
+    400: "Malformed JSON, a missing or wrongly typed field (`param` names it), options the backend rejects.",
+    401: "Missing or unknown API key.",
+    403: "The key may not use this model, or a private request has no local deployment.",
+    404: "Unknown model (`code: model_not_found`).",
+    413: "The body is larger than `server.max_body_bytes`.",
+    429: "Rate limited by the backend.",
+    502: "The backend answered badly.",
+    503: "No backend reachable.",
+    504: "A backend deadline ran out.",
+}
+ROUTED_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
+
+REQUEST_ID = {
+    "x-request-id": {
+        "description": "The request's id: the caller's own when it sent a sane one, else a new one.",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+    }
+}
+ROUTED_HEADERS = {
+    **REQUEST_ID,
+    "x-phoenix-privacy": {
+        "description": "`public`, or `private;reason=...`: how the request was classified.",
+        "schema": STRING,
+    },
+    "x-phoenix-backend": {"description": "The backend that answered.", "schema": STRING},
+}
+
+
+def json_body(schema: Schema, description: str, headers: Schema | None = None) -> Schema:
+    return {
+        "description": description,
+        "headers": headers or REQUEST_ID,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def errors(*statuses: int, headers: Schema | None = None) -> dict[str, Schema]:
+    return {str(status): json_body(ref("Error"), STATUS_TEXT[status], headers) for status in statuses}
+
+
+def routed_post(summary: str, operation_id: str, request: str, ok: Schema, secured: bool) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "operationId": operation_id,
+        "tags": ["OpenAI"],
+        "parameters": [
+            {
+                "name": "x-privacy",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "`private` keeps the request on local backends (case-insensitive; the header's"
+                    " name is `privacy.header`)."
+                ),
+                "schema": {"type": "string", "enum": ["private", "public"]},
+            }
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref(request)}}},
+        "responses": {"200": ok, **errors(*ROUTED_ERRORS, headers=ROUTED_HEADERS)},
+    }
+    if secured:
+        operation["security"] = [{"bearerAuth": []}]
+    return operation
+
+
+def document(config: Config) -> dict[str, Any]:
+    secured = bool(config.auth.keys)
+    names = [
+        name for route in config.models if "*" not in route.name for name in (route.name, *route.aliases)
+    ]
+    chat_ok = {
+        "description": "A completion; with `stream: true` server-sent events, one chunk per event.",
+        "headers": ROUTED_HEADERS,
+        "content": {
+            "application/json": {"schema": ref("ChatCompletion")},
+            "text/event-stream": {"schema": ref("ChatCompletionStreamEvent")},
+        },
+    }
+    chat = routed_post("Create a chat completion", "createChatCompletion", "ChatRequest", chat_ok, secured)
+    embed_ok = json_body(ref("Embeddings"), "The embeddings, one per input, in order.", ROUTED_HEADERS)
+    embed = routed_post("Create embeddings", "createEmbedding", "EmbeddingRequest", embed_ok, secured)
+    for operation in (chat, embed):  # the privacy header's name is configurable
+        operation["parameters"][0]["name"] = config.privacy.header
+    auth_errors: dict[str, Schema] = errors(401) if secured else {}
+    security: dict[str, Any] = {"security": [{"bearerAuth": []}]} if secured else {}
+    models: dict[str, Any] = {
+        "summary": "List the models this gateway serves (those the caller's key may use)",
+        "operationId": "listModels",
+        "tags": ["OpenAI"],
+        "responses": {"200": json_body(ref("ModelList"), "The models."), **auth_errors},
+        **security,
+    }
+    model: dict[str, Any] = {
+        "summary": "One model",
+        "operationId": "retrieveModel",
+        "tags": ["OpenAI"],
+        "parameters": [
+            {
+                "name": "model_id",
+                "in": "path",
+                "required": True,
+                "description": "The model's name; it may contain `/`.",
+                "schema": {"type": "string", **({"examples": names} if names else {})},
+            }
+        ],
+        "responses": {
+            "200": json_body(ref("Model"), "The model."),
+            **auth_errors,
+            **errors(404),
+        },
+        **security,
+    }
+    ops: dict[str, Any] = {"tags": ["Operations"], "security": []}
+    paths = {
+        "/v1/chat/completions": {"post": chat},
+        "/v1/embeddings": {"post": embed},
+        "/v1/models": {"get": models},
+        "/v1/models/{model_id}": {"get": model},
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: the process answers",
+                "operationId": "healthz",
+                **ops,
+                "responses": {
+                    "200": json_body(
+                        {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+                        "Alive.",
+                    )
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: at least one backend is healthy",
+                "operationId": "readyz",
+                **ops,
+                "responses": {
+                    "200": json_body(ref("Readiness"), "Ready."),
+                    "503": json_body(ref("Readiness"), "No backend is healthy."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                **ops,
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format 0.0.4.",
+                        "headers": REQUEST_ID,
+                        "content": {"text/plain": {"schema": STRING}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                **ops,
+                "responses": {"200": json_body({"type": "object"}, "The OpenAPI document.")},
+            }
+        },
+    }
+    components: dict[str, Any] = {
+        "schemas": {
+            **request_schemas(names),
+            "Error": ERROR,
+            "Usage": USAGE,
+            "ToolCall": TOOL_CALL,
+            "ToolCallDelta": TOOL_CALL_DELTA,
+            "ChatCompletion": CHAT_COMPLETION,
+            "ChatCompletionChunk": CHAT_COMPLETION_CHUNK,
+            "ChatCompletionStreamEvent": STREAM_EVENT,
+            "Embeddings": EMBEDDINGS,
+            "Model": MODEL,
+            "ModelList": MODEL_LIST,
+            "Readiness": READINESS,
+        }
+    }
+    if secured:
+        components["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key from `auth.keys`."}
+        }
+    return copy.deepcopy(
+        {
+            "openapi": OPENAPI_VERSION,
+            "info": {
+                "title": "Phoenix Gateway",
+                "version": package_version(),
+                "description": "An OpenAI-compatible gateway in front of Ollama, OpenAI and Gemini backends.",
+            },
+            "tags": [
+                {"name": "OpenAI", "description": "The OpenAI-compatible API."},
+                {"name": "Operations", "description": "Health, readiness and metrics for operators."},
+            ],
+            "paths": paths,
+            "components": components,
+        }
+    )
+
+
+async def openapi_json(request: Request) -> Response:
+    state: State = request.app.state.gateway
+    return json_response(document(state.config))

@@ -1,0 +1,356 @@
+"""Fault injection: the gateway in front of a misbehaving upstream that is a real HTTP server.
+
+Each fault is one scripted answer of `tests/fakes/faulty_server.py` (refused, reset, hang, stall,
+5xx, 429, garbage, truncation, an endless line). Each test checks what the client sees, what the
+metrics say, and that nothing is left behind: the in-flight gauge back at 0, every upstream
+connection finished or closed at the fake's end, and the gateway's event loop back to the tasks
+it had before the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.config import parse_config
+from tests.e2e.conftest import sample, scrape, wait_for
+from tests.fakes.faulty_server import (
+    FaultyOllama,
+    Script,
+    chunk,
+    close,
+    end,
+    faulty_servers,
+    hang,
+    head,
+    line,
+    reply,
+    reset,
+    sleep,
+    wait,
+)
+from tests.servers import ServerThread, free_port
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUTS = {"connect": 1.0, "first_token": 1.0, "idle": 0.5, "total": 10.0}
+HELLO = [{"role": "user", "content": "hello"}]
+ERROR_KEYS = {"message", "type", "param", "code"}
+MiB = 1024 * 1024
+
+
+@dataclass
+class Rig:
+    gateway: ServerThread
+    fakes: list[FaultyOllama]
+    names: list[str]  # backend name of each fake, in order
+    baseline: int  # the gateway loop's task count at rest
+
+    def post(self, stream: bool) -> httpx.Response:
+        body = {"model": "llama", "messages": HELLO, "stream": stream}
+        return httpx.post(self.gateway.url + "/v1/chat/completions", json=body, timeout=10)
+
+    def name_of(self, fake: FaultyOllama) -> str:
+        return self.names[self.fakes.index(fake)]
+
+
+def gateway_tasks(gateway: ServerThread) -> list[asyncio.Task[Any]]:
+    """The tasks of the gateway's event loop (read on that loop), this probe excluded."""
+
+    async def snapshot() -> list[asyncio.Task[Any]]:
+        return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+    assert gateway.loop is not None
+    return asyncio.run_coroutine_threadsafe(snapshot(), gateway.loop).result(timeout=2)
+
+
+def settled_task_count(gateway: ServerThread, limit: float = 3.0) -> int:
+    """The task count once it has stayed the same for 0.15 s (the start-up probes are over)."""
+    deadline = time.monotonic() + limit
+    last, same_since = len(gateway_tasks(gateway)), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = len(gateway_tasks(gateway))
+        if count != last:
+            last, same_since = count, time.monotonic()
+        elif time.monotonic() - same_since >= 0.15:
+            break
+    return last
+
+
+@pytest.fixture
+def rig(start_gateway: Callable[..., ServerThread]) -> Iterator[Callable[[int, int], Rig]]:
+    """`rig(servers, refused)`: a gateway whose model `llama` has `servers` faulty instances and then
+    `refused` addresses where nothing listens, all with short timeouts."""
+    opened: list[Any] = []
+
+    def make(servers: int, refused: int = 0) -> Rig:
+        context = faulty_servers(servers)
+        fakes = context.__enter__()
+        opened.append(context)
+        urls = [fake.url for fake in fakes] + [f"http://127.0.0.1:{free_port()}" for _ in range(refused)]
+        names = [f"ollama-{i}" for i in range(1, len(urls) + 1)]
+        backends = [
+            {"name": name, "type": "ollama", "base_url": url, "timeouts": TIMEOUTS}
+            for name, url in zip(names, urls, strict=True)
+        ]
+        deployments = [{"backend": name, "model": "llama3.2:latest"} for name in names]
+        config = parse_config(
+            {
+                "backends": backends,
+                "models": [{"name": "llama", "deployments": deployments}],
+                "routing": {"retries": 2, "health": {"interval": 60}},
+            },
+            "test",
+        )
+        gateway = start_gateway(config)
+        wait_for(lambda: all(("GET", "/api/ps") in fake.requests for fake in fakes), 3)
+        return Rig(gateway, fakes, names, settled_task_count(gateway))
+
+    yield make
+    while opened:
+        opened.pop().__exit__(None, None, None)
+
+
+def assert_nothing_left(rig: Rig) -> None:
+    """In-flight 0 everywhere, no upstream connection mid-request, the loop back to its tasks."""
+    wait_for(lambda: all(fake.busy() == 0 for fake in rig.fakes), 3)
+    assert [fake.busy() for fake in rig.fakes] == [0] * len(rig.fakes)
+    wait_for(lambda: len(gateway_tasks(rig.gateway)) <= rig.baseline, 3)
+    left = gateway_tasks(rig.gateway)
+    assert len(left) <= rig.baseline, [repr(task.get_coro()) for task in left]
+    samples = scrape(rig.gateway.url)
+    inflight = {dict(labels)["backend"]: value for (name, labels), value in samples.items()
+                if name == "gateway_inflight_requests"}  # fmt: skip
+    assert set(inflight) == set(rig.names)
+    assert all(value == 0 for value in inflight.values()), inflight
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == ERROR_KEYS
+    return dict(body["error"])
+
+
+def requests_total(rig: Rig, backend: str, status: int) -> float:
+    labels = {"endpoint": "chat", "model": "llama", "backend": backend, "status": str(status)}
+    return sample(scrape(rig.gateway.url), "gateway_requests_total", **labels)
+
+
+def upstream_errors(rig: Rig, backend: str, reason: str) -> float:
+    return sample(scrape(rig.gateway.url), "gateway_upstream_errors_total", backend=backend, reason=reason)
+
+
+def retries(rig: Rig, backend: str) -> float:
+    return sample(scrape(rig.gateway.url), "gateway_retries_total", backend=backend)
+
+
+# ---- before the first byte, one instance: an OpenAI-shaped error ----
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_connection_refused_is_503(rig: Callable[..., Rig], stream: bool) -> None:
+    setup = rig(0, 1)
+    started = time.monotonic()
+    response = setup.post(stream)
+    assert time.monotonic() - started < 3
+    assert response.status_code == 503
+    error = error_of(response)
+    assert error["type"] == "server_error"
+    assert "Cannot connect to Ollama server at http://127.0.0.1:" in error["message"]
+    assert upstream_errors(setup, "ollama-1", "connect") == 1
+    assert requests_total(setup, "ollama-1", 503) == 1
+    assert_nothing_left(setup)
+
+
+BEFORE_FIRST_BYTE: dict[str, tuple[Script, int, str, str]] = {
+    # fault: (script, client status, error type, upstream error reason)
+    "reset-before-head": ([reset()], 503, "server_error", "connect"),
+    "reset-after-head": ([head(), reset()], 502, "server_error", "protocol"),
+    "close-before-head": ([close()], 503, "server_error", "connect"),
+    "hang-before-head": ([hang()], 504, "server_error", "timeout"),
+    "hang-after-head": ([head(), hang()], 504, "server_error", "timeout"),
+    "500": ([reply(500, {"error": "model runner crashed"})], 502, "server_error", "status"),
+    "503": ([reply(503, {"error": "server busy, please try again"})], 503, "server_error", "status"),
+    "malformed-first-line": ([head(), chunk(b"<html>oops</html>\n"), end()], 502, "server_error", "protocol"),
+    "no-lines-at-all": ([head(), end()], 502, "server_error", "protocol"),
+}
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [(fault, stream) for fault in BEFORE_FIRST_BYTE for stream in (False, True)],
+)
+def test_fault_before_the_first_byte_on_one_instance_is_an_openai_error(
+    rig: Callable[..., Rig], fault: str, stream: bool
+) -> None:
+    script, status, error_type, reason = BEFORE_FIRST_BYTE[fault]
+    setup = rig(1)
+    setup.fakes[0].queue(script)
+    started = time.monotonic()
+    response = setup.post(stream)
+    assert time.monotonic() - started < TIMEOUTS["first_token"] + 2
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert error_of(response)["type"] == error_type
+    assert setup.fakes[0].chats == 1
+    assert upstream_errors(setup, "ollama-1", reason) == 1
+    assert requests_total(setup, "ollama-1", status) == 1
+    assert_nothing_left(setup)
+
+
+# ---- before the first byte, two instances: the other one answers ----
+
+RETRIED: dict[str, tuple[Script, str]] = {
+    "reset-before-head": ([reset()], "connect"),
+    "hang-before-head": ([hang()], "timeout"),
+    "hang-after-head": ([head(), hang()], "timeout"),
+    "500": ([reply(500, {"error": "model runner crashed"})], "status"),
+    "429": ([reply(429, {"error": "too many requests"}, ("Retry-After", "7"))], "status"),
+    "malformed-first-line": ([head(), chunk(b"\x00\xff garbage\n"), end()], "protocol"),
+}
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [(fault, stream) for fault in RETRIED for stream in (False, True)],
+)
+def test_fault_before_the_first_byte_moves_to_the_other_instance(
+    rig: Callable[..., Rig], fault: str, stream: bool
+) -> None:
+    script, reason = RETRIED[fault]
+    setup = rig(2)
+    setup.fakes[0].queue(script)  # the queue is shared: the first chat, wherever it lands, fails
+    response = setup.post(stream)
+    assert response.status_code == 200, response.text
+    if stream:
+        assert response.text.rstrip().endswith("data: [DONE]")
+    served = response.headers["x-phoenix-backend"]
+    failed = next(name for name in setup.names if name != served)
+    assert [fake.chats for fake in setup.fakes] == [1, 1]
+    assert retries(setup, failed) == 1
+    assert retries(setup, served) == 0
+    assert upstream_errors(setup, failed, reason) == 1
+    assert requests_total(setup, served, 200) == 1
+    assert_nothing_left(setup)
+
+
+# ---- after the first byte: an SSE error event, no [DONE], never retried ----
+
+MID_STREAM: dict[str, tuple[Script, int]] = {
+    # fault, played once the client holds the first content event: (script, status in the metrics)
+    "reset": ([reset()], 502),
+    "stall": ([hang()], 504),
+    "500-error-line": (
+        [chunk(b'{"error": "an error was encountered while running the model"}\n'), hang()],
+        502,
+    ),
+    "malformed-line": ([chunk(b'{"model": "llama3.2:latest", "message": \n'), hang()], 502),
+    "truncated-no-done": ([end()], 502),
+    "truncated-mid-line": ([chunk(b'{"model": "llama3.2:lat'), close()], 502),
+    "absurdly-long-line": ([*[chunk(b"x" * MiB)] * 17, hang()], 502),
+}
+
+
+def read_events(response: httpx.Response, first_seen: threading.Event) -> list[str]:
+    """Every `data:` payload; `first_seen` is set when the first content delta has arrived."""
+    events = []
+    for text in response.iter_lines():
+        if text.startswith("data: "):
+            events.append(text.removeprefix("data: "))
+            if '"content":"a "' in text:
+                first_seen.set()
+    return events
+
+
+@pytest.mark.parametrize("fault", list(MID_STREAM))
+def test_fault_after_the_first_byte_is_an_sse_error_and_no_done(rig: Callable[..., Rig], fault: str) -> None:
+    script, status = MID_STREAM[fault]
+    first_seen = threading.Event()
+    setup = rig(2)
+    setup.fakes[0].queue([head(), chunk(line("a ")), wait(first_seen), *script])
+    body = {"model": "llama", "messages": HELLO, "stream": True}
+    started = time.monotonic()
+    with httpx.stream("POST", setup.gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+        assert response.status_code == 200
+        events = read_events(response, first_seen)
+    assert time.monotonic() - started < 5
+    assert first_seen.is_set()
+    assert "[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert set(error) == ERROR_KEYS
+    assert error["type"] == "server_error"
+    if fault.startswith("truncated-no-done"):
+        assert error["code"] == "upstream_incomplete"
+    assert all("error" not in json.loads(event) for event in events[:-1])
+    backend = response.headers["x-phoenix-backend"]
+    assert sum(fake.chats for fake in setup.fakes) == 1  # never retried once bytes went out
+    assert sum(retries(setup, name) for name in setup.names) == 0
+    assert requests_total(setup, backend, status) == 1, [
+        (k, v) for k, v in scrape(setup.gateway.url).items() if k[0] == "gateway_requests_total"
+    ]
+    assert_nothing_left(setup)
+
+
+# ---- the client goes away ----
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"), [("reset", "protocol"), ("stall", "timeout"), ("500-error-line", "status")]
+)
+def test_a_fault_after_the_first_byte_counts_as_an_upstream_error(
+    rig: Callable[..., Rig], fault: str, reason: str
+) -> None:
+    script, _ = MID_STREAM[fault]
+    first_seen = threading.Event()
+    setup = rig(1)
+    setup.fakes[0].queue([head(), chunk(line("a ")), wait(first_seen), *script])
+    body = {"model": "llama", "messages": HELLO, "stream": True}
+    with httpx.stream("POST", setup.gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+        events = read_events(response, first_seen)
+    assert "error" in json.loads(events[-1])
+    assert upstream_errors(setup, "ollama-1", reason) == 1
+    assert_nothing_left(setup)
+
+
+def test_429_passes_its_retry_after_to_the_client(rig: Callable[..., Rig]) -> None:
+    setup = rig(1)
+    setup.fakes[0].queue([reply(429, {"error": "too many requests"}, ("Retry-After", "7"))])
+    response = setup.post(stream=True)
+    assert response.status_code == 429
+    assert error_of(response)["type"] == "rate_limit_error"
+    assert response.headers.get("retry-after") == "7"
+    assert upstream_errors(setup, "ollama-1", "status") == 1
+    assert requests_total(setup, "ollama-1", 429) == 1
+    assert_nothing_left(setup)
+
+
+def test_client_disconnect_closes_the_upstream_within_a_second(rig: Callable[..., Rig]) -> None:
+    setup = rig(1)
+    fake = setup.fakes[0]
+    slow = [step for _ in range(200) for step in (chunk(line("tok ")), sleep(0.05))]
+    fake.queue([head(), *slow, chunk(line(done=True)), end()])
+    body = {"model": "llama", "messages": HELLO, "stream": True}
+    with httpx.stream("POST", setup.gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert next(lines) == ""
+        assert next(lines).startswith("data: ")
+        left_at = time.monotonic()
+    wait_for(fake.peer_closes, 2)
+    closes = fake.peer_closes()
+    assert len(closes) == 1, "the upstream never saw the gateway close the connection"
+    assert closes[0] - left_at < 1.0
+    wait_for(lambda: requests_total(setup, "ollama-1", 499) >= 1, 2)
+    assert requests_total(setup, "ollama-1", 499) == 1
+    assert upstream_errors(setup, "ollama-1", "protocol") + upstream_errors(setup, "ollama-1", "timeout") == 0
+    assert_nothing_left(setup)
