@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -107,3 +109,34 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class StreamInBackground:
+    """A streamed chat read in a thread, so a test can act on the gateway while it is in flight:
+    `started` is set at the first data event; `events` holds every `data:` payload."""
+
+    def __init__(self, url: str, body: dict[str, Any], timeout: float = 20) -> None:
+        self.events: list[str] = []
+        self.backend = ""
+        self.started = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(url, {**body, "stream": True}, timeout))
+        self._thread.start()
+
+    def _read(self, url: str, body: dict[str, Any], timeout: float) -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as response:
+            self.backend = response.headers.get("x-phoenix-backend", "")
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line.removeprefix("data: "))
+                    self.started.set()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def text(self) -> str:
+        """The content of every chunk before the final `[DONE]` or error event."""
+        chunks = [json.loads(event) for event in self.events[:-1]]
+        return "".join((c["choices"] or [{}])[0].get("delta", {}).get("content") or "" for c in chunks)

@@ -4,9 +4,7 @@ config changes nothing."""
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -18,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.audit import verify
-from tests.e2e.conftest import sample, scrape
+from tests.e2e.conftest import StreamInBackground, sample, scrape
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import GatewayProcess, ServerThread, gateway_process, serve
 
@@ -84,27 +82,14 @@ def served(tmp_path: Path) -> Iterator[Served]:
 def test_a_reload_swaps_the_pool_without_dropping_the_stream_in_flight(served: Served) -> None:
     for fake in served.fakes.values():
         fake.default = SLOW
-    received: list[str] = []
-    started = threading.Event()
-    backend: list[str] = []
-
-    def stream() -> None:
-        with httpx.stream("POST", served.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
-            backend.append(r.headers["x-phoenix-backend"])
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    received.append(line.removeprefix("data: "))
-                    started.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert started.wait(5)
-    gone = backend[0]
+    stream = StreamInBackground(served.url, CHAT)
+    assert stream.started.wait(5)
+    gone = stream.backend
     stays = "b" if gone == "a" else "a"
     served.write_config([stays, "c"])
     served.hangup()
     served.wait_for_backends({stays, "c"})
-    assert reader.is_alive(), "the reload came after the stream ended; the test proves nothing"
+    assert stream.running(), "the reload came after the stream ended; the test proves nothing"
 
     for fake in served.fakes.values():
         fake.default = Reply(content="quick")
@@ -114,15 +99,10 @@ def test_a_reload_swaps_the_pool_without_dropping_the_stream_in_flight(served: S
     assert {r.headers["x-phoenix-backend"] for r in answered} == {stays, "c"}
     assert len(served.fakes[gone].chat_bodies()) == chats_on_gone
 
-    reader.join(10)
-    assert not reader.is_alive()
-    assert received[-1] == "[DONE]"
-    text = "".join(
-        chunk["choices"][0]["delta"].get("content") or ""
-        for chunk in map(json.loads, received[:-1])
-        if chunk["choices"]
-    )
-    assert text == SLOW.content
+    stream.join(10)
+    assert not stream.running()
+    assert stream.events[-1] == "[DONE]"
+    assert stream.text() == SLOW.content
 
     samples = scrape(served.url)
     assert sample(samples, "gateway_backend_up", backend="c") == 1

@@ -3,16 +3,16 @@ finish, then exits cleanly."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from tests.e2e.conftest import StreamInBackground
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
 
@@ -36,35 +36,19 @@ def test_sigterm_drains_the_stream_in_flight_and_refuses_new_connections(
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")}
     with gateway_process(["--config", str(config)], tmp_path / "stderr.log", env) as gateway:
-        received: list[str] = []
-        started = threading.Event()
-        body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-        def stream() -> None:
-            with httpx.stream(
-                "POST", gateway.url + "/v1/chat/completions", json=body, timeout=20
-            ) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        received.append(line.removeprefix("data: "))
-                        started.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert started.wait(5)
+        stream = StreamInBackground(
+            gateway.url, {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert stream.started.wait(5)
         gateway.process.send_signal(signal.SIGTERM)
         with pytest.raises(httpx.ConnectError):
             for _ in range(50):  # the listening socket closes at once
                 httpx.get(gateway.url + "/healthz", timeout=0.5)
-                threading.Event().wait(0.02)
-        assert reader.is_alive(), "the stream ended before the test could prove anything"
-        reader.join(15)
-        assert not reader.is_alive()
+                time.sleep(0.02)
+        assert stream.running(), "the stream ended before the test could prove anything"
+        stream.join(15)
+        assert not stream.running()
         # uvicorn ends by re-raising the signal it handled, so a clean stop reports SIGTERM.
         assert gateway.process.wait(timeout=15) == -signal.SIGTERM
-    assert received[-1] == "[DONE]"
-    text = "".join(
-        (json.loads(event)["choices"] or [{}])[0].get("delta", {}).get("content") or ""
-        for event in received[:-1]
-    )
-    assert text == SLOW.content
+    assert stream.events[-1] == "[DONE]"
+    assert stream.text() == SLOW.content
