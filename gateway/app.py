@@ -75,14 +75,14 @@ class Reloader:
     def start(self) -> None:
         self.refresher = asyncio.create_task(self.state.keep_fresh())
 
-    async def reload(self) -> bool:
+    async def reload(self) -> None:
         async with self._lock:
             old = self.state
             try:
                 new = old.successor(self.load(), self.environ)
             except (ConfigError, AuditError) as error:
                 old.log.error("config reload failed; the running config stays", error=str(error))
-                return False
+                return
             self.app.state.gateway = new
             if self.refresher is not None:
                 self.refresher.cancel()
@@ -96,7 +96,6 @@ class Reloader:
                 draining=old.active,
             )
             self._spawn(self._retire(old, new))
-            return True
 
     async def _retire(self, old: State, new: State) -> None:
         left = await old.retire(new, DRAIN_SECONDS)
@@ -148,7 +147,6 @@ def create_app(
     )
     app.state.gateway = State.build(config, environ)
     reloader = Reloader(app, load or (lambda: config), environ)
-    app.state.reloader = reloader
     return app
 
 

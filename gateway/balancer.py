@@ -253,8 +253,9 @@ class Balancer:
             return []
         # Rotating the start per set of candidates breaks ties fairly, so equal instances share
         # the load, and round robin takes turns among exactly the instances that can serve.
-        turn = self._turns[tuple(t.backend for t in targets)]
-        self._turns[tuple(t.backend for t in targets)] = turn + 1
+        candidates = tuple(t.backend for t in targets)
+        turn = self._turns[candidates]
+        self._turns[candidates] = turn + 1
         rotated = [targets[(turn + i) % len(targets)] for i in range(len(targets))]
         score = self._scores(rotated)
         saturated = {t: self.instances[t.backend].saturated for t in rotated}

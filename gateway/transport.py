@@ -18,8 +18,6 @@ from contextlib import contextmanager
 import aiohttp
 import httpx
 
-READ_SIZE = 65536
-
 
 @contextmanager
 def _as_httpx(request: httpx.Request, *, reading: bool) -> Iterator[None]:
