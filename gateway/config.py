@@ -96,12 +96,27 @@ class ModelRoute(_Strict):
         return "*" in self.name
 
 
+class Limits(_Strict):
+    """Per-minute budgets of one API key (or of every anonymous caller together)."""
+
+    rpm: int | None = Field(default=None, ge=1)  # requests per minute
+    tpm: int | None = Field(default=None, ge=1)  # tokens per minute: prompt + completion
+
+
+class RateLimits(_Strict):
+    default: Limits = Limits()  # for keys without their own, and for the open gateway's callers
+    redis_url: str | None = None  # redis://host:6379/0 : one budget shared by every replica
+    redis_prefix: str = "phoenix:rl:"
+    fail_open: bool = True  # Redis unreachable: let requests through (logged), or refuse them with 503
+
+
 class ApiKey(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     key_env: str | None = None
     models: list[str] = ["*"]
     privacy: Literal["private", "public"] | None = None
+    limits: Limits | None = None  # this key's own limits; absent: rate_limits.default
 
     @model_validator(mode="after")
     def _one_secret(self) -> ApiKey:
@@ -149,6 +164,7 @@ class Config(_Strict):
     models: list[ModelRoute] = Field(min_length=1)
     routing: Routing = Routing()
     privacy: Privacy = Privacy()
+    rate_limits: RateLimits = RateLimits()
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.audit import AuditError, AuditLog
 from gateway.metrics import Metrics
+from gateway.ratelimit import Reservation
 from gateway.schemas import Usage
 
 CANCELLED = 499  # nginx's "client closed request": the client went away before the end
@@ -41,6 +42,7 @@ class Exchange:
     upstream_seconds: float = 0.0
     first_token_at: float | None = None
     time_per_token: float | None = None
+    reservation: Reservation | None = None  # what the rate limiter took for this request
     finished: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 

@@ -206,6 +206,14 @@ class EmbeddingRequest(_Wire):
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else [s for s in self.input if isinstance(s, str)]
 
+    def token_ids(self) -> int:
+        """How many pre-tokenized ids the input holds (0 for text input)."""
+        if isinstance(self.input, str):
+            return 0
+        return sum(
+            1 if isinstance(item, int) else len(item) if isinstance(item, list) else 0 for item in self.input
+        )
+
 
 # ---- internal values (what providers return; relay encodes them) ----
 

@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.policy import Plan, Router, Target, local_only, locality
 from gateway.providers import build_provider
 from gateway.providers.base import Provider
+from gateway.ratelimit import ANONYMOUS, RateLimiter, estimate
 from gateway.schemas import ModelInfo
 from gateway.upstream import make_transport
 
@@ -50,6 +51,7 @@ class State:
     balancer: Balancer
     dispatcher: Dispatcher
     keys: Keys
+    limiter: RateLimiter
     audit: AuditLog | None = None
     log: Any = field(default_factory=get_logger)
     active: int = 0  # requests begun and not yet finished
@@ -66,6 +68,7 @@ class State:
             metrics=metrics,
             transport=make_transport(),
             balancer=Balancer(config, metrics),
+            limiter=RateLimiter.build(config.rate_limits, get_logger()),
             audit=None,
         )
 
@@ -75,12 +78,18 @@ class State:
         is unchanged), so requests in flight on this one finish undisturbed. Raises ConfigError,
         with nothing changed, when the new config cannot be used."""
         audit = self.audit if config.privacy.audit_log == self.config.privacy.audit_log else None
+        limiter = (
+            RateLimiter(config.rate_limits, self.limiter.store)
+            if self.limiter.shares_store(config.rate_limits)
+            else RateLimiter.build(config.rate_limits, self.log)
+        )
         successor = State._assemble(
             config,
             environ,
             metrics=self.metrics,
             transport=self.transport,
             balancer=self.balancer,
+            limiter=limiter,
             audit=audit,
         )
         self.balancer.reconfigure(config)
@@ -95,6 +104,7 @@ class State:
         metrics: Metrics,
         transport: httpx.AsyncBaseTransport,
         balancer: Balancer,
+        limiter: RateLimiter,
         audit: AuditLog | None,
     ) -> State:
         environ = os.environ if environ is None else environ
@@ -104,7 +114,9 @@ class State:
             audit = AuditLog(config.privacy.audit_log)
         metrics.register_backends([backend.name for backend in config.backends])
         dispatcher = Dispatcher(providers, balancer, metrics, config.routing.retries)
-        return cls(config, metrics, transport, providers, Router(config), balancer, dispatcher, keys, audit)
+        return cls(
+            config, metrics, transport, providers, Router(config), balancer, dispatcher, keys, limiter, audit
+        )
 
     async def retire(self, successor: State, deadline: float) -> int:
         """After a reload: wait up to `deadline` seconds for this State's requests to finish, then
@@ -115,9 +127,12 @@ class State:
             await asyncio.sleep(0.05)
         if self.audit is not None and self.audit is not successor.audit:
             self.audit.close()
+        if self.limiter.store is not successor.limiter.store:
+            await self.limiter.aclose()
         return self.active
 
     async def aclose(self) -> None:
+        await self.limiter.aclose()
         await self.transport.aclose()
         if self.audit is not None:
             self.audit.close()
@@ -132,6 +147,14 @@ class State:
         if not exchange.finished:
             self.active -= 1
             exchange.finish(status, self.metrics, self.log, self.audit)
+            if (reservation := exchange.reservation) is not None:
+                usage = exchange.usage
+                # Without a count from the backend, a request that reached one keeps its estimate.
+                if usage is not None:
+                    used = usage.prompt_tokens + usage.completion_tokens
+                else:
+                    used = reservation.cost if exchange.backend else 0
+                self.limiter.settle(reservation, used)
 
     def authenticate(self, request: Request, exchange: Exchange) -> ApiKey | None:
         key = self.keys.identify(request.headers.get("authorization"))
@@ -181,6 +204,17 @@ class State:
             )
         return [local]
 
+    async def admit(
+        self, exchange: Exchange, key: ApiKey | None, texts: Iterable[str], extra_tokens: int | None
+    ) -> None:
+        """Charge the request to its key's rate limits (429 when they are spent): its text's
+        estimated tokens plus `extra_tokens` (max_tokens, or pre-tokenized input)."""
+        limits = self.limiter.limits(key.limits if key is not None else None)
+        if limits is not None:
+            name = key.name if key is not None else ANONYMOUS
+            cost = estimate(list(texts), extra_tokens) if limits.tpm else 0
+            exchange.reservation = await self.limiter.admit(name, limits, cost)
+
     async def _local_plan(self, plan: Plan) -> Plan | None:
         ollamas = {t.backend for t in plan.targets if self.config.backend(t.backend).type == "ollama"}
         listings = dict(zip(ollamas, await asyncio.gather(*map(self.listing, ollamas)), strict=True))
@@ -195,6 +229,8 @@ class State:
                    else f"{exchange.privacy};reason={exchange.privacy_reason}"}  # fmt: skip
         if exchange.backend:
             headers["x-phoenix-backend"] = exchange.backend
+        if exchange.reservation is not None:
+            headers.update(exchange.reservation.headers)
         return headers
 
     def fail(self, exchange: Exchange, error: GatewayError) -> Response:

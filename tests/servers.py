@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,3 +129,33 @@ def gateway_process(
         process.terminate()
         process.wait(timeout=limit)
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+@contextmanager
+def redis_server(directory: Path, limit: float = 10) -> Iterator[str]:
+    """A real `redis-server` (Debian's package, from scripts/install-services.sh) on a free loopback
+    port, without persistence; yields its URL and stops it at the end."""
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is not installed: run scripts/install-services.sh"
+    port = free_port()
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(
+        [*command, "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, "redis-server exited at start"
+            assert time.monotonic() < deadline, "redis-server did not start in time"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=limit)

@@ -1,7 +1,7 @@
 """The monitoring files in deploy/: valid for promtool, alert rules that fire when they should, and
 PromQL (alerts and dashboard) that names only metrics the gateway exports.
 
-promtool comes from scripts/install-prometheus.sh; without it these tests fail, never skip.
+promtool comes from scripts/install-services.sh; without it these tests fail, never skip.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": 
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool is not installed: run scripts/install-prometheus.sh")
+        pytest.fail("promtool is not installed: run scripts/install-services.sh")
     return subprocess.run([path, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False)
 
 

@@ -24,6 +24,7 @@ async def chat_completions(request: Request) -> Response:
         plans = await state.plans(
             request, exchange, key=key, model=chat.model, metadata=chat.metadata, texts=chat.texts
         )
+        await state.admit(exchange, key, chat.texts(), chat.max_output_tokens)
         if chat.stream:
             source = await state.dispatcher.open_stream(plans, chat, exchange)
             relay = StreamRelay(

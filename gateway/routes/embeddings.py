@@ -27,6 +27,7 @@ async def embeddings(request: Request) -> Response:
         plans = await state.plans(
             request, exchange, key=key, model=embed.model, metadata=embed.metadata, texts=embed.texts
         )
+        await state.admit(exchange, key, embed.texts(), embed.token_ids())
         result = await state.dispatcher.embed(plans, embed, exchange)
         expected = (
             1

@@ -70,3 +70,36 @@ def test_an_open_gateway_beyond_loopback_is_warned_about(
     assert main(["serve", "--config", str(path), "--host", host]) == 0
     assert started[0]["host"] == host  # nothing was bound: uvicorn.run is replaced
     assert ("open to anyone" in capsys.readouterr().err) is warned
+
+
+@pytest.mark.parametrize(
+    ("workers", "rate_limits", "warned"),
+    [
+        (2, {"default": {"rpm": 10}}, True),
+        (1, {"default": {"rpm": 10}}, False),
+        (2, {"default": {"rpm": 10}, "redis_url": "redis://127.0.0.1:6379/0"}, False),
+        (2, {}, False),
+    ],
+)
+def test_per_worker_rate_limits_are_warned_about(
+    *,
+    workers: int,
+    rate_limits: dict[str, Any],
+    warned: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config: dict[str, Any] = {
+        "backends": [{"name": "ollama-1", "type": "ollama"}],
+        "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama-1"}]}],
+        "rate_limits": rate_limits,
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(config))
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
+    assert main(["serve", "--config", str(path), "--workers", str(workers)]) == 0
+    assert started[0]["workers"] == workers
+    assert ("rate limits are kept per worker" in capsys.readouterr().err) is warned

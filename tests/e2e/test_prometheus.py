@@ -2,7 +2,7 @@
 every second, loads deploy/prometheus/alerts.yml, and answers the queries the dashboard and the
 alerts rely on with the traffic this test sent. promtool also checks the live /metrics text.
 
-Prometheus and promtool come from scripts/install-prometheus.sh; without them this fails, never skips.
+Prometheus and promtool come from scripts/install-services.sh; without them this fails, never skips.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ CHAT_200 = 'sum(gateway_requests_total{job="phoenix-gateway",endpoint="chat",sta
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: run scripts/install-prometheus.sh")
+        pytest.fail(f"{name} is not installed: run scripts/install-services.sh")
     return path
 
 

@@ -1,0 +1,311 @@
+"""Per-key rate limits: requests per minute and tokens per minute, as two token buckets.
+
+Each bucket holds up to one minute's budget and refills continuously at budget/60 per second, so
+a key may burst its whole minute and then proceeds at the steady rate. A request is admitted when
+the request bucket holds one request and the token bucket holds the request's estimated tokens
+(prompt text at four bytes a token, plus its `max_tokens`); both are then debited together or not
+at all. When the request ends, the estimate is replaced by the real count from the backend's
+usage, so a bucket may go below zero and the next request waits for the debt to refill, which is
+how a key that streams long answers is held to its tokens per minute.
+
+In memory by default, per process. With `rate_limits.redis_url` every replica shares one pair of
+buckets per key: admission and settlement are single Lua scripts, so two gateways can never both
+take the last request, and the clock is Redis's own, so replicas need not agree on the time. When
+Redis cannot be reached the request is let through and the failure logged (`fail_open`), or
+refused with 503 when the operator chose to fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.config import Limits, RateLimits
+from gateway.errors import RateLimited, UpstreamUnavailable
+
+ANONYMOUS = "*"  # the bucket of an open gateway's callers; no key name can contain '*'
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One bucket's state after a decision."""
+
+    capacity: int
+    level: float  # may be negative: tokens owed
+    per_second: float
+
+    @property
+    def reset(self) -> float:
+        """Seconds until the bucket is full again."""
+        return max(self.capacity - self.level, 0.0) / self.per_second
+
+    def wait(self, cost: float) -> float:
+        return max(cost - self.level, 0.0) / self.per_second
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    requests: Bucket | None
+    tokens: Bucket | None
+    retry_after: float = 0.0  # 0 when admitted
+    exhausted: str = ""  # "requests" or "tokens" when refused
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's `x-ratelimit-*` headers for the limits this key has."""
+        headers: dict[str, str] = {}
+        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            if bucket is not None:
+                headers[f"x-ratelimit-limit-{kind}"] = str(bucket.capacity)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(max(math.floor(bucket.level), 0))
+                headers[f"x-ratelimit-reset-{kind}"] = duration(bucket.reset)
+        return headers
+
+
+def duration(seconds: float) -> str:
+    """A span the way OpenAI writes it in `x-ratelimit-reset-*` (Go's notation): 120ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{text}s" if minutes else f"{text}s"
+
+
+def estimate(texts: list[str], extra: int | None) -> int:
+    """Tokens a request may use, before the backend has counted them: about four bytes of text
+    a token, plus `extra` (what it may generate, or ids it sent already tokenized)."""
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    return math.ceil(size / 4) + (extra or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What an admitted request took from its key's buckets, to be settled when it ends."""
+
+    key: str
+    limits: Limits
+    cost: int  # estimated tokens debited
+    headers: dict[str, str]
+
+
+class Store(Protocol):
+    async def admit(self, key: str, limits: Limits, cost: int) -> Verdict: ...
+
+    async def settle(self, key: str, limits: Limits, tokens: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryStore:
+    """Buckets in this process: (level, when) per key and kind."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def _level(self, key: str, kind: str, capacity: int, now: float) -> float:
+        level, at = self._buckets.get((key, kind), (float(capacity), now))
+        return min(float(capacity), level + (now - at) * capacity / 60)
+
+    async def admit(self, key: str, limits: Limits, cost: int) -> Verdict:
+        now = self._clock()
+        requests = tokens = None
+        if limits.rpm:
+            requests = Bucket(limits.rpm, self._level(key, "r", limits.rpm, now), limits.rpm / 60)
+        if limits.tpm:
+            tokens = Bucket(limits.tpm, self._level(key, "t", limits.tpm, now), limits.tpm / 60)
+        verdict = decide(requests, tokens, cost)
+        if not verdict.retry_after:
+            if verdict.requests is not None:
+                self._buckets[key, "r"] = (verdict.requests.level, now)
+            if verdict.tokens is not None:
+                self._buckets[key, "t"] = (verdict.tokens.level, now)
+        return verdict
+
+    async def settle(self, key: str, limits: Limits, tokens: int) -> None:
+        if limits.tpm and tokens:
+            now = self._clock()
+            self._buckets[key, "t"] = (self._level(key, "t", limits.tpm, now) - tokens, now)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def decide(requests: Bucket | None, tokens: Bucket | None, cost: int) -> Verdict:
+    """Admit (debiting both buckets) or refuse (with the wait until both would admit)."""
+    waits = {
+        "requests": requests.wait(1) if requests is not None else 0.0,
+        "tokens": tokens.wait(cost) if tokens is not None else 0.0,
+    }
+    exhausted = max(waits, key=lambda kind: waits[kind])
+    if waits[exhausted] > 0:
+        return Verdict(requests, tokens, waits[exhausted], exhausted)
+    return Verdict(
+        Bucket(requests.capacity, requests.level - 1, requests.per_second) if requests else None,
+        Bucket(tokens.capacity, tokens.level - cost, tokens.per_second) if tokens else None,
+    )
+
+
+# Both scripts read the level of a bucket as stored level + refill since it was stored, capped at
+# the capacity; a key that is absent is a full bucket (keys expire once they would be full). The
+# numbers go back as strings: Redis would truncate a Lua number to an integer.
+_LEVEL = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local function level(key, capacity)
+  if capacity <= 0 then return 0 end
+  local stored = redis.call('HMGET', key, 'level', 'at')
+  if not stored[1] then return capacity end
+  return math.min(capacity, tonumber(stored[1]) + (now - tonumber(stored[2])) * capacity / 60)
+end
+local function store(key, capacity, value)
+  redis.call('HSET', key, 'level', tostring(value), 'at', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((capacity - value) * 60000 / capacity) + 1000)
+end
+"""
+
+# KEYS: request bucket, token bucket. ARGV: rpm, tpm (0: no such limit), cost in tokens.
+_ADMIT = (
+    _LEVEL
+    + """
+local rpm, tpm, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local requests, tokens = level(KEYS[1], rpm), level(KEYS[2], tpm)
+local admitted = (rpm == 0 or requests >= 1) and (tpm == 0 or tokens >= cost)
+if admitted then
+  if rpm > 0 then requests = requests - 1; store(KEYS[1], rpm, requests) end
+  if tpm > 0 then tokens = tokens - cost; store(KEYS[2], tpm, tokens) end
+end
+return {admitted and 1 or 0, tostring(requests), tostring(tokens)}
+"""
+)
+
+# KEYS: token bucket. ARGV: tpm, tokens to debit (negative: a refund).
+_SETTLE = (
+    _LEVEL
+    + """
+local tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
+store(KEYS[1], tpm, level(KEYS[1], tpm) - tokens)
+return 1
+"""
+)
+
+
+class RedisStore:
+    """Buckets in Redis, shared by every gateway that names the same server and prefix."""
+
+    def __init__(self, url: str, prefix: str, *, fail_open: bool, log: Any) -> None:
+        import redis.asyncio as redis  # noqa: PLC0415 (134 ms) only operators who configure Redis pay for the import
+
+        self._client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._admit = self._client.register_script(_ADMIT)
+        self._settle = self._client.register_script(_SETTLE)
+        self._prefix = prefix
+        self._fail_open = fail_open
+        self._log = log
+        self._errors = redis.RedisError
+
+    def _keys(self, key: str) -> list[str]:
+        return [f"{self._prefix}{key}:requests", f"{self._prefix}{key}:tokens"]
+
+    async def admit(self, key: str, limits: Limits, cost: int) -> Verdict:
+        try:
+            admitted, requests, tokens = await self._admit(
+                keys=self._keys(key), args=[limits.rpm or 0, limits.tpm or 0, cost]
+            )
+        except (self._errors, OSError) as error:
+            self._log.error("rate limit store unreachable", error=type(error).__name__)
+            if self._fail_open:
+                return Verdict(None, None)
+            raise UpstreamUnavailable(
+                "The rate-limit store (Redis) is unreachable, and rate_limits.fail_open is false."
+            ) from None
+        # The script's levels are after the debit when admitted, before it when not.
+        request_bucket = Bucket(limits.rpm, float(requests), limits.rpm / 60) if limits.rpm else None
+        token_bucket = Bucket(limits.tpm, float(tokens), limits.tpm / 60) if limits.tpm else None
+        if admitted:
+            return Verdict(request_bucket, token_bucket)
+        return decide(request_bucket, token_bucket, cost)
+
+    async def settle(self, key: str, limits: Limits, tokens: int) -> None:
+        if not limits.tpm or not tokens:
+            return
+        try:
+            await self._settle(keys=self._keys(key)[1:], args=[limits.tpm, tokens])
+        except (self._errors, OSError) as error:
+            self._log.error("rate limit store unreachable", error=type(error).__name__)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _who(key: str) -> str:
+    return "callers without an API key" if key == ANONYMOUS else f"the API key '{key}'"
+
+
+class RateLimiter:
+    """The limits of the current config over a store that outlives reloads."""
+
+    def __init__(self, config: RateLimits, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._settling: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def build(cls, config: RateLimits, log: Any) -> RateLimiter:
+        store: Store = (
+            RedisStore(config.redis_url, config.redis_prefix, fail_open=config.fail_open, log=log)
+            if config.redis_url
+            else MemoryStore()
+        )
+        return cls(config, store)
+
+    def shares_store(self, config: RateLimits) -> bool:
+        return (config.redis_url, config.redis_prefix) == (self.config.redis_url, self.config.redis_prefix)
+
+    def limits(self, key_limits: Limits | None) -> Limits | None:
+        limits = key_limits or self.config.default
+        return limits if limits.rpm or limits.tpm else None
+
+    async def admit(self, key: str, limits: Limits, cost: int) -> Reservation:
+        """Take one request and `cost` tokens from the key's buckets, or raise RateLimited (429)
+        saying how long to wait."""
+        if limits.tpm and cost > limits.tpm:
+            raise RateLimited(
+                f"Request too large for {_who(key)}: it may use {cost} tokens (prompt estimate plus"
+                f" max_tokens) and the limit is {limits.tpm} tokens per minute. Send less text or a"
+                " smaller max_tokens.",
+                code="rate_limit_exceeded",
+                headers={"x-should-retry": "false"},
+            )
+        verdict = await self.store.admit(key, limits, cost)
+        if verdict.retry_after:
+            unit = "requests" if verdict.exhausted == "requests" else "tokens"
+            limit = limits.rpm if unit == "requests" else limits.tpm
+            raise RateLimited(
+                f"Rate limit reached for {_who(key)} on {unit} per minute: limit {limit}."
+                f" Please try again in {duration(verdict.retry_after)}.",
+                code="rate_limit_exceeded",
+                headers={
+                    "retry-after": str(max(1, math.ceil(verdict.retry_after))),
+                    "retry-after-ms": str(math.ceil(verdict.retry_after * 1000)),
+                    **verdict.headers(),
+                },
+            )
+        return Reservation(key, limits, cost, verdict.headers())
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        """Replace the estimate by the `used` tokens (in the background: the answer has gone)."""
+        tokens = used - reservation.cost
+        if not reservation.limits.tpm or not tokens:
+            return
+        settling = self.store.settle(reservation.key, reservation.limits, tokens)
+        task = asyncio.get_running_loop().create_task(settling)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def aclose(self) -> None:
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        await self.store.aclose()

@@ -1,0 +1,192 @@
+"""Rate limits per API key through the real gateway: OpenAI's 429 and `x-ratelimit-*` headers, the
+token budget settled to what the backend counted, and one budget for two gateway processes
+sharing a real `redis-server`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from gateway.config import Config
+from tests.e2e.conftest import ollama_config, sample, scrape
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import ServerThread, gateway_process, redis_server
+
+pytestmark = pytest.mark.e2e
+SECRETS = {"CLINIC_KEY": "sk-clinic", "SCHOOL_KEY": "sk-school"}
+HI = [{"role": "user", "content": "hi"}]
+
+
+def keys(clinic: dict[str, int], school: dict[str, int] | None = None) -> dict[str, Any]:
+    entries: list[dict[str, Any]] = [{"name": "clinic", "key_env": "CLINIC_KEY", "limits": clinic}]
+    entries.append({"name": "school", "key_env": "SCHOOL_KEY", **({"limits": school} if school else {})})
+    return {"keys": entries}
+
+
+_clients: list[openai.OpenAI] = []
+
+
+def client(server: ServerThread | str, key: str = "sk-clinic") -> openai.OpenAI:
+    url = server if isinstance(server, str) else server.url
+    _clients.append(openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0))
+    return _clients[-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+@pytest.fixture
+def limited(
+    fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[..., ServerThread]
+) -> Callable[..., ServerThread]:
+    def start(**overrides: Any) -> ServerThread:
+        config: Config = ollama_config(fake_ollama[1].url, **overrides)
+        return start_gateway(config, SECRETS)
+
+    return start
+
+
+def test_requests_per_minute_run_out_with_openais_429_and_headers(
+    fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread]
+) -> None:
+    fake = fake_ollama[0]
+    gateway = limited(auth=keys(clinic={"rpm": 3}), rate_limits={"default": {"rpm": 100}})
+    remaining = []
+    for _ in range(3):
+        raw = client(gateway).chat.completions.with_raw_response.create(model="llama3.2", messages=HI)
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        assert "x-ratelimit-limit-tokens" not in raw.headers  # no token limit configured
+        remaining.append(raw.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["2", "1", "0"]
+
+    with pytest.raises(openai.RateLimitError) as refused:  # a stream is refused before it starts
+        client(gateway).chat.completions.create(model="llama3.2", messages=HI, stream=True)
+    error = refused.value
+    assert error.status_code == 429
+    assert error.code == "rate_limit_exceeded"
+    assert "the API key 'clinic' on requests per minute: limit 3" in error.message
+    assert error.response.headers["retry-after"] == "20"
+    assert 19_000 < int(error.response.headers["retry-after-ms"]) <= 20_000
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(fake.chat_bodies()) == 3  # the refused request never reached the backend
+
+    # the other key has its own budget, from the default
+    raw = client(gateway, "sk-school").chat.completions.with_raw_response.create(
+        model="llama3.2", messages=HI
+    )
+    assert raw.headers["x-ratelimit-limit-requests"] == "100"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "99"
+    samples = scrape(gateway.url)
+    assert (
+        sample(samples, "gateway_requests_total", endpoint="chat", status="429", backend="", model="llama3.2")
+        == 1
+    )
+
+
+def test_tokens_per_minute_are_charged_what_the_backend_counted(
+    fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread]
+) -> None:
+    fake = fake_ollama[0]
+    fake.default = Reply(content="one two three", prompt_eval_count=40, eval_count=50)  # 90 tokens
+    gateway = limited(auth=keys(clinic={"tpm": 200}))
+    first = client(gateway).chat.completions.with_raw_response.create(model="llama3.2", messages=HI)
+    assert first.headers["x-ratelimit-limit-tokens"] == "200"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "199"  # estimate: "hi" is one token
+    # the stream is settled too: 90 + 90 taken, so about 20 are left
+    stream = client(gateway).chat.completions.create(model="llama3.2", messages=HI, stream=True)
+    assert (
+        "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == "one two three"
+    )
+    third = client(gateway).chat.completions.with_raw_response.create(
+        model="llama3.2", messages=HI, max_tokens=10
+    )
+    assert 9 <= int(third.headers["x-ratelimit-remaining-tokens"]) <= 10  # 20 - 11, plus a little refill
+    with pytest.raises(openai.RateLimitError) as refused:  # now -70: 11 more need 81 tokens, 25 s
+        client(gateway).chat.completions.create(model="llama3.2", messages=HI, max_tokens=10)
+    assert "on tokens per minute: limit 200" in refused.value.message
+    assert 24 <= int(refused.value.response.headers["retry-after"]) <= 25
+    with pytest.raises(openai.RateLimitError) as too_large:
+        client(gateway).chat.completions.create(model="llama3.2", messages=HI, max_tokens=500)
+    assert "it may use 501 tokens" in too_large.value.message
+    assert too_large.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.chat_bodies()) == 3
+
+
+def test_an_open_gateway_limits_its_anonymous_callers_together(
+    fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread]
+) -> None:
+    gateway = limited(rate_limits={"default": {"rpm": 2}})
+    for _ in range(2):
+        assert (
+            httpx.post(gateway.url + "/v1/embeddings", json={"model": "embed", "input": "x"}).status_code
+            == 200
+        )
+    response = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "llama3.2", "messages": HI})
+    assert response.status_code == 429
+    assert "callers without an API key" in response.json()["error"]["message"]
+
+
+def test_unlimited_keys_get_no_rate_limit_headers(gateway: ServerThread) -> None:
+    response = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "llama3.2", "messages": HI})
+    assert response.status_code == 200
+    assert not [name for name in response.headers if name.startswith("x-ratelimit")]
+
+
+def test_an_unreachable_redis_is_logged_and_lets_requests_through_unless_told_to_fail_closed(
+    limited: Callable[..., ServerThread],
+) -> None:
+    nowhere = "redis://127.0.0.1:9/0"  # the discard port: nothing listens
+    open_ = limited(auth=keys(clinic={"rpm": 1}), rate_limits={"redis_url": nowhere})
+    for _ in range(2):
+        assert client(open_).chat.completions.create(model="llama3.2", messages=HI).choices
+    closed = limited(auth=keys(clinic={"rpm": 1}), rate_limits={"redis_url": nowhere, "fail_open": False})
+    with pytest.raises(openai.InternalServerError) as refused:
+        client(closed).chat.completions.create(model="llama3.2", messages=HI)
+    assert refused.value.status_code == 503
+    assert "rate-limit store (Redis) is unreachable" in refused.value.message
+
+
+@pytest.fixture
+def two_gateways(fake_ollama: tuple[FakeOllama, ServerThread], tmp_path: Path) -> Iterator[list[str]]:
+    with redis_server(tmp_path) as url:
+        config = ollama_config(fake_ollama[1].url).model_dump(mode="json", exclude_unset=True)
+        config["auth"] = keys(clinic={"rpm": 4, "tpm": 1000})
+        config["rate_limits"] = {"redis_url": url}
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {**os.environ, **SECRETS}
+        with (
+            gateway_process(["--config", str(path)], tmp_path / "a.log", env) as a,
+            gateway_process(["--config", str(path)], tmp_path / "b.log", env) as b,
+        ):
+            yield [a.url, b.url]
+
+
+def test_two_gateway_processes_share_one_budget_through_redis(
+    fake_ollama: tuple[FakeOllama, ServerThread], two_gateways: list[str]
+) -> None:
+    fake = fake_ollama[0]
+    remaining = []
+    for i in range(4):
+        raw = client(two_gateways[i % 2]).chat.completions.with_raw_response.create(
+            model="llama3.2", messages=HI
+        )
+        remaining.append(raw.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["3", "2", "1", "0"]
+    for url in two_gateways:
+        with pytest.raises(openai.RateLimitError) as refused:
+            client(url).chat.completions.create(model="llama3.2", messages=HI)
+        assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert 14 <= int(refused.value.response.headers["retry-after"]) <= 15  # 60/4 s
+    assert len(fake.chat_bodies()) == 4

@@ -1,0 +1,196 @@
+"""Token buckets per key: the arithmetic on a fake clock, and the same rules in a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+
+from gateway.config import Limits, RateLimits, parse_config
+from gateway.errors import RateLimited, UpstreamUnavailable
+from gateway.logs import get_logger
+from gateway.ratelimit import MemoryStore, RateLimiter, RedisStore, duration, estimate
+from gateway.state import State
+from tests.servers import redis_server
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limiter(limits: Limits, clock: Clock) -> RateLimiter:
+    return RateLimiter(RateLimits(default=limits), MemoryStore(clock))
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, "0ms"), (0.0201, "21ms"), (1.0, "1s"), (1.5, "1.5s"), (59.9, "59.9s"), (60.0, "1m0s"),
+     (360.0, "6m0s"), (90.25, "1m30.25s")],
+)  # fmt: skip
+def test_reset_durations_read_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+def test_estimate_counts_utf8_bytes_over_four_plus_the_output_allowance() -> None:
+    assert estimate(["abcd" * 10], None) == 10
+    assert estimate(["é" * 4], 5) == 2 + 5  # 8 bytes
+    assert estimate([], 7) == 7
+
+
+async def test_requests_per_minute_burst_then_refill_at_the_steady_rate() -> None:
+    clock = Clock()
+    rate = limiter(Limits(rpm=3), clock)
+    remaining = []
+    for _ in range(3):
+        reservation = await rate.admit("app", Limits(rpm=3), 0)
+        remaining.append(reservation.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["2", "1", "0"]
+    with pytest.raises(RateLimited) as refused:
+        await rate.admit("app", Limits(rpm=3), 0)
+    assert refused.value.headers["retry-after"] == "20"  # one request refills in 60/3 s
+    assert refused.value.headers["retry-after-ms"] == "20000"
+    assert refused.value.headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert "the API key 'app' on requests per minute: limit 3" in refused.value.message
+    clock.now += 19.9
+    with pytest.raises(RateLimited):
+        await rate.admit("app", Limits(rpm=3), 0)
+    clock.now += 0.1
+    assert (await rate.admit("app", Limits(rpm=3), 0)).headers["x-ratelimit-remaining-requests"] == "0"
+    await rate.admit("other", Limits(rpm=3), 0)  # every key has its own buckets
+
+
+async def test_tokens_are_settled_to_the_real_count_and_debt_delays_the_next_request() -> None:
+    clock = Clock()
+    rate = limiter(Limits(tpm=600), clock)  # 10 tokens a second
+    first = await rate.admit("app", Limits(tpm=600), 100)
+    assert first.headers["x-ratelimit-remaining-tokens"] == "500"
+    rate.settle(first, 900)  # the answer was long: 800 more than estimated
+    await asyncio.sleep(0)  # the settlement runs in the background
+    with pytest.raises(RateLimited) as refused:
+        await rate.admit("app", Limits(tpm=600), 50)
+    # level 600 - 900 = -300; 50 tokens are there after 35 s
+    assert refused.value.headers["retry-after"] == "35"
+    assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
+    clock.now += 35
+    second = await rate.admit("app", Limits(tpm=600), 50)
+    rate.settle(second, 10)  # shorter than estimated: 40 come back
+    await asyncio.sleep(0)
+    assert (await rate.admit("app", Limits(tpm=600), 40)).headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_a_request_larger_than_the_whole_budget_is_told_it_can_never_fit() -> None:
+    rate = limiter(Limits(tpm=100), Clock())
+    with pytest.raises(RateLimited) as refused:
+        await rate.admit("app", Limits(tpm=100), 101)
+    assert "it may use 101 tokens" in refused.value.message
+    assert refused.value.headers == {"x-should-retry": "false"}
+
+
+async def test_both_limits_are_debited_together_or_not_at_all() -> None:
+    clock = Clock()
+    rate = limiter(Limits(rpm=10, tpm=100), clock)
+    await rate.admit("app", Limits(rpm=10, tpm=100), 90)
+    with pytest.raises(RateLimited) as refused:
+        await rate.admit("app", Limits(rpm=10, tpm=100), 20)
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "9"  # not taken
+    assert "on tokens per minute" in refused.value.message
+
+
+def test_keys_limits_override_the_default_and_no_limits_means_no_limiter_work() -> None:
+    rate = RateLimiter(RateLimits(default=Limits(rpm=5)), MemoryStore())
+    assert rate.limits(None) == Limits(rpm=5)
+    assert rate.limits(Limits(tpm=9)) == Limits(tpm=9)
+    assert RateLimiter(RateLimits(), MemoryStore()).limits(None) is None
+
+
+def test_a_reload_keeps_the_buckets_unless_the_store_changes() -> None:
+    data = {
+        "backends": [{"name": "o", "type": "ollama"}],
+        "models": [{"name": "m", "deployments": [{"backend": "o"}]}],
+        "rate_limits": {"default": {"rpm": 5}},
+    }
+    state = State.build(parse_config(data, "a"), environ={})
+    same = state.successor(parse_config({**data, "rate_limits": {"default": {"rpm": 7}}}, "b"), environ={})
+    assert same.limiter.store is state.limiter.store
+    assert same.limiter.limits(None) == Limits(rpm=7)
+    moved = state.successor(
+        parse_config({**data, "rate_limits": {"redis_url": "redis://127.0.0.1:1/0"}}, "c"), environ={}
+    )
+    assert isinstance(moved.limiter.store, RedisStore)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    with redis_server(tmp_path) as url:
+        yield url
+
+
+async def test_redis_buckets_are_one_budget_for_every_replica_even_when_they_race(redis_url: str) -> None:
+    replicas = [
+        RateLimiter(RateLimits(redis_url=redis_url), RedisStore(redis_url, "t:", fail_open=False, log=None))
+        for _ in range(2)
+    ]
+    try:
+        outcomes = await asyncio.gather(
+            *(replicas[i % 2].admit("app", Limits(rpm=5), 0) for i in range(20)), return_exceptions=True
+        )
+        admitted = [o for o in outcomes if not isinstance(o, BaseException)]
+        refused = [o for o in outcomes if isinstance(o, RateLimited)]
+        assert (len(admitted), len(refused)) == (5, 15)
+        assert sorted(r.headers["x-ratelimit-remaining-requests"] for r in admitted) == [
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+        ]
+        assert {r.headers["retry-after"] for r in refused} == {"12"}  # 60/5 s, less Redis's clock drift
+        client = redis.Redis.from_url(redis_url)
+        assert 0 < await client.pttl("t:app:requests") <= 61_000  # gone once it would be full again
+        await client.aclose()
+    finally:
+        for replica in replicas:
+            await replica.aclose()
+
+
+async def test_redis_settlement_carries_debt_across_replicas(redis_url: str) -> None:
+    a = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", fail_open=False, log=None))
+    b = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", fail_open=False, log=None))
+    try:
+        reservation = await a.admit("app", Limits(tpm=600), 100)
+        assert reservation.headers["x-ratelimit-remaining-tokens"] == "500"
+        a.settle(reservation, 1000)
+        await a.aclose()  # waits for the settlement
+        with pytest.raises(RateLimited) as refused:
+            await b.admit("app", Limits(tpm=600), 10)
+        assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert 40 <= int(refused.value.headers["retry-after"]) <= 41  # -400 + 10 at 10 per second
+    finally:
+        await b.aclose()
+
+
+async def test_unreachable_redis_fails_open_or_closed_as_configured() -> None:
+    events: list[str] = []
+
+    class Log:
+        def error(self, event: str, **fields: object) -> None:
+            events.append(event)
+
+    url = "redis://127.0.0.1:9/0"  # discard port: nothing listens
+    open_ = RateLimiter(RateLimits(), RedisStore(url, "t:", fail_open=True, log=Log()))
+    assert (await open_.admit("app", Limits(rpm=1), 0)).headers == {}
+    closed = RateLimiter(RateLimits(), RedisStore(url, "t:", fail_open=False, log=get_logger()))
+    with pytest.raises(UpstreamUnavailable, match="rate-limit store"):
+        await closed.admit("app", Limits(rpm=1), 0)
+    assert events == ["rate limit store unreachable"]
+    await open_.aclose()
+    await closed.aclose()
