@@ -96,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             access_log=False,
             log_level="warning",
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=config.server.shutdown_timeout,
         )
     return 0
 

@@ -8,6 +8,8 @@
     │   └── PrivacyViolation          403 code=privacy_violation
     ├── ModelNotFound                 404 invalid_request_error   code=model_not_found
     ├── RateLimited                   429 rate_limit_error        (retry_after seconds)
+    ├── Unavailable                   503 the gateway itself cannot serve (rate-limit store down)
+    │   └── ShuttingDown              503 cut at the shutdown deadline
     └── UpstreamError                 502 server_error            (the backend failed us)
         ├── UpstreamUnavailable       503 connection refused / DNS / reset before a byte
         ├── UpstreamTimeout           504 connect, first token, idle or total deadline
@@ -106,6 +108,20 @@ class RateLimited(GatewayError):
     status = 429
     error_type = "rate_limit_error"
     log_level = "info"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    log_level = "warning"
+
+
+class ShuttingDown(Unavailable):
+    def __init__(self) -> None:
+        super().__init__(
+            "The gateway is shutting down and its deadline for requests in flight"
+            " (server.shutdown_timeout) has passed; retry the request.",
+            code="shutting_down",
+        )
 
 
 class UpstreamError(GatewayError):

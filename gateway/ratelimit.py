@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config import Limits, RateLimits
-from gateway.errors import RateLimited, UpstreamUnavailable
+from gateway.errors import RateLimited, Unavailable
 
 ANONYMOUS = "*"  # the bucket of an open gateway's callers; no key name can contain '*'
 
@@ -218,7 +218,7 @@ class RedisStore:
             self._log.error("rate limit store unreachable", error=type(error).__name__)
             if self._fail_open:
                 return Verdict(None, None)
-            raise UpstreamUnavailable(
+            raise Unavailable(
                 "The rate-limit store (Redis) is unreachable, and rate_limits.fail_open is false."
             ) from None
         # The script's levels are after the debit when admitted, before it when not.

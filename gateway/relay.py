@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamTimeout
 from gateway.exchange import CANCELLED, Exchange
 from gateway.providers.base import random_id
 from gateway.schemas import Chunk, Completion, ToolCallDelta, Usage
@@ -161,6 +161,12 @@ class StreamRelay:
         self._on_unexpected = on_unexpected
         self._usage: Usage | None = None
         self._last_output = 0.0
+        self._cut: GatewayError | None = None  # why the server stopped the stream, if it did
+
+    def cut(self, error: GatewayError) -> None:
+        """The server is stopping this stream (shutdown deadline): record that, not a client's 499."""
+        self._cut = error
+        self._exchange.error_type = error.error_type
 
     async def _next(self) -> Chunk | None:
         source = self._source
@@ -207,7 +213,7 @@ class StreamRelay:
                 exchange.notes["upstream_error"] = error.reason
             yield error_event(error)
         except (asyncio.CancelledError, GeneratorExit):
-            status = CANCELLED
+            status = CANCELLED if self._cut is None else self._cut.http_status
             raise
         except Exception as error:  # our own bug: tell the client plainly, log the type
             status = 500
@@ -236,10 +242,18 @@ async def _close(stream: AsyncIterator[Chunk]) -> None:
 
 
 class EventStream:
-    """ASGI response for SSE: stops the body (and so the upstream) as soon as the client disconnects."""
+    """ASGI response for SSE: stops the body (and so the upstream) as soon as the client disconnects.
+    When the server cancels it (its shutdown deadline has passed) the body is stopped the same way
+    and the client gets an error event saying so, then the end of the stream."""
 
-    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        headers: dict[str, str],
+        on_shutdown: Callable[[GatewayError], None] | None = None,
+    ) -> None:
         self._body = body
+        self._on_shutdown = on_shutdown
         self._headers = [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -250,14 +264,27 @@ class EventStream:
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_disconnected(receive))
+        cut: GatewayError | None = None
         try:
             await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            cut = ShuttingDown()
+            if self._on_shutdown is not None:
+                self._on_shutdown(cut)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
             watch.cancel()
             if not pump.done():
                 pump.cancel()
             # Let the body run its cleanup (closing the upstream) before this response ends.
             await asyncio.wait((pump,))
+        if cut is not None and pump.cancelled():
+            with suppress(OSError, RuntimeError):  # the client may be gone too
+                await send({"type": "http.response.body", "body": error_event(cut), "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         if not pump.cancelled() and pump.exception() is not None:
             raise pump.exception()  # type: ignore[misc]
 

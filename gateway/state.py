@@ -21,7 +21,7 @@ from gateway.auth import Keys, check_model
 from gateway.balancer import Balancer
 from gateway.config import ApiKey, Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError, PrivacyViolation
+from gateway.errors import GatewayError, PrivacyViolation, ShuttingDown
 from gateway.exchange import Exchange
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -239,6 +239,14 @@ class State:
         log("request failed", error=error.error_type, status=error.http_status, message=error.message)
         self.finish(exchange, error.http_status)
         return json_response(error.body(), error.http_status, {**self.headers(exchange), **error.headers})
+
+    def cut_short(self, exchange: Exchange) -> Response:
+        """The request's task was cancelled by the server at its shutdown deadline: answer 503
+        while the connection is still there, and record it."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return self.fail(exchange, ShuttingDown())
 
     def unexpected(self, error: BaseException) -> None:
         """Our own bug: log where it happened (not the message, which may hold request text)."""

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as redis
 
 from gateway.config import Limits, RateLimits, parse_config
-from gateway.errors import RateLimited, UpstreamUnavailable
+from gateway.errors import RateLimited, Unavailable
 from gateway.logs import get_logger
 from gateway.ratelimit import MemoryStore, RateLimiter, RedisStore, duration, estimate
 from gateway.state import State
@@ -189,7 +189,7 @@ async def test_unreachable_redis_fails_open_or_closed_as_configured() -> None:
     open_ = RateLimiter(RateLimits(), RedisStore(url, "t:", fail_open=True, log=Log()))
     assert (await open_.admit("app", Limits(rpm=1), 0)).headers == {}
     closed = RateLimiter(RateLimits(), RedisStore(url, "t:", fail_open=False, log=get_logger()))
-    with pytest.raises(UpstreamUnavailable, match="rate-limit store"):
+    with pytest.raises(Unavailable, match="rate-limit store"):
         await closed.admit("app", Limits(rpm=1), 0)
     assert events == ["rate limit store unreachable"]
     await open_.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -35,7 +37,9 @@ async def chat_completions(request: Request) -> Response:
                 finish=lambda status: state.finish(exchange, status),
                 on_unexpected=state.unexpected,
             )
-            return EventStream(relay.body(), state.headers(exchange))  # type: ignore[return-value]
+            return EventStream(  # type: ignore[return-value]
+                relay.body(), state.headers(exchange), on_shutdown=relay.cut
+            )
         completion = await state.dispatcher.complete(plans, chat, exchange)
         exchange.usage = completion.usage
         exchange.notes.update(completion.notices)
@@ -45,5 +49,7 @@ async def chat_completions(request: Request) -> Response:
         return response
     except GatewayError as error:
         return state.fail(exchange, error)
+    except asyncio.CancelledError:  # the server's shutdown deadline has passed
+        return state.cut_short(exchange)
     except Exception as error:
         return state.crash(exchange, error)

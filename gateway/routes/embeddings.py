@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 
@@ -58,5 +59,7 @@ async def embeddings(request: Request) -> Response:
         return response
     except GatewayError as error:
         return state.fail(exchange, error)
+    except asyncio.CancelledError:  # the server's shutdown deadline has passed
+        return state.cut_short(exchange)
     except Exception as error:
         return state.crash(exchange, error)

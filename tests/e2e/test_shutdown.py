@@ -3,8 +3,10 @@ finish, then exits cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import StreamInBackground
+from tests.e2e.conftest import StreamInBackground, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
 
@@ -20,25 +22,33 @@ pytestmark = pytest.mark.e2e
 SLOW = Reply(content=" ".join(f"w{i}" for i in range(30)), delay_between=0.05)  # about 1.5 s
 
 
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def write_config(tmp_path: Path, url: str, **server: float) -> list[str]:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": server,
+                "backends": [{"name": "ollama", "type": "ollama", "base_url": url}],
+                "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
+            }
+        )
+    )
+    return ["--config", str(config)]
+
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")}
+
+
 def test_sigterm_drains_the_stream_in_flight_and_refuses_new_connections(
     tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
 ) -> None:
     fake, server = fake_ollama
     fake.default = SLOW
-    config = tmp_path / "gateway.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "backends": [{"name": "ollama", "type": "ollama", "base_url": server.url}],
-                "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
-            }
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")}
-    with gateway_process(["--config", str(config)], tmp_path / "stderr.log", env) as gateway:
-        stream = StreamInBackground(
-            gateway.url, {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
-        )
+    with gateway_process(write_config(tmp_path, server.url), tmp_path / "stderr.log", ENV) as gateway:
+        stream = StreamInBackground(gateway.url, CHAT)
         assert stream.started.wait(5)
         gateway.process.send_signal(signal.SIGTERM)
         with pytest.raises(httpx.ConnectError):
@@ -52,3 +62,47 @@ def test_sigterm_drains_the_stream_in_flight_and_refuses_new_connections(
         assert gateway.process.wait(timeout=15) == -signal.SIGTERM
     assert stream.events[-1] == "[DONE]"
     assert stream.text() == SLOW.content
+
+
+def test_requests_longer_than_the_shutdown_timeout_are_cut_with_a_503_and_their_upstream_closed(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    fake, server = fake_ollama
+    long = " ".join(f"w{i}" for i in range(100))
+    fake.queue(Reply(content=long, delay_between=0.1))  # a 10 s stream
+    fake.queue(Reply(content=long, delay_first=10))  # a non-streaming answer in 10 s
+    args = write_config(tmp_path, server.url, shutdown_timeout=1)
+    with gateway_process(args, tmp_path / "stderr.log", ENV) as gateway:
+        stream = StreamInBackground(gateway.url, CHAT)
+        assert stream.started.wait(5)
+        unary: list[httpx.Response] = []
+        waiting = threading.Thread(
+            target=lambda: unary.append(
+                httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=20)
+            )
+        )
+        waiting.start()
+        wait_for(lambda: len(fake.chat_bodies()) == 2, timeout=5)
+        signalled = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        gateway.process.wait(timeout=15)
+        stopped = time.monotonic() - signalled
+        stream.join(5)
+        waiting.join(5)
+        events = gateway.log_events()
+    assert 0.9 < stopped < 5, stopped  # the deadline, not the 10 s answers
+    error = json.loads(stream.events[-1])["error"]
+    assert error["code"] == "shutting_down"
+    assert "server.shutdown_timeout" in error["message"]
+    assert 0 < len(stream.text().split()) < 100
+    assert unary[0].status_code == 503
+    assert unary[0].json()["error"]["code"] == "shutting_down"
+    # the stream's generation was stopped upstream, not left running (the fake cannot see a
+    # disconnect while it sleeps before a non-streaming answer)
+    wait_for(lambda: fake.cancelled == 1, timeout=2)
+    assert fake.cancelled == 1
+    records = [e for e in events if e.get("event") == "request"]
+    assert sorted((r["stream"], r["status"], r.get("error")) for r in records) == [
+        (False, 503, "server_error"),
+        (True, 503, "server_error"),
+    ]
