@@ -252,3 +252,16 @@ def test_openai_upstream_always_counts_tokens_when_streaming(
     assert sent["stream_options"] == {"include_usage": True}
     assert sent["model"] == "gpt-4o-mini"
     assert "metadata" not in sent
+
+
+def test_unknown_fields_reach_only_backends_that_speak_openai(rig: Rig) -> None:
+    extra = {"repetition_penalty": 1.1, "vendor_knob": {"depth": 2}}
+    reply = rig.api.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "x"}], extra_body=extra
+    )
+    assert reply.choices[0].message.content
+    sent = rig.upstream_bodies()[-1]
+    kept = {name: sent[name] for name in extra if name in sent}
+    # vLLM and llama.cpp read such fields; Ollama's and Gemini's native APIs have no place for them
+    assert kept == (extra if rig.kind == "openai" else {})
+    assert "vendor_knob" not in str(sent) or rig.kind == "openai"
