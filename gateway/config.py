@@ -150,6 +150,16 @@ class Privacy(_Strict):
     audit_log: str | None = None
 
 
+class Images(_Strict):
+    """Fetching http(s) image URLs for backends that take only inline bytes (Ollama, Gemini)."""
+
+    fetch: bool = True
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    timeout: float = Field(default=10.0, gt=0)
+    content_types: list[str] = ["image/png", "image/jpeg", "image/webp", "image/gif"]
+    allow_private_networks: bool = False  # loopback, link-local and private ranges (SSRF) stay refused
+
+
 class Server(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -166,6 +176,7 @@ class Config(_Strict):
     routing: Routing = Routing()
     privacy: Privacy = Privacy()
     rate_limits: RateLimits = RateLimits()
+    images: Images = Images()
 
     @model_validator(mode="after")
     def _references(self) -> Config:

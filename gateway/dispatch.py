@@ -119,6 +119,7 @@ class Dispatcher:
 
     async def complete(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> Completion:
         async def one(target: Target, provider: Provider) -> Completion:
+            await provider.prepare(request)
             return await self._unary(
                 target, exchange, lambda: provider.complete(request, target.model), _answer_deadline(provider)
             )
@@ -135,6 +136,7 @@ class Dispatcher:
 
     async def open_stream(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> StreamSource:
         async def one(target: Target, provider: Provider) -> StreamSource:
+            await provider.prepare(request)
             return await self._open(target, provider, request, exchange)
 
         return await self._first_success(plans, exchange, one)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
@@ -162,6 +162,12 @@ class ChatRequest(_Wire):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    # url -> gateway.images.Image: http(s) image URLs fetched once, before the first backend is asked
+    _fetched_images: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def fetched_images(self) -> dict[str, Any]:
+        return self._fetched_images
 
     def conversation(self) -> str:
         """What identifies a conversation across its turns: the leading system or developer messages

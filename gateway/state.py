@@ -109,7 +109,7 @@ class State:
     ) -> State:
         environ = os.environ if environ is None else environ
         keys = Keys(config.auth, environ)  # first: it is what can fail
-        providers = {backend.name: build_provider(backend, transport, environ) for backend in config.backends}
+        providers = {b.name: build_provider(b, transport, environ, config.images) for b in config.backends}
         if audit is None and config.privacy.audit_log:
             audit = AuditLog(config.privacy.audit_log)
         metrics.register_backends([backend.name for backend in config.backends])

@@ -35,6 +35,12 @@ class Provider(Protocol):
 
     async def list_models(self) -> list[ModelInfo]: ...
 
+    async def prepare(self, request: ChatRequest) -> None:
+        """What must happen before the backend is asked, outside its lease and deadlines: fetching
+        the request's image URLs when the backend needs the bytes (kept on the request, so a retry
+        or a fallback does not fetch them again)."""
+        ...
+
     async def probe(self) -> None:
         """Raise an UpstreamError when the backend cannot serve."""
         ...

@@ -8,7 +8,9 @@ Translation choices (contracts/gemini.md §9-§11):
 - Tool-call ids are made here (Gemini sends none). A call's `thoughtSignature` rides in its id
   (`call_<random>__ts__<signature>`) and goes back on the `functionCall` part when the id returns.
 - json_schema goes out as `responseJsonSchema`, cut down to the keywords Gemini documents for it.
-- http(s) image URLs are refused (400): send a base64 data URL, as for Ollama.
+- http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
+  sent as `inlineData` with the image host's content type, not as `fileData.fileUri`: only newer
+  models fetch URLs themselves, and the gateway's limits then hold for every backend alike.
 - A blocked prompt (`promptFeedback.blockReason`) is a 200 with one empty `content_filter` choice.
 - A stream that ends without any `finishReason` is an error; when one choice finished, the others
   still open are closed with `stop`. Usage is the last `usageMetadata` seen.
@@ -33,6 +35,7 @@ from gateway.errors import (
     UpstreamProtocol,
     UpstreamRejected,
 )
+from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.providers.base import random_id
 from gateway.schemas import (
     ChatRequest,
@@ -51,6 +54,7 @@ from gateway.sse import SSEDecoder
 from gateway.upstream import Upstream, json_or_none
 
 ROLES = {"user": "user", "assistant": "model", "tool": "user", "function": "user"}
+IMAGE_ROLES = ("user", "assistant")  # the messages whose image parts are sent
 # OpenAI field -> generationConfig key, for values that mean the same thing on both sides.
 CONFIG = {
     "temperature": "temperature",
@@ -74,8 +78,11 @@ INT32 = 2**31
 # ---- request ----
 
 
-def build_request(request: ChatRequest, model: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"contents": _contents(request.messages)}
+def build_request(
+    request: ChatRequest, model: str, *, images: Mapping[str, Image] = NO_IMAGES
+) -> dict[str, Any]:
+    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch)."""
+    body: dict[str, Any] = {"contents": _contents(request.messages, images)}
     system = [m.text() for m in request.messages if m.role in ("system", "developer") and m.text()]
     if system:
         body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
@@ -91,7 +98,7 @@ def build_request(request: ChatRequest, model: str) -> dict[str, Any]:
     return body
 
 
-def _contents(messages: list[Message]) -> list[dict[str, Any]]:
+def _contents(messages: list[Message], fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         role = ROLES.get(message.role)
@@ -102,7 +109,7 @@ def _contents(messages: list[Message]) -> list[dict[str, Any]]:
         else:
             text = message.text()
             parts = [{"text": text}] if text else []
-            parts += [_image(url, f"messages[{i}].content") for url in message.image_urls()]
+            parts += [_image(url, f"messages[{i}].content", fetched) for url in message.image_urls()]
             parts += [_function_call(call, i, j) for j, call in enumerate(message.tool_calls or ())]
         if not parts:
             continue
@@ -115,7 +122,9 @@ def _contents(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _image(url: str, param: str) -> dict[str, Any]:
+def _image(url: str, param: str, fetched: Mapping[str, Image]) -> dict[str, Any]:
+    if url in fetched:
+        return {"inlineData": {"mimeType": fetched[url].mime, "data": fetched[url].data}}
     if not url.startswith("data:"):
         raise InvalidRequest(
             "Gemini backends need images inline: send a base64 data URL (data:image/png;base64,...)",
@@ -416,21 +425,37 @@ def _resource(model: str) -> str:
 
 class GeminiProvider:
     def __init__(
-        self, backend: GeminiBackend, transport: httpx.AsyncBaseTransport, api_key: str | None = None
+        self,
+        backend: GeminiBackend,
+        transport: httpx.AsyncBaseTransport,
+        api_key: str | None = None,
+        images: ImageFetcher | None = None,
     ) -> None:
         self.backend = backend
+        self._images = images  # None: http(s) image URLs are refused, as without `images.fetch`
         auth = {"x-goog-api-key": api_key} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
 
+    async def prepare(self, request: ChatRequest) -> None:
+        if self._images is not None:
+            fetched = request.fetched_images
+            fetched.update(await self._images.fetch(request.messages, roles=IMAGE_ROLES, known=fetched))
+
+    async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
+        await self.prepare(request)  # nothing left to fetch when the dispatcher prepared it
+        return request.fetched_images
+
     async def complete(self, request: ChatRequest, model: str) -> Completion:
-        body, path = build_request(request, model), f"/{_resource(model)}:generateContent"
+        images = await self._fetch_images(request)
+        body, path = build_request(request, model, images=images), f"/{_resource(model)}:generateContent"
         return parse_response(await self._http.request("POST", path, body, model))
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
         state = StreamState()
         decoder = SSEDecoder()
         path = f"/{_resource(model)}:streamGenerateContent?alt=sse"
-        async with self._http.stream(path, build_request(request, model), model) as body:
+        payload = build_request(request, model, images=await self._fetch_images(request))
+        async with self._http.stream(path, payload, model) as body:
             async for data in body:
                 for event in decoder.feed(data):
                     for chunk in state.parse_chunk(orjson.loads(event.data)):

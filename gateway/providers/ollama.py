@@ -9,6 +9,8 @@ Translation choices (contracts/ollama.md §8):
 - Gateway extensions in the body are passed on: `options` (merged under the mapped ones),
   `keep_alive`, `think`; `reasoning_effort` maps to `think`.
 - A stream that ends without Ollama's `done` line is reported as an error, never as a clean finish.
+- http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
+  sent as base64 like data URLs: Ollama cannot fetch them itself.
 - A prompt Ollama silently cut to the context size is reported (notice `prompt_truncated`) when the
   context size is known: the request's `options.num_ctx`, else the model's from `/api/show`.
 """
@@ -33,6 +35,7 @@ from gateway.errors import (
     UpstreamProtocol,
     UpstreamRejected,
 )
+from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.ndjson import NDJSONDecoder
 from gateway.providers.base import random_id
 from gateway.schemas import (
@@ -69,12 +72,15 @@ EXTENSIONS = ("keep_alive", "think", "logprobs", "top_logprobs")
 # ---- request ----
 
 
-def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
+def build_request(
+    request: ChatRequest, model: str, *, stream: bool, images: Mapping[str, Image] = NO_IMAGES
+) -> dict[str, Any]:
+    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch)."""
     if request.n is not None and request.n > 1:
         raise InvalidRequest("Ollama backends return one choice; 'n' must be 1", param="n")
     body: dict[str, Any] = {
         "model": model,
-        "messages": _messages(request.messages),
+        "messages": _messages(request.messages, images),
         "stream": stream,
     }
     options = _options(request)
@@ -98,12 +104,12 @@ def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str
     return body
 
 
-def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         role = ROLES.get(message.role, "tool")  # legacy `function` results are tool results
         native: dict[str, Any] = {"role": role, "content": message.text()}
-        images = [_image(url, f"messages[{i}].content") for url in message.image_urls()]
+        images = [_image(url, f"messages[{i}].content", fetched) for url in message.image_urls()]
         if images:
             native["images"] = images
         if message.tool_calls:
@@ -122,7 +128,9 @@ def _messages(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _image(url: str, param: str) -> str:
+def _image(url: str, param: str, fetched: Mapping[str, Image]) -> str:
+    if url in fetched:
+        return fetched[url].data
     if not url.startswith("data:"):
         raise InvalidRequest(
             "Ollama backends need images inline: send a base64 data URL (data:image/png;base64,...)",
@@ -315,15 +323,30 @@ def created_at(value: Any) -> int:
 
 class OllamaProvider:
     def __init__(
-        self, backend: OllamaBackend, transport: httpx.AsyncBaseTransport, api_key: str | None = None
+        self,
+        backend: OllamaBackend,
+        transport: httpx.AsyncBaseTransport,
+        api_key: str | None = None,
+        images: ImageFetcher | None = None,
     ) -> None:
         self.backend = backend
+        self._images = images  # None: http(s) image URLs are refused, as without `images.fetch`
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
         self._context_sizes: dict[str, int | None] = {}  # model -> num_ctx from /api/show
 
+    async def prepare(self, request: ChatRequest) -> None:
+        if self._images is not None:
+            fetched = request.fetched_images
+            fetched.update(await self._images.fetch(request.messages, known=fetched))
+
+    async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
+        await self.prepare(request)  # nothing left to fetch when the dispatcher prepared it
+        return request.fetched_images
+
     async def complete(self, request: ChatRequest, model: str) -> Completion:
-        body = build_request(request, model, stream=False)
+        images = await self._fetch_images(request)
+        body = build_request(request, model, stream=False, images=images)
         completion = parse_response(await self._http.request("POST", "/api/chat", body, model))
         completion.notices.update(await self._truncation(model, body, completion.usage))
         return completion
@@ -353,7 +376,7 @@ class OllamaProvider:
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
         state = StreamState()
         decoder = NDJSONDecoder()
-        payload = build_request(request, model, stream=True)
+        payload = build_request(request, model, stream=True, images=await self._fetch_images(request))
         async with self._http.stream("/api/chat", payload, model) as body:
             async for data in body:
                 for line in decoder.feed(data):

@@ -201,6 +201,9 @@ class OpenAIProvider:
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
 
+    async def prepare(self, request: ChatRequest) -> None:
+        return None  # image URLs go out as they came: the backend fetches them
+
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body = build_request(request, model, stream=False)
         return parse_response(await self._http.request("POST", "/chat/completions", body, model))

@@ -1,0 +1,277 @@
+"""Fetching http(s) image URLs for backends that take only inline bytes (Ollama, Gemini).
+
+A client's image URL makes the gateway open a connection wherever the URL points, so every fetch is
+fenced in (`images:` in the config):
+- Only http and https. Every address a host name resolves to is checked, and the connection goes to
+  those checked addresses only: `GuardedResolver` is the connector's resolver, so there is no second
+  lookup a rebinding DNS server could answer differently, while the Host header and TLS SNI keep the
+  name. IP literals never reach a resolver in aiohttp; they are checked before each request.
+  Loopback, link-local (cloud metadata at 169.254.169.254), private, shared (100.64/10), reserved,
+  multicast and unspecified addresses are refused, also inside IPv4-mapped, 6to4 and NAT64 IPv6
+  forms, unless `allow_private_networks`.
+- At most `MAX_REDIRECTS` redirects, each hop checked the same way.
+- A size cap (Content-Length first, then the bytes as they arrive), one deadline for each image's
+  whole fetch (redirects included), and an allowed list of content types. Compressed bodies are not
+  asked for, and refused.
+- Each failure is a 400 naming `messages[i].content` and the reason. Messages and logs name the host
+  at most, never the path or query string (a signed URL's token lives there).
+
+One request's images are fetched concurrently (at most `FETCHES_AT_ONCE`), each distinct URL once,
+over a session of their own that closes when they are done: nothing is shared with the backend pool,
+and nothing outlives the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import socket
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import aiohttp
+from aiohttp.abc import ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from yarl import URL
+
+from gateway.config import Images
+from gateway.errors import InvalidRequest
+from gateway.schemas import Message
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+SCHEMES = ("http", "https")
+MAX_REDIRECTS = 3
+REDIRECTS = (301, 302, 303, 307, 308)
+FETCHES_AT_ONCE = 8  # per request: a message full of URLs must not become a flood of connections
+USER_AGENT = "phoenix-gateway (image fetch)"
+PRIVATE_HINT = "the gateway does not fetch images from private networks (images.allow_private_networks)"
+
+SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT; Python counts it neither way
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the last 32 bits are an IPv4 address
+# Why an address is refused, first match wins; anything not global is refused in the end.
+REFUSED: list[tuple[str, Callable[[IPAddress], bool]]] = [
+    ("unspecified", lambda a: a.is_unspecified),
+    ("loopback", lambda a: a.is_loopback),
+    ("link-local", lambda a: a.is_link_local),
+    ("multicast", lambda a: a.is_multicast),
+    ("shared (100.64.0.0/10)", lambda a: a in SHARED),
+    ("private", lambda a: a.is_private),
+    ("site-local", lambda a: isinstance(a, ipaddress.IPv6Address) and a.is_site_local),
+    ("reserved", lambda a: a.is_reserved),
+    ("non-global", lambda a: not a.is_global),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    mime: str  # the media type the image host declared, without parameters
+    data: str  # base64 of the bytes
+
+
+NO_IMAGES: Mapping[str, Image] = MappingProxyType({})
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64), which is where it leads."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def refusal(address: IPAddress) -> str | None:
+    """The kind of address this is when the gateway must not connect to it, else None."""
+    address = embedded_ipv4(address) or address
+    return next((kind for kind, test in REFUSED if test(address)), None)
+
+
+def media_type(content_type: str | None) -> str:
+    """`image/PNG; charset=x` -> `image/png`; an absent header -> ``."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def remote_urls(messages: Sequence[Message], roles: Collection[str] | None = None) -> dict[str, str]:
+    """Each distinct http(s) image URL of the messages (of these roles), with the field that holds it
+    first."""
+    found: dict[str, str] = {}
+    for i, message in enumerate(messages):
+        if roles is not None and message.role not in roles:
+            continue
+        for url in message.image_urls():
+            if url.split(":", 1)[0].lower() in SCHEMES:
+                found.setdefault(url, f"messages[{i}].content")
+    return found
+
+
+class Refused(Exception):
+    """A host that resolves to an address the gateway does not connect to."""
+
+
+class GuardedResolver(ThreadedResolver):
+    """Resolves with getaddrinfo, like aiohttp's default, and refuses the whole host when any of its
+    addresses is refused: what it returns is what the connector connects to."""
+
+    def __init__(self, allow_private_networks: bool) -> None:
+        super().__init__()
+        self._allow = allow_private_networks
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await super().resolve(host, port, family)
+        if not self._allow:
+            for result in results:
+                kind = refusal(ipaddress.ip_address(result["host"]))
+                if kind is not None:
+                    raise Refused(f"the image host {host} resolves to a {kind} address")
+        return results
+
+
+class ImageFetcher:
+    """Turns a request's http(s) image URLs into inline images, within `images:`'s limits."""
+
+    def __init__(self, config: Images) -> None:
+        self.config = config
+
+    async def fetch(
+        self,
+        messages: Sequence[Message],
+        roles: Collection[str] | None = None,
+        known: Mapping[str, Image] = NO_IMAGES,
+    ) -> Mapping[str, Image]:
+        """url -> image for every http(s) image URL in the messages that is not `known` already;
+        {} when fetching is off (the provider then refuses such URLs as before). The first
+        failure fails the request."""
+        wanted = {url: param for url, param in remote_urls(messages, roles).items() if url not in known}
+        if not wanted or not self.config.fetch:
+            return NO_IMAGES
+        slots = asyncio.Semaphore(FETCHES_AT_ONCE)
+        async with self._session() as session:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = {url: group.create_task(self._one(session, slots, url, param))
+                             for url, param in wanted.items()}  # fmt: skip
+            except ExceptionGroup as failures:  # the others were cancelled: report the first
+                raise failures.exceptions[0] from None
+        return {url: task.result() for url, task in tasks.items()}
+
+    def _session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            resolver=GuardedResolver(self.config.allow_private_networks), use_dns_cache=False
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(),  # no aiohttp deadlines: asyncio.timeout covers the fetch
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,  # an environment proxy would connect to addresses nobody checked
+            headers={"user-agent": USER_AGENT, "accept": ", ".join(self.config.content_types)},
+            skip_auto_headers=("Accept-Encoding",),
+        )
+
+    async def _one(
+        self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, url: str, param: str
+    ) -> Image:
+        try:
+            target = URL(url)
+        except ValueError:
+            raise InvalidRequest("the image URL is not a valid http(s) URL", param=param) from None
+        async with slots:  # the deadline starts once the fetch may start
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    return await self._follow(session, target, param)
+            except TimeoutError:
+                raise InvalidRequest(
+                    f"the image at {target.host} did not arrive within {self.config.timeout:g} s", param=param
+                ) from None
+
+    async def _follow(self, session: aiohttp.ClientSession, target: URL, param: str) -> Image:
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check(target, param)
+            with _reasons(str(target.host), param):
+                async with session.get(target, allow_redirects=False) as response:
+                    if response.status not in REDIRECTS:
+                        return await self._read(response, str(target.host), param)
+                    location = response.headers.get("location")
+                    if not location:
+                        raise InvalidRequest(
+                            f"the image host {target.host} redirected without a Location", param=param
+                        )
+                    try:
+                        target = response.url.join(URL(location))
+                    except ValueError:
+                        raise InvalidRequest(
+                            f"the image host {target.host} redirected to an invalid URL", param=param
+                        ) from None
+        raise InvalidRequest(f"the image URL redirected more than {MAX_REDIRECTS} times", param=param)
+
+    def _check(self, target: URL, param: str) -> None:
+        """What aiohttp does not send through the resolver: the scheme, and IP literals."""
+        if target.scheme not in SCHEMES or not target.raw_host:
+            raise InvalidRequest("the image URL (or a redirect) is not an http(s) URL", param=param)
+        try:
+            address = ipaddress.ip_address(target.raw_host)
+        except ValueError:
+            return  # a name: the resolver checks what it resolves to
+        kind = refusal(address)
+        if kind is not None and not self.config.allow_private_networks:
+            raise InvalidRequest(f"the image URL points to a {kind} address; {PRIVATE_HINT}", param=param)
+
+    async def _read(self, response: aiohttp.ClientResponse, host: str, param: str) -> Image:
+        limit = self.config.max_bytes
+        if response.status != 200:
+            raise InvalidRequest(f"the image host {host} answered HTTP {response.status}", param=param)
+        mime = media_type(response.headers.get("content-type"))
+        if mime not in {media_type(allowed) for allowed in self.config.content_types}:
+            raise InvalidRequest(
+                f"the image at {host} has content type {mime or 'none'!r}; allowed are"
+                f" {', '.join(self.config.content_types)}",
+                param=param,
+            )
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise InvalidRequest(f"the image at {host} came compressed ({encoding})", param=param)
+        if response.content_length is not None and response.content_length > limit:
+            raise InvalidRequest(
+                f"the image at {host} is {response.content_length} bytes, more than the limit of {limit}",
+                param=param,
+            )
+        body = bytearray()
+        async for piece in response.content.iter_any():
+            body += piece
+            if len(body) > limit:
+                response.close()  # stop the download: the connection goes, not back to the pool
+                raise InvalidRequest(
+                    f"the image at {host} is larger than the limit of {limit} bytes", param=param
+                )
+        return Image(mime, base64.b64encode(body).decode("ascii"))
+
+
+@contextmanager
+def _reasons(host: str, param: str) -> Iterator[None]:
+    """aiohttp's failures, as what they mean for the client; never a stack trace or the URL."""
+    try:
+        yield
+    except TimeoutError:
+        raise  # the deadline's own: reported as such by the caller
+    except Refused as refused:
+        raise InvalidRequest(f"{refused}; {PRIVATE_HINT}", param=param) from None
+    except aiohttp.ClientConnectorDNSError:
+        raise InvalidRequest(f"the image host {host} could not be resolved", param=param) from None
+    except aiohttp.ClientConnectorCertificateError:
+        raise InvalidRequest(f"the image host {host} has no valid TLS certificate", param=param) from None
+    except aiohttp.ClientConnectorError:
+        raise InvalidRequest(f"the image host {host} could not be reached", param=param) from None
+    except aiohttp.InvalidURL:
+        raise InvalidRequest("the image URL is not a valid http(s) URL", param=param) from None
+    except (aiohttp.ClientError, OSError):
+        raise InvalidRequest(f"the image host {host} broke off or garbled its answer", param=param) from None
