@@ -6,7 +6,7 @@
 # The config is read from /etc/phoenix/gateway.yaml (PHOENIX_CONFIG); run with `-e PHOENIX_CONFIG=`
 # to build it from the environment instead (OLLAMA_BASE_URL, OPENAI_API_KEY, ...). The container
 # always listens on 0.0.0.0:8080, whatever `server.host` and `server.port` the config says.
-# tests/test_deploy.py checks these instructions; README.md, Deployment, says how to run it.
+# tests/deploy/test_dockerfile.py checks these instructions; README.md, Deployment, says how to run it.
 
 # Build stage: the project and its dependencies installed into a virtual environment, which is
 # all the runtime stage copies (no pip cache, no build tools, no sources).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real servers the tests start on loopback ports, from Debian's packages:
-#   prometheus (with promtool)  tests/test_deploy_monitoring.py, tests/e2e/test_prometheus.py
+#   prometheus (with promtool)  tests/deploy/test_monitoring.py, tests/e2e/test_prometheus.py
 #   redis-server                tests/e2e/test_rate_limits.py (limits shared by replicas)
 # Idempotent: when every tool is already on PATH it only says so. Needs root (as CI and the
 # developers' machines are).

@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from gateway.config import Config
+from tests.deploy.test_monitoring import ALERTS, alert_rules, dashboard, dashboard_queries, to_promql
 from tests.e2e.conftest import ollama_config
 from tests.fakes.ollama_server import FakeOllama
 from tests.servers import ServerThread, free_port
-from tests.test_deploy_monitoring import ALERTS, alert_rules, dashboard, dashboard_queries, to_promql
 
 pytestmark = pytest.mark.e2e
 

@@ -17,11 +17,9 @@ import pytest
 import yaml
 
 from gateway.metrics import Metrics
+from tests.deploy.files import GRAFANA, PROMETHEUS_CONFIG, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "phoenix-gateway.json"
 
 # PromQL's functions, aggregation operators and keywords: never metric names.

@@ -1,0 +1,1 @@
+"""The deployment files: Dockerfile, compose files, deploy/ and the example configs."""
