@@ -66,14 +66,22 @@ class Dispatcher:
     async def _over_targets(
         self, plan: Plan, exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
     ) -> T:
-        """Try the plan's targets in the balancer's order until one succeeds or a failure is final."""
+        """Try the plan's targets in the balancer's order until one succeeds or a failure is final.
+        The first attempt is a plain call (most requests need no other); tenacity drives the rest."""
         targets = self.balancer.order(plan.targets, exchange.affinity)
+        attempts = min(self.retries + 1, len(targets))
+        try:
+            return await self._attempt(targets[0], exchange, attempt_one)
+        except GatewayError as error:
+            if attempts == 1 or not error.retryable:
+                raise
+            self.metrics.retries.labels(targets[0].backend).inc()
 
         def count_retry(state: RetryCallState) -> None:
-            self.metrics.retries.labels(targets[state.attempt_number - 1].backend).inc()
+            self.metrics.retries.labels(targets[state.attempt_number].backend).inc()
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(min(self.retries + 1, len(targets))),
+            stop=stop_after_attempt(attempts - 1),
             retry=retry_if_exception(_retryable),
             wait=wait_none(),
             before_sleep=count_retry,
@@ -81,23 +89,27 @@ class Dispatcher:
         )
         async for attempt in retrying:
             with attempt:
-                target = targets[attempt.retry_state.attempt_number - 1]
-                provider = self.providers[target.backend]
-                exchange.backend = target.backend
-                exchange.served_model = target.model
-                exchange.local = provider.backend.local and not is_cloud_name(target.model)
-                try:
-                    result = await attempt_one(target, provider)
-                except UpstreamError as error:
-                    self.metrics.upstream_errors.labels(target.backend, error.reason).inc()
-                    if error.retryable:
-                        self.balancer.failed(target.backend)
-                    else:  # it answered, if only to refuse: the instance itself is fine
-                        self.balancer.succeeded(target.backend)
-                    raise
-                self.balancer.succeeded(target.backend)
-                return result
+                return await self._attempt(targets[attempt.retry_state.attempt_number], exchange, attempt_one)
         raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _attempt(
+        self, target: Target, exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
+    ) -> T:
+        provider = self.providers[target.backend]
+        exchange.backend = target.backend
+        exchange.served_model = target.model
+        exchange.local = provider.backend.local and not is_cloud_name(target.model)
+        try:
+            result = await attempt_one(target, provider)
+        except UpstreamError as error:
+            self.metrics.upstream_errors.labels(target.backend, error.reason).inc()
+            if error.retryable:
+                self.balancer.failed(target.backend)
+            else:  # it answered, if only to refuse: the instance itself is fine
+                self.balancer.succeeded(target.backend)
+            raise
+        self.balancer.succeeded(target.backend)
+        return result
 
     async def _unary(
         self, target: Target, exchange: Exchange, call: Callable[[], Awaitable[T]], total: float

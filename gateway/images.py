@@ -39,7 +39,7 @@ from yarl import URL
 
 from gateway.config import Images
 from gateway.errors import InvalidRequest
-from gateway.schemas import Message
+from gateway.schemas import ChatRequest, Message
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -152,6 +152,21 @@ class ImageFetcher:
         {} when fetching is off (the provider then refuses such URLs as before). The first
         failure fails the request."""
         wanted = {url: param for url, param in remote_urls(messages, roles).items() if url not in known}
+        return await self._fetch_all(wanted)
+
+    async def for_request(
+        self, request: ChatRequest, roles: Collection[str] | None = None
+    ) -> Mapping[str, Image]:
+        """The request's images, fetched at most once per request (kept on it for a retry or a
+        fallback). A request without image URLs costs one pass over its messages."""
+        wanted = remote_urls(request.messages, roles)
+        if not wanted:
+            return NO_IMAGES
+        fetched = request.fetched_images
+        fetched.update(await self._fetch_all({url: p for url, p in wanted.items() if url not in fetched}))
+        return fetched
+
+    async def _fetch_all(self, wanted: Mapping[str, str]) -> Mapping[str, Image]:
         if not wanted or not self.config.fetch:
             return NO_IMAGES
         slots = asyncio.Semaphore(FETCHES_AT_ONCE)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import orjson
 import structlog
 
 AUDIT_EVENT = "request"
+# The request being served in this task: RequestId sets it, every log line of the request carries it.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("phoenix_request_id", default=None)
 
 
 class _CurrentStderr:
@@ -20,6 +24,15 @@ class _CurrentStderr:
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+
+def _add_request_id(
+    logger: Any, method_name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event.setdefault("request_id", request_id)
+    return event
 
 
 def _dumps(event: dict[str, Any], **_: Any) -> str:
@@ -33,6 +46,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
     renderer: Any = structlog.processors.JSONRenderer(_dumps) if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
+            _add_request_id,  # one ContextVar, not structlog's copy of the whole context per line
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -438,12 +438,13 @@ class GeminiProvider:
 
     async def prepare(self, request: ChatRequest) -> None:
         if self._images is not None:
-            fetched = request.fetched_images
-            fetched.update(await self._images.fetch(request.messages, roles=IMAGE_ROLES, known=fetched))
+            await self._images.for_request(request, roles=IMAGE_ROLES)
 
     async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
-        await self.prepare(request)  # nothing left to fetch when the dispatcher prepared it
-        return request.fetched_images
+        # when the dispatcher prepared the request, they are all known already
+        return (
+            NO_IMAGES if self._images is None else await self._images.for_request(request, roles=IMAGE_ROLES)
+        )
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         images = await self._fetch_images(request)
