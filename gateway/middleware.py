@@ -32,6 +32,7 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 class RequestId:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.running = 0  # HTTP requests whose ASGI call has not returned
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,7 +48,9 @@ class RequestId:
             await send(message)
 
         token = REQUEST_ID.set(request_id)
+        self.running += 1
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            self.running -= 1
             REQUEST_ID.reset(token)

@@ -1,16 +1,21 @@
-"""The shared httpx client, and the one place where httpx's exceptions become gateway errors."""
+"""HTTP to the backends, and the one place where transport failures become gateway errors.
+
+Plain-http backends go through `gateway.http1` (the gateway's own HTTP/1.1 client); https ones,
+and any transport that is not the gateway's own (pytest-httpx's, in the provider tests), through
+httpx's transport interface. Both speak httpx's exception vocabulary."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
 from gateway.errors import GatewayError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.http1 import Pool, Target, encode_headers
 from gateway.ndjson import LineTooLong
 from gateway.transport import AiohttpTransport
 
@@ -18,9 +23,21 @@ from gateway.transport import AiohttpTransport
 LABELS = {"ollama": "Ollama", "openai": "OpenAI-compatible", "gemini": "Gemini"}
 
 
+class GatewayTransport(AiohttpTransport):
+    """aiohttp's pool for https (and httpx's interface), and `http1.Pool` for plain http."""
+
+    def __init__(self, max_connections: int = 1000) -> None:
+        super().__init__(max_connections)
+        self.plain = Pool(max_connections)
+
+    async def aclose(self) -> None:
+        await self.plain.aclose()
+        await super().aclose()
+
+
 def make_transport(max_connections: int = 1000) -> httpx.AsyncBaseTransport:
-    """One connection pool for every backend, aiohttp's (see `transport`)."""
-    return AiohttpTransport(max_connections)
+    """The connection pools every backend shares."""
+    return GatewayTransport(max_connections)
 
 
 def request_timeout(connect: float) -> dict[str, float | None]:
@@ -69,6 +86,61 @@ USER_AGENT = "phoenix-gateway"
 ErrorMapper = Callable[[int, bytes, str, Mapping[str, str]], GatewayError]
 
 
+class _Answer(Protocol):
+    """A backend's answer, whichever client fetched it."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    async def read(self) -> bytes: ...
+
+    def iter_bytes(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Plain:
+    """An `http1.Response` as an _Answer."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = response.headers
+
+    async def read(self) -> bytes:
+        content: bytes = await self._response.read()
+        return content
+
+    def iter_bytes(self) -> AsyncIterator[bytes]:
+        chunks: AsyncIterator[bytes] = self._response.iter_bytes()
+        return chunks
+
+    async def aclose(self) -> None:
+        self._response.close()
+
+
+class _Httpx:
+    """An `httpx.Response` as an _Answer."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+
+    async def read(self) -> bytes:
+        return await self._response.aread()
+
+    def iter_bytes(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
 class Upstream:
     """HTTP to one backend: JSON calls and streamed bodies, every failure mapped to the error tree.
 
@@ -95,6 +167,16 @@ class Upstream:
         self._timeout = request_timeout(connect_timeout)
         self._error_from = error_from
         self._urls: dict[str, httpx.URL] = {}  # parsed once per path: parsing is a cost per request
+        self._connect_timeout = connect_timeout
+        self._plain: Pool | None = None
+        self._targets: dict[str, Target] = {}
+        if isinstance(transport, GatewayTransport) and base_url.startswith("http://"):
+            try:
+                self._head = encode_headers(self._headers)
+                Target.parse(base_url)
+                self._plain = transport.plain
+            except ValueError:  # a header or URL http1 will not send: httpx says what is wrong
+                self._plain = None
 
     def _url(self, path: str) -> httpx.URL:
         url = self._urls.get(path)
@@ -117,6 +199,23 @@ class Upstream:
         return cls(backend.type, backend.base_url, transport, headers,
                    connect_timeout=backend.timeouts.connect, error_from=error_from)  # fmt: skip
 
+    def _target(self, path: str) -> Target:
+        target = self._targets.get(path)
+        if target is None:
+            target = Target.parse(self.base_url + path)
+            if len(self._targets) < URL_CACHE_SIZE:
+                self._targets[path] = target
+        return target
+
+    async def _send(self, method: str, path: str, body: Any) -> _Answer:
+        if self._plain is not None:
+            content = orjson.dumps(body) if body is not None else None
+            response = await self._plain.send(
+                method, self._target(path), self._head, content, self._connect_timeout
+            )
+            return _Plain(response)
+        return _Httpx(await self._transport.handle_async_request(self._request(method, path, body)))
+
     def _request(self, method: str, path: str, body: Any) -> httpx.Request:
         content = orjson.dumps(body) if body is not None else None
         return httpx.Request(
@@ -129,14 +228,14 @@ class Upstream:
 
     async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
         async with mapped_errors(self.kind, self.base_url):
-            response = await self._transport.handle_async_request(self._request(method, path, body))
+            response = await self._send(method, path, body)
         try:
             async with mapped_errors(self.kind, self.base_url, started=True):  # the backend answered
-                content = await response.aread()
+                content = await response.read()
         finally:
             await response.aclose()
-        if response.status_code != 200:
-            raise self._error_from(response.status_code, content, model, response.headers)
+        if response.status != 200:
+            raise self._error_from(response.status, content, model, response.headers)
         async with mapped_errors(self.kind, self.base_url, started=True):
             return orjson.loads(content)
 
@@ -144,14 +243,14 @@ class Upstream:
     async def stream(self, path: str, body: Any, model: str) -> AsyncIterator[AsyncIterator[bytes]]:
         """The response body as it arrives; closing the context closes the upstream connection."""
         async with mapped_errors(self.kind, self.base_url):
-            response = await self._transport.handle_async_request(self._request("POST", path, body))
+            response = await self._send("POST", path, body)
         try:
-            if response.status_code != 200:
+            if response.status != 200:
                 async with mapped_errors(self.kind, self.base_url):
-                    content = await response.aread()
-                raise self._error_from(response.status_code, content, model, response.headers)
+                    content = await response.read()
+                raise self._error_from(response.status, content, model, response.headers)
             # Whatever fails while the caller reads and decodes the body is mapped here.
             async with mapped_errors(self.kind, self.base_url, started=True):
-                yield response.aiter_raw()
+                yield response.iter_bytes()
         finally:
             await response.aclose()

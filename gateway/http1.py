@@ -1,0 +1,364 @@
+"""A small HTTP/1.1 client for plain-http backends, on asyncio protocols and httptools' parser.
+
+The Ollama instances and OpenAI-compatible servers on the premises are what the gateway talks to
+most, over plain http on a LAN. The profile in bench/README.md put the general-purpose client
+(httpx's models over aiohttp's pool) at over 40% of the CPU a request costs; this client does only
+what the gateway needs, and does it in a few calls per request: one write of a request head built
+from pre-encoded headers, httptools' C parser feeding a per-connection buffer, keep-alive reuse.
+https backends (the cloud APIs) stay on the general client, where the network dominates anyway.
+
+What it guarantees:
+- a connection goes back to the pool only after its answer was read to the end; an answer
+  abandoned mid-body closes its connection, which is how a backend learns to stop generating;
+- a keep-alive connection idle for IDLE_SECONDS is not reused: servers close theirs after a few
+  seconds (uvicorn after 5), and a request written just as the server closes would fail. A request
+  is never sent twice (a POST may have started a generation): a connection that closes before
+  answering is a failure for dispatch to retry on another instance;
+- reading pauses when more than READ_HIGH body bytes wait for the reader;
+- failures are httpx's exceptions, the vocabulary `upstream.mapped_errors` maps to gateway
+  errors: refused or unresolvable -> ConnectError, connect deadline -> ConnectTimeout, no free
+  connection in time -> PoolTimeout, the peer closing before or during an answer, or breaking its
+  framing -> RemoteProtocolError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+import httpx
+
+READ_HIGH = 256 * 1024  # body bytes buffered before reading from the socket pauses
+IDLE_PER_HOST = 256  # keep-alive connections kept per backend; more are closed when released
+IDLE_SECONDS = 4.0  # an idle connection older than this is closed instead of reused
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one request goes, parsed once: the connection key and the request line's target."""
+
+    host: str
+    port: int
+    authority: bytes  # the Host header
+    path: bytes  # path and query
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"not a plain http URL: {url!r}")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.hostname, parts.port or 80, parts.netloc.encode("ascii"), path.encode("ascii"))
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """Header lines for every request of one backend; ValueError for a value that would break
+    the framing (CR or LF)."""
+    lines = []
+    for name, value in headers.items():
+        if any(c in name or c in value for c in "\r\n") or ":" in name:
+            raise ValueError(f"header {name!r} cannot be sent as is")
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    return b"".join(lines)
+
+
+class Response:
+    """One answer: status and headers at once, the body as it arrives. `close()` when done."""
+
+    __slots__ = ("_connection", "headers", "status")
+
+    def __init__(self, connection: _Connection, status: int, headers: dict[str, str]) -> None:
+        self._connection = connection
+        self.status = status
+        self.headers = headers  # lower-case names
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_bytes()])
+
+    async def iter_bytes(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        while True:
+            chunk = await connection.next_chunk()
+            if chunk is None:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        self._connection.finish()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, carrying one exchange at a time."""
+
+    def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.alive = True  # false once closed, or once its framing cannot be trusted
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._loop = asyncio.get_running_loop()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._head: asyncio.Future[Response] | None = None
+        self._status = 0
+        self._headers: dict[str, str] = {}
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._busy = False
+
+    # ---- asyncio.Protocol ----
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        if not self._busy:  # nothing was asked: whatever this is, the connection is not to be trusted
+            self._close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._fail(httpx.RemoteProtocolError(f"malformed answer: {error}"))
+            self._close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        self.pool.closed(self)
+        if self._busy and not self._complete:
+            if self._head is not None and not self._head.done():
+                self._fail(httpx.RemoteProtocolError("closed the connection before answering"))
+            elif self._close_delimited():
+                self._complete = True
+                self._wake()
+            else:
+                self._fail(httpx.RemoteProtocolError("closed the connection mid-body"))
+
+    def pause_writing(self) -> None:  # request bodies are written whole; the buffer absorbs them
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ---- httptools callbacks ----
+
+    def on_message_begin(self) -> None:
+        if self._status:  # a second answer to one request: the stream cannot be trusted
+            self.alive = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        if self._head is not None and not self._head.done():
+            self._head.set_result(Response(self, self._status, self._headers))
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > READ_HIGH and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        if not self._parser.should_keep_alive():
+            self.alive = False
+        self._wake()
+
+    # ---- one exchange ----
+
+    async def exchange(self, data: bytes) -> Response:
+        self._reset()
+        self._busy = True
+        self._head = self._loop.create_future()
+        assert self.transport is not None
+        self.transport.write(data)
+        return await self._head
+
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body; None at its end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= READ_HIGH // 4 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def finish(self) -> None:
+        """The caller is done with the answer: back to the pool when it was read to the end,
+        closed otherwise (the backend sees the disconnect)."""
+        if not self._busy:
+            return
+        self._busy = False
+        if self._complete and not self._chunks and self.alive and self._error is None:
+            self.pool.release(self)
+        else:
+            self._close()
+
+    def _close_delimited(self) -> bool:
+        return "content-length" not in self._headers and "chunked" not in self._headers.get(
+            "transfer-encoding", ""
+        )
+
+    def _fail(self, error: Exception) -> None:
+        self.alive = False
+        self._error = error
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _close(self) -> None:
+        self.alive = False
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Pool:
+    """Keep-alive connections to any number of plain-http backends, at most `max_connections`
+    open at once; a request that finds none free waits up to its connect deadline."""
+
+    def __init__(self, max_connections: int = 1000) -> None:
+        self._max = max_connections
+        self._open = 0
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def send(
+        self, method: str, target: Target, headers: bytes, body: bytes | None, connect_timeout: float
+    ) -> Response:
+        head = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s" % (method.encode(), target.path, target.authority, headers)
+        if body is not None:
+            head += b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        else:
+            head += b"\r\n"
+        connection = await self._acquire(target, connect_timeout)
+        try:
+            return await connection.exchange(head)
+        except BaseException:
+            connection.finish()  # cancelled or failed: never back to the pool half-used
+            raise
+
+    async def _acquire(self, target: Target, timeout: float) -> _Connection:
+        key = (target.host, target.port)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            idle = self._idle.get(key)
+            while idle:
+                connection = idle.pop()
+                if connection.alive and loop.time() - connection.idle_since < IDLE_SECONDS:
+                    return connection
+                connection._close()
+            if self._open < self._max:
+                break
+            self._evict_idle()  # room held by idle connections to other backends is given back
+            await self._wait_for_room(deadline - loop.time(), timeout)
+        self._open += 1
+        try:
+            async with asyncio.timeout(timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(self, key), target.host, target.port
+                )
+        except TimeoutError:
+            self._room()
+            raise httpx.ConnectTimeout(f"connecting to {target.host}:{target.port} timed out") from None
+        except OSError as error:
+            self._room()
+            raise httpx.ConnectError(str(error) or type(error).__name__) from error
+        except BaseException:
+            self._room()
+            raise
+        self._all.add(protocol)
+        return protocol
+
+    async def _wait_for_room(self, left: float, timeout: float) -> None:
+        """Until a connection closes or goes idle, or the request's connect deadline passes."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                await waiter
+        except TimeoutError:
+            raise httpx.PoolTimeout(f"no free connection within {timeout:g} s") from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _room(self) -> None:
+        """A connection closed (or never opened): one waiting request may open one."""
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _evict_idle(self) -> None:
+        for idle in self._idle.values():
+            if idle:
+                idle.pop(0)._close()  # the oldest; connection_lost makes the room
+                return
+
+    def release(self, connection: _Connection) -> None:
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= IDLE_PER_HOST:
+            connection._close()
+            return
+        now = connection.idle_since = asyncio.get_running_loop().time()
+        while idle and now - idle[0].idle_since >= IDLE_SECONDS:  # the oldest first
+            idle.pop(0)._close()
+        idle.append(connection)
+        self._wake_one()  # a request waiting for room may take it
+
+    def closed(self, connection: _Connection) -> None:
+        if connection not in self._all:
+            return
+        self._all.discard(connection)
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
+        self._room()
+
+    async def aclose(self) -> None:
+        for connection in list(self._all):
+            connection._close()
+        if self._all:
+            await asyncio.sleep(0)  # let the transports run connection_lost
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
