@@ -354,3 +354,19 @@ def test_client_disconnect_closes_the_upstream_within_a_second(rig: Callable[...
     assert requests_total(setup, "ollama-1", 499) == 1
     assert upstream_errors(setup, "ollama-1", "protocol") + upstream_errors(setup, "ollama-1", "timeout") == 0
     assert_nothing_left(setup)
+
+
+def test_good_lines_in_the_same_read_as_a_malformed_one_reach_the_client_first(
+    rig: Callable[..., Rig],
+) -> None:
+    first_seen = threading.Event()
+    setup = rig(1)
+    one_read = chunk(line("b ") + line("c ") + b"{not json\n")
+    setup.fakes[0].queue([head(), chunk(line("a ")), wait(first_seen), one_read, hang()])
+    body = {"model": "llama", "messages": HELLO, "stream": True}
+    with httpx.stream("POST", setup.gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+        events = read_events(response, first_seen)
+    contents = [json.loads(event)["choices"][0]["delta"].get("content") for event in events[:-1]]
+    assert [text for text in contents if text] == ["a ", "b ", "c "]
+    assert json.loads(events[-1])["error"]["type"] == "server_error"
+    assert_nothing_left(setup)
