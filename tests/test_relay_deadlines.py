@@ -1,0 +1,87 @@
+"""The stream relay's idle and total deadlines, on one timer per stream: a steady stream slower than
+nothing but faster than the idle deadline is never cut, a stall is, and so is a stream that outlives
+its total deadline; a slow client does not count against the backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from gateway.exchange import Exchange
+from gateway.relay import StreamRelay, StreamSource
+from gateway.schemas import Chunk
+
+pytestmark = pytest.mark.anyio
+
+
+async def paced(gaps: list[float]) -> AsyncIterator[Chunk]:
+    for i, gap in enumerate(gaps):
+        await asyncio.sleep(gap)
+        yield Chunk(content=f"t{i} ", finish_reason="stop" if i == len(gaps) - 1 else None)
+
+
+async def relay(gaps: list[float], *, idle: float, total: float, client_pause: float = 0.0) -> list[str]:
+    """The SSE payloads the client gets, and the status the relay recorded, as the last item."""
+    finished: list[int] = []
+    source = StreamSource(
+        first=Chunk(content="first "),
+        rest=paced(gaps),
+        idle_timeout=idle,
+        deadline=time.perf_counter() + total,
+        on_close=lambda: None,
+    )
+    stream = StreamRelay(
+        source,
+        Exchange(request_id="r", endpoint="chat"),
+        model="m",
+        include_usage=False,
+        finish=finished.append,
+        on_unexpected=lambda error: None,
+    )
+    payloads = []
+    async for data in stream.body():
+        payloads += [
+            line.removeprefix(b"data: ").decode() for line in data.split(b"\n") if line.startswith(b"data: ")
+        ]
+        await asyncio.sleep(client_pause)
+    return [*payloads, str(finished[0])]
+
+
+def contents(payloads: list[str]) -> str:
+    texts = []
+    for payload in payloads[:-1]:
+        if payload != "[DONE]" and "choices" in (event := orjson.loads(payload)):
+            texts += [choice["delta"].get("content") or "" for choice in event["choices"]]
+    return "".join(texts)
+
+
+async def test_a_steady_stream_under_the_idle_deadline_is_never_cut() -> None:
+    payloads = await relay([0.15] * 8, idle=0.25, total=10)  # 1.2 s in all, far past one idle period
+    assert payloads[-2:] == ["[DONE]", "200"]
+    assert contents(payloads) == "first " + "".join(f"t{i} " for i in range(8))
+
+
+async def test_a_stall_is_cut_at_the_idle_deadline() -> None:
+    started = time.monotonic()
+    payloads = await relay([0.05, 0.05, 2.0], idle=0.3, total=10)
+    assert 0.35 < time.monotonic() - started < 1.0
+    assert payloads[-1] == "504"
+    assert "stopped sending" in orjson.loads(payloads[-2])["error"]["message"]
+    assert contents(payloads) == "first t0 t1 "
+
+
+async def test_the_total_deadline_cuts_a_stream_that_never_stalls() -> None:
+    started = time.monotonic()
+    payloads = await relay([0.1] * 30, idle=0.3, total=0.8)
+    assert 0.75 < time.monotonic() - started < 1.3
+    assert payloads[-1] == "504"
+    assert "[DONE]" not in payloads
+
+
+async def test_a_slow_client_does_not_count_against_the_backend() -> None:
+    payloads = await relay([0.0] * 4, idle=0.1, total=10, client_pause=0.2)  # the client reads slowly
+    assert payloads[-2:] == ["[DONE]", "200"]
