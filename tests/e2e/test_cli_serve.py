@@ -43,6 +43,25 @@ def test_zero_file_default_serves_ollama_models_by_bare_name(
     assert [b["model"] for b in fake.chat_bodies()] == ["qwen2.5:0.5b", "llama3.2"]
 
 
+MINIMAL: dict[str, Any] = {
+    "backends": [{"name": "ollama-1", "type": "ollama"}],
+    "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama-1"}]}],
+}
+
+
+def serve_dry(
+    config: dict[str, Any], args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """`serve --config FILE ARGS` with uvicorn.run replaced (nothing is bound): what it was given."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps({**MINIMAL, **config}))
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
+    assert main(["serve", "--config", str(path), *args]) == 0
+    return started[0]
+
+
 @pytest.mark.parametrize(
     ("host", "keys", "warned"),
     [("10.1.2.3", False, True), ("10.1.2.3", True, False), ("127.0.0.1", False, False)],
@@ -56,19 +75,8 @@ def test_an_open_gateway_beyond_loopback_is_warned_about(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config: dict[str, Any] = {
-        "backends": [{"name": "ollama-1", "type": "ollama"}],
-        "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama-1"}]}],
-    }
-    if keys:
-        config["auth"] = {"keys": [{"name": "app", "key_sha256": "ab" * 32}]}
-    path = tmp_path / "gateway.yaml"
-    path.write_text(json.dumps(config))
-    started: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
-    assert main(["serve", "--config", str(path), "--host", host]) == 0
-    assert started[0]["host"] == host  # nothing was bound: uvicorn.run is replaced
+    config = {"auth": {"keys": [{"name": "app", "key_sha256": "ab" * 32}]}} if keys else {}
+    assert serve_dry(config, ["--host", host], tmp_path, monkeypatch)["host"] == host
     assert ("open to anyone" in capsys.readouterr().err) is warned
 
 
@@ -90,16 +98,6 @@ def test_per_worker_rate_limits_are_warned_about(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config: dict[str, Any] = {
-        "backends": [{"name": "ollama-1", "type": "ollama"}],
-        "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama-1"}]}],
-        "rate_limits": rate_limits,
-    }
-    path = tmp_path / "gateway.yaml"
-    path.write_text(json.dumps(config))
-    started: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
-    assert main(["serve", "--config", str(path), "--workers", str(workers)]) == 0
-    assert started[0]["workers"] == workers
+    options = serve_dry({"rate_limits": rate_limits}, ["--workers", str(workers)], tmp_path, monkeypatch)
+    assert options["workers"] == workers
     assert ("rate limits are kept per worker" in capsys.readouterr().err) is warned
