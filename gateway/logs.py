@@ -47,7 +47,6 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
     structlog.configure(
         processors=[
             _add_request_id,  # one ContextVar, not structlog's copy of the whole context per line
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
