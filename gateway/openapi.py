@@ -304,9 +304,15 @@ STATUS_TEXT = {
     403: "The key may not use this model, or a private request has no local deployment.",
     404: "Unknown model (`code: model_not_found`).",
     413: "The body is larger than `server.max_body_bytes`.",
-    429: "Rate limited by the backend.",
+    429: (
+        "Rate limited: the API key's requests or tokens per minute (with `retry-after`,"
+        " `retry-after-ms` and `x-ratelimit-*`), the backend, or an instance's `max_inflight`."
+    ),
     502: "The backend answered badly.",
-    503: "No backend reachable.",
+    503: (
+        "No backend reachable, the rate-limit store unreachable with `rate_limits.fail_open: false`,"
+        " or cut at the shutdown deadline (`code: shutting_down`)."
+    ),
     504: "A backend deadline ran out.",
 }
 ROUTED_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
@@ -325,6 +331,15 @@ ROUTED_HEADERS = {
         "schema": STRING,
     },
     "x-phoenix-backend": {"description": "The backend that answered.", "schema": STRING},
+    **{
+        f"x-ratelimit-{what}-{kind}": {"description": f"{text} ({kind} per minute).", "schema": schema}
+        for kind in ("requests", "tokens")
+        for what, text, schema in (
+            ("limit", "The API key's limit, when it has one", INTEGER),
+            ("remaining", "What is left of it after this request", INTEGER),
+            ("reset", "Until the budget is whole again, as OpenAI writes it: 120ms, 1.5s, 6m0s", STRING),
+        )
+    },
 }
 
 
