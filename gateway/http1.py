@@ -112,6 +112,7 @@ class _Connection(asyncio.Protocol):
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._complete = False
+        self._interim = False  # a 1xx answer is being parsed: the real one follows
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -163,7 +164,12 @@ class _Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        self._status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints: informational, the answer comes after
+            self._interim = True
+            self._headers = {}
+            return
+        self._status = status
         if self._head is not None and not self._head.done():
             self._head.set_result(Response(self, self._status, self._headers))
 
@@ -176,6 +182,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
         if not self._parser.should_keep_alive():
             self.alive = False

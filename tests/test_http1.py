@@ -132,6 +132,27 @@ async def test_a_chunked_body_arrives_piece_by_piece() -> None:
     await pool.aclose()
 
 
+async def test_an_informational_answer_is_skipped_for_the_real_one() -> None:
+    async def hints(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nx-real: 1\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    pool = Pool()
+    async with scripted(hints) as server:
+        for _ in range(2):
+            response = await send(pool, server.url)
+            assert (response.status, response.headers, await response.read()) == (
+                200,
+                {"x-real": "1", "content-length": "2"},
+                b"ok",
+            )
+            response.close()
+        assert server.connections == 1
+    await pool.aclose()
+
+
 async def test_a_body_ended_by_close_is_read_whole_and_its_connection_not_reused() -> None:
     async def close_delimited(
         server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
