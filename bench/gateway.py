@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -46,7 +44,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO
 
 import httpx
@@ -57,6 +54,19 @@ WRK_DIR = BENCH / "wrk"
 sys.path.insert(0, str(BENCH))
 
 from mock_upstream import WORDS  # noqa: E402
+from procs import (  # noqa: E402
+    Failure,
+    Proc,
+    Processes,
+    describe_machine,
+    exit_on_failure,
+    free_port,
+    log,
+    on_sigterm,
+    process_tree,
+    status_kb,
+    wait_http,
+)
 
 LOAD_CPU, GATEWAY_CPU, BOTH_CPUS = "0", "1", "0,1"
 PROMPT = "Why is the sky blue?"  # the wrk scripts send the same
@@ -68,114 +78,12 @@ MAX_ROUNDS, MAX_DURATION, MAX_TTFT_STREAMS, MAX_MEMORY_REQUESTS = 20, 60, 5000, 
 TARGETS = {"rps": 5000.0, "p99_ms": 10.0, "streams": 1500.0, "added_p50_ms": 0.3, "added_p99_ms": 1.0}
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-class Failure(Exception):
-    """Stops the run with a message (no traceback)."""
-
-
 # ---- processes ----
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-class Processes:
-    """Everything the driver starts, each in its own session so that a whole tree can be stopped."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[Proc] = []
-
-    def start(
-        self, name: str, argv: Sequence[str], cpus: str | None, env: dict[str, str] | None = None
-    ) -> Proc:
-        command = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
-        log_path = self.workdir / f"{name}.log"
-        with open(log_path, "wb") as out:
-            popen = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
-            )
-        proc = Proc(name, popen, log_path)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: Proc) -> None:
-        if proc in self.procs:
-            self.procs.remove(proc)
-        if proc.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-                os.killpg(proc.pid, signal.SIGCONT)  # in case it was paused
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # stragglers in the group (uvicorn workers)
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.popen.wait(timeout=5)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs)):
-            self.stop(proc)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_http(proc: Proc, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise Failure(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise Failure(f"{proc.name} did not answer {url} within {timeout:.0f} s:\n{proc.tail()}")
 
 
 def rss_kb(pid: int) -> int:
     """VmRSS of `pid` and all its descendants (uvicorn's workers), in kB."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    total = 0
-    for member in tree:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total
+    return sum(status_kb(member, "VmRSS") for member in process_tree(pid))
 
 
 # ---- wrk ----
@@ -796,28 +704,8 @@ def ms(us: float) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    rev = "unknown revision"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        )
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "gateway"], capture_output=True, text=True, check=False
-        )
-        rev = head.stdout.strip() + (" + uncommitted changes in gateway/" if dirty.stdout.strip() else "")
     loops = ", ".join(name for name in ("uvloop", "httptools") if importlib.util.find_spec(name)) or "none"
-    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {now}; gateway at {rev}; "
-        f"speedups installed: {loops}"
-    )
+    return f"{describe_machine()}; speedups installed: {loops}"
 
 
 def added(results: Results, scenario: str, endpoint: Endpoint, attr: str) -> float:
@@ -1100,15 +988,11 @@ def estimate(args: argparse.Namespace) -> float:
     return seconds + soak
 
 
-def on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace, workdir: Path) -> Bench:
     if (os.cpu_count() or 1) < 2:
         raise Failure("this benchmark pins the gateway and the load on separate cores: it needs 2 CPUs")
     os.sched_setaffinity(0, {int(LOAD_CPU)})  # this driver (and its TTFT client) lives with the load
-    procs = Processes(workdir)
+    procs = Processes(workdir, pin=True)
     bench = Bench(args, procs, ensure_wrk())
     started = time.monotonic()
     log(f"this run takes about {estimate(args) / 60:.1f} minutes")
@@ -1154,15 +1038,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Bench:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
-    with tempfile.TemporaryDirectory(prefix="phoenix-bench-") as tmp:
-        try:
-            bench = run(args, Path(tmp))
-        except Failure as exc:
-            log(f"error: {exc}")
-            return 1
-        except KeyboardInterrupt:
-            log("interrupted; every process this run started has been stopped")
-            return 130
+    with tempfile.TemporaryDirectory(prefix="phoenix-bench-") as tmp, exit_on_failure():
+        bench = run(args, Path(tmp))
     report(bench, sys.stdout)
     if args.json:
         raw = {

@@ -60,41 +60,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import functools
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from procs import Processes, describe_machine, exit_on_failure, log, on_sigterm  # noqa: E402
 from soak_client import DESCRIBED, FAULTS, MIX, Client, Tally, plan  # noqa: E402
 from soak_rig import (  # noqa: E402
     BOTH_CPUS,
     GATEWAY_CPU,
     LOAD_CPU,
-    ROOT,
-    Failure,
     GatewayView,
     LogScan,
-    Processes,
     Reading,
     Rig,
     Sample,
-    log,
     read_gateway,
     sample_forever,
     scan_log,
@@ -205,7 +198,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Results:
         args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         machine=machine(args, pin),
     )
-    procs = Processes(workdir, pin)
+    procs = Processes(workdir, pin=pin)
     try:
         rig = start_rig(args, workdir, procs)
         try:
@@ -238,22 +231,6 @@ def asyncio_run(coro: Awaitable[None]) -> None:
 
 
 def machine(args: argparse.Namespace, pin: bool) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    rev = "unknown revision"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        )
-        status = [*git, "status", "--porcelain", "--", "gateway"]
-        dirty = subprocess.run(status, capture_output=True, text=True, check=False)
-        rev = head.stdout.strip() + (" + uncommitted changes in gateway/" if dirty.stdout.strip() else "")
-    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     where = (
         (
             f"gateway on core {GATEWAY_CPU if args.workers == 1 else BOTH_CPUS}, client and upstreams on "
@@ -263,8 +240,7 @@ def machine(args: argparse.Namespace, pin: bool) -> str:
         else "not pinned"
     )
     return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {now}; gateway at {rev}; "
-        f"{args.workers} worker(s), {where}; log level {args.log_level}; "
+        f"{describe_machine()}; {args.workers} worker(s), {where}; log level {args.log_level}; "
         f"load average before the run {os.getloadavg()[0]:.2f}"
     )
 
@@ -461,10 +437,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -474,14 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             workdir = args.workdir
             workdir.mkdir(parents=True, exist_ok=True)
-        try:
+        with exit_on_failure():
             results = run(args, workdir)
-        except Failure as exc:
-            log(f"error: {exc}")
-            return 1
-        except KeyboardInterrupt:
-            log("interrupted; every process this run started has been stopped")
-            return 130
     print(report(results), flush=True)
     if args.json:
         args.json.write_text(json.dumps(as_json(results), indent=1))

@@ -17,110 +17,20 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procs import Proc, Processes, fetch, free_port, log, process_tree, status_kb, wait_http
 from soak_client import CHUNKS, FAULT_BACKENDS, MAX_BODY, MODEL, SLOW_MODEL, Tally
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 LOAD_CPU, GATEWAY_CPU, BOTH_CPUS = "0", "1", "0,1"
 SLOW_DELAY_MS = "1-4"
 SAMPLE_EVERY = 0.5
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-class Failure(Exception):
-    """Stops the run with a message (no traceback)."""
-
-
-# ---- processes ----
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-class Processes:
-    """Everything the soak starts, each in its own session, stopped by its own process group."""
-
-    def __init__(self, workdir: Path, pin: bool) -> None:
-        self.workdir = workdir
-        self.pin = pin
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, argv: Sequence[str], cpus: str, env: dict[str, str] | None = None) -> Proc:
-        command = ["taskset", "-c", cpus, *argv] if self.pin else list(argv)  # taskset execs: same pid
-        log_path = self.workdir / f"{name}.log"
-        with open(log_path, "wb") as out:
-            popen = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
-            )
-        proc = Proc(name, popen, log_path)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.popen.wait(timeout=10)
-            with contextlib.suppress(ProcessLookupError):  # stragglers in the group (uvicorn workers)
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=5)
-        self.procs.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def fetch(url: str, timeout: float = 5.0) -> bytes:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
-    with opener.open(url, timeout=timeout) as response:
-        data: bytes = response.read()
-        return data
-
-
-def wait_http(proc: Proc, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise Failure(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        with contextlib.suppress(OSError):
-            fetch(url, timeout=2)
-            return
-        time.sleep(0.1)
-    raise Failure(f"{proc.name} did not answer {url} within {timeout:.0f} s:\n{proc.tail()}")
 
 
 @dataclass
@@ -208,30 +118,6 @@ TCP_STATES = {
     "0A": "LISTEN",
     "0B": "CLOSING",
 }
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (uvicorn's workers)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    tree, frontier = [pid], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
-        tree += children
-        frontier += children
-    return tree
-
-
-def status_kb(pid: int, key: str) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def fd_targets(pid: int) -> list[str]:

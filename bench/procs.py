@@ -1,0 +1,188 @@
+"""The processes a bench driver starts, and what it needs around them.
+
+`Processes` starts each one in its own session from the repository root, optionally pinned with
+taskset, its output in `<workdir>/<name>.log`; stopping one stops its whole process group (uvicorn's
+workers with it): SIGTERM, then SIGKILL for whatever is left. `process_tree` and `status_kb` read
+such a tree back from /proc. Around them: how a run ends (SIGTERM as Ctrl-C, a `Failure` as a
+one-line error), a free loopback port, a GET that never goes through a proxy, a wait for a process
+to answer, and the line that says which machine and which revision of the gateway a run measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Failure(Exception):
+    """Stops the run with a message (no traceback)."""
+
+
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # so that SIGTERM unwinds like Ctrl-C, through every `finally`
+
+
+@contextlib.contextmanager
+def exit_on_failure() -> Iterator[None]:
+    """Ends the program with a line, not a traceback: status 1 on a Failure, 130 on an interrupt.
+
+    Wrap only the run, whose own `finally` has stopped every process by the time this speaks.
+    """
+    try:
+        yield
+    except Failure as exc:
+        log(f"error: {exc}")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        log("interrupted; every process this run started has been stopped")
+        raise SystemExit(130) from None
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+class Processes:
+    """Everything a driver starts, each in its own session so that a whole tree can be stopped.
+
+    With `pin`, a process started with `cpus` runs under `taskset -c cpus`; without, or with
+    `cpus=None`, it runs wherever the scheduler puts it.
+    """
+
+    def __init__(self, workdir: Path, pin: bool = True) -> None:
+        self.workdir = workdir
+        self.pin = pin
+        self.procs: list[Proc] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], cpus: str | None, env: dict[str, str] | None = None
+    ) -> Proc:
+        # taskset execs the command: the pid (and so the process group) stays the same
+        command = ["taskset", "-c", cpus, *argv] if self.pin and cpus else list(argv)
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as out:
+            popen = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGCONT)  # in case it was paused
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # stragglers in the group (uvicorn workers)
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's workers)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree += children
+        frontier += children
+    return tree
+
+
+def status_kb(pid: int, key: str) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def fetch(url: str, timeout: float = 5.0) -> bytes:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+    with opener.open(url, timeout=timeout) as response:
+        data: bytes = response.read()
+        return data
+
+
+def wait_http(proc: Proc, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise Failure(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        with contextlib.suppress(OSError):  # refused, reset, timed out or an HTTP error status
+            fetch(url, timeout=2)
+            return
+        time.sleep(0.1)
+    raise Failure(f"{proc.name} did not answer {url} within {timeout:.0f} s:\n{proc.tail()}")
+
+
+def describe_machine() -> str:
+    """The CPU, the Python, the time, and the gateway's revision (marked if gateway/ has changes)."""
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    rev = "unknown revision"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
+        status = [*git, "status", "--porcelain", "--", "gateway"]
+        dirty = subprocess.run(status, capture_output=True, text=True, check=False)
+        rev = head.stdout.strip() + (" + uncommitted changes in gateway/" if dirty.stdout.strip() else "")
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {now}; gateway at {rev}"
