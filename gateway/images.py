@@ -149,21 +149,26 @@ class ImageFetcher:
         known: Mapping[str, Image] = NO_IMAGES,
     ) -> Mapping[str, Image]:
         """url -> image for every http(s) image URL in the messages that is not `known` already;
-        {} when fetching is off (the provider then refuses such URLs as before). The first
-        failure fails the request."""
-        wanted = {url: param for url, param in remote_urls(messages, roles).items() if url not in known}
-        return await self._fetch_all(wanted)
+        {} when fetching is off (the provider then refuses such URLs as before). More distinct
+        URLs than `max_per_request`, or the first failure, fail the request."""
+        wanted = remote_urls(messages, roles)
+        if len(wanted) > self.config.max_per_request:
+            raise InvalidRequest(
+                f"the request holds {len(wanted)} distinct image URLs; the gateway fetches at most"
+                f" {self.config.max_per_request} per request (images.max_per_request)",
+                param="messages",
+            )
+        return await self._fetch_all({url: param for url, param in wanted.items() if url not in known})
 
     async def for_request(
         self, request: ChatRequest, roles: Collection[str] | None = None
     ) -> Mapping[str, Image]:
         """The request's images, fetched at most once per request (kept on it for a retry or a
         fallback). A request without image URLs costs one pass over its messages."""
-        wanted = remote_urls(request.messages, roles)
-        if not wanted:
+        if not any(message.image_urls() for message in request.messages):
             return NO_IMAGES
         fetched = request.fetched_images
-        fetched.update(await self._fetch_all({url: p for url, p in wanted.items() if url not in fetched}))
+        fetched.update(await self.fetch(request.messages, roles, known=fetched))
         return fetched
 
     async def _fetch_all(self, wanted: Mapping[str, str]) -> Mapping[str, Image]:
