@@ -91,6 +91,9 @@ class Response:
     def close(self) -> None:
         self._connection.finish()
 
+    async def aclose(self) -> None:
+        self.close()
+
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection, carrying one exchange at a time."""

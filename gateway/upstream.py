@@ -87,38 +87,19 @@ ErrorMapper = Callable[[int, bytes, str, Mapping[str, str]], GatewayError]
 
 
 class _Answer(Protocol):
-    """A backend's answer, whichever client fetched it."""
+    """A backend's answer, whichever client fetched it (`http1.Response`, or httpx's adapted)."""
 
-    status: int
-    headers: Mapping[str, str]
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
     async def read(self) -> bytes: ...
 
     def iter_bytes(self) -> AsyncIterator[bytes]: ...
 
     async def aclose(self) -> None: ...
-
-
-class _Plain:
-    """An `http1.Response` as an _Answer."""
-
-    __slots__ = ("_response", "headers", "status")
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-        self.status = response.status
-        self.headers = response.headers
-
-    async def read(self) -> bytes:
-        content: bytes = await self._response.read()
-        return content
-
-    def iter_bytes(self) -> AsyncIterator[bytes]:
-        chunks: AsyncIterator[bytes] = self._response.iter_bytes()
-        return chunks
-
-    async def aclose(self) -> None:
-        self._response.close()
 
 
 class _Httpx:
@@ -210,10 +191,9 @@ class Upstream:
     async def _send(self, method: str, path: str, body: Any) -> _Answer:
         if self._plain is not None:
             content = orjson.dumps(body) if body is not None else None
-            response = await self._plain.send(
+            return await self._plain.send(
                 method, self._target(path), self._head, content, self._connect_timeout
             )
-            return _Plain(response)
         return _Httpx(await self._transport.handle_async_request(self._request(method, path, body)))
 
     def _request(self, method: str, path: str, body: Any) -> httpx.Request:
