@@ -43,8 +43,7 @@ HOT_ROUTES: dict[str, Callable[[Request], Coroutine[Any, Any, Response]]] = {
     "/v1/embeddings": embeddings,
 }
 ROUTES = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    *(Route(path, handler, methods=["POST"]) for path, handler in HOT_ROUTES.items()),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -86,6 +86,20 @@ USER_AGENT = "phoenix-gateway"
 ErrorMapper = Callable[[int, bytes, str, Mapping[str, str]], GatewayError]
 
 
+P = TypeVar("P")
+
+
+def _parsed(cache: dict[str, P], url: str, parse: Callable[[str], P]) -> P:
+    """`parse(url)`, kept for the next request (up to URL_CACHE_SIZE: paths can hold client-chosen
+    model names)."""
+    parsed = cache.get(url)
+    if parsed is None:
+        parsed = parse(url)
+        if len(cache) < URL_CACHE_SIZE:
+            cache[url] = parsed
+    return parsed
+
+
 class _Answer(Protocol):
     """A backend's answer, whichever client fetched it (`http1.Response`, or httpx's adapted)."""
 
@@ -147,10 +161,11 @@ class Upstream:
         self._headers = {"user-agent": USER_AGENT, "accept": "application/json", **headers}
         self._timeout = request_timeout(connect_timeout)
         self._error_from = error_from
-        self._urls: dict[str, httpx.URL] = {}  # parsed once per path: parsing is a cost per request
+        # URLs parsed once (parsing is a cost per request): for httpx, or for http1
+        self._urls: dict[str, httpx.URL] = {}
+        self._targets: dict[str, Target] = {}
         self._connect_timeout = connect_timeout
         self._plain: Pool | None = None
-        self._targets: dict[str, Target] = {}
         if isinstance(transport, GatewayTransport) and base_url.startswith("http://"):
             try:
                 self._head = encode_headers(self._headers)
@@ -160,12 +175,7 @@ class Upstream:
                 self._plain = None
 
     def _url(self, path: str) -> httpx.URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = httpx.URL(self.base_url + path)
-            if len(self._urls) < URL_CACHE_SIZE:  # paths can hold client-chosen model names
-                self._urls[path] = url
-        return url
+        return _parsed(self._urls, self.base_url + path, httpx.URL)
 
     @classmethod
     def for_backend(
@@ -181,12 +191,7 @@ class Upstream:
                    connect_timeout=backend.timeouts.connect, error_from=error_from)  # fmt: skip
 
     def _target(self, path: str) -> Target:
-        target = self._targets.get(path)
-        if target is None:
-            target = Target.parse(self.base_url + path)
-            if len(self._targets) < URL_CACHE_SIZE:
-                self._targets[path] = target
-        return target
+        return _parsed(self._targets, self.base_url + path, Target.parse)
 
     async def _send(self, method: str, path: str, body: Any) -> _Answer:
         if self._plain is not None:
