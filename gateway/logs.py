@@ -58,4 +58,6 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
 
 
 def get_logger(name: str = "gateway") -> Any:
-    return structlog.get_logger(name)
+    """A logger bound to the configuration in force now. (structlog's own `get_logger` gives a
+    proxy that binds a new logger on every call, which showed in the profile of every request.)"""
+    return structlog.get_logger(name).bind()
