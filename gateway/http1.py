@@ -15,7 +15,7 @@ What it guarantees:
   is never sent twice (a POST may have started a generation): a connection that closes before
   answering is a failure for dispatch to retry on another instance;
 - reading pauses when more than READ_HIGH body bytes wait for the reader;
-- failures are httpx's exceptions, the vocabulary `upstream.mapped_errors` maps to gateway
+- failures are httpx's exceptions, the vocabulary `upstream.MappedErrors` maps to gateway
   errors: refused or unresolvable -> ConnectError, connect deadline -> ConnectTimeout, no free
   connection in time -> PoolTimeout, the peer closing before or during an answer, or breaking its
   framing -> RemoteProtocolError.

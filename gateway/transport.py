@@ -4,7 +4,7 @@ The profile in bench/README.md found httpx's own pool (httpcore) to be most of t
 at 64 concurrent requests: it scans every pooled connection on each request. This transport keeps
 httpx's API (and pytest-httpx) for the code above it and hands the wire to aiohttp, whose pool and
 HTTP parser are C-accelerated. Every aiohttp failure becomes the httpx exception that says the same
-thing, so `upstream.mapped_errors` sees one vocabulary: refused or unresolvable -> ConnectError,
+thing, so `upstream.MappedErrors` sees one vocabulary: refused or unresolvable -> ConnectError,
 connect deadline -> ConnectTimeout, the peer closing or breaking the framing mid-body ->
 RemoteProtocolError or ReadError.
 """

@@ -46,32 +46,50 @@ def request_timeout(connect: float) -> dict[str, float | None]:
     return httpx.Timeout(connect=connect, read=None, write=30.0, pool=connect).as_dict()
 
 
-@asynccontextmanager
-async def mapped_errors(kind: str, base_url: str, *, started: bool = False) -> AsyncIterator[None]:
-    """Map transport failures to the error tree. `started`: bytes already came from the backend."""
+def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exception:
+    """The gateway error for a transport failure, or `error` itself when it is not one.
+    `started`: bytes already came from the backend."""
+    if isinstance(error, GatewayError):
+        return error
     label = LABELS.get(kind, kind)
-    try:
-        yield
-    except GatewayError:
-        raise
-    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-        raise UpstreamUnavailable(f"Cannot connect to {label} server at {base_url}") from error
-    except httpx.PoolTimeout as error:
-        raise UpstreamUnavailable(f"No free connection to {label} server at {base_url}") from error
-    except httpx.TimeoutException as error:
-        raise UpstreamTimeout(f"{label} server at {base_url} timed out") from error
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as error:
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return UpstreamUnavailable(f"Cannot connect to {label} server at {base_url}")
+    if isinstance(error, httpx.PoolTimeout):
+        return UpstreamUnavailable(f"No free connection to {label} server at {base_url}")
+    if isinstance(error, httpx.TimeoutException):
+        return UpstreamTimeout(f"{label} server at {base_url} timed out")
+    if isinstance(error, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
         if started:
-            raise UpstreamProtocol(
-                f"{label} server at {base_url} closed the connection mid-stream"
-            ) from error
-        raise UpstreamUnavailable(f"{label} server at {base_url} closed the connection") from error
-    except LineTooLong as error:
-        raise UpstreamProtocol(f"{label} server at {base_url} sent an over-long line") from error
-    except (orjson.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UpstreamProtocol(f"{label} server at {base_url} sent malformed JSON") from error
-    except httpx.HTTPError as error:
-        raise UpstreamProtocol(f"{label} server at {base_url} failed: {type(error).__name__}") from error
+            return UpstreamProtocol(f"{label} server at {base_url} closed the connection mid-stream")
+        return UpstreamUnavailable(f"{label} server at {base_url} closed the connection")
+    if isinstance(error, LineTooLong):
+        return UpstreamProtocol(f"{label} server at {base_url} sent an over-long line")
+    if isinstance(error, orjson.JSONDecodeError | UnicodeDecodeError):
+        return UpstreamProtocol(f"{label} server at {base_url} sent malformed JSON")
+    if isinstance(error, httpx.HTTPError):
+        return UpstreamProtocol(f"{label} server at {base_url} failed: {type(error).__name__}")
+    return error
+
+
+class MappedErrors:
+    """Map the transport failures raised in its block to the error tree (see `translated`).
+    A plain class: `contextlib`'s generator-based managers cost more per request than the mapping."""
+
+    __slots__ = ("base_url", "kind", "started")
+
+    def __init__(self, kind: str, base_url: str, *, started: bool = False) -> None:
+        self.kind = kind
+        self.base_url = base_url
+        self.started = started
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if isinstance(error, Exception):
+            mapped = translated(error, self.kind, self.base_url, self.started)
+            if mapped is not error:
+                raise mapped from error
 
 
 def json_or_none(content: bytes) -> Any:
@@ -212,30 +230,35 @@ class Upstream:
         )
 
     async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
-        async with mapped_errors(self.kind, self.base_url):
-            response = await self._send(method, path, body)
+        started = False  # whether the backend has answered
         try:
-            async with mapped_errors(self.kind, self.base_url, started=True):  # the backend answered
+            response = await self._send(method, path, body)
+            started = True
+            try:
                 content = await response.read()
-        finally:
-            await response.aclose()
-        if response.status != 200:
-            raise self._error_from(response.status, content, model, response.headers)
-        async with mapped_errors(self.kind, self.base_url, started=True):
+            finally:
+                await response.aclose()
+            if response.status != 200:
+                raise self._error_from(response.status, content, model, response.headers)
             return orjson.loads(content)
+        except Exception as error:
+            mapped = translated(error, self.kind, self.base_url, started)
+            if mapped is error:
+                raise
+            raise mapped from error
 
     @asynccontextmanager
     async def stream(self, path: str, body: Any, model: str) -> AsyncIterator[AsyncIterator[bytes]]:
         """The response body as it arrives; closing the context closes the upstream connection."""
-        async with mapped_errors(self.kind, self.base_url):
+        with MappedErrors(self.kind, self.base_url):
             response = await self._send("POST", path, body)
         try:
             if response.status != 200:
-                async with mapped_errors(self.kind, self.base_url):
+                with MappedErrors(self.kind, self.base_url):
                     content = await response.read()
                 raise self._error_from(response.status, content, model, response.headers)
             # Whatever fails while the caller reads and decodes the body is mapped here.
-            async with mapped_errors(self.kind, self.base_url, started=True):
+            with MappedErrors(self.kind, self.base_url, started=True):
                 yield response.iter_bytes()
         finally:
             await response.aclose()
