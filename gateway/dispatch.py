@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_none
 
 from gateway.balancer import Balancer
+from gateway.deadlines import Deadlines
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocol, UpstreamTimeout
 from gateway.exchange import Exchange
 from gateway.metrics import Metrics
@@ -46,6 +47,7 @@ class Dispatcher:
     balancer: Balancer
     metrics: Metrics
     retries: int
+    deadlines: Deadlines = field(default_factory=Deadlines)
 
     async def _first_success(
         self, plans: list[Plan], exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
@@ -116,16 +118,19 @@ class Dispatcher:
     ) -> T:
         waited = time.perf_counter()
         lease = await self.balancer.acquire(target.backend)
+        deadline = self.deadlines.start(total)
         try:
-            async with asyncio.timeout(total):
-                result = await call()
+            result = await call()
             self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
             return result
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"backend {target.backend} did not answer within its first-token deadline"
-            ) from None
+        except asyncio.CancelledError:
+            if deadline.timed_out():
+                raise UpstreamTimeout(
+                    f"backend {target.backend} did not answer within its first-token deadline"
+                ) from None
+            raise
         finally:
+            deadline.end()
             exchange.upstream_seconds += time.perf_counter() - waited
             lease.release()
 
@@ -160,14 +165,18 @@ class Dispatcher:
         waited = time.perf_counter()
         lease = await self.balancer.acquire(target.backend)
         stream: Any = provider.stream(request, target.model)
+        deadline = self.deadlines.start(min(timeouts.first_token, timeouts.total))
         try:
-            async with asyncio.timeout(min(timeouts.first_token, timeouts.total)):
+            try:
                 first = await anext(stream)
+            finally:
+                deadline.end()
             self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
         except BaseException as error:
+            timed_out = isinstance(error, asyncio.CancelledError) and deadline.timed_out()
             await stream.aclose()
             lease.release()
-            if isinstance(error, TimeoutError):
+            if timed_out:
                 raise UpstreamTimeout(
                     f"backend {target.backend} sent nothing within its first-token deadline"
                 ) from None

@@ -1,0 +1,96 @@
+"""gateway.deadlines: many waits' deadlines on one timer per length."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.deadlines import Deadlines
+
+# The async tests run on anyio's asyncio backend; the last makes event loops of its own.
+
+
+async def wait(deadlines: Deadlines, seconds: float, work: float) -> str:
+    """Sleep `work` seconds under a deadline of `seconds`: 'done', 'timeout' or 'cancelled'."""
+    deadline = deadlines.start(seconds)
+    try:
+        await asyncio.sleep(work)
+        return "done"
+    except asyncio.CancelledError:
+        if deadline.timed_out():
+            return "timeout"
+        raise
+    finally:
+        deadline.end()
+
+
+@pytest.mark.anyio
+async def test_a_wait_past_its_deadline_is_cancelled_and_told_so() -> None:
+    deadlines = Deadlines()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await wait(deadlines, 0.05, 5) == "timeout"
+    assert 0.04 <= loop.time() - started < 1
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_waits_that_end_in_time_are_left_alone_and_the_queue_moves_on() -> None:
+    deadlines = Deadlines()
+    # A short wait first, then one that outlives its deadline: the timer set for the first
+    # (gone by then) must move on to the second.
+    quick = asyncio.create_task(wait(deadlines, 0.1, 0.01))
+    await asyncio.sleep(0.03)
+    slow = asyncio.create_task(wait(deadlines, 0.1, 5))
+    also_quick = asyncio.create_task(wait(deadlines, 0.1, 0.02))
+    assert await asyncio.gather(quick, slow, also_quick) == ["done", "timeout", "done"]
+
+
+@pytest.mark.anyio
+async def test_lengths_have_their_own_queues() -> None:
+    deadlines = Deadlines()
+    long = asyncio.create_task(wait(deadlines, 0.3, 0.15))
+    short = asyncio.create_task(wait(deadlines, 0.05, 0.15))
+    assert await asyncio.gather(long, short) == ["done", "timeout"]
+
+
+@pytest.mark.anyio
+async def test_another_cancellation_is_not_taken_for_the_deadline() -> None:
+    deadlines = Deadlines()
+    task = asyncio.create_task(wait(deadlines, 5, 5))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.anyio
+async def test_a_cancellation_pending_with_the_deadline_is_kept() -> None:
+    deadlines = Deadlines()
+
+    async def cancelled_twice() -> str:
+        deadline = deadlines.start(0.02)
+        # Somebody else cancels the task at the same moment, before it runs again.
+        asyncio.get_running_loop().call_at(deadline.due, task.cancel)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            if deadline.timed_out():
+                return "timeout"
+            raise
+        finally:
+            deadline.end()
+        return "done"
+
+    task = asyncio.create_task(cancelled_twice())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_a_queue_outlives_an_event_loop() -> None:
+    deadlines = Deadlines()
+    # The first loop ends with the queue's timer still set (its wait ended long before).
+    assert asyncio.run(wait(deadlines, 0.2, 0)) == "done"
+    # That timer never fires: the queue must set a new one on the new loop.
+    assert asyncio.run(wait(deadlines, 0.2, 5)) == "timeout"
