@@ -20,6 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -30,6 +31,40 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # prometheus_client's switch: set before it is imported, every process writes its values to files
 # in this directory, and `render` merges them. `serve --workers N` sets it up.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class LoopValue:
+    """A metric value without a lock. prometheus_client's default value takes a mutex on every
+    update, which made recording a request's metrics five times dearer; the gateway updates and
+    reads its metrics on its event loop's thread only (`/metrics` is served there too), so the
+    mutex guards nothing. With several workers each process writes files instead (multiprocess
+    mode chooses that value class when the module is imported), and this is not used."""
+
+    _multiprocess = False
+    __slots__ = ("_exemplar", "_value")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def get(self) -> float:
+        return self._value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+if values.ValueClass is values.MutexValue:  # single-process mode: every metric made from now on
+    values.ValueClass = LoopValue
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
