@@ -7,6 +7,7 @@ line. The audit line carries ids, names, decisions and counts, never prompt or c
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,10 +53,23 @@ class Exchange:
         self.finished = True
         self.status = status
         elapsed = time.perf_counter() - self.started
+        self._record(metrics, elapsed)
+        # The request line is built only when something writes it: the log at info, or the audit file.
+        if audit is None and not log.is_enabled_for(logging.INFO):
+            return
+        fields = self._fields(elapsed)
+        log.info("request", **fields)
+        if audit is not None:
+            try:
+                audit.append(fields)
+            except AuditError as error:  # the answer has gone; say loudly that its record did not
+                log.error("audit write failed", error=str(error))
+
+    def _record(self, metrics: Metrics, elapsed: float) -> None:
         backend = self.backend
-        stream = "true" if self.stream else "false"
         label = self.model_label
-        metrics.child(metrics.requests, self.endpoint, label, backend, str(status)).inc()
+        metrics.child(metrics.requests, self.endpoint, label, backend, str(self.status)).inc()
+        stream = "true" if self.stream else "false"
         metrics.child(metrics.duration, self.endpoint, label, backend, stream).observe(elapsed)
         metrics.child(metrics.overhead, self.endpoint).observe(max(elapsed - self.upstream_seconds, 0.0))
         if self.first_token_at is not None:
@@ -67,18 +81,21 @@ class Exchange:
         if self.usage is not None and backend:
             metrics.child(metrics.tokens, label, backend, "prompt").inc(self.usage.prompt_tokens)
             metrics.child(metrics.tokens, label, backend, "completion").inc(self.usage.completion_tokens)
+
+    def _fields(self, elapsed: float) -> dict[str, Any]:
+        """The request line: ids, names, decisions and counts."""
         fields: dict[str, Any] = {
             "request_id": self.request_id,
             "endpoint": self.endpoint,
             "key": self.key_name or None,
             "model": self.requested_model,
             "served_model": self.served_model or None,
-            "backend": backend or None,
+            "backend": self.backend or None,
             "local": self.local,
             "privacy": self.privacy,
             "privacy_reason": self.privacy_reason,
             "stream": self.stream,
-            "status": status,
+            "status": self.status,
             "duration_ms": round(elapsed * 1000, 3),
         }
         if self.usage is not None:
@@ -91,9 +108,4 @@ class Exchange:
         if self.answered_as and self.answered_as != self.requested_model:
             fields["answered_as"] = self.answered_as
         fields.update(self.notes)
-        log.info("request", **fields)
-        if audit is not None:
-            try:
-                audit.append(fields)
-            except AuditError as error:  # the answer has gone; say loudly that its record did not
-                log.error("audit write failed", error=str(error))
+        return fields
