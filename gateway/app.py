@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from gateway.audit import AuditError
 from gateway.config import Config, ConfigError
+from gateway.incoming import Incoming
 from gateway.metrics import worker_exited
 from gateway.middleware import ASGIApp, Receive, RequestId, Scope, Send
 from gateway.openapi import openapi_json
@@ -38,12 +39,24 @@ DRAIN_SECONDS = 300.0  # how long a reload waits for the previous config's reque
 # to stop the app: they get this long to send their last words (a 503, an SSE error) first.
 LAST_WORDS_SECONDS = 2.0
 
-HOT_ROUTES: dict[str, Callable[[Request], Coroutine[Any, Any, Response]]] = {
+Handler = Callable[[Incoming], Coroutine[Any, Any, Response]]
+HOT_ROUTES: dict[str, Handler] = {
     "/v1/chat/completions": chat_completions,
     "/v1/embeddings": embeddings,
 }
+
+
+def _starlette_endpoint(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """The handler as a Starlette endpoint, for the route table (HotRoutes calls it directly)."""
+
+    async def endpoint(request: Request) -> Response:
+        return await handler(Incoming.from_scope(request.scope, request.receive))
+
+    return endpoint
+
+
 ROUTES = [
-    *(Route(path, handler, methods=["POST"]) for path, handler in HOT_ROUTES.items()),
+    *(Route(path, _starlette_endpoint(handler), methods=["POST"]) for path, handler in HOT_ROUTES.items()),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
@@ -142,8 +155,8 @@ class HotRoutes:
         if handler is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        scope["app"] = self.app  # what Request.app reads, as Starlette sets it
-        response = await handler(Request(scope, receive, send))
+        scope["app"] = self.app  # as Starlette sets it
+        response = await handler(Incoming.from_scope(scope, receive))
         await response(scope, receive, send)
 
 

@@ -6,9 +6,9 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
 
-from gateway.errors import BodyTooLarge, InvalidRequest
+from gateway.errors import BodyTooLarge, ClientGone, InvalidRequest
+from gateway.incoming import Incoming
 
 M = TypeVar("M", bound=BaseModel)
 # JSON nesting accepted in a request. A chat request with tool schemas needs well under 20; the
@@ -30,21 +30,34 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return True
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if content_type not in ("application/json", "") and not content_type.endswith("+json"):
-        raise InvalidRequest(f"Expected 'Content-Type: application/json', got {content_type!r}.")
+async def _body(request: Incoming, limit: int) -> bytes:
+    """The whole body, from as many ASGI messages as it came in."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientGone("The client closed the connection before sending the whole body.")
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        if not message.get("more_body", False):
+            return b"".join(chunks) + chunk if chunks else chunk
         chunks.append(chunk)
-    raw = b"".join(chunks)
+
+
+async def read_json(request: Incoming, limit: int) -> Any:
+    headers = request.headers
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    content_type = headers.get("content-type")
+    if content_type is not None and content_type != "application/json":
+        content_type = content_type.split(";")[0].strip().lower()
+        if content_type not in ("application/json", "") and not content_type.endswith("+json"):
+            raise InvalidRequest(f"Expected 'Content-Type: application/json', got {content_type!r}.")
+    raw = await _body(request, limit)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as error:

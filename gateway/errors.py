@@ -2,7 +2,8 @@
 
     GatewayError                      500 server_error
     ├── InvalidRequest                400 invalid_request_error   (param names the field)
-    │   └── BodyTooLarge              413
+    │   ├── BodyTooLarge              413
+    │   └── ClientGone                499 the client left before sending its whole body
     ├── AuthenticationFailed          401 invalid_request_error   code=invalid_api_key
     ├── PermissionDenied              403 permission_error
     │   └── PrivacyViolation          403 code=privacy_violation
@@ -73,6 +74,12 @@ class InvalidRequest(GatewayError):
 
 class BodyTooLarge(InvalidRequest):
     status = 413
+
+
+class ClientGone(InvalidRequest):
+    """The client went away before its request was read; nobody reads the answer."""
+
+    status = 499
 
 
 class AuthenticationFailed(GatewayError):

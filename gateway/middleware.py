@@ -22,11 +22,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == b"x-request-id" and _SANE_ID.match(value):
             return value.decode("ascii")
-    return os.urandom(16).hex()
+    return new_request_id()
 
 
 class RequestId:

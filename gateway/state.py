@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import orjson
-from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import privacy
@@ -153,9 +152,9 @@ class State:
 
     # ---- one request ----
 
-    def begin(self, request: Request, endpoint: str) -> Exchange:
+    def begin(self, request_id: str, endpoint: str) -> Exchange:
         self.active += 1
-        return Exchange(request_id=request.state.request_id, endpoint=endpoint)
+        return Exchange(request_id=request_id, endpoint=endpoint)
 
     def finish(self, exchange: Exchange, status: int) -> None:
         if not exchange.finished:
@@ -170,15 +169,15 @@ class State:
                     used = reservation.cost if exchange.backend else 0
                 self.limiter.settle(reservation, used)
 
-    def authenticate(self, request: Request, exchange: Exchange) -> ApiKey | None:
-        key = self.keys.identify(request.headers.get("authorization"))
+    def authenticate(self, headers: Mapping[str, str], exchange: Exchange) -> ApiKey | None:
+        key = self.keys.identify(headers.get("authorization"))
         if key is not None:
             exchange.key_name = key.name
         return key
 
     async def plans(
         self,
-        request: Request,
+        headers: Mapping[str, str],
         exchange: Exchange,
         *,
         key: ApiKey | None,
@@ -194,7 +193,7 @@ class State:
         check_model(key, model)
         decision = privacy.classify(
             self.config.privacy,
-            request.headers,
+            headers,
             metadata=metadata,
             key=key,
             model_policy=plan.privacy,

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from gateway.app import ROUTES
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from gateway.app import HOT_ROUTES, ROUTES, create_app
 from gateway.metrics import Metrics
+from gateway.state import State
+from tests.e2e.conftest import ollama_config
 
 
 def test_route_table() -> None:
@@ -52,3 +58,25 @@ def test_metric_names_and_labels() -> None:
     }
     for attribute, names in labels.items():
         assert getattr(metrics, attribute)._labelnames == names, attribute
+
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", list(HOT_ROUTES))
+async def test_the_route_tables_traffic_endpoints_serve_as_the_hot_path_does(path: str) -> None:
+    """The Starlette route table's endpoints for the two traffic routes (HotRoutes calls the
+    handlers directly) answer too: a refused body, in the same shape."""
+    config = ollama_config("http://127.0.0.1:1")
+    starlette = Starlette(routes=ROUTES)
+    starlette.state.gateway = State.build(config, {})
+    results = []
+    for app in (starlette, create_app(config, environ={})):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            answer = await client.post(
+                path, content=b"{not json", headers={"content-type": "application/json"}
+            )
+        results.append((answer.status_code, answer.json()["error"]["message"]))
+    assert results[0] == results[1] == (400, "The request body is not valid JSON.")

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.body import read_json, validate
 from gateway.errors import GatewayError
+from gateway.incoming import Incoming
 from gateway.relay import EventStream, StreamRelay, completion_body, notice_headers
 from gateway.schemas import ChatRequest
-from gateway.state import State, json_response
+from gateway.state import json_response
 
 
-async def chat_completions(request: Request) -> Response:
-    state: State = request.app.state.gateway
-    exchange = state.begin(request, "chat")
+async def chat_completions(request: Incoming) -> Response:
+    state = request.state
+    exchange = state.begin(request.request_id, "chat")
     try:
-        key = state.authenticate(request, exchange)
+        key = state.authenticate(request.headers, exchange)
         chat = validate(ChatRequest, await read_json(request, state.config.server.max_body_bytes))
         exchange.stream = bool(chat.stream)
         if state.config.routing.affinity == "prefix":
             exchange.affinity = f"{exchange.key_name}|{chat.conversation()}"
         plans = await state.plans(
-            request, exchange, key=key, model=chat.model, metadata=chat.metadata, texts=chat.texts
+            request.headers, exchange, key=key, model=chat.model, metadata=chat.metadata, texts=chat.texts
         )
         await state.admit(exchange, key, chat.texts(), chat.max_output_tokens)
         if chat.stream:

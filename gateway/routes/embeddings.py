@@ -6,27 +6,27 @@ import asyncio
 import base64
 import struct
 
-from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.body import read_json, validate
 from gateway.errors import GatewayError, UpstreamProtocol
+from gateway.incoming import Incoming
 from gateway.schemas import EmbeddingRequest, Usage
-from gateway.state import State, json_response
+from gateway.state import json_response
 
 
 def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
-async def embeddings(request: Request) -> Response:
-    state: State = request.app.state.gateway
-    exchange = state.begin(request, "embeddings")
+async def embeddings(request: Incoming) -> Response:
+    state = request.state
+    exchange = state.begin(request.request_id, "embeddings")
     try:
-        key = state.authenticate(request, exchange)
+        key = state.authenticate(request.headers, exchange)
         embed = validate(EmbeddingRequest, await read_json(request, state.config.server.max_body_bytes))
         plans = await state.plans(
-            request, exchange, key=key, model=embed.model, metadata=embed.metadata, texts=embed.texts
+            request.headers, exchange, key=key, model=embed.model, metadata=embed.metadata, texts=embed.texts
         )
         await state.admit(exchange, key, embed.texts(), embed.token_ids())
         result = await state.dispatcher.embed(plans, embed, exchange)

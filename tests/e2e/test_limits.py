@@ -3,17 +3,22 @@ and nothing reaches the backend."""
 
 from __future__ import annotations
 
+import socket
+import time
+
 import httpx
 import orjson
 import pytest
 
 from gateway.body import MAX_DEPTH
 from gateway.schemas import MAX_MESSAGES
+from tests.e2e.conftest import sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.e2e
 JSON = {"content-type": "application/json"}
+LABELS = {"endpoint": "chat", "model": "", "backend": ""}
 
 
 def nested(depth: int) -> object:
@@ -75,3 +80,20 @@ def test_nesting_within_the_limit_is_served(
     answer = httpx.post(gateway.url + "/v1/chat/completions", content=chat_with(tools=[tool]), headers=JSON)
     assert answer.status_code == 200
     assert len(fake_ollama[0].chat_bodies()) == 1
+
+
+def test_a_client_leaving_mid_body_is_recorded_as_gone_not_as_our_failure(
+    fake_ollama: tuple[FakeOllama, ServerThread], gateway: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = chat_with()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        client.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(0.2)  # the gateway has begun reading the body
+    wait_for(lambda: sample(scrape(gateway.url), "gateway_requests_total", **LABELS, status="499") == 1)
+    samples = scrape(gateway.url)
+    assert sample(samples, "gateway_requests_total", **LABELS, status="499") == 1
+    assert sample(samples, "gateway_requests_total", **LABELS, status="500") == 0
+    assert "internal error" not in capsys.readouterr().err
+    assert fake_ollama[0].chat_bodies() == []
