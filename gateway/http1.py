@@ -78,7 +78,11 @@ class Response:
         self.headers = headers  # lower-case names
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.iter_bytes()])
+        connection = self._connection
+        parts = []
+        while (part := await connection.next_chunk()) is not None:
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
         connection = self._connection
@@ -204,7 +208,8 @@ class _Connection(asyncio.Protocol):
         return await self._head
 
     async def next_chunk(self) -> bytes | None:
-        """The next piece of the body; None at its end."""
+        """All of the body that has arrived since the last call (a chunked body's pieces together:
+        its reader decodes them in one go, and relays them in one write); None at its end."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -215,12 +220,14 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered <= READ_HIGH // 4 and self.transport is not None:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        return chunk
+        return data
 
     def finish(self) -> None:
         """The caller is done with the answer: back to the pool when it was read to the end,

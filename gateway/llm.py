@@ -137,9 +137,10 @@ class LLMProvider:
         request = self._request(messages, True, temperature=temperature, max_tokens=max_tokens, **params)
         stream = self._provider.stream(request, request.model)
         try:
-            async for chunk in stream:
-                if chunk.content:
-                    yield chunk.content
+            async for chunks in stream:
+                for chunk in chunks:
+                    if chunk.content:
+                        yield chunk.content
         except GatewayError as error:
             raise LLMError(error.message) from None
         finally:

@@ -87,10 +87,11 @@ def error_event(error: GatewayError) -> bytes:
 
 @dataclass(slots=True)
 class StreamSource:
-    """An opened upstream stream: the chunk that proved it alive, the rest, and its deadlines."""
+    """An opened upstream stream: the chunks that proved it alive (one read's), the rest (a list
+    per read), and its deadlines."""
 
-    first: Chunk
-    rest: AsyncIterator[Chunk]
+    first: list[Chunk]
+    rest: AsyncIterator[list[Chunk]]
     idle_timeout: float
     deadline: float  # perf_counter() value after which the stream is cut
     on_close: Callable[[], None]  # releases the backend lease
@@ -228,7 +229,7 @@ class StreamRelay:
         self._cut = error
         self._exchange.error_type = error.error_type
 
-    async def _next(self) -> Chunk | None:
+    async def _next(self) -> list[Chunk] | None:
         source = self._source
         waited = time.perf_counter()
         watchdog = self._watchdog
@@ -250,28 +251,32 @@ class StreamRelay:
             watchdog.waiting = False
             self._exchange.upstream_seconds += time.perf_counter() - waited
 
-    def _encode(self, chunk: Chunk) -> bytes:
-        if chunk.notices:
-            self._exchange.notes.update(chunk.notices)
-            return notice_comments(chunk.notices) + self._encoder.encode(chunk)
-        if chunk.usage is not None:
-            self._usage = chunk.usage
-        if chunk.has_output:
-            self._last_output = time.perf_counter()
-            if self._exchange.first_token_at is None:
-                self._exchange.first_token_at = self._last_output
-        return self._encoder.encode(chunk)
+    def _encode(self, chunks: list[Chunk]) -> bytes:
+        """One read's chunks as one write."""
+        out = b""
+        for chunk in chunks:
+            if chunk.notices:
+                self._exchange.notes.update(chunk.notices)
+                out += notice_comments(chunk.notices)
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+            if chunk.has_output:
+                self._last_output = time.perf_counter()
+                if self._exchange.first_token_at is None:
+                    self._exchange.first_token_at = self._last_output
+            out += self._encoder.encode(chunk)
+        return out
 
     async def body(self) -> AsyncIterator[bytes]:
         exchange = self._exchange
         status = 200
         try:
-            chunk: Chunk | None = self._source.first
-            while chunk is not None:
-                data = self._encode(chunk)
+            chunks: list[Chunk] | None = self._source.first
+            while chunks is not None:
+                data = self._encode(chunks)
                 if data:
                     yield data
-                chunk = await self._next()
+                chunks = await self._next()
             if self._include_usage:
                 yield self._encoder.usage(self._usage or Usage())
             yield DONE
@@ -306,7 +311,7 @@ class StreamRelay:
         self._finish(status)
 
 
-async def _close(stream: AsyncIterator[Chunk]) -> None:
+async def _close(stream: AsyncIterator[object]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()

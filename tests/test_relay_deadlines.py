@@ -18,17 +18,17 @@ from gateway.schemas import Chunk
 pytestmark = pytest.mark.anyio
 
 
-async def paced(gaps: list[float]) -> AsyncIterator[Chunk]:
+async def paced(gaps: list[float]) -> AsyncIterator[list[Chunk]]:
     for i, gap in enumerate(gaps):
         await asyncio.sleep(gap)
-        yield Chunk(content=f"t{i} ", finish_reason="stop" if i == len(gaps) - 1 else None)
+        yield [Chunk(content=f"t{i} ", finish_reason="stop" if i == len(gaps) - 1 else None)]
 
 
 async def relay(gaps: list[float], *, idle: float, total: float, client_pause: float = 0.0) -> list[str]:
     """The SSE payloads the client gets, and the status the relay recorded, as the last item."""
     finished: list[int] = []
     source = StreamSource(
-        first=Chunk(content="first "),
+        first=[Chunk(content="first ")],
         rest=paced(gaps),
         idle_timeout=idle,
         deadline=time.perf_counter() + total,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Protocol, TypeVar
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
 from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo
@@ -21,6 +21,46 @@ def random_id(prefix: str, length: int = 24) -> str:
     return prefix + os.urandom(length).translate(_ID_TABLE).decode("ascii")
 
 
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Decoder(Protocol[T_co]):
+    """An incremental decoder of a streamed body (NDJSON lines, SSE events)."""
+
+    def feed(self, data: bytes) -> Iterable[T_co]: ...
+
+    def flush(self) -> Iterable[T_co]: ...
+
+
+async def batches(
+    body: AsyncIterator[bytes], decoder: Decoder[T], parse: Callable[[T], list[Chunk]]
+) -> AsyncIterator[list[Chunk]]:
+    """A streamed body as `Provider.stream` yields it: the chunks of each read, as one list.
+    A malformed line or event raises its error after the chunks before it have been yielded."""
+    async for data in body:
+        chunks, error = _decoded(decoder.feed(data), parse)
+        if chunks:
+            yield chunks
+        if error is not None:
+            raise error
+    chunks, error = _decoded(decoder.flush(), parse)
+    if chunks:
+        yield chunks
+    if error is not None:
+        raise error
+
+
+def _decoded(items: Iterable[T], parse: Callable[[T], list[Chunk]]) -> tuple[list[Chunk], Exception | None]:
+    chunks: list[Chunk] = []
+    try:
+        for item in items:
+            chunks += parse(item)
+    except Exception as error:
+        return chunks, error
+    return chunks, None
+
+
 class Provider(Protocol):
     """One backend instance. Providers translate and do I/O; they record no metrics."""
 
@@ -29,7 +69,11 @@ class Provider(Protocol):
 
     async def complete(self, request: ChatRequest, model: str) -> Completion: ...
 
-    def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]: ...
+    def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
+        """The answer as it comes: each item holds the chunks of one read of the backend's body
+        (never none), so a backend that sends faster than one token per read is relayed in fewer,
+        larger writes."""
+        ...
 
     async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings: ...
 

@@ -36,7 +36,7 @@ from gateway.errors import (
     UpstreamRejected,
 )
 from gateway.images import NO_IMAGES, Image, ImageFetcher
-from gateway.providers.base import random_id
+from gateway.providers.base import batches, random_id
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -50,7 +50,7 @@ from gateway.schemas import (
     ToolCallDelta,
     Usage,
 )
-from gateway.sse import SSEDecoder
+from gateway.sse import Event, SSEDecoder
 from gateway.upstream import Upstream, json_or_none
 
 ROLES = {"user": "user", "assistant": "model", "tool": "user", "function": "user"}
@@ -451,27 +451,27 @@ class GeminiProvider:
         body, path = build_request(request, model, images=images), f"/{_resource(model)}:generateContent"
         return parse_response(await self._http.request("POST", path, body, model))
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
         decoder = SSEDecoder()
         path = f"/{_resource(model)}:streamGenerateContent?alt=sse"
         payload = build_request(request, model, images=await self._fetch_images(request))
+
+        def parse(event: Event) -> list[Chunk]:
+            return state.parse_chunk(orjson.loads(event.data))
+
         async with self._http.stream(path, payload, model) as body:
-            async for data in body:
-                for event in decoder.feed(data):
-                    for chunk in state.parse_chunk(orjson.loads(event.data)):
-                        yield chunk
-            for event in decoder.flush():
-                for chunk in state.parse_chunk(orjson.loads(event.data)):
-                    yield chunk
+            async for chunks in batches(body, decoder, parse):
+                yield chunks
         if not state.done:
             raise UpstreamProtocol(
                 f"Gemini at {self.backend.base_url} ended the stream without a finishReason;"
                 " the answer may be incomplete",
                 code="upstream_incomplete",
             )
-        for chunk in state.close():
-            yield chunk
+        closing = state.close()
+        if closing:
+            yield closing
 
     async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
         texts = [request.input] if isinstance(request.input, str) else request.input

@@ -37,7 +37,7 @@ from gateway.errors import (
 )
 from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.ndjson import NDJSONDecoder
-from gateway.providers.base import random_id
+from gateway.providers.base import batches, random_id
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -372,20 +372,15 @@ class OllamaProvider:
         match = NUM_CTX.search(str(show.get("parameters") or "")) if isinstance(show, dict) else None
         return int(match.group(1)) if match else None
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
         decoder = NDJSONDecoder()
         payload = build_request(request, model, stream=True, images=await self._fetch_images(request))
         async with self._http.stream("/api/chat", payload, model) as body:
-            async for data in body:
-                for line in decoder.feed(data):
-                    for chunk in state.parse_chunk(line):
-                        yield chunk
-            for line in decoder.flush():
-                for chunk in state.parse_chunk(line):
-                    yield chunk
+            async for chunks in batches(body, decoder, state.parse_chunk):
+                yield chunks
         if state.usage is not None and (notices := await self._truncation(model, payload, state.usage)):
-            yield Chunk(notices=notices)
+            yield [Chunk(notices=notices)]
         if not state.done:
             raise UpstreamProtocol(
                 f"Ollama server at {self.backend.base_url} ended the stream without its final 'done' line;"

@@ -17,6 +17,7 @@ import orjson
 
 from gateway.config import OpenAIBackend
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
+from gateway.providers.base import batches
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -29,7 +30,7 @@ from gateway.schemas import (
     ToolCallDelta,
     Usage,
 )
-from gateway.sse import SSEDecoder
+from gateway.sse import Event, SSEDecoder
 from gateway.upstream import Upstream, json_or_none
 
 FINISH_REASONS: dict[str, FinishReason] = {
@@ -208,19 +209,18 @@ class OpenAIProvider:
         body = build_request(request, model, stream=False)
         return parse_response(await self._http.request("POST", "/chat/completions", body, model))
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
         decoder = SSEDecoder()
+
+        def parse(event: Event) -> list[Chunk]:
+            return state.parse_chunk(event.data)
+
         async with self._http.stream(
             "/chat/completions", build_request(request, model, stream=True), model
         ) as body:
-            async for data in body:
-                for event in decoder.feed(data):
-                    for chunk in state.parse_chunk(event.data):
-                        yield chunk
-            for event in decoder.flush():
-                for chunk in state.parse_chunk(event.data):
-                    yield chunk
+            async for chunks in batches(body, decoder, parse):
+                yield chunks
         if not state.done and not state.finished:
             raise UpstreamProtocol(
                 f"the backend at {self.backend.base_url} ended the stream before finishing;"

@@ -825,7 +825,7 @@ async def test_stream_reassembles_sse_events_split_across_reads(
         url=URL + "/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
         stream=httpx_stream(pieces),
     )
-    chunks = [chunk async for chunk in provider.stream(CHAT, "gemini-2.5-flash")]
+    chunks = [chunk async for chunks in provider.stream(CHAT, "gemini-2.5-flash") for chunk in chunks]
     assert "".join(c.content for c in chunks) == "The sky is blue."
     assert chunks[-1].finish_reason == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 14
@@ -841,7 +841,7 @@ async def test_stream_ending_without_finish_reason_is_incomplete(
         stream=httpx_stream([b'data: {"candidates":[{"content":{"parts":[{"text":"par"}]}}]}\n\n']),
     )
     with pytest.raises(UpstreamProtocol) as caught:
-        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
+        _ = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
     assert caught.value.code == "upstream_incomplete"
 
 
@@ -852,7 +852,7 @@ async def test_stream_with_a_broken_event_is_a_protocol_error(
         url=URL + "/models/m:streamGenerateContent?alt=sse", stream=httpx_stream([b"data: {oops\n\n"])
     )
     with pytest.raises(UpstreamProtocol, match="malformed JSON"):
-        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
+        _ = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
 
 
 async def test_stream_error_status_maps_before_any_chunk(
@@ -864,7 +864,7 @@ async def test_stream_error_status_maps_before_any_chunk(
         content=google_error(404, "NOT_FOUND"),
     )
     with pytest.raises(ModelNotFound, match="'gemini-9'"):
-        _ = [chunk async for chunk in provider.stream(CHAT, "gemini-9")]
+        _ = [chunk async for chunks in provider.stream(CHAT, "gemini-9") for chunk in chunks]
 
 
 async def test_rate_limit_keeps_the_retry_after_header(

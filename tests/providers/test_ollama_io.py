@@ -54,7 +54,7 @@ async def test_stream_reassembles_lines_split_across_reads(
     pieces = [lines[i : i + 7] for i in range(0, len(lines), 7)]
     httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream(pieces))
     httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx                        2048"})
-    chunks = [chunk async for chunk in provider.stream(CHAT, "m")]
+    chunks = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
     assert "".join(c.content for c in chunks) == "Hello"
     assert chunks[-1].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 5
@@ -67,7 +67,20 @@ async def test_stream_with_garbage_line_is_a_protocol_error(
         url=URL + "/api/chat", stream=httpx_stream([b'{"message":{"content":"a"}}\n<html>\n'])
     )
     with pytest.raises(UpstreamProtocol, match="malformed JSON"):
-        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
+        _ = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
+
+
+async def test_stream_yields_each_reads_chunks_together_and_a_bad_lines_predecessors_first(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    line = b'{"message":{"content":"%s"},"done":false}\n'
+    reads = [line % b"a" + line % b"b" + line % b"c", line % b"d", line % b"e" + b"<html>\n" + line % b"f"]
+    httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream(reads))
+    batches: list[list[str]] = []
+    with pytest.raises(UpstreamProtocol, match="malformed JSON"):
+        async for chunks in provider.stream(CHAT, "m"):
+            batches.append([chunk.content for chunk in chunks])
+    assert batches == [["a", "b", "c"], ["d"], ["e"]]
 
 
 async def test_stream_error_status_maps_before_any_chunk(
@@ -75,7 +88,7 @@ async def test_stream_error_status_maps_before_any_chunk(
 ) -> None:
     httpx_mock.add_response(url=URL + "/api/chat", status_code=404, json={"error": 'model "m" not found'})
     with pytest.raises(ModelNotFound, match="ollama pull m"):
-        _ = [chunk async for chunk in provider.stream(CHAT, "m")]
+        _ = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
 
 
 async def test_connection_refused_names_the_server(httpx_mock: HTTPXMock, provider: OllamaProvider) -> None:
@@ -129,5 +142,5 @@ async def test_streams_report_truncation_in_a_last_chunk(
     line = orjson.dumps(final) + b"\n"
     httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream([line]))
     httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx 4096"})
-    chunks = [chunk async for chunk in provider.stream(CHAT, "m")]
+    chunks = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
     assert chunks[-1].notices == {"prompt_truncated": "4096"}
