@@ -55,7 +55,7 @@ class Dispatcher:
         """Each plan in turn until one succeeds; a plan's non-retryable failure is final."""
         for index, plan in enumerate(plans):
             if index:
-                self.metrics.fallbacks.labels(plans[0].label, plan.label).inc()
+                self.metrics.child(self.metrics.fallbacks, plans[0].label, plan.label).inc()
                 exchange.notes["fallback_from"] = plans[0].label
             exchange.answered_as = plan.requested
             try:
@@ -77,10 +77,10 @@ class Dispatcher:
         except GatewayError as error:
             if attempts == 1 or not error.retryable:
                 raise
-            self.metrics.retries.labels(targets[0].backend).inc()
+            self.metrics.child(self.metrics.retries, targets[0].backend).inc()
 
         def count_retry(state: RetryCallState) -> None:
-            self.metrics.retries.labels(targets[state.attempt_number].backend).inc()
+            self.metrics.child(self.metrics.retries, targets[state.attempt_number].backend).inc()
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts - 1),
@@ -104,7 +104,7 @@ class Dispatcher:
         try:
             result = await attempt_one(target, provider)
         except UpstreamError as error:
-            self.metrics.upstream_errors.labels(target.backend, error.reason).inc()
+            self.metrics.child(self.metrics.upstream_errors, target.backend, error.reason).inc()
             if error.retryable:
                 self.balancer.failed(target.backend)
             else:  # it answered, if only to refuse: the instance itself is fine

@@ -109,6 +109,8 @@ class Router:
             else:
                 for name in (route.name, *route.aliases):
                     self._exact[name] = route
+        # An exact name's plan never changes: made once (plans are immutable)
+        self._exact_plans = {name: self._exact_plan(name, route) for name, route in self._exact.items()}
         # Upstream names backends are known to serve (filled from their inventories); requests for
         # them get their own metrics label, everything else under a pattern shares the pattern's.
         self.known: set[str] = set()
@@ -118,11 +120,15 @@ class Router:
         seen: dict[str, ModelRoute] = {route.name: route for route in self._exact.values()}
         return [*seen.values(), *self._patterns]
 
+    @staticmethod
+    def _exact_plan(name: str, route: ModelRoute) -> Plan:
+        targets = tuple(Target(d.backend, d.model or route.name) for d in route.deployments)
+        return Plan(name, route.name, route.name, targets, tuple(route.fallbacks), route.privacy)
+
     def plan(self, name: str) -> Plan:
-        route = self._exact.get(name)
-        if route is not None:
-            targets = tuple(Target(d.backend, d.model or route.name) for d in route.deployments)
-            return Plan(name, route.name, route.name, targets, tuple(route.fallbacks), route.privacy)
+        exact = self._exact_plans.get(name)
+        if exact is not None:
+            return exact
         for route in self._patterns:
             if fnmatchcase(name, route.name):
                 upstream = _wildcard_part(route.name, name)

@@ -200,7 +200,7 @@ class State:
             texts=texts,
         )
         exchange.privacy, exchange.privacy_reason = decision.label, decision.reason
-        self.metrics.privacy.labels(decision.label, decision.reason).inc()
+        self.metrics.child(self.metrics.privacy, decision.label, decision.reason).inc()
         if not decision.private:
             return [plan, *(self.router.plan(name) for name in plan.fallbacks)]
         local = await self._local_plan(plan)
