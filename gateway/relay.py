@@ -159,7 +159,7 @@ class _Watchdog:
 class ChunkEncoder:
     """Encodes chunks of one stream; the fixed envelope is serialised once per stream."""
 
-    __slots__ = ("_prefix", "_roles", "_suffix", "finished")
+    __slots__ = ("_content_prefix", "_content_suffix", "_prefix", "_roles", "_suffix", "finished")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         head = orjson.dumps(
@@ -167,6 +167,9 @@ class ChunkEncoder:
         )
         self._prefix = b"data: " + head[:-1] + b',"choices":['
         self._suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+        # Most events are a piece of text for choice 0: all but the text is fixed
+        self._content_prefix = self._prefix + b'{"index":0,"delta":{"content":'
+        self._content_suffix = b'},"logprobs":null,"finish_reason":null}' + self._suffix
         self._roles: set[int] = set()
         self.finished: set[int] = set()
 
@@ -175,6 +178,15 @@ class ChunkEncoder:
 
     def encode(self, chunk: Chunk) -> bytes:
         index = chunk.index
+        if (
+            not index
+            and chunk.content
+            and chunk.finish_reason is None
+            and not chunk.reasoning
+            and not chunk.tool_calls
+            and 0 in self._roles
+        ):  # the same bytes as below, without building and serialising the envelope
+            return self._content_prefix + orjson.dumps(chunk.content) + self._content_suffix
         out = b""
         if index not in self._roles:
             self._roles.add(index)
@@ -252,20 +264,23 @@ class StreamRelay:
             self._exchange.upstream_seconds += time.perf_counter() - waited
 
     def _encode(self, chunks: list[Chunk]) -> bytes:
-        """One read's chunks as one write."""
-        out = b""
+        """One read's chunks as one write (they arrived together: one time for all of them)."""
+        encode = self._encoder.encode
+        out = []
+        output = False
         for chunk in chunks:
             if chunk.notices:
                 self._exchange.notes.update(chunk.notices)
-                out += notice_comments(chunk.notices)
+                out.append(notice_comments(chunk.notices))
             if chunk.usage is not None:
                 self._usage = chunk.usage
-            if chunk.has_output:
-                self._last_output = time.perf_counter()
-                if self._exchange.first_token_at is None:
-                    self._exchange.first_token_at = self._last_output
-            out += self._encoder.encode(chunk)
-        return out
+            output = output or chunk.has_output
+            out.append(encode(chunk))
+        if output:
+            self._last_output = time.perf_counter()
+            if self._exchange.first_token_at is None:
+                self._exchange.first_token_at = self._last_output
+        return b"".join(out)
 
     async def body(self) -> AsyncIterator[bytes]:
         exchange = self._exchange

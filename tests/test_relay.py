@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from gateway.exchange import Exchange
-from gateway.relay import StreamRelay, StreamSource
+from gateway.relay import ChunkEncoder, StreamRelay, StreamSource
 from gateway.schemas import Chunk, Usage
 
 pytestmark = pytest.mark.anyio
@@ -51,3 +51,19 @@ async def test_one_write_per_upstream_read_with_every_event_in_order() -> None:
     assert len(writes) == 5
     assert finished == [200]
     assert exchange.first_token_at is not None
+
+
+TEXTS = ["plain", 'quote " and \\ slash', "line\nbreak\ttab", "caf\u00e9 \u2603 \U0001f600", "\x00\x1f"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_text_piece_encodes_as_the_whole_event_serialised(text: str, include_usage: bool) -> None:
+    encoder = ChunkEncoder("chatcmpl-1", 1700000000, "m", include_usage)
+    encoder.encode(Chunk(content="first"))  # the role event goes out with the first piece
+    event: dict[str, object] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000}
+    event["model"] = "m"
+    event["choices"] = [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]
+    if include_usage:
+        event["usage"] = None
+    assert encoder.encode(Chunk(content=text)) == b"data: " + orjson.dumps(event) + b"\n\n"
