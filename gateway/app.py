@@ -186,7 +186,7 @@ def create_app(
     app = Starlette(routes=ROUTES, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.gateway = State.build(config, environ)
     reloader = Reloader(app, load or (lambda: config), environ)
-    front = RequestId(HotRoutes(app))
+    front = RequestId(HotRoutes(app), labelled=HOT_ROUTES)
     return front
 
 

@@ -84,13 +84,18 @@ class Response:
             parts.append(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def iter_bytes(self) -> AsyncIterator[bytes]:
-        connection = self._connection
-        while True:
-            chunk = await connection.next_chunk()
-            if chunk is None:
-                return
-            yield chunk
+    def iter_bytes(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (the answer is its own iterator: no generator in between)."""
+        return self
+
+    def __aiter__(self) -> Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._connection.next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
     def close(self) -> None:
         self._connection.finish()

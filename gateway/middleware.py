@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
 from gateway.logs import REQUEST_ID
@@ -34,8 +34,12 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class RequestId:
-    def __init__(self, app: ASGIApp) -> None:
+    """`labelled`: POST paths whose answers carry `x-request-id` already (the hot routes put it
+    in their own headers), so their `send` is not wrapped: a stream sends once per chunk."""
+
+    def __init__(self, app: ASGIApp, labelled: Collection[str] = ()) -> None:
         self.app = app
+        self.labelled = frozenset(labelled)
         self.running = 0  # HTTP requests whose ASGI call has not returned
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -44,17 +48,19 @@ class RequestId:
             return
         request_id = request_id_from(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode("ascii"))
+        if scope["method"] != "POST" or scope["path"] not in self.labelled:
+            header = (b"x-request-id", request_id.encode("ascii"))
+            plain_send = send
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), header]
+                await plain_send(message)
 
         token = REQUEST_ID.set(request_id)
         self.running += 1
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send)
         finally:
             self.running -= 1
             REQUEST_ID.reset(token)

@@ -238,7 +238,9 @@ class State:
         return local_only(plan, verdicts)
 
     def headers(self, exchange: Exchange) -> dict[str, str]:
-        headers = {"x-phoenix-privacy": exchange.privacy if exchange.privacy == "public"
+        """Every answer's own headers: its request id, privacy decision, backend, rate limits."""
+        headers = {"x-request-id": exchange.request_id,
+                   "x-phoenix-privacy": exchange.privacy if exchange.privacy == "public"
                    else f"{exchange.privacy};reason={exchange.privacy_reason}"}  # fmt: skip
         if exchange.backend:
             headers["x-phoenix-backend"] = exchange.backend

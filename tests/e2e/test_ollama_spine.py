@@ -397,6 +397,38 @@ def test_request_id_is_honoured_or_generated(fake_ollama: FakeServer, gateway: S
     assert len(generated) == 32
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True},
+            200,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+        ),
+        ("POST", "/v1/embeddings", {"model": "embed"}, 400),
+        ("GET", "/v1/chat/completions", None, 405),
+        ("GET", "/v1/models", None, 200),
+        ("GET", "/healthz", None, 200),
+    ],
+    ids=["stream", "error", "embeddings-error", "method-not-allowed", "models", "health"],
+)
+def test_every_answer_carries_the_request_id_once(
+    *, fake_ollama: FakeServer, gateway: ServerThread, method: str, path: str, body: object, status: int
+) -> None:
+    answer = httpx.request(
+        method, gateway.url + path, json=body, headers={"x-request-id": "id-7"}, timeout=10
+    )
+    assert answer.status_code == status
+    assert answer.headers.get_list("x-request-id") == ["id-7"]
+
+
 # ---- metrics and disconnects ----
 
 
