@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Protocol, TypeVar
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
@@ -36,26 +36,43 @@ class Decoder(Protocol[T_co]):
 async def batches(
     body: AsyncIterator[bytes], decoder: Decoder[T], parse: Callable[[T], list[Chunk]]
 ) -> AsyncIterator[list[Chunk]]:
-    """A streamed body as `Provider.stream` yields it: the chunks of each read, as one list.
-    A malformed line or event raises its error after the chunks before it have been yielded."""
+    """A streamed body as `Provider.stream` yields it: the chunks of each read, as one list,
+    except that the very first chunks go out on their own, ahead of whatever else their read
+    carried (the first token's latency does not wait for the rest to be decoded). A malformed
+    line or event raises its error after the chunks before it have been yielded."""
+    first = True
     async for data in body:
-        chunks, error = _decoded(decoder.feed(data), parse)
+        items = iter(decoder.feed(data))
+        if first:
+            chunks, error = _decoded(items, parse, first=True)
+            if chunks:
+                first = False
+                yield chunks
+            if error is not None:
+                raise error
+        chunks, error = _decoded(items, parse)
         if chunks:
             yield chunks
         if error is not None:
             raise error
-    chunks, error = _decoded(decoder.flush(), parse)
+    chunks, error = _decoded(iter(decoder.flush()), parse)
     if chunks:
         yield chunks
     if error is not None:
         raise error
 
 
-def _decoded(items: Iterable[T], parse: Callable[[T], list[Chunk]]) -> tuple[list[Chunk], Exception | None]:
+def _decoded(
+    items: Iterator[T], parse: Callable[[T], list[Chunk]], *, first: bool = False
+) -> tuple[list[Chunk], Exception | None]:
+    """The chunks of `items` (with `first`, only up to the first item that makes any), and the
+    error that stopped them, if one did."""
     chunks: list[Chunk] = []
     try:
         for item in items:
             chunks += parse(item)
+            if first and chunks:
+                break
     except Exception as error:
         return chunks, error
     return chunks, None
