@@ -11,9 +11,12 @@ from gateway.deadlines import Deadlines
 # The async tests run on anyio's asyncio backend; the last makes event loops of its own.
 
 
-async def wait(deadlines: Deadlines, seconds: float, work: float) -> str:
-    """Sleep `work` seconds under a deadline of `seconds`: 'done', 'timeout' or 'cancelled'."""
+async def wait(deadlines: Deadlines, seconds: float, work: float, *, rival: bool = False) -> str:
+    """Sleep `work` seconds under a deadline of `seconds`: 'done' or 'timeout', or CancelledError.
+    `rival`: somebody else cancels the task at the deadline's moment too, before it runs again."""
     deadline = deadlines.start(seconds)
+    if rival:
+        asyncio.get_running_loop().call_at(deadline.due, asyncio.current_task().cancel)  # type: ignore[union-attr]
     try:
         await asyncio.sleep(work)
         return "done"
@@ -69,21 +72,7 @@ async def test_another_cancellation_is_not_taken_for_the_deadline() -> None:
 async def test_a_cancellation_pending_with_the_deadline_is_kept() -> None:
     deadlines = Deadlines()
 
-    async def cancelled_twice() -> str:
-        deadline = deadlines.start(0.02)
-        # Somebody else cancels the task at the same moment, before it runs again.
-        asyncio.get_running_loop().call_at(deadline.due, task.cancel)
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            if deadline.timed_out():
-                return "timeout"
-            raise
-        finally:
-            deadline.end()
-        return "done"
-
-    task = asyncio.create_task(cancelled_twice())
+    task = asyncio.create_task(wait(deadlines, 0.02, 5, rival=True))
     with pytest.raises(asyncio.CancelledError):
         await task
 
