@@ -230,10 +230,10 @@ class Upstream:
         )
 
     async def request(self, method: str, path: str, body: Any = None, model: str = "") -> Any:
-        started = False  # whether the backend has answered
-        try:
+        mapping = MappedErrors(self.kind, self.base_url)
+        with mapping:
             response = await self._send(method, path, body)
-            started = True
+            mapping.started = True  # the backend has answered
             try:
                 content = await response.read()
             finally:
@@ -241,11 +241,6 @@ class Upstream:
             if response.status != 200:
                 raise self._error_from(response.status, content, model, response.headers)
             return orjson.loads(content)
-        except Exception as error:
-            mapped = translated(error, self.kind, self.base_url, started)
-            if mapped is error:
-                raise
-            raise mapped from error
 
     @asynccontextmanager
     async def stream(self, path: str, body: Any, model: str) -> AsyncIterator[AsyncIterator[bytes]]:
