@@ -1,5 +1,25 @@
 -- Shared by the other scripts: at the end, one machine-readable line for bench/gateway.py.
 -- Latencies are in microseconds; "status" counts answers that were not 2xx/3xx.
+
+-- Optional, from the scripts' args 3 and 4 (window_ms, connections): the first `connections`
+-- requests (one a connection: they all connect at the start) each wait a random 0..window_ms, so that the connections' streams start spread out, as
+-- independent users' do, instead of all in the same millisecond. wrk starts a request's clock when
+-- it writes it, so the wait is not counted as latency. Later requests go at once. Without the
+-- args, no `delay` is defined and wrk takes its usual path.
+function stagger(window_ms, connections)
+  local window, first, calls = tonumber(window_ms or "0") or 0, tonumber(connections or "0") or 0, 0
+  if window <= 0 or first <= 0 then
+    return
+  end
+  math.randomseed(7)
+  delay = function()
+    calls = calls + 1
+    if calls <= first then
+      return math.random(0, window)
+    end
+    return 0
+  end
+end
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
