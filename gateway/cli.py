@@ -105,6 +105,7 @@ def serve(args: argparse.Namespace) -> int:
             port=port,
             workers=args.workers,
             access_log=False,
+            proxy_headers=False,  # nothing reads the client's address or scheme: skip that layer
             log_level="warning",
             timeout_graceful_shutdown=config.server.shutdown_timeout,
         )
