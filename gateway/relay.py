@@ -234,12 +234,23 @@ class StreamRelay:
         self._usage: Usage | None = None
         self._last_output = 0.0
         self._cut: GatewayError | None = None  # why the server stopped the stream, if it did
+        self._gone = False  # the client left: the stream was cancelled for that
         self._watchdog: _Watchdog | None = None
 
-    def cut(self, error: GatewayError) -> None:
-        """The server is stopping this stream (shutdown deadline): record that, not a client's 499."""
-        self._cut = error
-        self._exchange.error_type = error.error_type
+    def client_gone(self) -> None:
+        """Called before the stream is cancelled because the client left."""
+        self._gone = True
+
+    def _stopped(self) -> int:
+        """The status of a stream stopped early: 499 when the client left, or when the writer
+        failed; a cancellation that was not the client's is the server's at its shutdown deadline
+        (the only time it cancels a request), which is recorded as such."""
+        if self._cut is None and not self._gone:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                self._cut = ShuttingDown()
+                self._exchange.error_type = self._cut.error_type
+        return CANCELLED if self._cut is None else self._cut.http_status
 
     async def _next(self) -> list[Chunk] | None:
         source = self._source
@@ -302,7 +313,7 @@ class StreamRelay:
                 exchange.notes["upstream_error"] = error.reason
             yield error_event(error)
         except (asyncio.CancelledError, GeneratorExit):
-            status = CANCELLED if self._cut is None else self._cut.http_status
+            status = self._stopped()
             raise
         except Exception as error:  # our own bug: tell the client plainly, log the type
             status = 500
@@ -333,18 +344,21 @@ async def _close(stream: AsyncIterator[object]) -> None:
 
 
 class EventStream:
-    """ASGI response for SSE: stops the body (and so the upstream) as soon as the client disconnects.
-    When the server cancels it (its shutdown deadline has passed) the body is stopped the same way
-    and the client gets an error event saying so, then the end of the stream."""
+    """ASGI response for SSE. The body runs in the request's own task; a second task waits for the
+    client to leave and then cancels it, which stops the body and so the upstream. When the server
+    cancels it (its shutdown deadline has passed), the client gets an error event saying so, then
+    the end of the stream."""
 
     def __init__(
         self,
         body: AsyncIterator[bytes],
         headers: dict[str, str],
-        on_shutdown: Callable[[GatewayError], None] | None = None,
+        on_client_gone: Callable[[], None] | None = None,
     ) -> None:
         self._body = body
-        self._on_shutdown = on_shutdown
+        self._on_client_gone = on_client_gone
+        self._gone = False
+        self._over = False
         self._headers = [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -352,38 +366,37 @@ class EventStream:
         self._headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-        pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_disconnected(receive))
-        cut: GatewayError | None = None
+        watch.add_done_callback(lambda watch: self._left(watch, task))
         try:
-            await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+            async with aclosing(self._body) as body:  # type: ignore[type-var]
+                async for data in body:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            cut = ShuttingDown()
-            if self._on_shutdown is not None:
-                self._on_shutdown(cut)
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-        finally:
-            watch.cancel()
-            if not pump.done():
-                pump.cancel()
-            # Let the body run its cleanup (closing the upstream) before this response ends.
-            await asyncio.wait((pump,))
-        if cut is not None and pump.cancelled():
+            task.uncancel()
+            if self._gone:
+                return
             with suppress(OSError, RuntimeError):  # the client may be gone too
-                await send({"type": "http.response.body", "body": error_event(cut), "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": error_event(ShuttingDown()), "more_body": True}
+                )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        if not pump.cancelled() and pump.exception() is not None:
-            raise pump.exception()  # type: ignore[misc]
+        finally:
+            self._over = True
+            watch.cancel()
 
-    async def _pump(self, send: Send) -> None:
-        async with aclosing(self._body) as body:  # type: ignore[type-var]
-            async for data in body:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    def _left(self, watch: asyncio.Future[None], task: asyncio.Task[Any]) -> None:
+        if watch.cancelled() or self._over:
+            return
+        watch.exception()  # whatever ended the wait, the client cannot be written to any more
+        self._gone = True
+        if self._on_client_gone is not None:
+            self._on_client_gone()
+        task.cancel()
 
 
 async def _disconnected(receive: Receive) -> None:

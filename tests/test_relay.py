@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 
+from gateway.errors import ShuttingDown
 from gateway.exchange import Exchange
-from gateway.relay import ChunkEncoder, StreamRelay, StreamSource
+from gateway.relay import ChunkEncoder, EventStream, StreamRelay, StreamSource
 from gateway.schemas import Chunk, Usage
 
 pytestmark = pytest.mark.anyio
@@ -67,3 +69,92 @@ def test_a_text_piece_encodes_as_the_whole_event_serialised(text: str, include_u
     if include_usage:
         event["usage"] = None
     assert encoder.encode(Chunk(content=text)) == b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+# ---- EventStream: how a stream that stops early is recorded ----
+
+
+class Client:
+    """An ASGI client for one SSE response: `blocked_write` makes that body write hang (a slow
+    socket), `leave` makes the next receive() say the client has gone."""
+
+    def __init__(self, blocked_write: int | None = None) -> None:
+        self.bodies: list[bytes] = []
+        self.blocked_write = blocked_write
+        self.writing = asyncio.Event()
+        self.gone = asyncio.Event()
+
+    async def send(self, message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body":
+            if len(self.bodies) == self.blocked_write:
+                self.writing.set()
+                await asyncio.Event().wait()
+            self.bodies.append(message["body"])  # type: ignore[arg-type]
+
+    async def receive(self) -> dict[str, str]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+async def endless() -> AsyncIterator[list[Chunk]]:
+    while True:
+        await asyncio.sleep(0.01)
+        yield [Chunk(content="x")]
+
+
+def relayed(closed: list[str], finished: list[int]) -> tuple[StreamRelay, Exchange]:
+    exchange = Exchange(request_id="r", endpoint="chat")
+    source = StreamSource(
+        first=[Chunk(content="a")],
+        rest=endless(),
+        idle_timeout=5,
+        deadline=time.perf_counter() + 5,
+        on_close=lambda: closed.append("upstream"),
+    )
+    relay = StreamRelay(
+        source, exchange, model="m", include_usage=False, finish=finished.append, on_unexpected=lambda e: None
+    )
+    return relay, exchange
+
+
+async def test_a_client_that_leaves_stops_the_stream_as_a_499() -> None:
+    closed: list[str] = []
+    finished: list[int] = []
+    relay, exchange = relayed(closed, finished)
+    client = Client()
+    response = EventStream(relay.body(), {}, on_client_gone=relay.client_gone)
+    task = asyncio.ensure_future(response({}, client.receive, client.send))
+    while len(client.bodies) < 3:
+        await asyncio.sleep(0.01)
+    client.gone.set()
+    await asyncio.wait_for(task, 2)
+    assert not task.cancelled() and task.exception() is None
+    assert closed == ["upstream"] and finished == [499]
+    assert exchange.error_type is None
+    assert not any(b"error" in body for body in client.bodies)
+
+
+@pytest.mark.parametrize("blocked_write", [None, 2], ids=["waiting-upstream", "writing"])
+async def test_a_server_cancellation_is_a_503_with_an_error_event(blocked_write: int | None) -> None:
+    """uvicorn cancels the request's task at its shutdown deadline; whether that lands while the
+    body waits for the backend or while a write waits for the client, it is recorded as the
+    server's cut, and the client is told."""
+    closed: list[str] = []
+    finished: list[int] = []
+    relay, exchange = relayed(closed, finished)
+    client = Client(blocked_write)
+    response = EventStream(relay.body(), {}, on_client_gone=relay.client_gone)
+    task = asyncio.ensure_future(response({}, client.receive, client.send))
+    if blocked_write is None:
+        while len(client.bodies) < 2:
+            await asyncio.sleep(0.01)
+    else:
+        await asyncio.wait_for(client.writing.wait(), 2)
+        client.blocked_write = None  # the writes after the cut go through
+    task.cancel()
+    await asyncio.wait_for(task, 2)
+    assert not task.cancelled()
+    assert closed == ["upstream"] and finished == [503]
+    assert exchange.error_type == ShuttingDown().error_type
+    assert orjson.loads(client.bodies[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
+    assert client.bodies[-1] == b""

@@ -38,7 +38,7 @@ async def chat_completions(request: Incoming) -> Response:
                 on_unexpected=state.unexpected,
             )
             return EventStream(  # type: ignore[return-value]
-                relay.body(), state.headers(exchange), on_shutdown=relay.cut
+                relay.body(), state.headers(exchange), on_client_gone=relay.client_gone
             )
         completion = await state.dispatcher.complete(plans, chat, exchange)
         exchange.usage = completion.usage
