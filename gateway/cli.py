@@ -106,6 +106,7 @@ def serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             access_log=False,
             proxy_headers=False,  # nothing reads the client's address or scheme: skip that layer
+            loop="gateway.listen:GatewayLoop",  # uvloop, taking every waiting connection at once
             log_level="warning",
             timeout_graceful_shutdown=config.server.shutdown_timeout,
         )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +104,22 @@ def test_per_worker_rate_limits_are_warned_about(
     options = serve_dry({"rate_limits": rate_limits}, ["--workers", str(workers)], tmp_path, monkeypatch)
     assert options["workers"] == workers
     assert ("rate limits are kept per worker" in capsys.readouterr().err) is warned
+
+
+def test_a_port_in_use_stops_serve_with_the_address_named() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "PHOENIX_"))}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ran = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    stderr = ran.stderr.decode()
+    assert ran.returncode == 3  # uvicorn's start-up failure
+    assert f"cannot listen on 127.0.0.1 port {port}: address already in use" in stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,83 @@
+"""The serving loop's listener: every connection waiting is taken in one turn of the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.listen import GatewayLoop, bind
+
+WAITING = 40
+
+
+class Counted(asyncio.Protocol):
+    made: list[asyncio.BaseTransport]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(transport)
+
+
+@pytest.fixture
+def loop() -> Iterator[GatewayLoop]:
+    loop = GatewayLoop()
+    yield loop
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
+async def turns(count: int) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def test_every_waiting_connection_is_taken_in_one_turn(loop: GatewayLoop) -> None:
+    """uvloop alone takes one connection a turn (libuv >= 1.45): with the loop stopped while 40
+    clients connect, four turns would take four of them."""
+    made: list[asyncio.BaseTransport] = []
+    Counted.made = made
+    server = loop.run_until_complete(loop.create_server(Counted, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(WAITING)]
+    try:
+        loop.run_until_complete(turns(4))  # accept; make the transports; connection_made
+        assert len(made) == WAITING
+        nodelay = {
+            t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for t in made
+        }
+        assert nodelay == {1}
+    finally:
+        for client in clients:
+            client.close()
+        for transport in made:
+            transport.close()
+        server.close()
+
+
+def test_a_closed_listener_refuses_new_connections(loop: GatewayLoop) -> None:
+    Counted.made = []
+    server = loop.run_until_complete(loop.create_server(Counted, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port)):
+        loop.run_until_complete(turns(4))
+    assert len(Counted.made) == 1 and server.is_serving()
+    server.close()
+    assert not server.is_serving()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    for transport in Counted.made:
+        transport.close()
+
+
+def test_a_port_in_use_is_named_in_the_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as raised:
+            bind("127.0.0.1", port)
+    assert raised.value.errno == errno.EADDRINUSE
+    assert raised.value.strerror == f"cannot listen on 127.0.0.1 port {port}: address already in use"
