@@ -67,6 +67,7 @@ class LoopValue:
 if values.ValueClass is values.MutexValue:  # single-process mode: every metric made from now on
     values.ValueClass = LoopValue
 
+
 class _Count:
     """A bound counter's `inc`, minus the check prometheus_client makes on every call that the
     metric has its labels (a bound child always has)."""
