@@ -23,6 +23,10 @@ from typing import Any
 import uvloop
 
 ACCEPT_BATCH = 128  # connections taken per readiness of a listening socket; the rest next turn
+# With `--workers N` the workers share one listening socket and all wake for a new connection:
+# taking a few each keeps them balanced (one taking a whole burst would leave the others idle),
+# and a busier worker, whose turns are longer, takes fewer.
+SHARED_BATCH = 4
 PAUSE_ON_EXHAUSTION = 1.0  # seconds without accepting when the process is out of descriptors
 # accept() failures that say nothing about the listening socket: the next connection may go through
 TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
@@ -38,10 +42,12 @@ class Listener:
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         sockets: Iterable[socket.socket],
         backlog: int,
+        batch: int = ACCEPT_BATCH,
     ) -> None:
         self._loop = loop
         self._factory = protocol_factory
         self._sockets = list(sockets)
+        self._batch = batch
         self._serving = True
         for sock in self._sockets:
             sock.setblocking(False)
@@ -53,7 +59,7 @@ class Listener:
         return tuple(self._sockets)
 
     def _accept(self, listening: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self._batch):
             try:
                 sock, _ = listening.accept()
             except (BlockingIOError, InterruptedError):
@@ -122,8 +128,9 @@ class GatewayLoop(uvloop.Loop):
         if ssl is not None or kwargs:  # not what `serve` asks for: uvloop's own server
             serve: Any = super().create_server
             return await serve(protocol_factory, host, port, sock=sock, backlog=backlog, ssl=ssl, **kwargs)
-        sockets = [sock] if sock is not None else bind(host, port or 0)
-        return Listener(self, protocol_factory, sockets, backlog)
+        if sock is not None:  # a socket bound by uvicorn's parent process, shared by the workers
+            return Listener(self, protocol_factory, [sock], backlog, SHARED_BATCH)
+        return Listener(self, protocol_factory, bind(host, port or 0), backlog)
 
 
 def bind(host: str | None, port: int) -> list[socket.socket]:

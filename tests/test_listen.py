@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.listen import GatewayLoop, bind
+from gateway.listen import SHARED_BATCH, GatewayLoop, bind
 
 WAITING = 40
 
@@ -81,3 +81,26 @@ def test_a_port_in_use_is_named_in_the_error() -> None:
             bind("127.0.0.1", port)
     assert raised.value.errno == errno.EADDRINUSE
     assert raised.value.strerror == f"cannot listen on 127.0.0.1 port {port}: address already in use"
+
+
+def test_a_socket_shared_by_workers_is_taken_a_few_at_a_time(loop: GatewayLoop) -> None:
+    """With `--workers N` uvicorn's parent binds the socket and every worker listens on it; a
+    worker that took a whole burst would leave the others idle."""
+    made: list[asyncio.BaseTransport] = []
+    Counted.made = made
+    shared = socket.socket()
+    shared.bind(("127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(Counted, sock=shared))
+    port = shared.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(WAITING)]
+    try:
+        loop.run_until_complete(turns(2))  # a whole burst would be in by now (see the test above)
+        assert 0 < len(made) < WAITING // 2
+        loop.run_until_complete(turns(WAITING // SHARED_BATCH + 4))
+        assert len(made) == WAITING
+    finally:
+        for client in clients:
+            client.close()
+        for transport in made:
+            transport.close()
+        server.close()
