@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import glob
+import importlib.util
 import ipaddress
 import os
 import shutil
@@ -106,11 +107,17 @@ def serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             access_log=False,
             proxy_headers=False,  # nothing reads the client's address or scheme: skip that layer
-            loop="gateway.listen:GatewayLoop",  # uvloop, taking every waiting connection at once
+            loop=event_loop(),
             log_level="warning",
             timeout_graceful_shutdown=config.server.shutdown_timeout,
         )
     return 0
+
+
+def event_loop() -> str:
+    """uvloop, taking every waiting connection in one turn (gateway/listen.py); where uvloop is
+    not installed (Windows), uvicorn's choice, asyncio's loop."""
+    return "gateway.listen:GatewayLoop" if importlib.util.find_spec("uvloop") else "auto"
 
 
 @contextmanager

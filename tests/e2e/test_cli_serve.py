@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -123,3 +124,15 @@ def test_a_port_in_use_stops_serve_with_the_address_named() -> None:
     assert ran.returncode == 3  # uvicorn's start-up failure
     assert f"cannot listen on 127.0.0.1 port {port}: address already in use" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "no-uvloop"])
+def test_serve_runs_on_the_accepting_loop_where_uvloop_is_installed(
+    *, uvloop: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: find_spec(name) if uvloop or name != "uvloop" else None
+    )
+    options = serve_dry({}, [], tmp_path, monkeypatch)
+    assert options["loop"] == ("gateway.listen:GatewayLoop" if uvloop else "auto")
