@@ -233,7 +233,6 @@ class StreamRelay:
         self._on_unexpected = on_unexpected
         self._usage: Usage | None = None
         self._last_output = 0.0
-        self._cut: GatewayError | None = None  # why the server stopped the stream, if it did
         self._gone = False  # the client left: the stream was cancelled for that
         self._watchdog: _Watchdog | None = None
 
@@ -245,12 +244,12 @@ class StreamRelay:
         """The status of a stream stopped early: 499 when the client left, or when the writer
         failed; a cancellation that was not the client's is the server's at its shutdown deadline
         (the only time it cancels a request), which is recorded as such."""
-        if self._cut is None and not self._gone:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                self._cut = ShuttingDown()
-                self._exchange.error_type = self._cut.error_type
-        return CANCELLED if self._cut is None else self._cut.http_status
+        task = asyncio.current_task()
+        if self._gone or task is None or not task.cancelling():
+            return CANCELLED
+        cut = ShuttingDown()
+        self._exchange.error_type = cut.error_type
+        return cut.http_status
 
     async def _next(self) -> list[Chunk] | None:
         source = self._source
