@@ -12,8 +12,14 @@ streams within about 5%, since how many tokens one read carries depends on timin
 Left out: uvicorn's HTTP parsing and writing (about a quarter of a request's CPU under wrk) and
 the kernel's work. Under valgrind the app runs about 50 times slower; a run takes a minute.
 
+`--served` counts the whole server instead: `gateway serve` (uvicorn, its HTTP protocol and the
+app) runs under valgrind, and a client in this process sends the requests over loopback, each of
+`--concurrency` keep-alive connections sending its next request when the previous answer has
+arrived, as wrk does. Only the kernel's work is left out.
+
     .venv/bin/python bench/instructions.py                       # chat, stream, paced
     .venv/bin/python bench/instructions.py --tree ../other-checkout --only chat   # A/B
+    .venv/bin/python bench/instructions.py --served --only chat,stream
 
 valgrind comes from apt when missing.
 """
@@ -119,6 +125,81 @@ async def drive(tree: str, port: int, streamed: bool, requests: int, concurrency
             await asyncio.gather(*(one() for _ in range(min(concurrency, count - start))))
 
 
+# ---- the served measurement: `gateway serve` under valgrind, a client here ----
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+    """One request on a kept-alive connection, its answer read whole (content-length or chunked)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200 "):
+        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        raise Failure(f"the gateway answered {status}")
+    found = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+    if found:
+        await reader.readexactly(int(found.group(1)))
+        return
+    while True:  # chunked
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        await reader.readexactly(size + 2)
+        if size == 0:
+            return
+
+
+async def send_requests(port: int, streamed: bool, batches: Sequence[int], concurrency: int) -> None:
+    """Each batch of requests over the same connections, one batch after the other."""
+    flag = b"true" if streamed else b"false"
+    body = (
+        b'{"model":"bench","stream":%s,"messages":[{"role":"user","content":"Why is the sky blue?"}]}' % flag
+    )
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(concurrency)]
+    left = 0
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await exchange(reader, writer, request)
+
+    try:
+        for batch in batches:
+            left = batch
+            await asyncio.gather(*(one(reader, writer) for reader, writer in connections))
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
+def count_served(
+    valgrind: str, tree: str, mock_port: int, workdir: Path, *, streamed: bool, requests: int,
+    concurrency: int,
+) -> int:  # fmt: skip
+    config = workdir / "served.yaml"
+    backend = f'{{name: mock-ollama, type: ollama, base_url: "http://127.0.0.1:{mock_port}"}}'
+    route = '{name: bench, deployments: [{backend: mock-ollama, model: "llama3.2:latest"}]}'
+    config.write_text(f"backends:\n  - {backend}\nmodels:\n  - {route}\n")
+    port = free_port()
+    argv = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+    argv += [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
+    argv += ["--log-level", "warning"]
+    processes = Processes(workdir)
+    server = processes.start("served", argv, "1", cwd=tree)  # `-m` imports the package from there
+    try:
+        wait_http(server, f"http://127.0.0.1:{port}/healthz", 300)
+        asyncio.run(send_requests(port, streamed, (WARM_UP, requests), concurrency))
+    finally:
+        processes.stop_all()
+    text = server.log_path.read_text(errors="replace")
+    found = re.search(r"I\s+refs:\s+([\d,]+)", text)
+    if found is None:
+        raise Failure(f"the served run left no count ({server.popen.returncode}):\n{server.tail()}")
+    return int(found.group(1).replace(",", ""))
+
+
 # ---- the driver ----
 
 
@@ -143,13 +224,21 @@ def measure(valgrind: str, mode: str, args: argparse.Namespace, workdir: Path) -
             "mock", [sys.executable, "bench/mock_upstream.py", "--port", str(port), *mock_args], "0"
         )
         wait_http(mock, f"http://127.0.0.1:{port}/_mock/stats", 10)
-        base = count(valgrind, args.tree, port, streamed=streamed, requests=0, concurrency=args.concurrency)
-        more = count(
-            valgrind, args.tree, port, streamed=streamed, requests=args.requests, concurrency=args.concurrency
-        )
+
+        def run(requests: int) -> int:
+            if args.served:
+                return count_served(
+                    valgrind, args.tree, port, workdir, streamed=streamed, requests=requests,
+                    concurrency=args.concurrency,
+                )  # fmt: skip
+            return count(
+                valgrind, args.tree, port, streamed=streamed, requests=requests, concurrency=args.concurrency
+            )
+
+        base, more = run(0), run(args.requests)
     finally:
         processes.stop_all()
-    return (more - base) // args.requests
+    return (more - base) // int(args.requests)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -160,6 +249,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--requests", type=int, default=1280, help="requests per measurement (default 1280)")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (default 64)")
+    parser.add_argument("--served", action="store_true", help="count `gateway serve` whole, uvicorn included")
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--streamed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -181,7 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         valgrind = ensure_valgrind()
         git = ["git", "-C", args.tree, "rev-parse", "--short", "HEAD"]
         revision = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip() or "?"
-        print(f"gateway at {revision} ({args.tree}); {args.requests} requests, {args.concurrency} at once")
+        how = "served by uvicorn" if args.served else "the app through ASGI"
+        print(f"gateway at {revision} ({args.tree}), {how}; ", end="")
+        print(f"{args.requests} requests, {args.concurrency} at once")
         print("\n| request | instructions per request |\n|---|---:|")
         with tempfile.TemporaryDirectory(prefix="phoenix-instructions-") as workdir:
             for mode in args.only.split(","):

@@ -85,14 +85,19 @@ class Processes:
         self.procs: list[Proc] = []
 
     def start(
-        self, name: str, argv: Sequence[str], cpus: str | None, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        cpus: str | None,
+        env: dict[str, str] | None = None,
+        cwd: str | Path = ROOT,
     ) -> Proc:
         # taskset execs the command: the pid (and so the process group) stays the same
         command = ["taskset", "-c", cpus, *argv] if self.pin and cpus else list(argv)
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as out:
             popen = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+                command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
             )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
