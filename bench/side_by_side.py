@@ -1,0 +1,157 @@
+"""Two checkouts' gateways on one core at the same time: which spends less CPU per request.
+
+On a shared virtual machine the same tree's CPU per request moves by a quarter from one run to
+the next, and by more when the host is busy, so runs one after the other cannot show a change of
+a few percent. Here both gateways run at once, pinned to the same core (1), each loaded by its
+own wrk at `--connections` (both wrk and the mock upstream on core 0). The core is shared between
+them, so whatever slows it slows both alike, and each one's CPU time (utime + stime from
+/proc, the kernel's work for its sockets included) over the requests it completed is comparable
+within a round. A round's result is B's CPU per request over A's; the first round warms both up
+and is not counted. The same checkout against itself gives 0.99-1.00 (a bias of about 0.5%).
+
+    .venv/bin/python bench/side_by_side.py ../before .          # B/A below 1: B is cheaper
+    .venv/bin/python bench/side_by_side.py ../before . --stream --rounds 8
+
+Loopback only; each round is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from procs import Failure, Processes, exit_on_failure, free_port, log, wait_http  # noqa: E402
+
+LOAD_CPU, GATEWAY_CPU = "0", "1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def wrk(url: str, stream: bool, connections: int, duration: int) -> int:
+    """Requests wrk completed against `url`; any error fails the run."""
+    command = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
+    command += [
+        "-s",
+        str(BENCH / "wrk" / "openai_chat.lua"),
+        url,
+        "--",
+        "true" if stream else "false",
+        "bench",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=False)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise Failure(f"wrk failed on {url} (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+    data = json.loads(line.removeprefix("WRK_RESULT "))
+    errors = {name: data[name] for name in ("connect", "read", "write", "status", "timeout") if data[name]}
+    if errors:
+        raise Failure(f"wrk saw errors on {url}: {errors}")
+    return int(data["requests"])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("a", help="checkout A (the reference)")
+    parser.add_argument("b", help="checkout B (the change)")
+    parser.add_argument("--rounds", type=int, default=6, help="counted rounds (default 6)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
+    parser.add_argument("--connections", type=int, default=64, help="per gateway (default 64)")
+    parser.add_argument("--stream", action="store_true", help="20-chunk streams instead of JSON answers")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration < 1 or args.connections < 1:
+        parser.error("--rounds, --duration and --connections must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print(
+            "wrk is not installed: `apt-get install wrk` (bench/gateway.py installs it too)", file=sys.stderr
+        )
+        return 1
+    with exit_on_failure(), tempfile.TemporaryDirectory(prefix="phoenix-side-") as tmp:
+        workdir = Path(tmp)
+        procs = Processes(workdir)
+        try:
+            mock_port = free_port()
+            mock = procs.start(
+                "mock", [sys.executable, "bench/mock_upstream.py", "--port", str(mock_port)], LOAD_CPU
+            )
+            wait_http(mock, f"http://127.0.0.1:{mock_port}/api/version", 20)
+            config = workdir / "gateway.yaml"
+            config.write_text(
+                "backends:\n"
+                f'  - {{name: mock-ollama, type: ollama, base_url: "http://127.0.0.1:{mock_port}"}}\n'
+                "models:\n"
+                '  - {name: bench, deployments: [{backend: mock-ollama, model: "llama3.2:latest"}]}\n'
+            )
+            urls, pids = [], []
+            for name, tree in (("a", args.a), ("b", args.b)):
+                port = free_port()
+                argv_ = [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--port",
+                    str(port),
+                ]
+                argv_ += ["--log-level", "warning"]
+                proc = procs.start(
+                    name, argv_, GATEWAY_CPU, cwd=Path(tree).resolve()
+                )  # `-m` imports from there
+                wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
+                urls.append(f"http://127.0.0.1:{port}/v1/chat/completions")
+                pids.append(proc.pid)
+            what = "20-chunk streams" if args.stream else "JSON answers"
+            print(f"A: {args.a}\nB: {args.b}")
+            print(f"{what}, {args.connections} connections each, both gateways on core {GATEWAY_CPU}")
+            print("\n| round | A requests | A µs CPU/request | B requests | B µs CPU/request | B/A |")
+            print("|---:|---:|---:|---:|---:|---:|")
+            ratios = []
+            with ThreadPoolExecutor(2) as pool:
+                for number in range(args.rounds + 1):
+                    before = [cpu_seconds(pid) for pid in pids]
+                    runs = [
+                        pool.submit(wrk, url, args.stream, args.connections, args.duration) for url in urls
+                    ]
+                    done = [run.result() for run in runs]
+                    per_request = [
+                        (cpu_seconds(pid) - start) / count * 1e6
+                        for pid, start, count in zip(pids, before, done, strict=True)
+                    ]
+                    if number == 0:
+                        log("warm-up round done")
+                        continue
+                    ratios.append(per_request[1] / per_request[0])
+                    cells = [f"{done[0]:,}", f"{per_request[0]:.0f}", f"{done[1]:,}", f"{per_request[1]:.0f}"]
+                    print(f"| {number} | {' | '.join(cells)} | {ratios[-1]:.3f} |", flush=True)
+            print(f"\nmedian B/A: {statistics.median(ratios):.3f} over {len(ratios)} rounds")
+        finally:
+            procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
