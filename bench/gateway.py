@@ -66,6 +66,7 @@ from procs import (  # noqa: E402
     process_tree,
     status_kb,
     wait_http,
+    wrk_report,
 )
 
 LOAD_CPU, GATEWAY_CPU, BOTH_CPUS = "0", "1", "0,1"
@@ -191,14 +192,7 @@ def run_wrk(
         if popen.poll() is None:
             os.killpg(popen.pid, signal.SIGKILL)
             popen.wait()
-    text = out.decode(errors="replace")
-    line = next((x for x in text.splitlines() if x.startswith("WRK_RESULT ")), None)
-    if popen.returncode != 0 or line is None:
-        raise Failure(f"wrk failed on {endpoint.url} (exit {popen.returncode}):\n{text}")
-    data = json.loads(line.removeprefix("WRK_RESULT "))
-    errors = {
-        name: int(data[name]) for name in ("connect", "read", "write", "status", "timeout") if data[name]
-    }
+    data, errors = wrk_report(out.decode(errors="replace"), popen.returncode, endpoint.url)
     done = int(data["requests"])
 
     def latency(name: str) -> float:  # NaN when nothing completed

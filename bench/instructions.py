@@ -43,7 +43,7 @@ from typing import Any
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procs import ROOT, Failure, Processes, exit_on_failure, free_port, log, wait_http
+from procs import ROOT, Failure, Processes, exit_on_failure, free_port, log, one_mock_config, wait_http
 
 MODES = {  # mode: (streamed, the mock's arguments)
     "chat": (False, []),
@@ -68,6 +68,13 @@ def ensure_valgrind() -> str:
     return found
 
 
+def chat_body(streamed: bool) -> bytes:
+    flag = b"true" if streamed else b"false"
+    return (
+        b'{"model":"bench","stream":%s,"messages":[{"role":"user","content":"Why is the sky blue?"}]}' % flag
+    )
+
+
 # ---- the measured process: the app in-process, driven through ASGI ----
 
 
@@ -82,10 +89,7 @@ async def drive(tree: str, port: int, streamed: bool, requests: int, concurrency
     config = parse_config({"backends": [backend], "models": [route]}, "bench")
     configure("warning")  # as bench/gateway.py serves it
     app = create_app(config)
-    flag = b"true" if streamed else b"false"
-    body = (
-        b'{"model":"bench","stream":%s,"messages":[{"role":"user","content":"Why is the sky blue?"}]}' % flag
-    )
+    body = chat_body(streamed)
     headers = [
         (b"host", b"127.0.0.1"),
         (b"content-type", b"application/json"),
@@ -148,10 +152,7 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
 
 async def send_requests(port: int, streamed: bool, batches: Sequence[int], concurrency: int) -> None:
     """Each batch of requests over the same connections, one batch after the other."""
-    flag = b"true" if streamed else b"false"
-    body = (
-        b'{"model":"bench","stream":%s,"messages":[{"role":"user","content":"Why is the sky blue?"}]}' % flag
-    )
+    body = chat_body(streamed)
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -179,9 +180,7 @@ def count_served(
     concurrency: int,
 ) -> int:  # fmt: skip
     config = workdir / "served.yaml"
-    backend = f'{{name: mock-ollama, type: ollama, base_url: "http://127.0.0.1:{mock_port}"}}'
-    route = '{name: bench, deployments: [{backend: mock-ollama, model: "llama3.2:latest"}]}'
-    config.write_text(f"backends:\n  - {backend}\nmodels:\n  - {route}\n")
+    config.write_text(one_mock_config(mock_port))
     port = free_port()
     argv = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
     argv += [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]

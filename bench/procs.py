@@ -5,13 +5,15 @@ taskset, its output in `<workdir>/<name>.log`; stopping one stops its whole proc
 workers with it): SIGTERM, then SIGKILL for whatever is left. `process_tree` and `status_kb` read
 such a tree back from /proc. Around them: how a run ends (SIGTERM as Ctrl-C, a `Failure` as a
 one-line error), a free loopback port, a GET that never goes through a proxy, a wait for a process
-to answer, and the line that says which machine and which revision of the gateway a run measured.
+to answer, the line that says which machine and which revision of the gateway a run measured, the
+numbers wrk's report script prints, and a gateway config with one mock Ollama behind "bench".
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import signal
@@ -24,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,3 +194,25 @@ def describe_machine() -> str:
         rev = head.stdout.strip() + (" + uncommitted changes in gateway/" if dirty.stdout.strip() else "")
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {now}; gateway at {rev}"
+
+
+WRK_ERRORS = ("connect", "read", "write", "status", "timeout")
+
+
+def wrk_report(output: str, returncode: int, url: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """The numbers `bench/wrk/report.lua` prints on its WRK_RESULT line, and the errors among them."""
+    line = next((x for x in output.splitlines() if x.startswith("WRK_RESULT ")), None)
+    if returncode != 0 or line is None:
+        raise Failure(f"wrk failed on {url} (exit {returncode}):\n{output}")
+    data: dict[str, Any] = json.loads(line.removeprefix("WRK_RESULT "))
+    return data, {name: int(data[name]) for name in WRK_ERRORS if data[name]}
+
+
+def one_mock_config(mock_port: int) -> str:
+    """A gateway config: the model "bench" on the mock Ollama at `mock_port`."""
+    return (
+        "backends:\n"
+        f'  - {{name: mock-ollama, type: ollama, base_url: "http://127.0.0.1:{mock_port}"}}\n'
+        "models:\n"
+        '  - {name: bench, deployments: [{backend: mock-ollama, model: "llama3.2:latest"}]}\n'
+    )

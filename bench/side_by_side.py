@@ -18,7 +18,6 @@ Loopback only; each round is bounded by --duration.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,7 +31,16 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from procs import Failure, Processes, exit_on_failure, free_port, log, wait_http  # noqa: E402
+from procs import (  # noqa: E402
+    Failure,
+    Processes,
+    exit_on_failure,
+    free_port,
+    log,
+    one_mock_config,
+    wait_http,
+    wrk_report,
+)
 
 LOAD_CPU, GATEWAY_CPU = "0", "1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -55,11 +63,7 @@ def wrk(url: str, stream: bool, connections: int, duration: int) -> int:
         "bench",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=False)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_RESULT ")), None)
-    if done.returncode != 0 or line is None:
-        raise Failure(f"wrk failed on {url} (exit {done.returncode}):\n{done.stdout}{done.stderr}")
-    data = json.loads(line.removeprefix("WRK_RESULT "))
-    errors = {name: data[name] for name in ("connect", "read", "write", "status", "timeout") if data[name]}
+    data, errors = wrk_report(done.stdout + done.stderr, done.returncode, url)
     if errors:
         raise Failure(f"wrk saw errors on {url}: {errors}")
     return int(data["requests"])
@@ -98,12 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             wait_http(mock, f"http://127.0.0.1:{mock_port}/api/version", 20)
             config = workdir / "gateway.yaml"
-            config.write_text(
-                "backends:\n"
-                f'  - {{name: mock-ollama, type: ollama, base_url: "http://127.0.0.1:{mock_port}"}}\n'
-                "models:\n"
-                '  - {name: bench, deployments: [{backend: mock-ollama, model: "llama3.2:latest"}]}\n'
-            )
+            config.write_text(one_mock_config(mock_port))
             urls, pids = [], []
             for name, tree in (("a", args.a), ("b", args.b)):
                 port = free_port()
