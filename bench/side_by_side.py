@@ -85,44 +85,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def start_gateway(procs: Processes, name: str, tree: str, config: Path) -> tuple[str, int]:
+    """`gateway serve` from checkout `tree` on the gateway core: its chat URL and its pid."""
+    port = free_port()
+    command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
+    command += ["--log-level", "warning"]
+    proc = procs.start(name, command, GATEWAY_CPU, cwd=Path(tree).resolve())  # `-m` imports from there
+    wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
+    return f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid
+
+
+def one_round(
+    pool: ThreadPoolExecutor, gateways: list[tuple[str, int]], args: argparse.Namespace
+) -> list[tuple[int, float]]:
+    """Both wrk at once: for each gateway, the requests it answered and its CPU µs per request."""
+    before = [cpu_seconds(pid) for _, pid in gateways]
+    runs = [pool.submit(wrk, url, args.stream, args.connections, args.duration) for url, _ in gateways]
+    done = [run.result() for run in runs]
+    spent = [cpu_seconds(pid) - start for (_, pid), start in zip(gateways, before, strict=True)]
+    return [(count, seconds / count * 1e6) for count, seconds in zip(done, spent, strict=True)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
-        print(
-            "wrk is not installed: `apt-get install wrk` (bench/gateway.py installs it too)", file=sys.stderr
-        )
+        print("wrk is not installed: `apt-get install wrk` (bench/gateway.py installs it)", file=sys.stderr)
         return 1
     with exit_on_failure(), tempfile.TemporaryDirectory(prefix="phoenix-side-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir)
         try:
             mock_port = free_port()
-            mock = procs.start(
-                "mock", [sys.executable, "bench/mock_upstream.py", "--port", str(mock_port)], LOAD_CPU
-            )
+            mock_command = [sys.executable, "bench/mock_upstream.py", "--port", str(mock_port)]
+            mock = procs.start("mock", mock_command, LOAD_CPU)
             wait_http(mock, f"http://127.0.0.1:{mock_port}/api/version", 20)
             config = workdir / "gateway.yaml"
             config.write_text(one_mock_config(mock_port))
-            urls, pids = [], []
-            for name, tree in (("a", args.a), ("b", args.b)):
-                port = free_port()
-                argv_ = [
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--port",
-                    str(port),
-                ]
-                argv_ += ["--log-level", "warning"]
-                proc = procs.start(
-                    name, argv_, GATEWAY_CPU, cwd=Path(tree).resolve()
-                )  # `-m` imports from there
-                wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
-                urls.append(f"http://127.0.0.1:{port}/v1/chat/completions")
-                pids.append(proc.pid)
+            gateways = [start_gateway(procs, "a", args.a, config), start_gateway(procs, "b", args.b, config)]
             what = "20-chunk streams" if args.stream else "JSON answers"
             print(f"A: {args.a}\nB: {args.b}")
             print(f"{what}, {args.connections} connections each, both gateways on core {GATEWAY_CPU}")
@@ -130,22 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("|---:|---:|---:|---:|---:|---:|")
             ratios = []
             with ThreadPoolExecutor(2) as pool:
-                for number in range(args.rounds + 1):
-                    before = [cpu_seconds(pid) for pid in pids]
-                    runs = [
-                        pool.submit(wrk, url, args.stream, args.connections, args.duration) for url in urls
-                    ]
-                    done = [run.result() for run in runs]
-                    per_request = [
-                        (cpu_seconds(pid) - start) / count * 1e6
-                        for pid, start, count in zip(pids, before, done, strict=True)
-                    ]
-                    if number == 0:
-                        log("warm-up round done")
-                        continue
-                    ratios.append(per_request[1] / per_request[0])
-                    cells = [f"{done[0]:,}", f"{per_request[0]:.0f}", f"{done[1]:,}", f"{per_request[1]:.0f}"]
-                    print(f"| {number} | {' | '.join(cells)} | {ratios[-1]:.3f} |", flush=True)
+                one_round(pool, gateways, args)
+                log("warm-up round done")
+                for number in range(1, args.rounds + 1):
+                    (a_count, a_cpu), (b_count, b_cpu) = one_round(pool, gateways, args)
+                    ratios.append(b_cpu / a_cpu)
+                    cells = f"{a_count:,} | {a_cpu:.0f} | {b_count:,} | {b_cpu:.0f} | {ratios[-1]:.3f}"
+                    print(f"| {number} | {cells} |", flush=True)
             print(f"\nmedian B/A: {statistics.median(ratios):.3f} over {len(ratios)} rounds")
         finally:
             procs.stop_all()
