@@ -129,6 +129,17 @@ async def drive(tree: str, port: int, streamed: bool, requests: int, concurrency
             await asyncio.gather(*(one() for _ in range(min(concurrency, count - start))))
 
 
+def under_cachegrind(valgrind: str) -> list[str]:
+    """valgrind counting instructions only: no cache simulation, no output file."""
+    return [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+
+
+def instructions_in(report: str) -> int | None:
+    """The total valgrind prints when the measured process exits ("I refs: 1,234,567")."""
+    found = re.search(r"I\s+refs:\s+([\d,]+)", report)
+    return int(found.group(1).replace(",", "")) if found else None
+
+
 # ---- the served measurement: `gateway serve` under valgrind, a client here ----
 
 
@@ -182,7 +193,7 @@ def count_served(
     config = workdir / "served.yaml"
     config.write_text(one_mock_config(mock_port))
     port = free_port()
-    argv = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+    argv = under_cachegrind(valgrind)
     argv += [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
     argv += ["--log-level", "warning"]
     processes = Processes(workdir)
@@ -192,26 +203,25 @@ def count_served(
         asyncio.run(send_requests(port, streamed, (WARM_UP, requests), concurrency))
     finally:
         processes.stop_all()
-    text = server.log_path.read_text(errors="replace")
-    found = re.search(r"I\s+refs:\s+([\d,]+)", text)
-    if found is None:
+    counted = instructions_in(server.log_path.read_text(errors="replace"))
+    if counted is None:
         raise Failure(f"the served run left no count ({server.popen.returncode}):\n{server.tail()}")
-    return int(found.group(1).replace(",", ""))
+    return counted
 
 
 # ---- the driver ----
 
 
 def count(valgrind: str, tree: str, port: int, *, streamed: bool, requests: int, concurrency: int) -> int:
-    argv = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+    argv = under_cachegrind(valgrind)
     argv += [sys.executable, __file__, "--drive", "--tree", tree, "--port", str(port)]
     argv += ["--requests", str(requests), "--concurrency", str(concurrency)]
     argv += ["--streamed"] if streamed else []
     done = subprocess.run(["taskset", "-c", "1", *argv], capture_output=True, text=True, check=False)
-    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-    if done.returncode != 0 or found is None:
+    counted = instructions_in(done.stderr)
+    if done.returncode != 0 or counted is None:
         raise Failure(f"the measured run failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return int(found.group(1).replace(",", ""))
+    return counted
 
 
 def measure(valgrind: str, mode: str, args: argparse.Namespace, workdir: Path) -> int:
