@@ -23,6 +23,7 @@ from gateway.auth import Keys
 from gateway.config import Config, ConfigError, resolve_config
 from gateway.logs import configure, get_logger
 from gateway.metrics import MULTIPROC_ENV
+from gateway.privacy import require_working_detector
 from gateway.state import State
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
@@ -77,6 +78,7 @@ def app_factory() -> object:
 def serve(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     Keys(config.auth, os.environ)  # a key whose variable is unset stops the start, with its name
+    require_working_detector(config.privacy)
     level = args.log_level or os.environ.get("PHOENIX_LOG_LEVEL") or config.server.log_level
     configure(level)
     host = args.host or config.server.host

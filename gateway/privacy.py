@@ -8,12 +8,13 @@ private request may only be served by a local backend; `policy.Router.restrict` 
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from gateway import pii
-from gateway.config import ApiKey, Privacy
+from gateway.config import ApiKey, ConfigError, Privacy
 from gateway.errors import InvalidRequest
 
 LEVELS = ("private", "public")
@@ -69,3 +70,18 @@ def classify(
         if found:
             return Decision(True, f"pii:{found[0]}")
     return PUBLIC
+
+
+def require_working_detector(settings: Privacy) -> None:
+    """Raises ConfigError when PII detection is on and the detector, on this interpreter, misses
+    personal data in its own samples (`pii.self_check`): no start is better than a silent leak."""
+    if not settings.detect_pii:
+        return
+    missed = pii.self_check()
+    if missed:
+        raise ConfigError(
+            f"privacy.detect_pii is on, but on this Python ({platform.python_version()}) the PII"
+            f" detector misses {', '.join(missed)} in its own samples, so personal data could reach"
+            " a cloud backend. Run the gateway on a Python where the check passes, or set"
+            " privacy.detect_pii: false knowingly."
+        )

@@ -121,7 +121,8 @@ class State:
         audit: AuditLog | None,
     ) -> State:
         environ = os.environ if environ is None else environ
-        keys = Keys(config.auth, environ)  # first: it is what can fail
+        privacy.require_working_detector(config.privacy)  # first: these two are what can fail
+        keys = Keys(config.auth, environ)
         providers = {b.name: build_provider(b, transport, environ, config.images) for b in config.backends}
         if audit is None and config.privacy.audit_log:
             audit = AuditLog(config.privacy.audit_log)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import re
 import string
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import pii
 from gateway.pii import KINDS, scan, scan_all
 
 # Values that pass their checks, written as people write them; test_the_valid_values_here_pass_their_checks
@@ -266,3 +268,27 @@ def hyphenated(number: str) -> str:
 def test_a_valid_card_is_found_anywhere(before: str, number: str, grouped: bool, after: str) -> None:
     card = hyphenated(number) if grouped else number
     assert "card" in scan(f"{before} {card} {after}")
+
+
+def test_the_detector_finds_every_kind_in_its_own_samples() -> None:
+    assert {kind for kind, _ in pii._SELF_CHECK} == set(KINDS)
+    assert pii.self_check() == []
+
+
+def test_the_self_check_names_what_a_wrongly_matching_pattern_misses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CPython 3.11.2's `re` found no international number in "+34 612 34 56 78" (gh-106052)
+    monkeypatch.setattr(pii, "_INTERNATIONAL", re.compile("(?!)"))
+    assert pii.self_check() == ["phone"]
+
+
+def test_no_group_is_repeated_possessively() -> None:
+    """`(?:a|b)*+` matched wrongly before CPython 3.11.5 (gh-106052); the same repetition written
+    as `(?>(?:a|b)*)` did not."""
+    patterns = [value for value in vars(pii).values() if isinstance(value, re.Pattern)]
+    patterns += [label.pattern for _, label in pii._LABELS]
+    possessive_group = re.compile(r"(?<!\\)\)(?:[*+?]|\{[0-9,]*\})\+")
+    assert possessive_group.search("(?:[ .-][0-9]*+)*+")  # the shape it looks for
+    assert len(patterns) >= 8
+    assert [p.pattern for p in patterns if possessive_group.search(p.pattern)] == []

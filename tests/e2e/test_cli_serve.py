@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,10 @@ import openai
 import pytest
 import uvicorn
 
+from gateway import pii
+from gateway.app import create_app
 from gateway.cli import main
+from gateway.config import ConfigError, parse_config
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
 
@@ -64,6 +68,25 @@ def serve_dry(
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
     assert main(["serve", "--config", str(path), *args]) == 0
     return started[0]
+
+
+def test_a_pii_detector_that_misses_what_it_must_find_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(pii, "_INTERNATIONAL", re.compile("(?!)"))  # as CPython 3.11.2 matched it
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(MINIMAL))
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    assert main(["serve", "--config", str(path)]) == 1
+    assert started == []
+    error = capsys.readouterr().err
+    assert "error: privacy.detect_pii is on, but on this Python" in error
+    assert "the PII detector misses phone in its own samples" in error
+    with pytest.raises(ConfigError, match="misses phone"):
+        create_app(parse_config(MINIMAL, "test"))
+    # Turned off knowingly, there is nothing to check
+    assert serve_dry({"privacy": {"detect_pii": False}}, [], tmp_path, monkeypatch)["port"]
 
 
 @pytest.mark.parametrize(
