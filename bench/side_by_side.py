@@ -11,6 +11,10 @@ and is not counted. The same checkout against itself gives 0.99-1.00 (a bias of 
 
     .venv/bin/python bench/side_by_side.py ../before .          # B/A below 1: B is cheaper
     .venv/bin/python bench/side_by_side.py ../before . --stream --rounds 8
+    .venv/bin/python bench/side_by_side.py . . --python-b /path/to/other-venv/bin/python
+
+The last compares interpreters rather than code: `--python-a` and `--python-b` run a gateway with
+another Python, which must have the project's dependencies installed (a venv of its own).
 
 Loopback only; each round is bounded by --duration.
 """
@@ -79,16 +83,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
     parser.add_argument("--connections", type=int, default=64, help="per gateway (default 64)")
     parser.add_argument("--stream", action="store_true", help="20-chunk streams instead of JSON answers")
+    for side in ("a", "b"):
+        what = f"the interpreter of {side.upper()} (default: this one)"
+        parser.add_argument(f"--python-{side}", default=sys.executable, help=what)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1 or args.connections < 1:
         parser.error("--rounds, --duration and --connections must be positive")
     return args
 
 
-def start_gateway(procs: Processes, name: str, tree: str, config: Path) -> tuple[str, int]:
-    """`gateway serve` from checkout `tree` on the gateway core: its chat URL and its pid."""
+def start_gateway(procs: Processes, name: str, tree: str, python: str, config: Path) -> tuple[str, int]:
+    """`gateway serve` from checkout `tree`, run by `python`, on the gateway core: its chat URL and
+    its pid."""
     port = free_port()
-    command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
+    command = [python, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
     command += ["--log-level", "warning"]
     proc = procs.start(name, command, GATEWAY_CPU, cwd=Path(tree).resolve())  # `-m` imports from there
     wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
@@ -121,9 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_http(mock, f"http://127.0.0.1:{mock_port}/api/version", 20)
             config = workdir / "gateway.yaml"
             config.write_text(one_mock_config(mock_port))
-            gateways = [start_gateway(procs, "a", args.a, config), start_gateway(procs, "b", args.b, config)]
+            gateways = [
+                start_gateway(procs, "a", args.a, args.python_a, config),
+                start_gateway(procs, "b", args.b, args.python_b, config),
+            ]
             what = "20-chunk streams" if args.stream else "JSON answers"
-            print(f"A: {args.a}\nB: {args.b}")
+            print(f"A: {args.a} ({args.python_a})\nB: {args.b} ({args.python_b})")
             print(f"{what}, {args.connections} connections each, both gateways on core {GATEWAY_CPU}")
             print("\n| round | A requests | A µs CPU/request | B requests | B µs CPU/request | B/A |")
             print("|---:|---:|---:|---:|---:|---:|")
