@@ -39,11 +39,15 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 async def scripted(
     answer: Callable[[Server, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]],
 ) -> AsyncIterator[Server]:
-    """A server that runs `answer` for each request on a connection until it returns False."""
+    """A server that runs `answer` for each request on a connection until it returns False.
+    Connections still open at the end are closed: from Python 3.12.1 the end of `async with` on
+    an asyncio server waits for every connection, and a pool keeps its connections alive."""
     server = Server("")
+    open_writers: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server.connections += 1
+        open_writers.add(writer)
         try:
             while True:
                 try:
@@ -53,6 +57,7 @@ async def scripted(
                 if not await answer(server, reader, writer):
                     break
         finally:
+            open_writers.discard(writer)
             writer.close()
             server.closed.set()
 
@@ -60,7 +65,11 @@ async def scripted(
     port = listener.sockets[0].getsockname()[1]
     server.url = f"http://127.0.0.1:{port}/api/chat"
     async with listener:
-        yield server
+        try:
+            yield server
+        finally:
+            for writer in list(open_writers):
+                writer.close()
 
 
 async def ok(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
