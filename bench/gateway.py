@@ -357,6 +357,7 @@ class Bench:
     gateway_url: str = ""
     config_path: Path | None = None
     litellm_url: str | None = None
+    machine: str = ""  # the CPU, the revision and the gateway's Python, taken at the start
 
     # -- setup --
 
@@ -775,7 +776,7 @@ def added(results: Results, scenario: str, endpoint: Endpoint, attr: str) -> flo
 def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
     args, results = bench.args, bench.results
     w = out.write
-    w(f"\n## Gateway overhead against a zero-latency mock\n\n{machine(args.python)}; ")
+    w(f"\n## Gateway overhead against a zero-latency mock\n\n{bench.machine}; ")
     w(f"1-minute load average before the run: {results.load_before:.2f}.\n\n")
     if args.only:
         w(
@@ -1100,7 +1101,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Bench:
         raise Failure("this benchmark pins the gateway and the load on separate cores: it needs 2 CPUs")
     os.sched_setaffinity(0, {int(LOAD_CPU)})  # this driver (and its TTFT client) lives with the load
     procs = Processes(workdir, pin=True)
-    bench = Bench(args, procs, ensure_wrk())
+    bench = Bench(args, procs, ensure_wrk(), machine=machine(args.python))
     started = time.monotonic()
     log(f"this run takes about {estimate(args) / 60:.1f} minutes")
     bench.results.load_before = os.getloadavg()[0]
@@ -1154,7 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
                 for k, v in vars(args).items()
             },
-            "machine": machine(args.python),
+            "machine": bench.machine,
             "wrk": {
                 s: {k: [asdict(r) for r in rs] for k, rs in e.items()} for s, e in bench.results.wrk.items()
             },
