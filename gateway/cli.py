@@ -145,6 +145,7 @@ def metrics_directory(workers: int) -> Iterator[None]:
 
 def check_config(args: argparse.Namespace) -> int:
     config = resolve_config(args.path)
+    require_working_detector(config.privacy)  # what `serve` would refuse, this refuses too
     print(f"{args.path}: OK ({len(config.backends)} backends, {len(config.models)} models)")
     print(routing_table(config))
     return 0

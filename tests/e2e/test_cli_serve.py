@@ -85,6 +85,8 @@ def test_a_pii_detector_that_misses_what_it_must_find_stops_the_start(
     assert "the PII detector misses phone in its own samples" in error
     with pytest.raises(ConfigError, match="misses phone"):
         create_app(parse_config(MINIMAL, "test"))
+    assert main(["check-config", str(path)]) == 1  # a config check says what serve would do
+    assert "the PII detector misses phone" in capsys.readouterr().err
     # Turned off knowingly, there is nothing to check
     assert serve_dry({"privacy": {"detect_pii": False}}, [], tmp_path, monkeypatch)["port"]
 
