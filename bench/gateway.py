@@ -67,6 +67,7 @@ from procs import (  # noqa: E402
     on_sigterm,
     process_tree,
     status_kb,
+    steadiness,
     wait_http,
     wrk_report,
 )
@@ -321,6 +322,8 @@ class Results:
     memory: list[tuple[int, float, int]] = field(default_factory=list)  # (requests so far, seconds, kB)
     notes: list[str] = field(default_factory=list)
     load_before: float = 0.0  # 1-minute load average when the run began: other work on the machine
+    # the gateway's core, before and after the run: fixed work per second, as a share of the best
+    steadiness: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, scenario: str, key: str, result: WrkResult) -> None:
         self.wrk.setdefault(scenario, {}).setdefault(key, []).append(result)
@@ -778,7 +781,16 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
     args, results = bench.args, bench.results
     w = out.write
     w(f"\n## Gateway overhead against a zero-latency mock\n\n{bench.machine}; ")
-    w(f"1-minute load average before the run: {results.load_before:.2f}.\n\n")
+    w(f"1-minute load average before the run: {results.load_before:.2f}.")
+    if results.steadiness:
+        shares = "; ".join(
+            f"{when} the run, min {min(v):.2f} and median {median(v):.2f} over {len(v)} s"
+            for when, v in results.steadiness.items()
+            if v
+        )
+        w(f" How steady the host kept the gateway's core (fixed work per second on core {GATEWAY_CPU}, ")
+        w(f"as a share of the best second): {shares}.")
+    w("\n\n")
     if args.only:
         w(
             f"{args.rounds} round(s) of {args.duration:g} s per run, medians over rounds; wrk -t1 and the "
@@ -968,7 +980,7 @@ def rate_table(bench: Bench, out: IO[str]) -> None:
             else:
                 row += [f"{added(results, scenario, e, attr) / 1000:.3f}" for attr in ("p50_us", "p99_us")]
             out.write("| " + " | ".join(row).replace("nan", "-") + " |\n")
-    out.write("\nThe highest of the loads offered at which the p99 stayed under 10 ms with under 1% late:\n\n")
+    out.write("\nThe highest of the loads offered at which the p99 stayed under 10 ms, under 1% late:\n\n")
     for e in bench.endpoints:
         runs = {rate: results.runs(rate_scenario(rate), e.key) for rate in rates}
         if any(runs.values()):
@@ -1083,11 +1095,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--litellm-venv", default=".venv-litellm", help="venv with litellm[proxy] (default .venv-litellm)"
     )
+    parser.add_argument(
+        "--steadiness",
+        type=int,
+        default=10,
+        help="seconds of fixed work on the gateway's core before and after the run, to show how "
+        "steady the host keeps it (default 10, 3 with --quick, 0 to skip)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration = 1, 2
         args.ttft_streams = min(args.ttft_streams, 100)
+        args.steadiness = min(args.steadiness, 3)
     if args.only is None:
         args.only = set() if args.memory else set(SCENARIOS)
     else:
@@ -1108,6 +1128,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--ttft-streams must be 1..{MAX_TTFT_STREAMS} and --memory 0..{MAX_MEMORY_REQUESTS}")
     if not all(1 <= n <= 8 for n in args.workers) or not 1 <= args.chunks <= 1000:
         parser.error("--workers counts must be 1..8 and --chunks 1..1000")
+    if not 0 <= args.steadiness <= MAX_DURATION:
+        parser.error(f"--steadiness must be 0..{MAX_DURATION} seconds")
     if not all(1 <= rate <= 100_000 for rate in args.rate):
         parser.error("--rate values must be 1..100000 requests/s")
     args.memory_time_limit = min(args.memory_time_limit, 1800)
@@ -1120,7 +1142,7 @@ def estimate(args: argparse.Namespace) -> float:
     wrk_runs = paths * len(args.only & {"nonstream", "stream", "latency"})
     wrk_runs += paths * len(args.rate) if "rate" in args.only else 0
     wrk_runs += len(PACED_RUNS) * (paths // 2) if "paced" in args.only else 0
-    seconds: float = 10 + (30 if args.peers else 0)
+    seconds: float = 10 + (30 if args.peers else 0) + 2 * args.steadiness
     if args.only:
         seconds += paths * 2 * min(2.0, args.duration) + args.rounds * wrk_runs * (args.duration + 0.3)
         seconds += args.rounds * args.ttft_streams * paths * 0.003 if "ttft" in args.only else 0
@@ -1141,6 +1163,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Bench:
     if bench.results.load_before > 0.5:
         load = bench.results.load_before
         log(f"warning: the machine is busy (load {load:.2f}); the numbers will be low and noisy")
+    if args.steadiness:
+        bench.results.steadiness["before"] = steadiness(GATEWAY_CPU, args.steadiness)
     try:
         bench.start_mocks()
         bench.write_config(workdir)
@@ -1172,6 +1196,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Bench:
                 bench.workers_run(workers)
     finally:
         procs.stop_all()
+    if args.steadiness:
+        bench.results.steadiness["after"] = steadiness(GATEWAY_CPU, args.steadiness)
     log(f"done in {time.monotonic() - started:.0f} s")
     return bench
 
@@ -1199,6 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for n, e in bench.results.workers.items()
             },
             "memory": bench.results.memory,
+            "steadiness": bench.results.steadiness,
             "notes": bench.results.notes,
         }
         args.json.write_text(json.dumps(raw, indent=1))

@@ -5,8 +5,9 @@ taskset, its output in `<workdir>/<name>.log`; stopping one stops its whole proc
 workers with it): SIGTERM, then SIGKILL for whatever is left. `process_tree` and `status_kb` read
 such a tree back from /proc. Around them: how a run ends (SIGTERM as Ctrl-C, a `Failure` as a
 one-line error), a free loopback port, a GET that never goes through a proxy, a wait for a process
-to answer, the line that says which machine and which revision of the gateway a run measured, the
-numbers wrk's report script prints, and a gateway config with one mock Ollama behind "bench".
+to answer, the line that says which machine and which revision of the gateway a run measured, how
+steady the host keeps a core, the numbers wrk's report script prints, and a gateway config with
+one mock Ollama behind "bench".
 """
 
 from __future__ import annotations
@@ -194,6 +195,38 @@ def describe_machine() -> str:
         rev = head.stdout.strip() + (" + uncommitted changes in gateway/" if dirty.stdout.strip() else "")
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {now}; gateway at {rev}"
+
+
+# Fixed work, timed per second: JSON in and out of a small chat body, as a gateway does.
+STEADINESS_PROBE = """
+import json, sys, time
+seconds = int(sys.argv[1])
+doc = {"model": "bench", "messages": [{"role": "user", "content": "Why is the sky blue?"}] * 4}
+counts, count = [], 0
+mark = time.perf_counter() + 1
+while len(counts) < seconds:
+    for _ in range(100):
+        json.loads(json.dumps(doc))
+    count += 100
+    if time.perf_counter() >= mark:
+        counts.append(count)
+        count, mark = 0, mark + 1
+print(" ".join(map(str, counts)))
+"""
+
+
+def steadiness(cpu: str, seconds: int) -> list[float]:
+    """How steady the host keeps one core: the same CPU work done in each of `seconds` seconds on
+    `cpu`, as a share of the best second (1.0 for all on a steady machine). A virtual machine
+    whose neighbours take the physical core shows lower seconds, with no steal time counted."""
+    command = ["taskset", "-c", cpu, sys.executable, "-c", STEADINESS_PROBE, str(seconds)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True)
+        counts = [int(n) for n in done.stdout.split()]
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise Failure(f"the steadiness probe failed: {exc}") from exc
+    best = max(counts, default=0)
+    return [count / best for count in counts] if best else []
 
 
 WRK_ERRORS = ("connect", "read", "write", "status", "timeout")
