@@ -60,6 +60,7 @@ from procs import (  # noqa: E402
     Failure,
     Proc,
     Processes,
+    cpu_seconds,
     describe_machine,
     exit_on_failure,
     free_port,
@@ -129,6 +130,7 @@ class WrkResult:
     errors: dict[str, int]
     paced_ms: float | None = None  # mean token pacing of the streams the paced mock completed
     late: int = 0  # with a rate: requests sent more than 1 ms after they were due (report.lua `pace`)
+    cpu_us: float | None = None  # through the gateway: its CPU (every process of it) per request
 
     @property
     def error_count(self) -> int:
@@ -359,6 +361,7 @@ class Bench:
     gateway: Proc | None = None
     litellm: Proc | None = None  # paused (SIGSTOP) except while its own runs go, so it never steals CPU
     gateway_url: str = ""
+    gateway_pids: list[int] = field(default_factory=list)  # uvicorn's and its workers'
     config_path: Path | None = None
     litellm_url: str | None = None
     machine: str = ""  # the CPU, the revision and the gateway's Python, taken at the start
@@ -427,6 +430,7 @@ models:
         wait_http(self.gateway, self.gateway_url + "/healthz", 60)
         if workers > 1:
             time.sleep(1.5)  # let every worker finish starting, not just the first to answer
+        self.gateway_pids = process_tree(self.gateway.pid)
 
     def start_litellm(self, workdir: Path) -> None:
         venv = Path(self.args.litellm_venv)
@@ -589,7 +593,9 @@ litellm_settings: {{telemetry: false, set_verbose: false}}
         stagger_ms: int = 0,
         rate: int = 0,
     ) -> WrkResult:
+        pids = self.gateway_pids if endpoint.via == "gateway" else []
         with self.active(endpoint):
+            before = self.cpu(pids)
             result = run_wrk(
                 self.wrk,
                 endpoint,
@@ -599,6 +605,9 @@ litellm_settings: {{telemetry: false, set_verbose: false}}
                 stagger_ms=stagger_ms,
                 rate=rate,
             )
+            after = self.cpu(pids)
+        if before is not None and after is not None and result.requests:
+            result.cpu_us = (after - before) / result.requests * 1e6
         if result.error_count or not result.requests:
             what = (
                 f"wrk errors {result.errors}"
@@ -609,6 +618,14 @@ litellm_settings: {{telemetry: false, set_verbose: false}}
             self.results.notes.append(note)
             log("  ! " + note)
         return result
+
+    @staticmethod
+    def cpu(pids: list[int]) -> float | None:
+        """The CPU seconds these processes have used, or None when there are none or one has gone."""
+        try:
+            return sum(cpu_seconds(pid) for pid in pids) if pids else None
+        except OSError:
+            return None
 
     def warm_up(self) -> None:
         seconds = min(2.0, self.args.duration)
@@ -828,6 +845,7 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
 
     if any(results.wrk.get(rate_scenario(rate)) for rate in args.rate):
         rate_table(bench, out)
+    cpu_table(bench, out)
 
     if results.ttft:
         w(
@@ -902,20 +920,21 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
             f"core {GATEWAY_CPU}; more run on cores {BOTH_CPUS}, sharing core {LOAD_CPU} with wrk and "
             "the mock:\n\n"
         )
-        w(f"| workers | non-streaming req/s | vs 1 | {args.chunks}-chunk streams/s | vs 1 |\n")
-        w("|---:|---:|---:|---:|---:|\n")
+        w(f"| workers | non-streaming req/s | vs 1 | CPU µs/request | {args.chunks}-chunk streams/s | vs 1 ")
+        w("| CPU µs/stream |\n|---:|---:|---:|---:|---:|---:|---:|\n")
+        base = results.workers.get(1, {})
         for count, scenarios in sorted(results.workers.items()):
-            rps = median([r.rps for r in scenarios.get("nonstream", [])])
-            srps = median([r.rps for r in scenarios.get("stream", [])])
-            base = results.workers.get(1, {})
-            brps = median([r.rps for r in base.get("nonstream", [])])
-            bsrps = median([r.rps for r in base.get("stream", [])])
-            w(
-                f"| {count} | {rps:,.0f} | {rps / brps:.2f} | {srps:,.0f} | {srps / bsrps:.2f} |\n".replace(
-                    "nan", "-"
-                )
-            )
-        w("\n")
+            row = [str(count)]
+            for scenario in ("nonstream", "stream"):
+                runs, first = scenarios.get(scenario, []), base.get(scenario, [])
+                rps = median([r.rps for r in runs])
+                row += [f"{rps:,.0f}", f"{rps / median([r.rps for r in first]):.2f}", f"{cpu_us(runs):.0f}"]
+            w(("| " + " | ".join(row) + " |\n").replace("nan", "-"))
+        w(
+            "\nA worker's CPU per request grows as its own load falls (fewer requests share each turn of "
+            "its loop; compare c=1 and the fixed rates with c=64 above), and 64 connections over more "
+            f"workers load each less. The second also shares core {LOAD_CPU} with wrk and the mock.\n\n"
+        )
 
     if results.memory:
         first, warm, last = soak_points(results.memory)
@@ -986,6 +1005,33 @@ def rate_table(bench: Bench, out: IO[str]) -> None:
         if any(runs.values()):
             best = max((rate for rate, done in runs.items() if done and holds(done)), default=0)
             out.write(f"- {e.label}: {f'{best:,} req/s' if best else f'none of {offered}'}\n")
+    out.write("\n")
+
+
+def cpu_us(runs: list[WrkResult]) -> float:
+    """Median over rounds of the gateway's CPU per request, in µs (NaN when not measured)."""
+    return median([r.cpu_us for r in runs if r.cpu_us is not None])
+
+
+def cpu_table(bench: Bench, out: IO[str]) -> None:
+    """The gateway's CPU per request in each scenario: what it costs as the load changes."""
+    results = bench.results
+    columns = [("nonstream", "non-streaming, c=64"), ("stream", f"{bench.args.chunks}-chunk stream, c=64")]
+    columns += [("latency", "non-streaming, c=1")]
+    columns += [(rate_scenario(rate), f"non-streaming at {rate:,}/s") for rate in bench.args.rate]
+    columns = [(scenario, title) for scenario, title in columns if results.wrk.get(scenario)]
+    gateways = [e for e in bench.endpoints if e.via == "gateway"]
+    if not columns or not gateways:
+        return
+    out.write(
+        "The gateway's CPU per request, µs (user and kernel time of its processes over each wrk run, "
+        "medians over rounds):\n\n"
+    )
+    out.write("| through | " + " | ".join(title for _, title in columns) + " |\n")
+    out.write("|---|" + "---:|" * len(columns) + "\n")
+    for e in gateways:
+        cells = [cpu_us(results.runs(scenario, e.key)) for scenario, _ in columns]
+        out.write(f"| {e.label} | " + " | ".join(f"{c:.0f}" for c in cells).replace("nan", "-") + " |\n")
     out.write("\n")
 
 

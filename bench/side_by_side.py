@@ -22,7 +22,6 @@ Loopback only; each round is bounded by --duration.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ sys.path.insert(0, str(BENCH))
 from procs import (  # noqa: E402
     Failure,
     Processes,
+    cpu_seconds,
     exit_on_failure,
     free_port,
     log,
@@ -47,12 +47,6 @@ from procs import (  # noqa: E402
 )
 
 LOAD_CPU, GATEWAY_CPU = "0", "1"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def wrk(url: str, stream: bool, connections: int, duration: int) -> int:
