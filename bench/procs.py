@@ -226,8 +226,8 @@ print(" ".join(map(str, counts)))
 
 def steadiness(cpu: str, seconds: int) -> list[float]:
     """How steady the host keeps one core: the same CPU work done in each of `seconds` seconds on
-    `cpu`, as a share of the best second (1.0 for all on a steady machine). A virtual machine
-    whose neighbours take the physical core shows lower seconds, with no steal time counted."""
+    `cpu`, as a share of the best second (1.0 for all on a steady machine). On the project's
+    virtual machine, seconds down to about 0.55 came with no steal time counted."""
     command = ["taskset", "-c", cpu, sys.executable, "-c", STEADINESS_PROBE, str(seconds)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True)
