@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway import privacy
 from gateway.audit import AuditLog
@@ -38,20 +39,39 @@ FAILED_LISTING_TTL = 1.0  # an unreachable backend is asked again this soon
 
 class JSONAnswer(Response):
     """A JSON body with its headers, sent as they are: Starlette's Response without the header
-    normalisation its constructor does, which showed in the profile of every answer."""
+    normalisation its constructor does, which showed in the profile of every answer. `after`
+    runs once the answer has been handed to the server, or has failed to be: the request's
+    bookkeeping, which the client need not wait for."""
 
     media_type = "application/json"
 
-    def __init__(self, content: bytes, status: int, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self, content: bytes, status: int, headers: Mapping[str, str], after: Callable[[], None] | None = None
+    ) -> None:
         self.status_code = status
         self.body = content
         self.background = None
+        self.after = after
         self.raw_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
         self.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        try:
+            await send(start)
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            if self.after is not None:
+                self.after()
 
-def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return JSONAnswer(orjson.dumps(body), status, headers or {})
+
+def json_response(
+    body: Any,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    after: Callable[[], None] | None = None,
+) -> Response:
+    return JSONAnswer(orjson.dumps(body), status, headers or {}, after)
 
 
 @dataclass

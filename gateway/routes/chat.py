@@ -44,9 +44,8 @@ async def chat_completions(request: Incoming) -> Response:
         exchange.usage = completion.usage
         exchange.notes.update(completion.notices)
         headers = {**state.headers(exchange), **notice_headers(completion.notices)}
-        response = json_response(completion_body(completion, model=exchange.answered_as), headers=headers)
-        state.finish(exchange, 200)
-        return response
+        body = completion_body(completion, model=exchange.answered_as)
+        return json_response(body, headers=headers, after=lambda: state.finish(exchange, 200))
     except GatewayError as error:
         return state.fail(exchange, error)
     except asyncio.CancelledError:  # the server's shutdown deadline has passed

@@ -54,9 +54,7 @@ async def embeddings(request: Incoming) -> Response:
             "model": exchange.answered_as,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
-        response = json_response(body, headers=state.headers(exchange))
-        state.finish(exchange, 200)
-        return response
+        return json_response(body, headers=state.headers(exchange), after=lambda: state.finish(exchange, 200))
     except GatewayError as error:
         return state.fail(exchange, error)
     except asyncio.CancelledError:  # the server's shutdown deadline has passed

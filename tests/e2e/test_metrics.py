@@ -3,10 +3,15 @@ the embeddings, privacy and streaming paths (read back through prometheus_client
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import sample, scrape
+from gateway.app import create_app
+from gateway.state import State
+from tests.e2e.conftest import ollama_config, sample, scrape
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread
 
@@ -73,3 +78,55 @@ def test_embeddings_privacy_and_streams_are_counted_exactly(
     assert sample(samples, "gateway_privacy_decisions_total", privacy="private", reason="header") == 1
     assert sample(samples, "gateway_privacy_decisions_total", privacy="private", reason="pii:email") == 1
     assert sample(samples, "gateway_overhead_seconds_count", endpoint="embeddings") == 1
+
+
+def requests_counted(state: State, endpoint: str) -> float:
+    """gateway_requests_total summed over its series for one endpoint, read from the registry."""
+    text = state.metrics.render().decode()
+    return sum(
+        point.value
+        for family in text_string_to_metric_families(text)
+        for point in family.samples
+        if point.name == "gateway_requests_total" and point.labels.get("endpoint") == endpoint
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("path", "endpoint", "body"),
+    [
+        ("/v1/chat/completions", "chat", {"model": "llama3.2", "messages": HI}),
+        ("/v1/embeddings", "embeddings", {"model": "embed", "input": "hi"}),
+    ],
+)
+async def test_an_answer_goes_out_before_its_bookkeeping(
+    fake_ollama: tuple[FakeOllama, ServerThread], path: str, endpoint: str, body: dict[str, object]
+) -> None:
+    """The request's metrics, audit line and rate-limit settlement run once its JSON answer has
+    been handed to the server, not before: the client does not wait for them. They have run by
+    the time the app returns, so before the loop can read another request."""
+    _, backend = fake_ollama
+    app = create_app(ollama_config(backend.url), environ={})
+    state: State = app.app.app.state.gateway  # type: ignore[attr-defined]
+    content = json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+        "client": ("127.0.0.1", 5555), "server": ("127.0.0.1", 8080),
+    }  # fmt: skip
+    sent: list[tuple[object, int, float]] = []  # (message type, requests in flight, requests counted)
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": content, "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append((message["type"], state.active, requests_counted(state, endpoint)))
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        await state.aclose()
+    assert [kind for kind, _, _ in sent] == ["http.response.start", "http.response.body"]
+    assert sent[-1][1:] == (1, 0), "the request was counted before its answer went out"
+    assert (state.active, requests_counted(state, endpoint)) == (0, 1)
