@@ -373,11 +373,15 @@ class EventStream:
         try:
             async with aclosing(self._body) as body:  # type: ignore[type-var]
                 async for data in body:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    # Nothing follows `data: [DONE]`: the response ends with it, in the same write,
+                    # and the body's own ending (closing the upstream, the bookkeeping) comes after.
+                    self._over = data is DONE
+                    await send({"type": "http.response.body", "body": data, "more_body": not self._over})
+            if not self._over:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             task.uncancel()
-            if self._gone:
+            if self._gone or self._over:
                 return
             with suppress(OSError, RuntimeError):  # the client may be gone too
                 await send(

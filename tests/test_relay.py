@@ -134,6 +134,47 @@ async def test_a_client_that_leaves_stops_the_stream_as_a_499() -> None:
     assert not any(b"error" in body for body in client.bodies)
 
 
+async def test_a_finished_stream_ends_with_its_done_event_before_its_bookkeeping() -> None:
+    """`data: [DONE]` goes out as the response's last body, in the same message as its end; the
+    upstream is closed and the request recorded after that, and a 200 is recorded."""
+    events: list[str] = []
+
+    async def two_more() -> AsyncIterator[list[Chunk]]:
+        yield [Chunk(content="b")]
+        yield [Chunk(finish_reason="stop")]
+
+    exchange = Exchange(request_id="r", endpoint="chat")
+    source = StreamSource(
+        first=[Chunk(content="a")],
+        rest=two_more(),
+        idle_timeout=5,
+        deadline=time.perf_counter() + 5,
+        on_close=lambda: events.append("upstream closed"),
+    )
+    relay = StreamRelay(
+        source,
+        exchange,
+        model="m",
+        include_usage=False,
+        finish=lambda status: events.append(f"recorded {status}"),
+        on_unexpected=lambda e: None,
+    )
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body":
+            body = message["body"]
+            assert isinstance(body, bytes)
+            events.append(("end: " if not message.get("more_body") else "") + body.decode().strip()[:12])
+
+    async def receive() -> dict[str, str]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    await asyncio.wait_for(EventStream(relay.body(), {})({}, receive, send), 2)
+    assert events[-3:] == ["end: data: [DONE]", "upstream closed", "recorded 200"]
+    assert sum(event.startswith("end: ") for event in events) == 1
+
+
 @pytest.mark.parametrize("blocked_write", [None, 2], ids=["waiting-upstream", "writing"])
 async def test_a_server_cancellation_is_a_503_with_an_error_event(blocked_write: int | None) -> None:
     """uvicorn cancels the request's task at its shutdown deadline; whether that lands while the
