@@ -344,9 +344,10 @@ async def _close(stream: AsyncIterator[object]) -> None:
 
 class EventStream:
     """ASGI response for SSE. The body runs in the request's own task; a second task waits for the
-    client to leave and then cancels it, which stops the body and so the upstream. When the server
-    cancels it (its shutdown deadline has passed), the client gets an error event saying so, then
-    the end of the stream."""
+    client to leave and then cancels it, which stops the body and so the upstream. The response
+    ends with `data: [DONE]` when the body yields it, or after the body. When the server cancels
+    it (its shutdown deadline has passed) before that, the client gets an error event saying so,
+    then the end of the stream."""
 
     def __init__(
         self,
