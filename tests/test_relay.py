@@ -102,11 +102,13 @@ async def endless() -> AsyncIterator[list[Chunk]]:
         yield [Chunk(content="x")]
 
 
-def relayed(closed: list[str], finished: list[int]) -> tuple[StreamRelay, Exchange]:
+def relayed(
+    closed: list[str], finished: list[int], rest: AsyncIterator[list[Chunk]] | None = None
+) -> tuple[StreamRelay, Exchange]:
     exchange = Exchange(request_id="r", endpoint="chat")
     source = StreamSource(
         first=[Chunk(content="a")],
-        rest=endless(),
+        rest=rest or endless(),
         idle_timeout=5,
         deadline=time.perf_counter() + 5,
         on_close=lambda: closed.append("upstream"),
@@ -136,43 +138,28 @@ async def test_a_client_that_leaves_stops_the_stream_as_a_499() -> None:
 
 async def test_a_finished_stream_ends_with_its_done_event_before_its_bookkeeping() -> None:
     """`data: [DONE]` goes out as the response's last body, in the same message as its end; the
-    upstream is closed and the request recorded after that, and a 200 is recorded."""
-    events: list[str] = []
+    upstream is closed and the request recorded (a 200) after that."""
 
     async def two_more() -> AsyncIterator[list[Chunk]]:
         yield [Chunk(content="b")]
         yield [Chunk(finish_reason="stop")]
 
-    exchange = Exchange(request_id="r", endpoint="chat")
-    source = StreamSource(
-        first=[Chunk(content="a")],
-        rest=two_more(),
-        idle_timeout=5,
-        deadline=time.perf_counter() + 5,
-        on_close=lambda: events.append("upstream closed"),
-    )
-    relay = StreamRelay(
-        source,
-        exchange,
-        model="m",
-        include_usage=False,
-        finish=lambda status: events.append(f"recorded {status}"),
-        on_unexpected=lambda e: None,
-    )
+    closed: list[str] = []
+    finished: list[int] = []
+    relay, _ = relayed(closed, finished, rest=two_more())
+    ends: list[tuple[bytes, list[str], list[int]]] = []  # (body, closed, finished) as the end went out
 
     async def send(message: dict[str, object]) -> None:
-        if message["type"] == "http.response.body":
-            body = message["body"]
-            assert isinstance(body, bytes)
-            events.append(("end: " if not message.get("more_body") else "") + body.decode().strip()[:12])
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            ends.append((message["body"], list(closed), list(finished)))  # type: ignore[arg-type]
 
     async def receive() -> dict[str, str]:
         await asyncio.Event().wait()
         return {"type": "http.disconnect"}
 
     await asyncio.wait_for(EventStream(relay.body(), {})({}, receive, send), 2)
-    assert events[-3:] == ["end: data: [DONE]", "upstream closed", "recorded 200"]
-    assert sum(event.startswith("end: ") for event in events) == 1
+    assert ends == [(b"data: [DONE]\n\n", [], [])]
+    assert closed == ["upstream"] and finished == [200]
 
 
 @pytest.mark.parametrize("blocked_write", [None, 2], ids=["waiting-upstream", "writing"])
