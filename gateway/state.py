@@ -50,7 +50,6 @@ class JSONAnswer(Response):
     ) -> None:
         self.status_code = status
         self.body = content
-        self.background = None
         self.after = after
         self.raw_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
         self.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
