@@ -316,14 +316,11 @@ class Simulation:
         routing: Routing,
         conversations: list[Conversation],
         rate: float,
-        seed: int,
         prefixes: int | None,
     ) -> None:
         self.now = 0.0
         self.config = pool_config(routing)
         self.balancer = Balancer(self.config, Metrics(), clock=lambda: self.now)
-        # Its weighted strategy draws from an unseeded generator of its own; seed it to repeat runs.
-        self.balancer._random.seed(seed)
         self.servers = {m.name: Server(m, prefixes or m.slots) for m in POOL}
         for server in self.servers.values():
             for model in server.machine.preloaded:
@@ -477,7 +474,7 @@ def main() -> None:
         print("| " + " | ".join(columns) + " |")
         print("|---" * len(columns) + "|")
         for routing in ROUTINGS:
-            sim = Simulation(routing, conversations, rate, args.seed, args.prefixes)
+            sim = Simulation(routing, conversations, rate, args.prefixes)
             sim.run()
             print(row(routing, sim, requests - len(conversations)))
     print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)

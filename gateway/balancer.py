@@ -18,8 +18,9 @@ The ranking, from most to least important:
    least_inflight (the default) picks the fewest requests in flight per unit of weight, a cold
    load counting as `COLD_LOAD_COST` requests, so a warm instance is preferred until its queue
    costs more than a load elsewhere. latency (peak EWMA) multiplies the same queue by the
-   instance's moving average of time to first token. round_robin and weighted (random, in
-   proportion to weight) know nothing of load: they take warm instances first, then their turn.
+   instance's moving average of time to first token. round_robin and weighted (smooth weighted
+   round robin: in any run of sum-of-weights requests, each instance gets exactly its weight,
+   interleaved) know nothing of load: they take warm instances first, then their turn.
    bench/pool.py compares them on a simulated pool.
 
 `acquire` takes a lease on an instance, waiting up to `routing.max_wait` seconds for room under its
@@ -34,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -116,7 +116,7 @@ class Balancer:
         self._metrics = metrics
         self._clock = clock
         self._turns: defaultdict[tuple[str, ...], int] = defaultdict(int)
-        self._random = random.Random()
+        self._credits: defaultdict[tuple[str, ...], dict[Target, int]] = defaultdict(dict)
         self._room = asyncio.Condition()
         self._waiting = 0  # requests waiting for room under a cap
         self._wakers: set[asyncio.Task[None]] = set()
@@ -257,20 +257,38 @@ class Balancer:
         turn = self._turns[candidates]
         self._turns[candidates] = turn + 1
         rotated = [targets[(turn + i) % len(targets)] for i in range(len(targets))]
-        score = self._scores(rotated)
         saturated = {t: self.instances[t.backend].saturated for t in rotated}
         if self.strategy in LOAD_AWARE:  # warmth is part of the score
+            score = self._load_scores(rotated)
             return sorted(rotated, key=lambda t: (saturated[t], score[t]))
-        warmth = {t: WARMTH_RANK[self.instances[t.backend].warm(t.model)] for t in rotated}
-        return sorted(rotated, key=lambda t: (saturated[t], warmth[t], score[t]))
-
-    def _scores(self, targets: list[Target]) -> dict[Target, float]:
-        instances = self.instances
-        if self.strategy == "round_robin":
-            return {t: float(i) for i, t in enumerate(targets)}
+        tier = {t: (saturated[t], WARMTH_RANK[self.instances[t.backend].warm(t.model)]) for t in rotated}
         if self.strategy == "weighted":
-            # Weighted random order: sort by u^(1/w), the Efraimidis-Spirakis key, largest first.
-            return {t: -(self._random.random() ** (1 / instances[t.backend].weight)) for t in targets}
+            score = self._weighted_turn(self._credits[candidates], rotated, tier)
+        else:
+            score = {t: float(i) for i, t in enumerate(rotated)}
+        return sorted(rotated, key=lambda t: (tier[t], score[t]))
+
+    def _weighted_turn(
+        self, credits: dict[Target, int], targets: list[Target], tier: dict[Target, tuple[bool, int]]
+    ) -> dict[Target, float]:
+        """Smooth weighted round robin, as nginx does it. Each turn, the instances of the best tier
+        (room, then warmth) gain their weight in credit; the richest goes first and pays back the
+        sum of their weights. Weights 1, 2, 3 give c b c a b c, never c c c b b a, and the same
+        order in every run. An instance outside the best tier neither earns nor pays, so it does not
+        come back with a backlog of turns."""
+        best = min(tier.values())
+        earners = [t for t in targets if tier[t] == best]
+        weights = {t: self.instances[t.backend].weight for t in earners}
+        for t, weight in weights.items():
+            credits[t] = credits.get(t, 0) + weight
+        first = max(earners, key=credits.__getitem__)
+        credits[first] -= sum(weights.values())
+        score = {t: float(-credits.get(t, 0)) for t in targets}
+        score[first] = -math.inf
+        return score
+
+    def _load_scores(self, targets: list[Target]) -> dict[Target, float]:
+        instances = self.instances
 
         def queue(t: Target) -> float:
             """Requests this one would wait behind, a cold load counted as COLD_LOAD_COST more."""

@@ -4,6 +4,7 @@ affinity, health and in-flight caps."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from typing import Any
 
@@ -55,11 +56,36 @@ def test_round_robin_takes_turns() -> None:
     assert [b.order(targets)[0].backend for _ in range(6)] == ["o0", "o1", "o2", "o0", "o1", "o2"]
 
 
-def test_weighted_follows_the_weights() -> None:
+def test_weighted_gives_each_instance_its_weight_in_every_round() -> None:
     b, targets = balancer(strategy="weighted", weights=[1, 3, 6])
-    counts = firsts(b, targets, 5000)
-    for name, share in (("o0", 0.1), ("o1", 0.3), ("o2", 0.6)):
-        assert counts[name] / 5000 == pytest.approx(share, abs=0.03)
+    picks = [b.order(targets)[0].backend for _ in range(50)]
+    for start in range(0, 50, 10):  # every run of sum-of-weights requests, not just on average
+        assert Counter(picks[start : start + 10]) == {"o0": 1, "o1": 3, "o2": 6}, picks
+
+
+def test_weighted_interleaves_rather_than_sending_bursts() -> None:
+    b, targets = balancer(strategy="weighted", weights=[1, 2, 3])
+    picks = [b.order(targets)[0].backend for _ in range(12)]
+    for cycle in (picks[:6], picks[6:]):  # c b c a b c, not c c c b b a
+        assert Counter(cycle) == {"o0": 1, "o1": 2, "o2": 3}, picks
+        assert max(len(list(run)) for _, run in itertools.groupby(cycle)) == 1, picks
+
+
+def test_weighted_owes_no_backlog_to_an_instance_that_was_cold() -> None:
+    b, targets = balancer(2, strategy="weighted")
+    b.set_models("o0", [MODEL], loaded=[MODEL])
+    b.set_models("o1", [MODEL], loaded=[])
+    assert {b.order(targets)[0].backend for _ in range(10)} == {"o0"}  # the warm one, while it is
+    b.set_models("o1", [MODEL], loaded=[MODEL])
+    picks = [b.order(targets)[0].backend for _ in range(6)]
+    assert Counter(picks) == {"o0": 3, "o1": 3}, picks  # turns, not ten for o1 to catch up
+
+
+def test_weighted_ranks_every_instance_for_a_retry() -> None:
+    b, targets = balancer(strategy="weighted", weights=[1, 1, 2])
+    orders = [[t.backend for t in b.order(targets)] for _ in range(4)]
+    assert [order[0] for order in orders].count("o2") == 2
+    assert all(sorted(order) == ["o0", "o1", "o2"] for order in orders)  # every instance, once
 
 
 def test_least_inflight_shares_by_weight_and_prefers_the_idle() -> None:
