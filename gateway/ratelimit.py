@@ -149,19 +149,23 @@ def decide(requests: Bucket | None, tokens: Bucket | None, cost: int) -> Verdict
 
 
 # Both scripts read the level of a bucket as stored level + refill since it was stored, capped at
-# the capacity; a key that is absent is a full bucket (keys expire once they would be full). The
-# numbers go back as strings: Redis would truncate a Lua number to an integer.
+# the capacity; a key that is absent is a full bucket (keys expire once they would be full). Time
+# is kept in whole microseconds, as Redis's TIME gives it: Lua's tostring keeps 14 digits, which
+# rounds seconds since 1970 to a tenth of a millisecond, and a level stored with a time up to 50 µs
+# ahead reads 0.99999... a few microseconds later, refusing a request the bucket has room for.
+# Numbers go back as strings with every digit: Redis would truncate a Lua number to an integer.
 _LEVEL = """
 local now = redis.call('TIME')
-now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+now = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local function exact(x) return string.format('%.17g', x) end
 local function level(key, capacity)
   if capacity <= 0 then return 0 end
-  local stored = redis.call('HMGET', key, 'level', 'at')
-  if not stored[1] then return capacity end
-  return math.min(capacity, tonumber(stored[1]) + (now - tonumber(stored[2])) * capacity / 60)
+  local stored = redis.call('HMGET', key, 'level', 'at_us')
+  if not stored[1] or not stored[2] then return capacity end
+  return math.min(capacity, tonumber(stored[1]) + (now - tonumber(stored[2])) * capacity / 60000000)
 end
 local function store(key, capacity, value)
-  redis.call('HSET', key, 'level', tostring(value), 'at', tostring(now))
+  redis.call('HSET', key, 'level', exact(value), 'at_us', string.format('%d', now))
   redis.call('PEXPIRE', key, math.ceil((capacity - value) * 60000 / capacity) + 1000)
 end
 """
@@ -177,7 +181,7 @@ if admitted then
   if rpm > 0 then requests = requests - 1; store(KEYS[1], rpm, requests) end
   if tpm > 0 then tokens = tokens - cost; store(KEYS[2], tpm, tokens) end
 end
-return {admitted and 1 or 0, tostring(requests), tostring(tokens)}
+return {admitted and 1 or 0, exact(requests), exact(tokens)}
 """
 )
 
