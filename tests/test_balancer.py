@@ -259,7 +259,7 @@ def test_a_probe_inside_the_cooldown_does_not_end_it() -> None:
 
 @pytest.mark.anyio
 async def test_past_the_cap_a_request_waits_then_gets_a_429() -> None:
-    b, _ = balancer(caps=[1, None, None], max_wait=0.2)
+    b, _ = balancer(caps=[1, None, None], max_wait=0.5)
     held = await b.acquire("o0")
     with pytest.raises(RateLimited) as caught:
         await b.acquire("o0")

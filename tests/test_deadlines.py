@@ -43,10 +43,10 @@ async def test_waits_that_end_in_time_are_left_alone_and_the_queue_moves_on() ->
     deadlines = Deadlines()
     # A short wait first, then one that outlives its deadline: the timer set for the first
     # (gone by then) must move on to the second.
-    quick = asyncio.create_task(wait(deadlines, 0.1, 0.01))
+    quick = asyncio.create_task(wait(deadlines, 0.5, 0.01))
     await asyncio.sleep(0.03)
-    slow = asyncio.create_task(wait(deadlines, 0.1, 5))
-    also_quick = asyncio.create_task(wait(deadlines, 0.1, 0.02))
+    slow = asyncio.create_task(wait(deadlines, 0.5, 5))
+    also_quick = asyncio.create_task(wait(deadlines, 0.5, 0.02))
     assert await asyncio.gather(quick, slow, also_quick) == ["done", "timeout", "done"]
 
 

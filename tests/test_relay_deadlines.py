@@ -60,7 +60,7 @@ def contents(payloads: list[str]) -> str:
 
 
 async def test_a_steady_stream_under_the_idle_deadline_is_never_cut() -> None:
-    payloads = await relay([0.15] * 8, idle=0.25, total=10)  # 1.2 s in all, far past one idle period
+    payloads = await relay([0.1] * 8, idle=0.4, total=10)  # 0.8 s in all, twice the idle period
     assert payloads[-2:] == ["[DONE]", "200"]
     assert contents(payloads) == "first " + "".join(f"t{i} " for i in range(8))
 

@@ -90,7 +90,7 @@ def gateway(
     return start_gateway(ollama_config(fake_ollama[1].url))
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 1.0) -> None:
+def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:
     """Poll until `condition()` is truthy or the time is up; the caller asserts afterwards."""
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:

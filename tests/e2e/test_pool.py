@@ -4,7 +4,6 @@ separate ports, each advertising its own models and loaded models."""
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -65,8 +64,11 @@ def chat(gateway: ServerThread, model: str, **extra: Any) -> httpx.Response:
     return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
 
 
-def ready(gateway: ServerThread) -> None:
-    time.sleep(0.3)  # the background refresh has read every /api/tags and /api/ps
+def ready(pool: Pool) -> None:
+    """Until the gateway knows what every instance holds: each has answered /api/ps twice, so the
+    first answer has been taken in (the refreshes of one instance follow one another)."""
+    wait_for(lambda: all(sum(path == "/api/ps" for path, _ in f.requests) >= 2 for f in pool.fakes))
+    assert all(sum(path == "/api/ps" for path, _ in f.requests) >= 2 for f in pool.fakes)
 
 
 def test_requests_go_where_the_model_is_and_warm(
@@ -75,7 +77,7 @@ def test_requests_go_where_the_model_is_and_warm(
     gateway = start_gateway(
         pool.config(["llama3.2", "qwen2.5:0.5b", "gemma3:1b", "phi4"], strategy="round_robin")
     )
-    ready(gateway)
+    ready(pool)
     served = Counter(chat(gateway, "llama3.2").headers["x-phoenix-backend"] for _ in range(6))
     assert served == {"ollama-1": 6}  # the only one with llama3.2 in memory
     assert {chat(gateway, "qwen2.5:0.5b").headers["x-phoenix-backend"] for _ in range(4)} == {"ollama-0"}
@@ -99,7 +101,7 @@ def test_strategies_spread_requests(
     for fake in pool.fakes:
         fake.loaded = []  # all cold: nothing to prefer but the strategy
     gateway = start_gateway(pool.config(["llama3.2"], **routing))
-    ready(gateway)
+    ready(pool)
     served = Counter(chat(gateway, "llama3.2").headers["x-phoenix-backend"] for _ in range(30))
     assert served == expected
 
@@ -111,7 +113,7 @@ def test_least_inflight_spreads_concurrent_requests(
         fake.loaded = []
         fake.default = Reply(delay_first=0.5)
     gateway = start_gateway(pool.config(["llama3.2"]))
-    ready(gateway)
+    ready(pool)
     with concurrent.futures.ThreadPoolExecutor(9) as workers:
         answers = list(workers.map(lambda _: chat(gateway, "llama3.2"), range(9)))
     assert Counter(a.headers["x-phoenix-backend"] for a in answers) == {
@@ -125,7 +127,7 @@ def test_a_conversation_stays_on_its_instance(pool: Pool, start_gateway: Callabl
     for fake in pool.fakes:
         fake.loaded = ["llama3.2:latest"]
     gateway = start_gateway(pool.config(["llama3.2"], strategy="round_robin", affinity="prefix"))
-    ready(gateway)
+    ready(pool)
     homes: dict[int, set[str]] = {}
     for turn in range(4):
         for conversation in range(6):
@@ -149,7 +151,7 @@ def test_a_dead_instance_costs_no_request_and_rejoins(
         fake.loaded = []
         fake.default = Reply(delay_first=0.02)
     gateway = start_gateway(pool.config(["llama3.2"], strategy="round_robin"))
-    ready(gateway)
+    ready(pool)
     victim = pool.servers[1]
 
     def one(i: int) -> int:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.audit import verify
-from tests.e2e.conftest import StreamInBackground, sample, scrape
+from tests.e2e.conftest import StreamInBackground, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import GatewayProcess, ServerThread, gateway_process, serve
 
@@ -90,6 +90,8 @@ def test_a_reload_swaps_the_pool_without_dropping_the_stream_in_flight(served: S
     served.hangup()
     served.wait_for_backends({stays, "c"})
     assert stream.running(), "the reload came after the stream ended; the test proves nothing"
+    # Up is not yet known to hold the model: that takes a round of /api/ps, done once a second starts.
+    wait_for(lambda: sum(path == "/api/ps" for path, _ in served.fakes["c"].requests) >= 2, 5)
 
     for fake in served.fakes.values():
         fake.default = Reply(content="quick")
