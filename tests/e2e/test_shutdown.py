@@ -19,7 +19,7 @@ from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
 
 pytestmark = pytest.mark.e2e
-SLOW = Reply(content=" ".join(f"w{i}" for i in range(30)), delay_between=0.05)  # about 1.5 s
+SLOW = Reply(content=" ".join(f"w{i}" for i in range(60)), delay_between=0.05)  # about 3 s
 
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
