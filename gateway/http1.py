@@ -15,6 +15,9 @@ What it guarantees:
   is never sent twice (a POST may have started a generation): a connection that closes before
   answering is a failure for dispatch to retry on another instance;
 - reading pauses when more than READ_HIGH body bytes wait for the reader;
+- an answer is what its framing says and nothing else: a body cut short, whatever its framing, or
+  by a reset, is an error, never a shorter answer; headers past HEAD_LIMIT, trailers, and bytes
+  after the answer are not taken in;
 - failures are httpx's exceptions, the vocabulary `upstream.MappedErrors` maps to gateway
   errors: refused or unresolvable -> ConnectError, connect deadline -> ConnectTimeout, no free
   connection in time -> PoolTimeout, the peer closing before or during an answer, or breaking its
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -36,6 +40,10 @@ import httpx
 READ_HIGH = 256 * 1024  # body bytes buffered before reading from the socket pauses
 IDLE_PER_HOST = 256  # keep-alive connections kept per backend; more are closed when released
 IDLE_SECONDS = 4.0  # an idle connection older than this is closed instead of reused
+CHECK_AFTER = 1.0  # an idle connection older than this is checked for a close not yet seen
+HEAD_LIMIT = 64 * 1024  # bytes of header names and values in one answer
+# Set by the backend's own config, or by this client from the body: never from extra headers.
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,20 +56,24 @@ class Target:
     path: bytes  # path and query
 
     @classmethod
-    def parse(cls, url: str) -> Target:
+    def parse(cls, url: str, authority: str | None = None) -> Target:
+        """`authority`: the Host header, when the backend's config sets one; else the URL's."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"not a plain http URL: {url!r}")
+        if "@" in parts.netloc:
+            raise ValueError("credentials in a URL are not sent")
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(parts.hostname, parts.port or 80, parts.netloc.encode("ascii"), path.encode("ascii"))
+        host = authority or parts.netloc
+        return cls(parts.hostname, parts.port or 80, host.encode("ascii"), path.encode("ascii"))
 
 
 def encode_headers(headers: Mapping[str, str]) -> bytes:
     """Header lines for every request of one backend; ValueError for a value that would break
-    the framing (CR or LF)."""
+    the framing (CR or LF), or for a header the client sets itself (FRAMING_HEADERS)."""
     lines = []
     for name, value in headers.items():
-        if any(c in name or c in value for c in "\r\n") or ":" in name:
+        if any(c in name or c in value for c in "\r\n") or ":" in name or name.lower() in FRAMING_HEADERS:
             raise ValueError(f"header {name!r} cannot be sent as is")
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))
     return b"".join(lines)
@@ -125,6 +137,9 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._complete = False
         self._interim = False  # a 1xx answer is being parsed: the real one follows
+        self._until_close = False  # the body has no length and no chunks: it ends when the peer closes
+        self._head_bytes = 0
+        self._extra = False  # bytes after the answer: ignored, and the connection not reused
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -141,9 +156,16 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as error:
-            self._fail(httpx.RemoteProtocolError(f"malformed answer: {error}"))
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("malformed answer: a protocol switch nobody asked for"))
             self._close()
+        except httptools.HttpParserError as error:
+            cause = error.__context__ if isinstance(error, httptools.HttpParserCallbackError) else None
+            self._fail(httpx.RemoteProtocolError(f"malformed answer: {cause or error}"))
+            self._close()
+        else:
+            if self._extra:
+                self._close()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -154,7 +176,7 @@ class _Connection(asyncio.Protocol):
         if self._busy and not self._complete:
             if self._head is not None and not self._head.done():
                 self._fail(httpx.RemoteProtocolError("closed the connection before answering"))
-            elif self._close_delimited():
+            elif self._until_close and exc is None:  # a clean close is how such a body ends
                 self._complete = True
                 self._wake()
             else:
@@ -171,21 +193,38 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._status:  # a second answer to one request: the stream cannot be trusted
             self.alive = False
+            self._extra = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._status:  # a chunked body's trailers, or an answer nobody asked for
+            return
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > HEAD_LIMIT:
+            raise ValueError(f"headers longer than {HEAD_LIMIT // 1024} KiB")
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self._extra:
+            return
         status = self._parser.get_status_code()
         if status < 200:  # 100 Continue, 103 Early Hints: informational, the answer comes after
             self._interim = True
             self._headers = {}
+            self._head_bytes = 0
             return
         self._status = status
+        headers = self._headers
+        self._until_close = (
+            status not in (204, 304)
+            and "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
         if self._head is not None and not self._head.done():
-            self._head.set_result(Response(self, self._status, self._headers))
+            self._head.set_result(Response(self, self._status, headers))
 
     def on_body(self, body: bytes) -> None:
+        if self._extra:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > READ_HIGH and not self._paused and self.transport is not None:
@@ -194,6 +233,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._extra:
+            return
         if self._interim:
             self._interim = False
             return
@@ -245,11 +286,6 @@ class _Connection(asyncio.Protocol):
         else:
             self._close()
 
-    def _close_delimited(self) -> bool:
-        return "content-length" not in self._headers and "chunked" not in self._headers.get(
-            "transfer-encoding", ""
-        )
-
     def _fail(self, error: Exception) -> None:
         self.alive = False
         self._error = error
@@ -262,9 +298,23 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _close(self) -> None:
+        """At once: `close()` would wait until the backend had read whatever of the request is
+        still unsent, keeping the connection and its place in the pool until then."""
         self.alive = False
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
+
+    def closed_by_peer(self) -> bool:
+        """Whether the socket has something to read while idle: the peer's close (or bytes nobody
+        asked for), which the loop may not have handed over yet."""
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
 
 class Pool:
@@ -301,7 +351,13 @@ class Pool:
             idle = self._idle.get(key)
             while idle:
                 connection = idle.pop()
-                if connection.alive and loop.time() - connection.idle_since < IDLE_SECONDS:
+                idle_for = loop.time() - connection.idle_since
+                # A connection just used is not what the peer closes; one idle a while may be.
+                if (
+                    connection.alive
+                    and idle_for < IDLE_SECONDS
+                    and (idle_for < CHECK_AFTER or not connection.closed_by_peer())
+                ):
                     return connection
                 connection._close()
             if self._open < self._max:
@@ -310,7 +366,7 @@ class Pool:
             await self._wait_for_room(deadline - loop.time(), timeout)
         self._open += 1
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):  # what is left of it
                 _, protocol = await loop.create_connection(
                     lambda: _Connection(self, key), target.host, target.port
                 )
@@ -333,11 +389,14 @@ class Pool:
         try:
             async with asyncio.timeout(max(left, 0.0)):
                 await waiter
-        except TimeoutError:
-            raise httpx.PoolTimeout(f"no free connection within {timeout:g} s") from None
-        finally:
-            if waiter in self._waiters:
+        except BaseException as error:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, but leaving (cancelled, or out of time): the next one goes
+            elif waiter in self._waiters:
                 self._waiters.remove(waiter)
+            if isinstance(error, TimeoutError):
+                raise httpx.PoolTimeout(f"no free connection within {timeout:g} s") from None
+            raise
 
     def _room(self) -> None:
         """A connection closed (or never opened): one waiting request may open one."""

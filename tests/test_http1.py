@@ -4,6 +4,8 @@ length, chunks and close, flow control, the pool's limit, and every way a peer c
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -210,10 +212,37 @@ async def test_an_abandoned_body_closes_the_connection_so_the_backend_sees_it() 
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
             "closed the connection mid-body",
         ),
+        (  # header values are case-insensitive: this is chunked too, and cut short
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n",
+            "closed the connection mid-body",
+        ),
         (b"HTTX/9 nonsense\r\n\r\n", "malformed answer"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "protocol switch",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\n" + b"x-filler: %s\r\n" % (b"y" * 1000) * 70 + b"\r\n",
+            "headers longer than 64 KiB",
+        ),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc" + b"HTTP/1.1 200 OK\r\n\r\n", None),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"
+            + b"HTTP/1.1 500 Oops\r\nx-injected: yes\r\ncontent-length: 5\r\n\r\nEXTRA",
+            None,
+        ),
     ],
-    ids=["nothing", "short-length", "unfinished-chunks", "garbage", "unasked-extra"],
+    ids=[
+        "nothing",
+        "short-length",
+        "unfinished-chunks",
+        "unfinished-Chunked",
+        "garbage",
+        "upgrade",
+        "endless-head",
+        "unasked-extra",
+        "unasked-extra-with-body",
+    ],
 )
 async def test_a_broken_answer_is_a_remote_protocol_error(script: bytes, message: str | None) -> None:
     async def broken(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -225,7 +254,11 @@ async def test_a_broken_answer_is_a_remote_protocol_error(script: bytes, message
     async with scripted(broken) as server:
         if message is None:  # an answer nobody asked for makes the connection untrustworthy
             response = await send(pool, server.url)
-            assert await response.read() == b"abc"
+            assert (response.status, response.headers, await response.read()) == (
+                200,
+                {"content-length": "3"},
+                b"abc",
+            )  # nothing of the second answer in the first
             response.close()
             await asyncio.wait_for(server.closed.wait(), 1)
             await settled(pool)
@@ -299,8 +332,138 @@ async def test_an_idle_connection_is_not_reused_after_its_time(monkeypatch: pyte
 
 
 def test_headers_that_would_break_the_framing_are_refused() -> None:
-    for headers in ({"x-key": "a\r\nx-evil: 1"}, {"x-key\n": "a"}, {"bad:name": "a"}):
+    for headers in (
+        {"x-key": "a\r\nx-evil: 1"},
+        {"x-key\n": "a"},
+        {"bad:name": "a"},
+        {"Host": "twice"},
+        {"content-length": "0"},
+        {"Transfer-Encoding": "chunked"},
+        {"connection": "close"},
+    ):
         with pytest.raises(ValueError, match="cannot be sent"):
             encode_headers(headers)
     with pytest.raises(ValueError, match="plain http"):
         Target.parse("https://api.openai.com/v1")
+    with pytest.raises(ValueError, match="credentials"):
+        Target.parse("http://user:secret@127.0.0.1:11434")
+
+
+async def test_a_body_ended_by_a_reset_is_an_error_not_a_shorter_answer() -> None:
+    async def reset(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npartial-")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        writer.transport.abort()
+        return False
+
+    pool = Pool()
+    async with scripted(reset) as server:
+        response = await send(pool, server.url)
+        with pytest.raises(httpx.RemoteProtocolError, match="mid-body"):
+            await response.read()
+        response.close()
+        await settled(pool)
+    await pool.aclose()
+
+
+async def test_trailers_do_not_change_the_answers_headers() -> None:
+    async def trailers(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\ncontent-type: text/evil\r\nx-trailer: 1\r\n\r\n"
+        )
+        await writer.drain()
+        return True
+
+    pool = Pool()
+    async with scripted(trailers) as server:
+        for _ in range(2):  # and the connection, read to its end, is reused
+            response = await send(pool, server.url)
+            assert await response.read() == b"{}"
+            assert response.headers == {"content-type": "application/json", "transfer-encoding": "chunked"}
+            response.close()
+        assert server.connections == 1
+    await pool.aclose()
+
+
+async def test_an_early_answer_to_an_unread_body_frees_its_connection_at_once() -> None:
+    # The backend answers 413 without reading the 32 MiB body, and keeps its socket open.
+    done = asyncio.Event()
+    handlers: list[asyncio.Task[None]] = []
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\nconnection: close\r\n\r\nbig")
+        await writer.drain()
+        await done.wait()  # not reading: the client's writes back up
+        writer.close()
+
+    pool = Pool(max_connections=1)
+    listener = await asyncio.start_server(early, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/api/chat"
+    async with listener:
+        response = await send(pool, url, b"y" * (32 << 20))
+        assert (response.status, await response.read()) == (413, b"big")
+        response.close()
+        await settled(pool)  # not once the backend has read 32 MiB it never will
+        done.set()
+        await asyncio.gather(*handlers)
+    await pool.aclose()
+
+
+async def test_a_woken_waiter_that_leaves_passes_the_room_on() -> None:
+    pool = Pool(max_connections=1)
+    async with scripted(ok) as server:
+        held = await send(pool, server.url)
+        first = asyncio.create_task(send(pool, server.url, timeout=2))
+        second = asyncio.create_task(send(pool, server.url, timeout=2))
+        await asyncio.sleep(0.05)
+        await held.read()
+        held.close()  # back to the pool: wakes the first waiter
+        first.cancel()  # whose client leaves before it runs
+        response = await asyncio.wait_for(second, 1)  # the second takes the room, not a PoolTimeout
+        assert await response.read() == b'{"n": 2}'
+        response.close()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    await pool.aclose()
+
+
+async def test_an_idle_connection_the_peer_closed_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http1, "CHECK_AFTER", 0.0)  # check every reuse
+    writers: list[asyncio.StreamWriter] = []
+
+    async def answer(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writers.append(writer)
+        return await ok(server, reader, writer)
+
+    pool = Pool()
+    async with scripted(answer) as server:
+        response = await send(pool, server.url)
+        await response.read()
+        response.close()  # idle in the pool
+        # The backend closes it, and the client reuses it before its loop has run to see that.
+        writers[0].get_extra_info("socket").shutdown(socket.SHUT_WR)
+        response = await send(pool, server.url)
+        assert await response.read() == b'{"n": 2}'
+        response.close()
+        assert server.connections == 2
+    await pool.aclose()
+
+
+async def test_a_host_header_from_the_config_names_the_server_once() -> None:
+    pool = Pool()
+    async with scripted(ok) as server:
+        target = Target.parse(server.url, authority="ollama.internal")
+        response = await pool.send("POST", target, HEADERS, b"{}", 2.0)
+        await response.read()
+        response.close()
+        head = server.requests[0].split(b"\r\n\r\n")[0].lower()
+        assert [line for line in head.split(b"\r\n") if line.startswith(b"host:")] == [
+            b"host: ollama.internal"
+        ]
+    await pool.aclose()
