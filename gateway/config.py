@@ -52,7 +52,24 @@ class _Backend(_Strict):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"must be an http(s) URL, got {value!r}")
+        if "@" in parts.netloc:  # the URL is in error messages and logs; never echo it here
+            raise ValueError(
+                "must not carry credentials (user:password@): give them in `headers` or `api_key_env`,"
+                " which stay out of logs and error messages"
+            )
         return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if name.lower() in ("content-length", "transfer-encoding", "connection"):
+                raise ValueError(f"{name!r} is set by the gateway for each request, not in the config")
+            if any(c in name + text for c in "\r\n") or ":" in name or not name.strip():
+                raise ValueError(
+                    f"header {name!r} is not a valid header line (a line break, or a colon in the name)"
+                )
+        return value
 
     def api_key(self, environ: Mapping[str, str]) -> str | None:
         return environ.get(self.api_key_env) if self.api_key_env else None

@@ -6,6 +6,7 @@ httpx's transport interface. Both speak httpx's exception vocabulary."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
@@ -184,10 +185,14 @@ class Upstream:
         self._targets: dict[str, Target] = {}
         self._connect_timeout = connect_timeout
         self._plain: Pool | None = None
+        self._parse_target = Target.parse
         if isinstance(transport, GatewayTransport) and base_url.startswith("http://"):
+            # A Host header from the config names the server (a virtual host behind a proxy).
+            host = next((v for k, v in self._headers.items() if k.lower() == "host"), None)
             try:
-                self._head = encode_headers(self._headers)
-                Target.parse(base_url)
+                self._head = encode_headers({k: v for k, v in self._headers.items() if k.lower() != "host"})
+                self._parse_target = functools.partial(Target.parse, authority=host)
+                self._parse_target(base_url)
                 self._plain = transport.plain
             except ValueError:  # a header or URL http1 will not send: httpx says what is wrong
                 self._plain = None
@@ -209,7 +214,7 @@ class Upstream:
                    connect_timeout=backend.timeouts.connect, error_from=error_from)  # fmt: skip
 
     def _target(self, path: str) -> Target:
-        return _parsed(self._targets, self.base_url + path, Target.parse)
+        return _parsed(self._targets, self.base_url + path, self._parse_target)
 
     async def _send(self, method: str, path: str, body: Any) -> _Answer:
         if self._plain is not None:

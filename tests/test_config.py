@@ -72,6 +72,18 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
         ({"privacy": {"local_model": "ghost"}}, "privacy.local_model names unknown model 'ghost'"),
         ({"server": {"port": 70000}}, "server.port"),
         ({"auth": {"keys": [{"name": "k"}]}}, "exactly one of 'key_sha256' or 'key_env'"),
+        (
+            {"backends": [{"name": "o", "type": "ollama", "base_url": "http://ops:s3cret@gpu-1:11434"}]},
+            "backends.0.ollama.base_url: must not carry credentials",
+        ),
+        (
+            {"backends": [{"name": "o", "type": "ollama", "headers": {"Content-Length": "0"}}]},
+            "backends.0.ollama.headers: 'Content-Length' is set by the gateway",
+        ),
+        (
+            {"backends": [{"name": "o", "type": "ollama", "headers": {"x-team": "a\r\nx-evil: 1"}}]},
+            "backends.0.ollama.headers: header 'x-team' is not a valid header line",
+        ),
     ],
 )
 def test_bad_values_are_errors_that_name_the_key(change: dict[str, Any], expected: str) -> None:
@@ -79,6 +91,7 @@ def test_bad_values_are_errors_that_name_the_key(change: dict[str, Any], expecte
         parse_config({**MINIMAL, **change}, "test.yaml")
     assert expected in str(caught.value)
     assert str(caught.value).startswith("test.yaml: ")
+    assert "s3cret" not in str(caught.value)
 
 
 def test_duplicate_backend_names_are_refused() -> None:

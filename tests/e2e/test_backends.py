@@ -235,6 +235,24 @@ def test_upstream_api_key_is_sent_and_never_shown(start_gateway: Callable[..., S
     assert "sk-wrong-secret" not in refused.text
 
 
+def test_a_backends_configured_headers_reach_it_and_its_host_header_names_it(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    # A virtual host behind a proxy: the URL is the proxy's, the Host header the server's name.
+    fake = FakeOpenAI(api_key=KEY)
+    with serve(fake.app) as upstream:
+        config = _config("openai", upstream.url)
+        backend = config.backends[0].model_copy(update={"headers": {"Host": "llm.internal", "x-team": "icu"}})
+        gateway = start_gateway(config.model_copy(update={"backends": [backend]}), environ={"FAKE_KEY": KEY})
+        body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=body).status_code == 200
+        assert (
+            httpx.post(gateway.url + "/v1/chat/completions", json={**body, "stream": True}).status_code == 200
+        )
+    for _, _, headers in fake.requests[-2:]:
+        assert (headers["host"], headers["x-team"]) == ("llm.internal", "icu")
+
+
 def test_openai_upstream_always_counts_tokens_when_streaming(
     start_gateway: Callable[..., ServerThread],
 ) -> None:
