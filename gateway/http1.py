@@ -156,12 +156,9 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(httpx.RemoteProtocolError("malformed answer: a protocol switch nobody asked for"))
-            self._close()
-        except httptools.HttpParserError as error:
-            cause = error.__context__ if isinstance(error, httptools.HttpParserCallbackError) else None
-            self._fail(httpx.RemoteProtocolError(f"malformed answer: {cause or error}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+            if not self._complete:  # else the answer was whole, and what follows it is not taken in
+                self._fail(httpx.RemoteProtocolError(f"malformed answer: {_why(error)}"))
             self._close()
         else:
             if self._extra:
@@ -315,6 +312,14 @@ class _Connection(asyncio.Protocol):
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, httptools.HttpParserUpgrade):
+        return "a protocol switch nobody asked for"
+    if isinstance(error, httptools.HttpParserCallbackError) and error.__context__ is not None:
+        return str(error.__context__)  # ours, raised in a callback
+    return str(error)
 
 
 class Pool:

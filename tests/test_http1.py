@@ -231,6 +231,7 @@ async def test_an_abandoned_body_closes_the_connection_so_the_backend_sees_it() 
             + b"HTTP/1.1 500 Oops\r\nx-injected: yes\r\ncontent-length: 5\r\n\r\nEXTRA",
             None,
         ),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc" + b"<html>oops</html>\r\n", None),
     ],
     ids=[
         "nothing",
@@ -242,6 +243,7 @@ async def test_an_abandoned_body_closes_the_connection_so_the_backend_sees_it() 
         "endless-head",
         "unasked-extra",
         "unasked-extra-with-body",
+        "bytes-after-the-body",
     ],
 )
 async def test_a_broken_answer_is_a_remote_protocol_error(script: bytes, message: str | None) -> None:
