@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import string
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import orjson
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
+from gateway.errors import GatewayError, UpstreamProtocol
+from gateway.ndjson import LineTooLong
 from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo
 
 BackendConfig = OllamaBackend | OpenAIBackend | GeminiBackend
@@ -22,6 +26,7 @@ def random_id(prefix: str, length: int = 24) -> str:
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
 
 
@@ -33,29 +38,51 @@ class Decoder(Protocol[T_co]):
     def flush(self) -> Iterable[T_co]: ...
 
 
+# What parsing raises when a backend's JSON is valid but not of the shape its API documents (a
+# string where an object belongs): the backend's fault (502), not the gateway's (500). Bytes that
+# are not JSON at all are mapped with the transport's errors, by `upstream.translated`.
+WRONG_SHAPE = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+MAPPED_ELSEWHERE = (GatewayError, orjson.JSONDecodeError, UnicodeDecodeError, LineTooLong)
+
+
+def _wrong_shape(error: Exception) -> bool:
+    return isinstance(error, WRONG_SHAPE) and not isinstance(error, MAPPED_ELSEWHERE)
+
+
+def parsed(parse: Callable[[Any], R], answer: Any, who: str) -> R:
+    """`parse(answer)`, with an answer of the wrong shape an UpstreamProtocol naming `who`."""
+    try:
+        return parse(answer)
+    except WRONG_SHAPE as error:
+        if not _wrong_shape(error):
+            raise
+        raise UpstreamProtocol(f"{who} answered with JSON of an unexpected shape") from None
+
+
 async def batches(
-    body: AsyncIterator[bytes], decoder: Decoder[T], parse: Callable[[T], list[Chunk]]
+    body: AsyncIterator[bytes], decoder: Decoder[T], parse: Callable[[T], list[Chunk]], who: str
 ) -> AsyncIterator[list[Chunk]]:
     """A streamed body as `Provider.stream` yields it: the chunks of each read, as one list,
     except that the very first chunks go out on their own, ahead of whatever else their read
     carried (the first token's latency does not wait for the rest to be decoded). A malformed
-    line or event raises its error after the chunks before it have been yielded."""
+    line or event raises its error after the chunks before it have been yielded; `who` (the
+    backend's kind) is named when one is of the wrong shape."""
     first = True
     async for data in body:
         items = iter(decoder.feed(data))
         if first:
-            chunks, error = _decoded(items, parse, first=True)
+            chunks, error = _decoded(items, parse, who, first=True)
             if chunks:
                 first = False
                 yield chunks
             if error is not None:
                 raise error
-        chunks, error = _decoded(items, parse)
+        chunks, error = _decoded(items, parse, who)
         if chunks:
             yield chunks
         if error is not None:
             raise error
-    chunks, error = _decoded(iter(decoder.flush()), parse)
+    chunks, error = _decoded(iter(decoder.flush()), parse, who)
     if chunks:
         yield chunks
     if error is not None:
@@ -63,7 +90,7 @@ async def batches(
 
 
 def _decoded(
-    items: Iterator[T], parse: Callable[[T], list[Chunk]], *, first: bool = False
+    items: Iterator[T], parse: Callable[[T], list[Chunk]], who: str, *, first: bool = False
 ) -> tuple[list[Chunk], Exception | None]:
     """The chunks of `items` (with `first`, only up to the first item that makes any), and the
     error that stopped them, if one did."""
@@ -74,6 +101,8 @@ def _decoded(
             if first and chunks:
                 break
     except Exception as error:
+        if _wrong_shape(error):
+            return chunks, UpstreamProtocol(f"{who} sent a stream event of an unexpected shape")
         return chunks, error
     return chunks, None
 

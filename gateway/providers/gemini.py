@@ -36,7 +36,7 @@ from gateway.errors import (
     UpstreamRejected,
 )
 from gateway.images import NO_IMAGES, Image, ImageFetcher
-from gateway.providers.base import batches, random_id
+from gateway.providers.base import batches, parsed, random_id
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -449,7 +449,8 @@ class GeminiProvider:
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         images = await self._fetch_images(request)
         body, path = build_request(request, model, images=images), f"/{_resource(model)}:generateContent"
-        return parse_response(await self._http.request("POST", path, body, model))
+        answer = await self._http.request("POST", path, body, model)
+        return parsed(parse_response, answer, "Gemini")
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
@@ -461,7 +462,7 @@ class GeminiProvider:
             return state.parse_chunk(orjson.loads(event.data))
 
         async with self._http.stream(path, payload, model) as body:
-            async for chunks in batches(body, decoder, parse):
+            async for chunks in batches(body, decoder, parse, "Gemini"):
                 yield chunks
         if not state.done:
             raise UpstreamProtocol(

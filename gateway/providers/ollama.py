@@ -17,6 +17,7 @@ Translation choices (contracts/ollama.md §8):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -37,7 +38,7 @@ from gateway.errors import (
 )
 from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.ndjson import NDJSONDecoder
-from gateway.providers.base import batches, random_id
+from gateway.providers.base import batches, parsed, random_id
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -64,6 +65,7 @@ OPTIONS = {
 }
 PROMPT_TRUNCATED = "prompt_truncated"  # notice key; its value is the context size in tokens
 NUM_CTX = re.compile(r"^num_ctx\s+(\d+)", re.MULTILINE)
+CONTEXT_WAIT = 1.0  # seconds a finished stream waits for its model's context size, if still unknown
 THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
          "max": "max", "xhigh": "max", "ultra": "max"}  # fmt: skip
 EXTENSIONS = ("keep_alive", "think", "logprobs", "top_logprobs")
@@ -333,7 +335,7 @@ class OllamaProvider:
         self._images = images  # None: http(s) image URLs are refused, as without `images.fetch`
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
-        self._context_sizes: dict[str, int | None] = {}  # model -> num_ctx from /api/show
+        self._context_sizes: dict[str, asyncio.Task[int | None]] = {}  # model -> num_ctx from /api/show
 
     async def prepare(self, request: ChatRequest) -> None:
         if self._images is not None:
@@ -346,20 +348,34 @@ class OllamaProvider:
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         images = await self._fetch_images(request)
         body = build_request(request, model, stream=False, images=images)
-        completion = parse_response(await self._http.request("POST", "/api/chat", body, model))
+        answer = await self._http.request("POST", "/api/chat", body, model)
+        completion = parsed(parse_response, answer, "Ollama")
         completion.notices.update(await self._truncation(model, body, completion.usage))
         return completion
 
-    async def _truncation(self, model: str, body: dict[str, Any], used: Usage) -> dict[str, str]:
+    def _context_size_of(self, model: str, body: dict[str, Any]) -> int | asyncio.Task[int | None]:
+        """The request's own num_ctx, or the lookup of the model's (asked once per model)."""
+        size = (body.get("options") or {}).get("num_ctx")
+        if isinstance(size, int):
+            return size
+        if model not in self._context_sizes:
+            self._context_sizes[model] = asyncio.create_task(self._context_size(model))
+        return self._context_sizes[model]
+
+    async def _truncation(
+        self, model: str, body: dict[str, Any], used: Usage, wait: float | None = None
+    ) -> dict[str, str]:
         """Ollama cuts a prompt longer than the context without an error (HTTP 200); the only trace is
-        a prompt count equal to the context size. Say so, when the context size can be known."""
+        a prompt count equal to the context size. Say so, when the context size can be known
+        (within `wait` seconds of the answer's end, for a stream: its end is not held up longer)."""
         if not used.prompt_tokens:
             return {}
-        size = (body.get("options") or {}).get("num_ctx")
-        if not isinstance(size, int):
-            if model not in self._context_sizes:
-                self._context_sizes[model] = await self._context_size(model)
-            size = self._context_sizes[model]
+        size: int | asyncio.Task[int | None] | None = self._context_size_of(model, body)
+        if isinstance(size, asyncio.Task):
+            try:
+                size = await asyncio.wait_for(asyncio.shield(size), wait)
+            except TimeoutError:
+                return {}  # the lookup goes on, for the next answer
         if size is None or used.prompt_tokens < size:
             return {}
         return {PROMPT_TRUNCATED: str(size)}
@@ -376,10 +392,15 @@ class OllamaProvider:
         state = StreamState()
         decoder = NDJSONDecoder()
         payload = build_request(request, model, stream=True, images=await self._fetch_images(request))
+        begun = False
         async with self._http.stream("/api/chat", payload, model) as body:
-            async for chunks in batches(body, decoder, state.parse_chunk):
+            async for chunks in batches(body, decoder, state.parse_chunk, "Ollama"):
+                if not begun:  # the answer has begun: the model's context size is looked up meanwhile
+                    begun = True
+                    self._context_size_of(model, payload)
                 yield chunks
-        if state.usage is not None and (notices := await self._truncation(model, payload, state.usage)):
+        used = state.usage
+        if used is not None and (notices := await self._truncation(model, payload, used, CONTEXT_WAIT)):
             yield [Chunk(notices=notices)]
         if not state.done:
             raise UpstreamProtocol(

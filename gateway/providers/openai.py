@@ -17,7 +17,7 @@ import orjson
 
 from gateway.config import OpenAIBackend
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
-from gateway.providers.base import batches
+from gateway.providers.base import batches, parsed
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -207,7 +207,8 @@ class OpenAIProvider:
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         body = build_request(request, model, stream=False)
-        return parse_response(await self._http.request("POST", "/chat/completions", body, model))
+        answer = await self._http.request("POST", "/chat/completions", body, model)
+        return parsed(parse_response, answer, "the OpenAI-compatible server")
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
@@ -219,7 +220,7 @@ class OpenAIProvider:
         async with self._http.stream(
             "/chat/completions", build_request(request, model, stream=True), model
         ) as body:
-            async for chunks in batches(body, decoder, parse):
+            async for chunks in batches(body, decoder, parse, "the OpenAI-compatible server"):
                 yield chunks
         if not state.done and not state.finished:
             raise UpstreamProtocol(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,8 +12,9 @@ from pytest_httpx import HTTPXMock
 
 from gateway.config import OllamaBackend
 from gateway.errors import ModelNotFound, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.providers import ollama
 from gateway.providers.ollama import OllamaProvider
-from gateway.schemas import ChatRequest, EmbeddingRequest
+from gateway.schemas import ChatRequest, Chunk, EmbeddingRequest
 from tests.providers.streams import httpx_stream
 
 pytestmark = pytest.mark.anyio
@@ -66,6 +68,7 @@ async def test_stream_with_garbage_line_is_a_protocol_error(
     httpx_mock.add_response(
         url=URL + "/api/chat", stream=httpx_stream([b'{"message":{"content":"a"}}\n<html>\n'])
     )
+    httpx_mock.add_response(url=URL + "/api/show", json={}, is_optional=True)  # asked once the answer begins
     with pytest.raises(UpstreamProtocol, match="malformed JSON"):
         _ = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
 
@@ -76,6 +79,7 @@ async def test_stream_yields_the_first_chunk_alone_then_each_reads_chunks_togeth
     line = b'{"message":{"content":"%s"},"done":false}\n'
     reads = [line % b"a" + line % b"b" + line % b"c", line % b"d", line % b"e" + b"<html>\n" + line % b"f"]
     httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream(reads))
+    httpx_mock.add_response(url=URL + "/api/show", json={}, is_optional=True)  # asked once the answer begins
     batches: list[list[str]] = []
     with pytest.raises(UpstreamProtocol, match="malformed JSON"):
         async for chunks in provider.stream(CHAT, "m"):
@@ -145,3 +149,62 @@ async def test_streams_report_truncation_in_a_last_chunk(
     httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx 4096"})
     chunks = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
     assert chunks[-1].notices == {"prompt_truncated": "4096"}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"message": {"role": "assistant", "content": "x", "tool_calls": ["oops"]}, "done": True},
+        {
+            "message": {"role": "assistant", "content": "x", "images": None, "tool_calls": [{"function": 3}]},
+            "done": True,
+        },
+    ],
+    ids=["call-not-an-object", "function-not-an-object"],
+)
+async def test_an_answer_of_the_wrong_shape_is_the_backends_fault(
+    httpx_mock: HTTPXMock, provider: OllamaProvider, answer: dict[str, object]
+) -> None:
+    httpx_mock.add_response(url=URL + "/api/chat", json=answer)
+    with pytest.raises(UpstreamProtocol, match="Ollama answered with JSON of an unexpected shape"):
+        await provider.complete(CHAT, "m")
+
+
+async def test_a_stream_line_of_the_wrong_shape_is_the_backends_fault(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    reads = [b'{"message":{"content":"a"},"done":false}\n', b'{"message":"not an object","done":false}\n']
+    httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream(reads))
+    httpx_mock.add_response(url=URL + "/api/show", json={}, is_optional=True)
+    contents = []
+    with pytest.raises(UpstreamProtocol, match="Ollama sent a stream event of an unexpected shape"):
+        async for chunks in provider.stream(CHAT, "m"):
+            contents += [chunk.content for chunk in chunks]
+    assert contents == ["a"]  # what came before it still went out
+
+
+async def test_a_slow_context_size_lookup_does_not_hold_up_a_streams_end(
+    httpx_mock: HTTPXMock, provider: OllamaProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ollama, "CONTEXT_WAIT", 0.05)
+    final = {"message": {"content": "a"}, "done": True, "prompt_eval_count": 4096, "eval_count": 1}
+    for _ in range(2):
+        httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream([orjson.dumps(final) + b"\n"]))
+    answer_show = asyncio.Event()
+
+    async def held_show(request: httpx.Request) -> httpx.Response:
+        await answer_show.wait()
+        return httpx.Response(200, json={"parameters": "num_ctx 4096"})
+
+    httpx_mock.add_callback(held_show, url=URL + "/api/show")
+
+    async def stream() -> list[Chunk]:
+        return [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
+
+    first = await asyncio.wait_for(stream(), 5)  # ends while /api/show has not answered
+    assert first[-1].finish_reason == "stop" and not any(chunk.notices for chunk in first)
+    answer_show.set()  # the lookup went on after the stream; the next one has its answer
+    monkeypatch.setattr(ollama, "CONTEXT_WAIT", 5.0)
+    second = await asyncio.wait_for(stream(), 5)
+    assert second[-1].notices == {"prompt_truncated": "4096"}
+    assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 1
