@@ -161,10 +161,15 @@ class Routing(_Strict):
 
 
 class Privacy(_Strict):
-    header: str = "x-privacy"
+    header: str = Field(default="x-privacy", pattern=r"^[A-Za-z0-9-]+$")
     detect_pii: bool = True
     local_model: str | None = None
     audit_log: str | None = None
+
+    @field_validator("header")
+    @classmethod
+    def _lower_case(cls, value: str) -> str:
+        return value.lower()  # header names arrive lower-case: `X-Privacy` must match them
 
 
 class Images(_Strict):

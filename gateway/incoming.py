@@ -20,15 +20,18 @@ if TYPE_CHECKING:
 class Incoming:
     app: Any  # the Starlette app: its `state.gateway` is the State in force (a reload swaps it)
     request_id: str
-    headers: dict[str, str]  # lower-case names; the first value of a repeated header
+    headers: dict[str, str]  # lower-case names; a repeated header's lines joined by ", " (RFC 9110 5.3)
     receive: Receive
 
     @classmethod
     def from_scope(cls, scope: Scope, receive: Receive) -> Incoming:
-        # reversed: the first of a repeated header is written last and kept, as Starlette's `get`
-        headers = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])
-        }
+        raw = scope["headers"]
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+        if len(headers) != len(raw):  # a header came more than once: every line counts, not the last
+            headers = {}
+            for name, value in raw:
+                key, text = name.decode("latin-1"), value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
         request_id = scope.get("state", {}).get("request_id") or new_request_id()
         return cls(scope["app"], request_id, headers, receive)
 

@@ -46,6 +46,15 @@ def _level(value: Any, where: str) -> str | None:
     return value.strip().lower()
 
 
+def _header_level(value: str | None, name: str) -> str | None:
+    """A header sent more than once arrives with its values joined by commas: each must be a level,
+    and any `private` makes the request private (a proxy's tag is not undone by the app's)."""
+    if value is None:
+        return None
+    levels = {_level(part, name) for part in value.split(",")}
+    return "private" if "private" in levels else "public"
+
+
 def classify(
     settings: Privacy,
     headers: Mapping[str, str],
@@ -57,7 +66,7 @@ def classify(
 ) -> Decision:
     """`texts` is called only when the PII detector has to look (nothing else made it private)."""
     stated = [
-        ("header", _level(headers.get(settings.header), settings.header)),
+        ("header", _header_level(headers.get(settings.header), settings.header)),
         ("metadata", _level((metadata or {}).get("privacy"), "metadata.privacy")),
         ("key", key.privacy if key is not None else None),
         ("model", model_policy),

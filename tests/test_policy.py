@@ -126,8 +126,20 @@ def test_without_a_source_a_request_is_public() -> None:
     assert decision.header == "public"
 
 
+@pytest.mark.parametrize("value", ["public, private", "private,public", " public ,PRIVATE"])
+def test_a_header_with_several_values_is_private_if_any_is(value: str) -> None:
+    assert decide(headers={"x-privacy": value}).reason == "header"
+
+
+def test_a_header_with_several_values_must_have_a_level_in_each() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        decide(headers={"x-privacy": "public, banana"})
+    assert caught.value.param == "x-privacy"
+
+
 def test_the_detector_can_be_switched_off_and_the_header_renamed() -> None:
-    settings = Privacy(header="x-data-class", detect_pii=False)
+    assert Privacy(header="X-Data-Class").header == "x-data-class"  # names arrive lower-case
+    settings = Privacy(header="X-Data-Class", detect_pii=False)
     assert not decide(texts=["ana@example.org"], settings=settings).private
     assert decide(headers={"x-data-class": "private"}, settings=settings).reason == "header"
     assert not decide(headers={"x-privacy": "private"}, settings=settings).private

@@ -233,3 +233,21 @@ def test_a_privacy_tag_that_is_neither_value_is_refused(
     assert answer.status_code == 400
     assert answer.json()["error"]["param"] == param
     assert rig.cloud_calls() == before
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [["public", "private"], ["private", "public"], ["public, private"]],
+    ids=["last", "first", "joined"],
+)
+def test_a_privacy_header_sent_twice_is_private_if_either_says_so(rig: Rig, lines: list[str]) -> None:
+    # An app's own tag and a proxy's, one after the other: neither may undo the other's private.
+    body, _ = request_for("none", "cloud-only model")
+    headers = [("authorization", f"Bearer {APP_KEY}"), *(("x-privacy", line) for line in lines)]
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["cloud-only model"].url + "/v1/chat/completions", json=body, headers=headers
+    )
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["error"]["code"] == "privacy_violation"
+    assert rig.cloud_calls() == before
