@@ -342,6 +342,41 @@ async def _close(stream: AsyncIterator[object]) -> None:
         await aclose()
 
 
+class Departure:
+    """Watches for the client leaving while a stream's answer has not begun (a cold model load can
+    take minutes): then the request's task is cancelled, which closes the upstream and stops the
+    generation, as EventStream does once the answer is under way. `hand_over` gives the watch to
+    the EventStream; `stop` ends it on any other way out."""
+
+    __slots__ = ("_task", "gone", "watch")
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.gone = False
+        self.watch: asyncio.Future[None] | None = asyncio.ensure_future(_disconnected(receive))
+        self.watch.add_done_callback(self._left)
+
+    def _left(self, watch: asyncio.Future[None]) -> None:
+        if watch.cancelled() or self.watch is not watch:
+            return
+        watch.exception()  # whatever ended the wait, the client cannot be written to any more
+        self.gone = True
+        self._task.cancel()
+
+    def hand_over(self) -> asyncio.Future[None]:
+        watch, self.watch = self.watch, None
+        assert watch is not None
+        watch.remove_done_callback(self._left)
+        return watch
+
+    def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
+
+
 class EventStream:
     """ASGI response for SSE. The body runs in the request's own task; a second task waits for the
     client to leave and then cancels it, which stops the body and so the upstream. The response
@@ -354,9 +389,11 @@ class EventStream:
         body: AsyncIterator[bytes],
         headers: dict[str, str],
         on_client_gone: Callable[[], None] | None = None,
+        watch: asyncio.Future[None] | None = None,
     ) -> None:
         self._body = body
         self._on_client_gone = on_client_gone
+        self._watch = watch  # a Departure's, already waiting for the client to leave
         self._gone = False
         self._over = False
         self._headers = [
@@ -369,7 +406,7 @@ class EventStream:
         task = asyncio.current_task()
         assert task is not None
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-        watch = asyncio.ensure_future(_disconnected(receive))
+        watch = self._watch or asyncio.ensure_future(_disconnected(receive))
         watch.add_done_callback(lambda watch: self._left(watch, task))
         try:
             async with aclosing(self._body) as body:  # type: ignore[type-var]

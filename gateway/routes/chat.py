@@ -7,9 +7,9 @@ import asyncio
 from starlette.responses import Response
 
 from gateway.body import read_json, validate
-from gateway.errors import GatewayError
+from gateway.errors import ClientGone, GatewayError
 from gateway.incoming import Incoming
-from gateway.relay import EventStream, StreamRelay, completion_body, notice_headers
+from gateway.relay import Departure, EventStream, StreamRelay, completion_body, notice_headers
 from gateway.schemas import ChatRequest
 from gateway.state import json_response
 
@@ -17,6 +17,7 @@ from gateway.state import json_response
 async def chat_completions(request: Incoming) -> Response:
     state = request.state
     exchange = state.begin(request.request_id, "chat")
+    departure: Departure | None = None
     try:
         key = state.authenticate(request.headers, exchange)
         chat = validate(ChatRequest, await read_json(request, state.config.server.max_body_bytes))
@@ -28,7 +29,12 @@ async def chat_completions(request: Incoming) -> Response:
         )
         await state.admit(exchange, key, chat.texts(), chat.max_output_tokens)
         if chat.stream:
-            source = await state.dispatcher.open_stream(plans, chat, exchange)
+            departure = Departure(request.receive)
+            try:
+                source = await state.dispatcher.open_stream(plans, chat, exchange)
+            except BaseException:
+                departure.stop()
+                raise
             relay = StreamRelay(
                 source,
                 exchange,
@@ -38,7 +44,10 @@ async def chat_completions(request: Incoming) -> Response:
                 on_unexpected=state.unexpected,
             )
             return EventStream(  # type: ignore[return-value]
-                relay.body(), state.headers(exchange), on_client_gone=relay.client_gone
+                relay.body(),
+                state.headers(exchange),
+                on_client_gone=relay.client_gone,
+                watch=departure.hand_over(),
             )
         completion = await state.dispatcher.complete(plans, chat, exchange)
         exchange.usage = completion.usage
@@ -48,7 +57,12 @@ async def chat_completions(request: Incoming) -> Response:
         return json_response(body, headers=headers, after=lambda: state.finish(exchange, 200))
     except GatewayError as error:
         return state.fail(exchange, error)
-    except asyncio.CancelledError:  # the server's shutdown deadline has passed
-        return state.cut_short(exchange)
+    except asyncio.CancelledError:
+        if departure is not None and departure.gone:  # before the answer began
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return state.fail(
+                exchange, ClientGone("The client closed the connection before the answer began.")
+            )
+        return state.cut_short(exchange)  # the server's shutdown deadline has passed
     except Exception as error:
         return state.crash(exchange, error)

@@ -493,6 +493,26 @@ def test_client_disconnect_mid_stream_cancels_the_upstream(
     assert sample(samples, "gateway_inflight_requests", backend="ollama-1") == 0
 
 
+def test_a_client_that_leaves_before_the_first_token_stops_the_request_at_once(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    # A cold model load can take minutes; a client that gives up meanwhile frees the backend then.
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["late "], delay_first=10))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+
+    def gone() -> float:
+        labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1", "status": "499"}
+        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
+
+    wait_for(gone)  # well before the backend's first token, 10 s after the request
+    assert gone() == 1
+    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+    assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
+
+
 def test_oversized_body_is_413(
     start_gateway: Callable[[Config], ServerThread], fake_ollama: FakeServer
 ) -> None:
