@@ -24,6 +24,7 @@ from gateway.config import Config, ConfigError, resolve_config
 from gateway.logs import configure, get_logger
 from gateway.metrics import MULTIPROC_ENV
 from gateway.privacy import require_working_detector
+from gateway.protocol import GatewayHttpProtocol
 from gateway.state import State
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
@@ -110,6 +111,7 @@ def serve(args: argparse.Namespace) -> int:
             access_log=False,
             proxy_headers=False,  # nothing reads the client's address or scheme: skip that layer
             loop=event_loop(),
+            http=GatewayHttpProtocol,
             log_level="warning",
             timeout_graceful_shutdown=config.server.shutdown_timeout,
         )

@@ -161,3 +161,25 @@ def test_serve_runs_on_the_accepting_loop_where_uvloop_is_installed(
     )
     options = serve_dry({}, [], tmp_path, monkeypatch)
     assert options["loop"] == ("gateway.listen:GatewayLoop" if uvloop else "auto")
+
+
+def head_request(url: str, filler: int) -> bytes:
+    """A raw request to /healthz with `filler` bytes of headers, and what came back."""
+    host, port = url.removeprefix("http://").split(":")
+    lines = b"".join(b"x-filler-%d: %s\r\n" % (i, b"y" * 1000) for i in range(filler // 1000))
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n" + lines + b"\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and (b"ok" in answer or b"Invalid" in answer):
+                break
+    return answer
+
+
+def test_a_request_head_past_64_kib_is_refused_and_its_connection_closed(served: str) -> None:
+    assert head_request(served, 60_000).startswith(b"HTTP/1.1 200")  # large, within the limit
+    refused = head_request(served, 70_000)
+    assert refused.startswith(b"HTTP/1.1 400"), refused[:200]
+    assert b"connection: close" in refused.lower()
+    assert head_request(served, 0).startswith(b"HTTP/1.1 200")  # and the gateway goes on serving
