@@ -43,6 +43,7 @@ async def _body(request: Incoming, limit: int) -> bytes:
         if size > limit:
             raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
         if not message.get("more_body", False):
+            request.body_read = True
             return b"".join(chunks) + chunk if chunks else chunk
         chunks.append(chunk)
 

@@ -22,6 +22,7 @@ class Incoming:
     request_id: str
     headers: dict[str, str]  # lower-case names; a repeated header's lines joined by ", " (RFC 9110 5.3)
     receive: Receive
+    body_read: bool = False  # the whole body has come in (else an error answer closes the connection)
 
     @classmethod
     def from_scope(cls, scope: Scope, receive: Receive) -> Incoming:

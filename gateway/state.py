@@ -268,12 +268,18 @@ class State:
             headers.update(exchange.reservation.headers)
         return headers
 
-    def fail(self, exchange: Exchange, error: GatewayError) -> Response:
+    def fail(self, exchange: Exchange, error: GatewayError, *, unread: bool = False) -> Response:
+        """The error answer, recorded. `unread`: the request's body has not all come in (refused
+        for its size, its type or its key first); the connection then closes after the answer,
+        rather than reading through the rest, or taking its bytes for the next request."""
         exchange.error_type = error.error_type
         log = getattr(self.log, error.log_level)
         log("request failed", error=error.error_type, status=error.http_status, message=error.message)
         self.finish(exchange, error.http_status)
-        return json_response(error.body(), error.http_status, {**self.headers(exchange), **error.headers})
+        headers = {**self.headers(exchange), **error.headers}
+        if unread:
+            headers["connection"] = "close"
+        return json_response(error.body(), error.http_status, headers)
 
     def cut_short(self, exchange: Exchange) -> Response:
         """The request's task was cancelled by the server at its shutdown deadline: answer 503

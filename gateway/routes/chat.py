@@ -56,7 +56,7 @@ async def chat_completions(request: Incoming) -> Response:
         body = completion_body(completion, model=exchange.answered_as)
         return json_response(body, headers=headers, after=lambda: state.finish(exchange, 200))
     except GatewayError as error:
-        return state.fail(exchange, error)
+        return state.fail(exchange, error, unread=not request.body_read)
     except asyncio.CancelledError:
         if departure is not None and departure.gone:  # before the answer began
             asyncio.current_task().uncancel()  # type: ignore[union-attr]

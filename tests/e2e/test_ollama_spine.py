@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import struct
 from collections.abc import Callable, Iterator
 
@@ -521,6 +522,26 @@ def test_oversized_body_is_413(
     response = post(gateway, big)
     assert response.status_code == 413
     assert "2048 bytes" in str(error_of(response)["message"])
+    assert fake_ollama[0].chat_bodies() == []
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
+def test_a_body_refused_before_it_is_read_closes_its_connection(
+    start_gateway: Callable[[Config], ServerThread], fake_ollama: FakeServer, expect: bool
+) -> None:
+    # Not reading through 300 MB for nothing, nor taking the rest of it for the next request.
+    gateway = start_gateway(ollama_config(fake_ollama[1].url, server={"max_body_bytes": 2048}))
+    host, port = gateway.url.removeprefix("http://").split(":")
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-type: application/json\r\n"
+    head += b"content-length: 300000000\r\n" + (b"expect: 100-continue\r\n" if expect else b"") + b"\r\n"
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        client.sendall(head + (b"" if expect else b'{"model": "llama3.2", "messages": ['))
+        answer = b""
+        while chunk := client.recv(65536):  # until the gateway closes the connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert b"connection: close" in answer.lower()
+    assert b"100 Continue" not in answer
     assert fake_ollama[0].chat_bodies() == []
 
 
