@@ -184,6 +184,8 @@ def create_app(
             worker_exited(os.getpid())
 
     app = Starlette(routes=ROUTES, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    # No redirect to the path with(out) its slash: SDKs do not follow one for a POST; a JSON 404 says more.
+    app.router.redirect_slashes = False
     app.state.gateway = State.build(config, environ)
     reloader = Reloader(app, load or (lambda: config), environ)
     front = RequestId(HotRoutes(app), labelled=HOT_ROUTES)

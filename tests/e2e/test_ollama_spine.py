@@ -359,8 +359,13 @@ def test_malformed_json_is_400(gateway: ServerThread) -> None:
     assert "not valid JSON" in str(error_of(response)["message"])
 
 
-def test_unknown_endpoint_is_an_openai_shaped_404(gateway: ServerThread) -> None:
-    response = httpx.get(gateway.url + "/v1/nothing")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/nothing"), ("POST", "/v1/chat/completions/"), ("POST", "/v1/embeddings/")],
+)
+def test_unknown_endpoint_is_an_openai_shaped_404(gateway: ServerThread, method: str, path: str) -> None:
+    # A trailing slash too: no redirect, which an SDK would not follow for a POST anyway.
+    response = httpx.request(method, gateway.url + path, json={})
     assert response.status_code == 404
     assert error_of(response)["code"] == "not_found"
 
