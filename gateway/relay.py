@@ -159,7 +159,7 @@ class _Watchdog:
 class ChunkEncoder:
     """Encodes chunks of one stream; the fixed envelope is serialised once per stream."""
 
-    __slots__ = ("_content_prefix", "_content_suffix", "_prefix", "_roles", "_suffix", "finished")
+    __slots__ = ("_calls", "_content_prefix", "_content_suffix", "_prefix", "_roles", "_suffix", "finished")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         head = orjson.dumps(
@@ -171,6 +171,7 @@ class ChunkEncoder:
         self._content_prefix = self._prefix + b'{"index":0,"delta":{"content":'
         self._content_suffix = b'},"logprobs":null,"finish_reason":null}' + self._suffix
         self._roles: set[int] = set()
+        self._calls: set[tuple[int, int]] = set()  # (choice, call) whose id and name went out
         self.finished: set[int] = set()
 
     def _event(self, choice: dict[str, Any]) -> bytes:
@@ -198,7 +199,7 @@ class ChunkEncoder:
         if chunk.content:
             delta["content"] = chunk.content
         if chunk.tool_calls:
-            delta["tool_calls"] = [tool_call_dict(call) for call in chunk.tool_calls]
+            delta["tool_calls"] = [self._tool_call(index, call) for call in chunk.tool_calls]
         if delta:
             out += self._event({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
         if chunk.finish_reason is not None and index not in self.finished:
@@ -207,6 +208,15 @@ class ChunkEncoder:
                 {"index": index, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}
             )
         return out
+
+    def _tool_call(self, index: int, call: ToolCallDelta) -> dict[str, Any]:
+        """A call's id and name go out with its first fragment only, as OpenAI sends them (clients
+        join fragments by concatenation), even from a backend that repeats them in every one."""
+        if call.id is not None:
+            if (index, call.index) in self._calls:
+                return {"index": call.index, "function": {"arguments": call.arguments}}
+            self._calls.add((index, call.index))
+        return tool_call_dict(call)
 
     def usage(self, usage: Usage) -> bytes:
         return self._prefix + b'],"usage":' + orjson.dumps(usage.as_dict()) + b"}\n\n"

@@ -12,7 +12,7 @@ import pytest
 from gateway.errors import ShuttingDown
 from gateway.exchange import Exchange
 from gateway.relay import ChunkEncoder, EventStream, StreamRelay, StreamSource
-from gateway.schemas import Chunk, Usage
+from gateway.schemas import Chunk, ToolCallDelta, Usage
 
 pytestmark = pytest.mark.anyio
 NOTICE = Chunk(notices={"n": "1"})
@@ -69,6 +69,26 @@ def test_a_text_piece_encodes_as_the_whole_event_serialised(text: str, include_u
     if include_usage:
         event["usage"] = None
     assert encoder.encode(Chunk(content=text)) == b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+def test_a_tool_calls_id_and_name_go_out_once_even_when_the_backend_repeats_them() -> None:
+    # Clients join a call's fragments by concatenation: a repeated id would become call_1call_1.
+    encoder = ChunkEncoder("chatcmpl-1", 1700000000, "m", False)
+    calls = []
+    for piece in ('{"city": ', '"Lima"}'):
+        call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments=piece)
+        for event in encoder.encode(Chunk(tool_calls=[call])).split(b"\n\n")[:-1]:
+            delta = orjson.loads(event.removeprefix(b"data: "))["choices"][0]["delta"]
+            calls += delta.get("tool_calls") or []
+    assert calls == [
+        {
+            "index": 0,
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": '},
+        },
+        {"index": 0, "function": {"arguments": '"Lima"}'}},
+    ]
 
 
 # ---- EventStream: how a stream that stops early is recorded ----
