@@ -112,12 +112,18 @@ def parse_response(body: Any) -> Completion:
 class StreamState:
     """Turns SSE events into chunks; remembers which choices finished and whether [DONE] came."""
 
-    __slots__ = ("done", "finished", "tool_calls")
+    __slots__ = ("done", "finished", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.done = False
         self.finished: set[int] = set()
         self.tool_calls: set[int] = set()
+        self.usage = False  # a usage event came (the gateway always asks for one)
+
+    def complete(self, choices: int) -> bool:
+        """Whether the stream ended as a whole one does: with [DONE]; or, from a server that leaves
+        that out, with every choice finished and the usage after them."""
+        return self.done or (self.usage and len(self.finished) >= choices)
 
     def parse_chunk(self, data: str) -> list[Chunk]:
         if data.strip() == "[DONE]":
@@ -151,6 +157,7 @@ class StreamState:
             if chunk.has_output or chunk.finish_reason:
                 chunks.append(chunk)
         if event.get("usage"):
+            self.usage = True
             chunks.append(Chunk(usage=usage(event["usage"])))
         return chunks
 
@@ -222,7 +229,7 @@ class OpenAIProvider:
         ) as body:
             async for chunks in batches(body, decoder, parse, "the OpenAI-compatible server"):
                 yield chunks
-        if not state.done and not state.finished:
+        if not state.complete(request.n or 1):
             raise UpstreamProtocol(
                 f"the backend at {self.backend.base_url} ended the stream before finishing;"
                 " the answer may be incomplete",

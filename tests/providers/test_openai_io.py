@@ -1,0 +1,70 @@
+"""OpenAIProvider's stream against pytest-httpx: when a stream that ends counts as whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+from pytest_httpx import HTTPXMock
+
+from gateway.config import OpenAIBackend
+from gateway.errors import UpstreamProtocol
+from gateway.providers.openai import OpenAIProvider
+from gateway.schemas import ChatRequest
+from tests.providers.streams import httpx_stream
+
+pytestmark = pytest.mark.anyio
+URL = "http://vllm.test:8000/v1"
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[OpenAIProvider]:
+    async with httpx.AsyncHTTPTransport() as transport:
+        yield OpenAIProvider(OpenAIBackend(name="v", type="openai", base_url=URL), transport)
+
+
+def event(choices: list[dict[str, object]] | None = None, usage: dict[str, int] | None = None) -> bytes:
+    body: dict[str, object] = {"id": "c", "object": "chat.completion.chunk", "choices": choices or []}
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def piece(text: str, index: int = 0, finish: str | None = None) -> dict[str, object]:
+    return {"index": index, "delta": {"content": text}, "finish_reason": finish}
+
+
+USAGE = event(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+
+
+@pytest.mark.parametrize(
+    ("n", "events", "whole"),
+    [
+        (1, [event([piece("a")]), event([piece("", finish="stop")]), USAGE, b"data: [DONE]\n\n"], True),
+        (1, [event([piece("a")]), event([piece("", finish="stop")]), USAGE], True),  # a server without [DONE]
+        (1, [event([piece("a")]), event([piece("", finish="stop")])], False),  # cut before its usage
+        (1, [event([piece("a")])], False),
+        (2, [event([piece("a", 0, "stop"), piece("b", 1)]), USAGE], False),  # choice 1 never finished
+        (2, [event([piece("a", 0, "stop"), piece("b", 1, "stop")]), USAGE], True),
+    ],
+    ids=["done", "usage-no-done", "no-usage-no-done", "unfinished", "n2-one-unfinished", "n2-both"],
+)
+async def test_a_stream_is_whole_with_done_or_every_choice_finished_and_its_usage(
+    httpx_mock: HTTPXMock, provider: OpenAIProvider, n: int, events: list[bytes], whole: bool
+) -> None:
+    httpx_mock.add_response(url=URL + "/chat/completions", stream=httpx_stream(events))
+    request = ChatRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": n}
+    )
+
+    async def read() -> list[str]:
+        return [chunk.content async for chunks in provider.stream(request, "m") for chunk in chunks]
+
+    if whole:
+        assert "".join(await read()) in ("a", "ab")
+    else:
+        with pytest.raises(UpstreamProtocol) as caught:
+            await read()
+        assert caught.value.code == "upstream_incomplete"
