@@ -222,6 +222,9 @@ class OpenAIProvider:
         decoder = SSEDecoder()
 
         def parse(event: Event) -> list[Chunk]:
+            if event.event == "error":  # an error named by its event type, whatever its data holds
+                data = json_or_none(event.data.encode())
+                raise _stream_error(data.get("error", data) if isinstance(data, dict) else event.data)
             return state.parse_chunk(event.data)
 
         async with self._http.stream(

@@ -10,7 +10,7 @@ import pytest
 from pytest_httpx import HTTPXMock
 
 from gateway.config import OpenAIBackend
-from gateway.errors import UpstreamProtocol
+from gateway.errors import UpstreamProtocol, UpstreamRejected
 from gateway.providers.openai import OpenAIProvider
 from gateway.schemas import ChatRequest
 from tests.providers.streams import httpx_stream
@@ -68,3 +68,20 @@ async def test_a_stream_is_whole_with_done_or_every_choice_finished_and_its_usag
         with pytest.raises(UpstreamProtocol) as caught:
             await read()
         assert caught.value.code == "upstream_incomplete"
+
+
+@pytest.mark.parametrize(
+    "data", [b'{"message": "model crashed"}', b'{"error": {"message": "model crashed"}}', b"model crashed"]
+)
+async def test_an_error_event_ends_the_stream_with_the_backends_message(
+    httpx_mock: HTTPXMock, provider: OpenAIProvider, data: bytes
+) -> None:
+    events = [
+        event([piece("a")]),
+        b"event: error\ndata: " + data + b"\n\n",
+        event([piece("", finish="stop")]),
+    ]
+    httpx_mock.add_response(url=URL + "/chat/completions", stream=httpx_stream([*events, USAGE]))
+    request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(UpstreamRejected, match="reported an error mid-stream: model crashed"):
+        _ = [chunk async for chunks in provider.stream(request, "m") for chunk in chunks]
