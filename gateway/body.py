@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import BodyTooLarge, ClientGone, InvalidRequest
+from gateway.errors import BodyTooLarge, ClientGone, InvalidRequest, UnsupportedEncoding
 from gateway.incoming import Incoming
 
 M = TypeVar("M", bound=BaseModel)
@@ -53,6 +53,11 @@ async def read_json(request: Incoming, limit: int) -> Any:
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    encoding = headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding!r} is not accepted; send the JSON body uncompressed."
+        )
     content_type = headers.get("content-type")
     if content_type is not None and content_type != "application/json":
         content_type = content_type.split(";")[0].strip().lower()

@@ -3,6 +3,7 @@
     GatewayError                      500 server_error
     ├── InvalidRequest                400 invalid_request_error   (param names the field)
     │   ├── BodyTooLarge              413
+    │   ├── UnsupportedEncoding       415 a compressed body (Content-Encoding other than identity)
     │   └── ClientGone                499 the client left before sending its whole body
     ├── AuthenticationFailed          401 invalid_request_error   code=invalid_api_key
     ├── PermissionDenied              403 permission_error
@@ -74,6 +75,10 @@ class InvalidRequest(GatewayError):
 
 class BodyTooLarge(InvalidRequest):
     status = 413
+
+
+class UnsupportedEncoding(InvalidRequest):
+    status = 415
 
 
 class ClientGone(InvalidRequest):

@@ -550,6 +550,15 @@ def test_a_body_refused_before_it_is_read_closes_its_connection(
     assert fake_ollama[0].chat_bodies() == []
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_a_compressed_body_is_415_naming_the_encoding(gateway: ServerThread, encoding: str) -> None:
+    body = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}).encode()
+    headers = {"content-type": "application/json", "content-encoding": encoding}
+    response = httpx.post(gateway.url + "/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 415  # not read as if it were plain (br) nor called bad UTF-8 (gzip)
+    assert f"'{encoding}'" in str(error_of(response)["message"])
+
+
 def test_wrong_content_type_is_400(gateway: ServerThread) -> None:
     response = httpx.post(
         gateway.url + "/v1/chat/completions", content=b"model=x", headers={"content-type": "text/plain"}
