@@ -372,10 +372,13 @@ class OllamaProvider:
             return {}
         size: int | asyncio.Task[int | None] | None = self._context_size_of(model, body)
         if isinstance(size, asyncio.Task):
-            try:
-                size = await asyncio.wait_for(asyncio.shield(size), wait)
-            except TimeoutError:
-                return {}  # the lookup goes on, for the next answer
+            if size.done():  # known since an earlier answer: no wait to set up
+                size = size.result()
+            else:
+                try:
+                    size = await asyncio.wait_for(asyncio.shield(size), wait)
+                except TimeoutError:
+                    return {}  # the lookup goes on, for the next answer
         if size is None or used.prompt_tokens < size:
             return {}
         return {PROMPT_TRUNCATED: str(size)}
