@@ -98,15 +98,24 @@ class StreamSource:
 
 
 TIMED_OUT = "the backend stopped sending within its idle or total deadline"
+# A write to the client may wait this long, or to the total deadline. A write waits only once the
+# client has left unread all that the socket buffers hold (hundreds of KB, for chat a whole answer
+# many times over): a slow reader is served; one that stopped reading does not hold the backend.
+CLIENT_STALL_SECONDS = 60.0
 
 
 class _Watchdog:
-    """The idle and total deadlines of one stream's reads, on one timer for the whole stream. A
-    read only notes when it began; the timer, when it fires, cancels a read that has waited past
-    its deadline, or sets itself for the one under way. (An `asyncio.timeout` around each read
+    """The idle and total deadlines of one stream, on one timer for the whole stream. A read from
+    the backend only notes when it began; the timer, when it fires, cancels a read that has waited
+    past its deadline, or sets itself for the one under way. A write to the client only counts
+    itself: one the timer finds under way for CLIENT_STALL_SECONDS, or at the total deadline, is a
+    client that stopped reading (`stalled`). (An `asyncio.timeout` around each read
     made and cancelled a timer per chunk: a sixth of a stream's CPU on the benchmark.)"""
 
-    __slots__ = ("_handle", "_loop", "_task", "deadline", "expired", "idle", "since", "waiting")
+    __slots__ = (
+        "_handle", "_loop", "_task", "_write_seen_at", "_writes_seen", "deadline", "expired", "idle",
+        "since", "stalled", "waiting", "writes", "writing",
+    )  # fmt: skip
 
     def __init__(self, idle: float, deadline: float) -> None:
         self._loop = asyncio.get_running_loop()
@@ -115,7 +124,11 @@ class _Watchdog:
         self.deadline = deadline  # loop time
         self.since = 0.0
         self.waiting = False
+        self.writing = False
+        self.writes = self._writes_seen = 0
+        self._write_seen_at = 0.0  # when the timer first found the write under way
         self.expired = False
+        self.stalled = False
         self._handle: asyncio.TimerHandle | None = None
 
     def begin(self) -> None:
@@ -125,21 +138,45 @@ class _Watchdog:
             raise TimeoutError
         self.since, self.waiting = now, True
         if self._handle is None:
-            self._handle = self._loop.call_at(min(now + self.idle, self.deadline), self._fire)
+            self._arm(now)
+
+    def begin_write(self) -> None:
+        """A write to the client begins; `end_write` once the client has taken it."""
+        self.writing = True
+        self.writes += 1
+        if self._handle is None:
+            self._arm(self._loop.time())
+
+    def end_write(self) -> None:
+        self.writing = False
+
+    def _arm(self, now: float) -> None:
+        # The shorter of the two limits: a read's idle deadline, a write's stall.
+        self._handle = self._loop.call_at(
+            min(now + min(self.idle, CLIENT_STALL_SECONDS), self.deadline), self._fire
+        )
 
     def _fire(self) -> None:
         now = self._loop.time()
-        due = (
-            min(self.since + self.idle, self.deadline)
-            if self.waiting
-            else min(now + self.idle, self.deadline)
-        )
-        if self.waiting and now >= due and self._task is not None:
-            self.expired = True
-            self._handle = None
-            self._task.cancel()
-            return
-        self._handle = self._loop.call_at(max(due, now + 0.001), self._fire)
+        task = self._task
+        if self.writing and task is not None:
+            if self.writes != self._writes_seen:
+                self._writes_seen, self._write_seen_at = self.writes, now
+            elif now - self._write_seen_at >= CLIENT_STALL_SECONDS or now >= self.deadline:
+                self.stalled = True
+                self._handle = None
+                task.cancel()
+                return
+        if self.waiting:
+            due = min(self.since + self.idle, self.deadline)
+            if now >= due and task is not None:
+                self.expired = True
+                self._handle = None
+                task.cancel()
+                return
+            self._handle = self._loop.call_at(max(due, now + 0.001), self._fire)
+        else:
+            self._arm(now)
 
     def timed_out(self) -> bool:
         """Whether the cancellation that ended a read was this watchdog's (and take it back)."""
@@ -250,24 +287,33 @@ class StreamRelay:
         """Called before the stream is cancelled because the client left."""
         self._gone = True
 
+    def client_stalled(self) -> bool:
+        """Whether the stream was cancelled because the client stopped taking what was written."""
+        return self._watchdog is not None and self._watchdog.stalled
+
     def _stopped(self) -> int:
         """The status of a stream stopped early: 499 when the client left, or when the writer
         failed; a cancellation that was not the client's is the server's at its shutdown deadline
         (the only time it cancels a request), which is recorded as such."""
         task = asyncio.current_task()
-        if self._gone or task is None or not task.cancelling():
+        if self._gone or self.client_stalled() or task is None or not task.cancelling():
+            if self.client_stalled():
+                self._exchange.notes["cut"] = "client stopped reading"
             return CANCELLED
         cut = ShuttingDown()
         self._exchange.error_type = cut.error_type
         return cut.http_status
 
-    async def _next(self) -> list[Chunk] | None:
+    def _watch(self) -> _Watchdog:
+        source = self._source
+        # the deadline is a perf_counter() value; the timer runs on loop time
+        loop_deadline = asyncio.get_running_loop().time() + (source.deadline - time.perf_counter())
+        watchdog = self._watchdog = _Watchdog(source.idle_timeout, loop_deadline)
+        return watchdog
+
+    async def _next(self, watchdog: _Watchdog) -> list[Chunk] | None:
         source = self._source
         waited = time.perf_counter()
-        watchdog = self._watchdog
-        if watchdog is None:  # the deadline is a perf_counter() value; the timer runs on loop time
-            loop_deadline = asyncio.get_running_loop().time() + (source.deadline - waited)
-            watchdog = self._watchdog = _Watchdog(source.idle_timeout, loop_deadline)
         try:
             watchdog.begin()
             return await anext(source.rest)
@@ -306,12 +352,15 @@ class StreamRelay:
         exchange = self._exchange
         status = 200
         try:
+            watchdog = self._watch()
             chunks: list[Chunk] | None = self._source.first
             while chunks is not None:
                 data = self._encode(chunks)
                 if data:
+                    watchdog.begin_write()
                     yield data
-                chunks = await self._next()
+                    watchdog.end_write()
+                chunks = await self._next(watchdog)
             if self._include_usage:
                 yield self._encoder.usage(self._usage or Usage())
             yield DONE
@@ -400,9 +449,11 @@ class EventStream:
         headers: dict[str, str],
         on_client_gone: Callable[[], None] | None = None,
         watch: asyncio.Future[None] | None = None,
+        stalled: Callable[[], bool] | None = None,
     ) -> None:
         self._body = body
         self._on_client_gone = on_client_gone
+        self._stalled = stalled  # whether a cancellation was for a client that stopped reading
         self._watch = watch  # a Departure's, already waiting for the client to leave
         self._gone = False
         self._over = False
@@ -429,8 +480,8 @@ class EventStream:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             task.uncancel()
-            if self._gone or self._over:
-                return
+            if self._gone or self._over or (self._stalled is not None and self._stalled()):
+                return  # nothing more can be written to this client
             with suppress(OSError, RuntimeError):  # the client may be gone too
                 await send(
                     {"type": "http.response.body", "body": error_event(ShuttingDown()), "more_body": True}

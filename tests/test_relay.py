@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
+from gateway import relay as relay_module
 from gateway.errors import ShuttingDown
 from gateway.exchange import Exchange
 from gateway.relay import ChunkEncoder, EventStream, StreamRelay, StreamSource
@@ -154,6 +155,27 @@ async def test_a_client_that_leaves_stops_the_stream_as_a_499() -> None:
     assert closed == ["upstream"] and finished == [499]
     assert exchange.error_type is None
     assert not any(b"error" in body for body in client.bodies)
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_stall_limit_as_a_499(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The socket is open but nothing is taken: the write waits, and the backend would wait with it.
+    monkeypatch.setattr(relay_module, "CLIENT_STALL_SECONDS", 0.2)
+    closed: list[str] = []
+    finished: list[int] = []
+    relay, exchange = relayed(closed, finished)
+    client = Client(blocked_write=2)
+    response = EventStream(relay.body(), {}, on_client_gone=relay.client_gone, stalled=relay.client_stalled)
+    task = asyncio.ensure_future(response({}, client.receive, client.send))
+    await asyncio.wait_for(client.writing.wait(), 2)
+    done, _ = await asyncio.wait({task}, timeout=2)  # not left waiting on the write
+    if not done:
+        client.blocked_write = None  # let it end, then fail
+        task.cancel()
+    assert done and task.exception() is None
+    assert closed == ["upstream"] and finished == [499]
+    assert exchange.notes["cut"] == "client stopped reading"
 
 
 async def test_a_finished_stream_ends_with_its_done_event_before_its_bookkeeping() -> None:

@@ -48,6 +48,7 @@ async def chat_completions(request: Incoming) -> Response:
                 state.headers(exchange),
                 on_client_gone=relay.client_gone,
                 watch=departure.hand_over(),
+                stalled=relay.client_stalled,
             )
         completion = await state.dispatcher.complete(plans, chat, exchange)
         exchange.usage = completion.usage
