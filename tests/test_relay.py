@@ -11,8 +11,9 @@ import pytest
 
 from gateway import relay as relay_module
 from gateway.errors import ShuttingDown
+from gateway.eventstream import EventStream
 from gateway.exchange import Exchange
-from gateway.relay import ChunkEncoder, EventStream, StreamRelay, StreamSource
+from gateway.relay import ChunkEncoder, StreamRelay, StreamSource
 from gateway.schemas import Chunk, ToolCallDelta, Usage
 
 pytestmark = pytest.mark.anyio

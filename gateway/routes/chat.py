@@ -8,8 +8,9 @@ from starlette.responses import Response
 
 from gateway.body import read_json, validate
 from gateway.errors import ClientGone, GatewayError
+from gateway.eventstream import Departure, EventStream
 from gateway.incoming import Incoming
-from gateway.relay import Departure, EventStream, StreamRelay, completion_body, notice_headers
+from gateway.relay import StreamRelay, completion_body, notice_headers
 from gateway.schemas import ChatRequest
 from gateway.state import json_response
 
