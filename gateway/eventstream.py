@@ -23,61 +23,58 @@ Send = Callable[[dict[str, Any]], Any]
 
 
 class Departure:
-    """Watches for the client leaving while a stream's answer has not begun (a cold model load can
-    take minutes): then the request's task is cancelled, which closes the upstream and stops the
-    generation, as EventStream does once the answer is under way. `hand_over` gives the watch to
-    the EventStream; `stop` ends it on any other way out."""
+    """Watches for the client leaving: then `gone` is set, `on_gone` called and the request's task
+    cancelled, which closes the upstream and stops the generation. A stream's route starts it
+    before the answer has begun (a cold model load can take minutes), and its EventStream goes on
+    with it; `stop` ends the watch once nothing is left to cancel."""
 
-    __slots__ = ("_task", "gone", "watch")
+    __slots__ = ("_task", "_watch", "gone", "on_gone", "stopped")
 
     def __init__(self, receive: Receive) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self.gone = False
-        self.watch: asyncio.Future[None] | None = asyncio.ensure_future(_disconnected(receive))
-        self.watch.add_done_callback(self._left)
+        self.stopped = False
+        self.on_gone: Callable[[], None] | None = None
+        self._watch = asyncio.ensure_future(_disconnected(receive))
+        self._watch.add_done_callback(self._left)
 
     def _left(self, watch: asyncio.Future[None]) -> None:
-        if watch.cancelled() or self.watch is not watch:
+        if watch.cancelled() or self.stopped:
             return
         watch.exception()  # whatever ended the wait, the client cannot be written to any more
         self.gone = True
+        if self.on_gone is not None:
+            self.on_gone()
         self._task.cancel()
 
-    def hand_over(self) -> asyncio.Future[None]:
-        watch, self.watch = self.watch, None
-        assert watch is not None
-        watch.remove_done_callback(self._left)
-        return watch
-
     def stop(self) -> None:
-        if self.watch is not None:
-            self.watch.cancel()
-            self.watch = None
+        self.stopped = True
+        self._watch.cancel()
 
 
 class EventStream:
-    """ASGI response for SSE. The body runs in the request's own task; a second task waits for the
-    client to leave and then cancels it, which stops the body and so the upstream. The response
-    ends with `data: [DONE]` when the body yields it, or after the body. When the server cancels
-    it (its shutdown deadline has passed) before that, the client gets an error event saying so,
-    then the end of the stream."""
+    """ASGI response for SSE. The body runs in the request's own task; a Departure (the route's,
+    or one of its own) waits for the client to leave and then cancels it, which stops the body and
+    so the upstream. The response ends with `data: [DONE]` when the body yields it, or after the
+    body. When the server cancels it (its shutdown deadline has passed) before that, the client
+    gets an error event saying so, then the end of the stream."""
 
     def __init__(
         self,
         body: AsyncIterator[bytes],
         headers: dict[str, str],
         on_client_gone: Callable[[], None] | None = None,
-        watch: asyncio.Future[None] | None = None,
+        departure: Departure | None = None,
         stalled: Callable[[], bool] | None = None,
     ) -> None:
         self._body = body
         self._on_client_gone = on_client_gone
         self._stalled = stalled  # whether a cancellation was for a client that stopped reading
-        self._watch = watch  # a Departure's, already waiting for the client to leave
-        self._gone = False
-        self._over = False
+        self._departure = departure  # the route's, already watching since before the answer began
+        if departure is not None:
+            departure.on_gone = on_client_gone
         self._headers = [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -88,20 +85,23 @@ class EventStream:
         task = asyncio.current_task()
         assert task is not None
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-        watch = self._watch or asyncio.ensure_future(_disconnected(receive))
-        watch.add_done_callback(lambda watch: self._left(watch, task))
+        departure = self._departure
+        if departure is None:
+            departure = Departure(receive)
+            departure.on_gone = self._on_client_gone
+        over = False
         try:
             async with aclosing(self._body) as body:  # type: ignore[type-var]
                 async for data in body:
                     # Nothing follows `data: [DONE]`: the response ends with it, in the same write,
                     # and the body's own ending (closing the upstream, the bookkeeping) comes after.
-                    self._over = data is DONE
-                    await send({"type": "http.response.body", "body": data, "more_body": not self._over})
-            if not self._over:
+                    over = departure.stopped = data is DONE
+                    await send({"type": "http.response.body", "body": data, "more_body": not over})
+            if not over:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             task.uncancel()
-            if self._gone or self._over or (self._stalled is not None and self._stalled()):
+            if departure.gone or over or (self._stalled is not None and self._stalled()):
                 return  # nothing more can be written to this client
             with suppress(OSError, RuntimeError):  # the client may be gone too
                 await send(
@@ -109,17 +109,7 @@ class EventStream:
                 )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            self._over = True
-            watch.cancel()
-
-    def _left(self, watch: asyncio.Future[None], task: asyncio.Task[Any]) -> None:
-        if watch.cancelled() or self._over:
-            return
-        watch.exception()  # whatever ended the wait, the client cannot be written to any more
-        self._gone = True
-        if self._on_client_gone is not None:
-            self._on_client_gone()
-        task.cancel()
+            departure.stop()
 
 
 async def _disconnected(receive: Receive) -> None:

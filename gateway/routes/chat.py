@@ -48,7 +48,7 @@ async def chat_completions(request: Incoming) -> Response:
                 relay.body(),
                 state.headers(exchange),
                 on_client_gone=relay.client_gone,
-                watch=departure.hand_over(),
+                departure=departure,
                 stalled=relay.client_stalled,
             )
         completion = await state.dispatcher.complete(plans, chat, exchange)
