@@ -1,8 +1,10 @@
 """OpenAI wire models (requests, validated once) and the internal values providers produce.
 
 Requests are pydantic models with `extra="allow"`, so pass-through backends keep fields the
-gateway does not know. Responses are not validated: providers return `Completion` and yield
-`Chunk` (plain slotted dataclasses, cheap on the hot path) and `relay` turns them into bytes.
+gateway does not know. They are strict, as OpenAI's API is: `"stream": "yes"` or
+`"max_tokens": "5"` is a 400 naming the field, not a guess (an integer still stands for a float).
+Responses are not validated: providers return `Completion` and yield `Chunk` (plain slotted
+dataclasses, cheap on the hot path) and `relay` turns them into bytes.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 MAX_MESSAGES = 4096  # per chat request; far beyond any context window, far below a flood
+MAX_EMBEDDING_INPUTS = 2048  # per embeddings request, OpenAI's limit
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ImageURL(_Wire):
@@ -208,6 +211,22 @@ class EmbeddingRequest(_Wire):
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
     metadata: dict[str, str] | None = None  # the gateway's own (privacy); never sent upstream
+
+    @field_validator("input")
+    @classmethod
+    def _input_present(cls, value: str | list[Any]) -> str | list[Any]:
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("must not be an empty string")
+            return value
+        if not value:
+            raise ValueError("must not be an empty array")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(value)}")
+        for index, item in enumerate(value):
+            if isinstance(item, str | list) and not item:
+                raise ValueError(f"item [{index}] is empty")
+        return value
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else [s for s in self.input if isinstance(s, str)]

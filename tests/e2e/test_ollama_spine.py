@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from gateway.config import Config
+from gateway.schemas import MAX_EMBEDDING_INPUTS
 from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, free_port
@@ -236,6 +237,30 @@ def test_embeddings_float_and_base64(fake_ollama: FakeServer, gateway: ServerThr
     assert decoded == pytest.approx(floats.data[0].embedding, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [
+        ([], "must not be an empty array"),
+        ("", "must not be an empty string"),
+        (["alpha", ""], "item [1] is empty"),
+        ([[1, 2], []], "item [1] is empty"),
+        (["x"] * (MAX_EMBEDDING_INPUTS + 1), f"at most {MAX_EMBEDDING_INPUTS} inputs"),
+        (7, "valid string"),
+    ],
+    ids=["empty-array", "empty-string", "empty-item", "empty-token-array", "too-many", "number"],
+)
+def test_embeddings_input_is_checked_before_any_backend(
+    fake_ollama: FakeServer, gateway: ServerThread, given: object, fragment: str
+) -> None:
+    fake, _ = fake_ollama
+    response = httpx.post(gateway.url + "/v1/embeddings", json={"model": "embed", "input": given})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "input")
+    assert fragment in str(error["message"])
+    assert [path for path, _ in fake.requests if path == "/api/embed"] == []
+
+
 def test_models_lists_configured_names_and_ollama_tags(
     fake_ollama: FakeServer, gateway: ServerThread
 ) -> None:
@@ -336,6 +361,17 @@ def test_unknown_model_is_404_with_close_names(fake_ollama: FakeServer, gateway:
             "2",
         ),
         ({"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "one choice"),
+        # strict, as OpenAI is: a string is not a boolean or an integer
+        (
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+            "stream",
+            "boolean",
+        ),
+        (
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
+            "max_tokens",
+            "integer",
+        ),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(
