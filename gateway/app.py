@@ -33,6 +33,7 @@ from gateway.routes.embeddings import embeddings
 from gateway.routes.models import get_model, list_models
 from gateway.routes.ops import healthz, metrics, readyz
 from gateway.state import State, json_response
+from gateway.sweep import Sweeper
 
 DRAIN_SECONDS = 300.0  # how long a reload waits for the previous config's requests
 # At shutdown, past server.shutdown_timeout uvicorn cancels the requests still running and goes on
@@ -149,6 +150,7 @@ class HotRoutes:
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
+        self.sweeper = Sweeper()  # a body that stops coming, a client that leaves a long request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -156,7 +158,12 @@ class HotRoutes:
             await self.app(scope, receive, send)
             return
         scope["app"] = self.app  # as Starlette sets it
-        response = await handler(Incoming.from_scope(scope, receive))
+        request = Incoming.from_scope(scope, receive)
+        self.sweeper.join(request)
+        try:
+            response = await handler(request)
+        finally:
+            self.sweeper.leave(request)
         await response(scope, receive, send)
 
 

@@ -40,6 +40,7 @@ async def _body(request: Incoming, limit: int) -> bytes:
             raise ClientGone("The client closed the connection before sending the whole body.")
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
+        request.received = size
         if size > limit:
             raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
         if not message.get("more_body", False):

@@ -187,6 +187,7 @@ class Server(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    body_timeout: float = Field(default=30, gt=0)  # seconds a request body may go without a byte (then 408)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout: int = Field(default=30, ge=0)  # SIGTERM: seconds requests in flight may take to finish
 

@@ -4,7 +4,8 @@
     ├── InvalidRequest                400 invalid_request_error   (param names the field)
     │   ├── BodyTooLarge              413
     │   ├── UnsupportedEncoding       415 a compressed body (Content-Encoding other than identity)
-    │   └── ClientGone                499 the client left before sending its whole body
+    │   ├── BodyTimeout               408 code=request_timeout: the body stopped arriving
+    │   └── ClientGone                499 the client left before the answer began
     ├── AuthenticationFailed          401 invalid_request_error   code=invalid_api_key
     ├── PermissionDenied              403 permission_error
     │   └── PrivacyViolation          403 code=privacy_violation
@@ -81,8 +82,15 @@ class UnsupportedEncoding(InvalidRequest):
     status = 415
 
 
+class BodyTimeout(InvalidRequest):
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_timeout")
+
+
 class ClientGone(InvalidRequest):
-    """The client went away before its request was read; nobody reads the answer."""
+    """The client went away before the answer began; nobody reads it."""
 
     status = 499
 

@@ -30,8 +30,8 @@ class Departure:
 
     __slots__ = ("_task", "_watch", "gone", "on_gone", "stopped")
 
-    def __init__(self, receive: Receive) -> None:
-        task = asyncio.current_task()
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None = None) -> None:
+        task = task or asyncio.current_task()
         assert task is not None
         self._task = task
         self.gone = False

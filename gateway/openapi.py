@@ -303,7 +303,9 @@ STATUS_TEXT = {
     401: "Missing or unknown API key.",
     403: "The key may not use this model, or a private request has no local deployment.",
     404: "Unknown model (`code: model_not_found`).",
+    408: "The body stopped arriving for `server.body_timeout` seconds (`code: request_timeout`).",
     413: "The body is larger than `server.max_body_bytes`.",
+    415: "The body is compressed (a `content-encoding` other than `identity`).",
     429: (
         "Rate limited: the API key's requests or tokens per minute (with `retry-after`,"
         " `retry-after-ms` and `x-ratelimit-*`), the backend, or an instance's `max_inflight`."
@@ -315,7 +317,7 @@ STATUS_TEXT = {
     ),
     504: "A backend deadline ran out.",
 }
-ROUTED_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
+ROUTED_ERRORS = (400, 401, 403, 404, 408, 413, 415, 429, 502, 503, 504)
 
 REQUEST_ID = {
     "x-request-id": {

@@ -8,7 +8,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -31,6 +31,9 @@ from gateway.providers.base import Provider
 from gateway.ratelimit import ANONYMOUS, RateLimiter, estimate
 from gateway.schemas import ModelInfo
 from gateway.upstream import make_transport
+
+if TYPE_CHECKING:
+    from gateway.incoming import Incoming
 
 INVENTORY_TTL = 5.0
 INVENTORY_TIMEOUT = 3.0
@@ -281,13 +284,15 @@ class State:
             headers["connection"] = "close"
         return json_response(error.body(), error.http_status, headers)
 
-    def cut_short(self, exchange: Exchange) -> Response:
-        """The request's task was cancelled by the server at its shutdown deadline: answer 503
-        while the connection is still there, and record it."""
+    def cancelled(self, exchange: Exchange, request: Incoming) -> Response:
+        """The request's task was cancelled before its answer began: by its body's timeout or its
+        client leaving (gateway/sweep.py), else by the server at its shutdown deadline (503 while
+        the connection is still there). Answer, and record it."""
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-        return self.fail(exchange, ShuttingDown())
+        error = request.why_cancelled() or ShuttingDown()
+        return self.fail(exchange, error, unread=not request.body_read)
 
     def unexpected(self, error: BaseException) -> None:
         """Our own bug: log where it happened (not the message, which may hold request text)."""

@@ -7,8 +7,8 @@ import asyncio
 from starlette.responses import Response
 
 from gateway.body import read_json, validate
-from gateway.errors import ClientGone, GatewayError
-from gateway.eventstream import Departure, EventStream
+from gateway.errors import GatewayError
+from gateway.eventstream import EventStream
 from gateway.incoming import Incoming
 from gateway.relay import StreamRelay, completion_body, notice_headers
 from gateway.schemas import ChatRequest
@@ -18,7 +18,6 @@ from gateway.state import json_response
 async def chat_completions(request: Incoming) -> Response:
     state = request.state
     exchange = state.begin(request.request_id, "chat")
-    departure: Departure | None = None
     try:
         key = state.authenticate(request.headers, exchange)
         chat = validate(ChatRequest, await read_json(request, state.config.server.max_body_bytes))
@@ -30,7 +29,7 @@ async def chat_completions(request: Incoming) -> Response:
         )
         await state.admit(exchange, key, chat.texts(), chat.max_output_tokens)
         if chat.stream:
-            departure = Departure(request.receive)
+            departure = request.watch()
             try:
                 source = await state.dispatcher.open_stream(plans, chat, exchange)
             except BaseException:
@@ -60,11 +59,6 @@ async def chat_completions(request: Incoming) -> Response:
     except GatewayError as error:
         return state.fail(exchange, error, unread=not request.body_read)
     except asyncio.CancelledError:
-        if departure is not None and departure.gone:  # before the answer began
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            return state.fail(
-                exchange, ClientGone("The client closed the connection before the answer began.")
-            )
-        return state.cut_short(exchange)  # the server's shutdown deadline has passed
+        return state.cancelled(exchange, request)
     except Exception as error:
         return state.crash(exchange, error)

@@ -57,7 +57,7 @@ async def embeddings(request: Incoming) -> Response:
         return json_response(body, headers=state.headers(exchange), after=lambda: state.finish(exchange, 200))
     except GatewayError as error:
         return state.fail(exchange, error, unread=not request.body_read)
-    except asyncio.CancelledError:  # the server's shutdown deadline has passed
-        return state.cut_short(exchange)
+    except asyncio.CancelledError:
+        return state.cancelled(exchange, request)
     except Exception as error:
         return state.crash(exchange, error)

@@ -6,10 +6,12 @@ import base64
 import json
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from gateway.config import Config
@@ -553,6 +555,78 @@ def test_a_client_that_leaves_before_the_first_token_stops_the_request_at_once(
     assert gone() == 1
     assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
     assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
+
+
+def test_a_client_that_leaves_a_long_json_request_stops_it(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    # A non-streaming request gets its watch from the sweeper once it is a second old.
+    fake, _ = fake_ollama
+    fake.queue(Reply(content="late", delay_first=10))
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=2.5))
+
+    def gone() -> float:
+        labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1", "status": "499"}
+        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
+
+    wait_for(gone)  # well before the backend's answer, 10 s after the request
+    assert gone() == 1
+    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+    assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
+
+
+def raw_post(gateway: ServerThread, head_extra: bytes = b"") -> tuple[socket.socket, bytes]:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = orjson.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]})
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-type: application/json\r\n"
+    head += b"content-length: %d\r\n" % len(body) + head_extra + b"\r\n"
+    client = socket.create_connection((host, int(port)), timeout=10)
+    client.sendall(head)
+    return client, body
+
+
+def read_to_close(client: socket.socket) -> bytes:
+    answer = b""
+    while chunk := client.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_body_that_stops_coming_is_408_and_closes_the_connection(
+    start_gateway: Callable[[Config], ServerThread], fake_ollama: FakeServer
+) -> None:
+    gateway = start_gateway(ollama_config(fake_ollama[1].url, server={"body_timeout": 1}))
+    client, body = raw_post(gateway)
+    with client:
+        client.sendall(body[:10])  # and nothing more
+        answer = read_to_close(client)  # the gateway closes it: the rest of the body never came
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert b"connection: close" in head.lower()
+    error = orjson.loads(payload)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
+    assert "nothing for 1 seconds" in error["message"]
+    assert fake_ollama[0].chat_bodies() == []
+    labels = {"endpoint": "chat", "model": "", "backend": "", "status": "408"}
+    assert sample(scrape(gateway.url), "gateway_requests_total", **labels) == 1
+
+
+def test_a_slow_body_that_keeps_coming_is_served(
+    start_gateway: Callable[[Config], ServerThread], fake_ollama: FakeServer
+) -> None:
+    # The timeout is for a body that stops, not for a slow one: each byte that comes restarts it.
+    gateway = start_gateway(ollama_config(fake_ollama[1].url, server={"body_timeout": 1}))
+    client, body = raw_post(gateway, b"connection: close\r\n")
+    with client:
+        pieces = [body[i : i + len(body) // 8 + 1] for i in range(0, len(body), len(body) // 8 + 1)]
+        for piece in pieces:  # over about 3.5 s, three and a half times the timeout
+            client.sendall(piece)
+            time.sleep(0.45)
+        answer = read_to_close(client)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert len(fake_ollama[0].chat_bodies()) == 1
 
 
 def test_oversized_body_is_413(

@@ -50,7 +50,20 @@ def test_document_is_valid_openapi() -> None:
     assert keyed_doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     chat = keyed_doc["paths"]["/v1/chat/completions"]["post"]
     assert chat["security"] == [{"bearerAuth": []}]
-    assert set(chat["responses"]) == {"200", "400", "401", "403", "404", "413", "429", "502", "503", "504"}
+    assert set(chat["responses"]) == {
+        "200",
+        "400",
+        "401",
+        "403",
+        "404",
+        "408",
+        "413",
+        "415",
+        "429",
+        "502",
+        "503",
+        "504",
+    }
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     assert keyed_doc["paths"]["/healthz"]["get"]["security"] == []
     model = open_doc["components"]["schemas"]["ChatRequest"]["properties"]["model"]
