@@ -37,11 +37,12 @@ class Sweeper:
 
     def join(self, request: Incoming) -> None:
         """From the request's own task, as it begins."""
-        request.task = asyncio.current_task()
+        loop = self._loop
+        if self._handle is None or loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+            self._handle = loop.call_later(SWEEP_SECONDS, self._sweep)
+        request.task = asyncio.current_task(loop)  # with its loop given, it makes no system call
         self.entries[request] = None
-        if self._handle is None or self._loop is None or self._loop.is_closed():
-            self._loop = asyncio.get_running_loop()
-            self._handle = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def leave(self, request: Incoming) -> None:
         """When the request's answer is ready: a watch the route did not take over ends here."""
