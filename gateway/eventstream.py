@@ -14,6 +14,7 @@ from contextlib import aclosing, suppress
 from typing import Any
 
 from gateway.errors import ShuttingDown
+from gateway.protocol import ABORT
 from gateway.relay import error_event
 from gateway.sse import DONE
 
@@ -101,8 +102,11 @@ class EventStream:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             task.uncancel()
-            if departure.gone or over or (self._stalled is not None and self._stalled()):
+            if departure.gone or over:
                 return  # nothing more can be written to this client
+            if self._stalled is not None and self._stalled():
+                await _drop(scope)
+                return
             with suppress(OSError, RuntimeError):  # the client may be gone too
                 await send(
                     {"type": "http.response.body", "body": error_event(ShuttingDown()), "more_body": True}
@@ -110,6 +114,16 @@ class EventStream:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             departure.stop()
+
+
+async def _drop(scope: Scope) -> None:
+    """Ends the connection of a client that reads nothing: its response cannot be finished. Under
+    `gateway serve` the protocol offers the abort (gateway/protocol.py); once the loss has run,
+    uvicorn knows the response is not coming."""
+    abort = scope.get("extensions", {}).get(ABORT)
+    if abort is not None:
+        abort()
+        await asyncio.sleep(0)  # the transport calls connection_lost soon, before this resumes
 
 
 async def _disconnected(receive: Receive) -> None:

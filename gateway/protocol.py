@@ -5,13 +5,22 @@ with 40 MB of headers grew the worker by 180 MB and held its loop for most of a 
 `server.max_body_bytes`, which only bounds the body. Here the request line and header fields of
 one request may take HEAD_LIMIT bytes; past that the request gets uvicorn's answer to a malformed
 request (400, and the connection closed), as it would behind nginx (8 KiB a line) or Node (16 KiB).
+
+It also offers the app a way to drop a connection (the scope extension ABORT): a stream whose
+client has stopped reading cannot be finished, and closing its transport would wait forever to
+send what nobody takes. Aborted, the connection is lost at once and uvicorn knows the response
+will not be completed, so it does not log an error for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HEAD_LIMIT = 64 * 1024  # bytes of request line and header names and values
+ABORT = "phoenix.abort"  # scope["extensions"][ABORT](): drop the connection, unsent bytes and all
 
 
 class HeadTooLarge(Exception):
@@ -20,10 +29,16 @@ class HeadTooLarge(Exception):
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
+    _extensions: dict[str, Any]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._extensions = {ABORT: transport.abort}
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self.scope["extensions"] = self._extensions
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))

@@ -36,13 +36,14 @@ def free_port() -> int:
 class ServerThread:
     """One uvicorn server in a daemon thread; `url` is its base URL."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, http: Any = "auto") -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=self.port,
+            http=http,
             log_level="warning",
             lifespan="auto",
             loop="asyncio",

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.config import Config, parse_config
+from gateway.protocol import GatewayHttpProtocol
 from tests.engines import MODELS, RealOllama
 from tests.fakes.ollama_server import FakeOllama
 from tests.servers import ServerThread, serve
@@ -74,7 +75,7 @@ def start_gateway() -> Iterator[Callable[..., ServerThread]]:
     servers: list[ServerThread] = []
 
     def start(config: Config, environ: dict[str, str] | None = None) -> ServerThread:
-        server = ServerThread(create_app(config, environ=environ or {})).start()
+        server = ServerThread(create_app(config, environ=environ or {}), http=GatewayHttpProtocol).start()
         servers.append(server)
         return server
 

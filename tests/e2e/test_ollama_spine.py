@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import socket
 import struct
 import time
@@ -14,6 +16,7 @@ import openai
 import orjson
 import pytest
 
+from gateway import relay as relay_module
 from gateway.config import Config
 from gateway.schemas import MAX_EMBEDDING_INPUTS
 from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
@@ -535,6 +538,48 @@ def test_client_disconnect_mid_stream_cancels_the_upstream(
     assert cancelled_requests() == 1
     samples = scrape(gateway.url)
     assert sample(samples, "gateway_inflight_requests", backend="ollama-1") == 0
+
+
+def test_a_client_that_stops_reading_is_dropped_without_a_server_error(
+    fake_ollama: FakeServer, gateway: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection is open and nothing is read: the stream is cut, the connection dropped
+    # rather than left waiting to send, and uvicorn logs no "returned without completing".
+    monkeypatch.setattr(relay_module, "CLIENT_STALL_SECONDS", 0.5)
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["x" * 8192] * 8000))  # 64 MB: more than the socket buffers hold
+    body = orjson.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-type: application/json\r\n"
+    head += b"content-length: %d\r\n\r\n" % len(body)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        client.connect((host, int(port)))
+        client.sendall(head + body)
+
+        def cut() -> float:
+            labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1", "status": "499"}
+            return sample(scrape(gateway.url), "gateway_requests_total", **labels)
+
+        wait_for(cut)
+        assert cut() == 1
+        client.settimeout(5)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):  # the connection ends: EOF or a reset
+            while chunk := client.recv(1 << 20):
+                received += chunk
+    finally:
+        client.close()
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"[DONE]" not in received and len(received) < 8 << 20
+    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+    assert errors == []
 
 
 def test_a_client_that_leaves_before_the_first_token_stops_the_request_at_once(

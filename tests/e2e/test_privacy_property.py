@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from gateway.app import create_app
 from gateway.config import parse_config
+from gateway.protocol import GatewayHttpProtocol
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -103,7 +104,7 @@ def rig() -> Iterator[Rig]:
             },
             "test",
         )
-        gateway = ServerThread(create_app(config, environ={"GK": "gm-key"})).start()
+        gateway = ServerThread(create_app(config, environ={"GK": "gm-key"}), http=GatewayHttpProtocol).start()
         try:
             yield Rig(ollama, cloud_openai, cloud_gemini, gateway)
         finally:
