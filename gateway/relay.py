@@ -109,13 +109,14 @@ class _Watchdog:
     made and cancelled a timer per chunk: a sixth of a stream's CPU on the benchmark.)"""
 
     __slots__ = (
-        "_handle", "_loop", "_task", "_write_seen_at", "_writes_seen", "deadline", "expired", "idle",
-        "since", "stalled", "waiting", "writes", "writing",
+        "_cancelling", "_handle", "_loop", "_task", "_write_seen_at", "_writes_seen", "deadline", "expired",
+        "idle", "since", "stalled", "waiting", "writes", "writing",
     )  # fmt: skip
 
     def __init__(self, idle: float, deadline: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
         self.idle = idle
         self.deadline = deadline  # loop time
         self.since = 0.0
@@ -175,13 +176,13 @@ class _Watchdog:
             self._arm(now)
 
     def timed_out(self) -> bool:
-        """Whether the cancellation that ended a read was this watchdog's (and take it back)."""
+        """Whether the cancellation that ended a read was this watchdog's alone (it is taken back).
+        When another came in the same turn (the client left, the server's shutdown deadline), that
+        one is what ended the stream."""
         if not self.expired:
             return False
         self.expired = False
-        if self._task is not None:
-            self._task.uncancel()
-        return True
+        return self._task is None or self._task.uncancel() <= self._cancelling
 
     def stop(self) -> None:
         if self._handle is not None:

@@ -85,3 +85,43 @@ async def test_the_total_deadline_cuts_a_stream_that_never_stalls() -> None:
 async def test_a_slow_client_does_not_count_against_the_backend() -> None:
     payloads = await relay([0.0] * 4, idle=0.1, total=10, client_pause=0.2)  # the client reads slowly
     assert payloads[-2:] == ["[DONE]", "200"]
+
+
+async def test_a_client_that_leaves_as_the_idle_deadline_fires_is_recorded_as_gone() -> None:
+    # Both cancel the stream's task in the same turn of the loop: the client's leaving wins, since
+    # nobody is there to be told of the backend's stall (499, not a 504 against the backend).
+    finished: list[int] = []
+    source = StreamSource(
+        first=[Chunk(content="first ")],
+        rest=paced([5.0]),
+        idle_timeout=0.2,
+        deadline=time.perf_counter() + 10,
+        on_close=lambda: None,
+    )
+    stream = StreamRelay(
+        source,
+        Exchange(request_id="r", endpoint="chat"),
+        model="m",
+        include_usage=False,
+        finish=finished.append,
+        on_unexpected=lambda error: None,
+    )
+    loop = asyncio.get_running_loop()
+
+    async def consume() -> None:
+        async for _ in stream.body():
+            pass
+
+    task = asyncio.ensure_future(consume())
+    while stream._watchdog is None or stream._watchdog._handle is None:
+        await asyncio.sleep(0)
+    due = stream._watchdog._handle.when()
+
+    def client_left() -> None:  # what the request's Departure does when the client goes
+        stream.client_gone()
+        task.cancel()
+
+    loop.call_at(due, client_left)  # timers due at the same time run in the same turn
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert finished == [499]
