@@ -3,6 +3,8 @@
 Lines end in `\\n`, `\\r\\n` or `\\r` (a `\\r` at the end of one read may be the first half of a
 `\\r\\n`, so it is held back); a blank line dispatches the event; `:` starts a comment; several
 `data:` lines join with `\\n`. Only the fields a gateway needs are kept: event, data, id, retry.
+One line, and one event's data lines together, may hold `max_line` characters (a stream of short
+`data:` lines with no blank line between them would otherwise grow one event without end).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class Event:
 
 
 class SSEDecoder:
-    __slots__ = ("_data", "_event", "_id", "_max_line", "_pending", "_retry", "_size", "_utf8")
+    __slots__ = ("_data", "_data_size", "_event", "_id", "_max_line", "_pending", "_retry", "_size", "_utf8")
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
         # The partial line, in pieces joined only once a line ends (a long line costs linear time).
@@ -37,6 +39,7 @@ class SSEDecoder:
         # A character split between two reads is decoded whole when its second half arrives.
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._data: list[str] = []
+        self._data_size = 0  # characters in `_data`
         self._event = ""
         self._id: str | None = None
         self._retry: int | None = None
@@ -99,6 +102,9 @@ class SSEDecoder:
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
+            self._data_size += len(value) + 1
+            if self._data_size > self._max_line:
+                raise LineTooLong(f"event longer than {self._max_line} characters")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -114,6 +120,7 @@ class SSEDecoder:
             return None
         event = Event("\n".join(self._data), self._event or "message", self._id, self._retry)
         self._data = []
+        self._data_size = 0
         self._event = ""
         return event
 

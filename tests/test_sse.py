@@ -66,3 +66,15 @@ def test_a_line_growing_in_many_reads_is_cut_at_the_limit() -> None:
         for _ in range(20):
             decoder.feed(b"x" * 100)
     assert SSEDecoder(max_line=1000).feed(b"data: " + b"x" * 900 + b"\n\n")[0].data == "x" * 900
+
+
+def test_an_event_of_endless_short_data_lines_is_cut_at_the_limit() -> None:
+    # No line is long, but with no blank line the one event would grow without end.
+    decoder = SSEDecoder(max_line=1000)
+    with pytest.raises(LineTooLong, match="event longer than 1000"):
+        for _ in range(200):
+            decoder.feed(b"data: xxxxxxxxx\n")
+    again = SSEDecoder(max_line=1000)
+    for _ in range(10):  # events under the limit, each dispatched, never add up
+        events = again.feed(b"data: " + b"x" * 90 + b"\n" + b"data: " + b"y" * 90 + b"\n\n")
+        assert [event.data for event in events] == ["x" * 90 + "\n" + "y" * 90]
