@@ -82,14 +82,17 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
 class Response:
     """One answer: status and headers at once, the body as it arrives. `close()` when done."""
 
-    __slots__ = ("_connection", "headers", "status")
+    __slots__ = ("_closed", "_connection", "headers", "status")
 
     def __init__(self, connection: _Connection, status: int, headers: dict[str, str]) -> None:
         self._connection = connection
+        self._closed = False  # once closed, its connection may carry another exchange
         self.status = status
         self.headers = headers  # lower-case names
 
     async def read(self) -> bytes:
+        if self._closed:
+            raise RuntimeError("the answer was closed before its body was read")
         connection = self._connection
         parts = []
         while (part := await connection.next_chunk()) is not None:
@@ -104,12 +107,15 @@ class Response:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._closed:
+            raise RuntimeError("the answer was closed before its body was read")
         chunk = await self._connection.next_chunk()
         if chunk is None:
             raise StopAsyncIteration
         return chunk
 
     def close(self) -> None:
+        self._closed = True
         self._connection.finish()
 
     async def aclose(self) -> None:
@@ -144,6 +150,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._busy = False
+        self._bodiless = False  # the answer to a HEAD: its Content-Length describes a body not sent
 
     # ---- asyncio.Protocol ----
 
@@ -211,8 +218,11 @@ class _Connection(asyncio.Protocol):
             return
         self._status = status
         headers = self._headers
+        if self._bodiless:  # complete now; the parser would wait for the body, so no reuse
+            self._complete, self._extra, self.alive = True, True, False
         self._until_close = (
-            status not in (204, 304)
+            not self._bodiless
+            and status not in (204, 304)
             and "content-length" not in headers
             and "chunked" not in headers.get("transfer-encoding", "").lower()
         )
@@ -242,9 +252,10 @@ class _Connection(asyncio.Protocol):
 
     # ---- one exchange ----
 
-    async def exchange(self, data: bytes) -> Response:
+    async def exchange(self, data: bytes, bodiless: bool = False) -> Response:
         self._reset()
         self._busy = True
+        self._bodiless = bodiless
         self._head = self._loop.create_future()
         assert self.transport is not None
         self.transport.write(data)
@@ -343,7 +354,7 @@ class Pool:
             head += b"\r\n"
         connection = await self._acquire(target, connect_timeout)
         try:
-            return await connection.exchange(head)
+            return await connection.exchange(head, method == "HEAD")
         except BaseException:
             connection.finish()  # cancelled or failed: never back to the pool half-used
             raise

@@ -469,3 +469,38 @@ async def test_a_host_header_from_the_config_names_the_server_once() -> None:
             b"host: ollama.internal"
         ]
     await pool.aclose()
+
+
+async def test_the_answer_to_a_head_has_no_body_whatever_its_length_says() -> None:
+    async def head_answer(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1234\r\n\r\n")
+        await writer.drain()
+        return True
+
+    pool = Pool()
+    async with scripted(head_answer) as server:
+        for _ in range(2):  # the connection is not reused: the parser there still waits for a body
+            response = await pool.send("HEAD", Target.parse(server.url), HEADERS, None, 2.0)
+            assert (response.status, response.headers["content-length"]) == (200, "1234")
+            assert await asyncio.wait_for(response.read(), 2) == b""
+            response.close()
+        assert server.connections == 2
+    await settled(pool)
+    await pool.aclose()
+
+
+async def test_an_answer_read_after_it_was_closed_is_an_error_not_another_answer() -> None:
+    pool = Pool()
+    async with scripted(ok) as server:
+        first = await send(pool, server.url)
+        assert await first.read() == b'{"n": 1}'
+        first.close()  # its connection goes back to the pool and carries the next exchange
+        second = await send(pool, server.url)
+        with pytest.raises(RuntimeError, match="closed"):
+            await first.read()
+        with pytest.raises(RuntimeError, match="closed"):
+            await anext(first)
+        assert await second.read() == b'{"n": 2}'
+        second.close()
+        assert server.connections == 1
+    await pool.aclose()
