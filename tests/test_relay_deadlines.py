@@ -24,9 +24,8 @@ async def paced(gaps: list[float]) -> AsyncIterator[list[Chunk]]:
         yield [Chunk(content=f"t{i} ", finish_reason="stop" if i == len(gaps) - 1 else None)]
 
 
-async def relay(gaps: list[float], *, idle: float, total: float, client_pause: float = 0.0) -> list[str]:
-    """The SSE payloads the client gets, and the status the relay recorded, as the last item."""
-    finished: list[int] = []
+def paced_relay(gaps: list[float], finished: list[int], *, idle: float, total: float) -> StreamRelay:
+    """A relay of a first chunk and then one per gap; the status it records goes to `finished`."""
     source = StreamSource(
         first=[Chunk(content="first ")],
         rest=paced(gaps),
@@ -34,7 +33,7 @@ async def relay(gaps: list[float], *, idle: float, total: float, client_pause: f
         deadline=time.perf_counter() + total,
         on_close=lambda: None,
     )
-    stream = StreamRelay(
+    return StreamRelay(
         source,
         Exchange(request_id="r", endpoint="chat"),
         model="m",
@@ -42,6 +41,12 @@ async def relay(gaps: list[float], *, idle: float, total: float, client_pause: f
         finish=finished.append,
         on_unexpected=lambda error: None,
     )
+
+
+async def relay(gaps: list[float], *, idle: float, total: float, client_pause: float = 0.0) -> list[str]:
+    """The SSE payloads the client gets, and the status the relay recorded, as the last item."""
+    finished: list[int] = []
+    stream = paced_relay(gaps, finished, idle=idle, total=total)
     payloads = []
     async for data in stream.body():
         payloads += [
@@ -91,21 +96,7 @@ async def test_a_client_that_leaves_as_the_idle_deadline_fires_is_recorded_as_go
     # Both cancel the stream's task in the same turn of the loop: the client's leaving wins, since
     # nobody is there to be told of the backend's stall (499, not a 504 against the backend).
     finished: list[int] = []
-    source = StreamSource(
-        first=[Chunk(content="first ")],
-        rest=paced([5.0]),
-        idle_timeout=0.2,
-        deadline=time.perf_counter() + 10,
-        on_close=lambda: None,
-    )
-    stream = StreamRelay(
-        source,
-        Exchange(request_id="r", endpoint="chat"),
-        model="m",
-        include_usage=False,
-        finish=finished.append,
-        on_unexpected=lambda error: None,
-    )
+    stream = paced_relay([5.0], finished, idle=0.2, total=10)
     loop = asyncio.get_running_loop()
 
     async def consume() -> None:
