@@ -67,6 +67,9 @@ def completion_body(
     }
 
 
+UNREPORTED = "unreported"  # the `usage` notice when a backend sent no token counts
+
+
 def notice_headers(notices: dict[str, str]) -> dict[str, str]:
     """`prompt_truncated` -> `x-phoenix-prompt-truncated`."""
     return {"x-phoenix-" + key.replace("_", "-"): value for key, value in notices.items()}
@@ -359,8 +362,12 @@ class StreamRelay:
                     yield data
                     watchdog.end_write()
                 chunks = await self._next(watchdog)
-            if self._include_usage:
-                yield self._encoder.usage(self._usage or Usage())
+            if self._usage is None:  # the backend counted nothing: zeros for the client, no count here
+                exchange.notes["usage"] = UNREPORTED
+                if self._include_usage:
+                    yield notice_comments({"usage": UNREPORTED}) + self._encoder.usage(Usage())
+            elif self._include_usage:
+                yield self._encoder.usage(self._usage)
             yield DONE
         except GatewayError as error:
             status = error.http_status

@@ -301,6 +301,9 @@ class Choice:
 class Completion:
     choices: list[Choice]
     usage: Usage = field(default_factory=Usage)
+    # False when the backend reported no usage: the client still gets zeros (the contract's rule),
+    # but nothing counts them as tokens used, and the rate limiter keeps its estimate.
+    counted: bool = True
     # Facts worth telling the client, e.g. that the backend silently truncated the prompt.
     notices: dict[str, str] = field(default_factory=dict)
 

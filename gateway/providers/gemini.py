@@ -285,8 +285,11 @@ def parse_response(body: Any) -> Completion:
         raise UpstreamProtocol("Gemini answered with something other than a JSON object")
     candidates = _candidates(body)
     if not candidates and _blocked(body):
+        metadata = body.get("usageMetadata")
         return Completion(
-            [Choice(content="", finish_reason="content_filter")], usage(body.get("usageMetadata"))
+            [Choice(content="", finish_reason="content_filter")],
+            usage(metadata),
+            counted=isinstance(metadata, dict),
         )
     if not candidates:
         raise UpstreamProtocol("Gemini answered without candidates")
@@ -309,7 +312,10 @@ def parse_response(body: Any) -> Completion:
                 finish_reason=finish_reason(reason, bool(calls)),
             )
         )
-    return Completion(sorted(choices, key=lambda c: c.index), usage(body.get("usageMetadata")))
+    metadata = body.get("usageMetadata")
+    return Completion(
+        sorted(choices, key=lambda c: c.index), usage(metadata), counted=isinstance(metadata, dict)
+    )
 
 
 class StreamState:

@@ -10,7 +10,7 @@ from gateway.body import read_json, validate
 from gateway.errors import GatewayError
 from gateway.eventstream import EventStream
 from gateway.incoming import Incoming
-from gateway.relay import StreamRelay, completion_body, notice_headers
+from gateway.relay import UNREPORTED, StreamRelay, completion_body, notice_headers
 from gateway.schemas import ChatRequest
 from gateway.state import json_response
 
@@ -51,7 +51,10 @@ async def chat_completions(request: Incoming) -> Response:
                 stalled=relay.client_stalled,
             )
         completion = await state.dispatcher.complete(plans, chat, exchange)
-        exchange.usage = completion.usage
+        if completion.counted:
+            exchange.usage = completion.usage
+        else:  # the client gets zeros; the books and the rate limiter do not take them for a count
+            completion.notices["usage"] = UNREPORTED
         exchange.notes.update(completion.notices)
         headers = {**state.headers(exchange), **notice_headers(completion.notices)}
         body = completion_body(completion, model=exchange.answered_as)

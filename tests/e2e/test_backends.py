@@ -272,6 +272,38 @@ def test_openai_upstream_always_counts_tokens_when_streaming(
     assert "metadata" not in sent
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_backend_that_reports_no_usage_gives_zeros_marked_unreported_and_counts_nothing(
+    start_gateway: Callable[..., ServerThread], stream: bool
+) -> None:
+    # The contract's zeros for the client, said to be unreported; no tokens counted from them.
+    fake = FakeOpenAI(api_key=KEY)
+    fake.queue(Reply(content="Hello world", usage_missing=True))
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        body: dict[str, Any] = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        answer = httpx.post(gateway.url + "/v1/chat/completions", json=body)
+        samples = scrape(gateway.url)
+    assert answer.status_code == 200
+    zeros = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if stream:
+        events = answer.text.split("\n\n")
+        usage_at = next(i for i, event in enumerate(events) if '"usage":{' in event)
+        assert events[usage_at - 1] == ": usage=unreported"
+        assert json.loads(events[usage_at].removeprefix("data: "))["usage"] == zeros
+        assert events[usage_at + 1] == "data: [DONE]"
+    else:
+        assert answer.json()["usage"] == zeros
+        assert answer.headers["x-phoenix-usage"] == "unreported"
+        assert answer.json()["choices"][0]["message"]["content"] == "Hello world"
+    labels = {"endpoint": "chat", "model": "chat", "backend": "b", "status": "200"}
+    assert sample(samples, "gateway_requests_total", **labels) == 1
+    for kind in ("prompt", "completion"):
+        assert ("gateway_tokens_total", (("backend", "b"), ("model", "chat"), ("type", kind))) not in samples
+
+
 def test_unknown_fields_reach_only_backends_that_speak_openai(rig: Rig) -> None:
     extra = {"repetition_penalty": 1.1, "vendor_knob": {"depth": 2}}
     reply = rig.api.chat.completions.create(

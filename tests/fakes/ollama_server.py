@@ -41,6 +41,7 @@ class Reply:
     delay_between: float = 0.0
     id_missing: bool = False
     garbage: bool = False  # answer 200 with a body that is not the protocol
+    usage_missing: bool = False  # OpenAI-compatible: no usage at all (a server that ignores stream_options)
 
     def stream_pieces(self) -> list[str]:
         if self.pieces is not None:

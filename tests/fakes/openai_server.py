@@ -108,8 +108,11 @@ class FakeOpenAI:
         if reply.tool_calls:
             message["tool_calls"] = self._calls(reply)
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(reply)}
-        return {"id": "chatcmpl-up", "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [choice], "usage": self._usage(reply)}  # fmt: skip
+        answer = {"id": "chatcmpl-up", "object": "chat.completion", "created": int(time.time()),
+                  "model": model, "choices": [choice]}  # fmt: skip
+        if not reply.usage_missing:
+            answer["usage"] = self._usage(reply)
+        return answer
 
     async def _events(self, model: str, reply: Reply, body: dict[str, Any]) -> AsyncIterator[bytes]:
         head = {
@@ -152,7 +155,7 @@ class FakeOpenAI:
             if reply.omit_done:
                 return
             yield event({}, self._finish(reply))
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if (body.get("stream_options") or {}).get("include_usage") and not reply.usage_missing:
                 yield b"data: " + orjson.dumps({**head, "choices": [], "usage": self._usage(reply)}) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):

@@ -516,6 +516,16 @@ def test_finish_reasons_map_by_meaning(native: str | None, mapped: str) -> None:
     assert completion.choices[0].finish_reason == mapped
 
 
+def test_an_answer_without_usage_metadata_is_not_counted() -> None:
+    counted = gemini.parse_response(
+        {"candidates": [candidate({"text": "x"})], "usageMetadata": {"promptTokenCount": 3}}
+    )
+    unreported = gemini.parse_response({"candidates": [candidate({"text": "x"})]})
+    blocked = gemini.parse_response({"promptFeedback": {"blockReason": "SAFETY"}})
+    assert (counted.counted, unreported.counted, blocked.counted) == (True, False, False)
+    assert unreported.usage.as_dict() == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
 def test_max_tokens_with_function_calls_stays_length() -> None:
     assert gemini.finish_reason("MAX_TOKENS", True) == "length"
     assert gemini.finish_reason("STOP", True) == "tool_calls"
