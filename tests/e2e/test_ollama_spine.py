@@ -622,6 +622,28 @@ def test_a_client_that_leaves_a_long_json_request_stops_it(
     assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
 
 
+def test_a_client_that_leaves_a_long_embeddings_request_stops_it(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    fake.embed_delay = 10
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gateway.url + "/v1/embeddings",
+            json={"model": "embed", "input": "x"},
+            timeout=httpx.Timeout(5, read=2.5),
+        )
+
+    def gone() -> float:
+        labels = {"endpoint": "embeddings", "model": "embed", "backend": "ollama-1", "status": "499"}
+        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
+
+    wait_for(gone)  # well before the backend's answer, 10 s after the request
+    assert gone() == 1
+    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+    assert len([path for path, _ in fake.requests if path == "/api/embed"]) == 1
+
+
 def raw_post(gateway: ServerThread, head_extra: bytes = b"") -> tuple[socket.socket, bytes]:
     host, port = gateway.url.removeprefix("http://").split(":")
     body = orjson.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]})

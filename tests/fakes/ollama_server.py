@@ -79,6 +79,7 @@ class FakeOllama:
         self.requests: list[tuple[str, Any]] = []
         self.cancelled = 0
         self.completed_streams = 0
+        self.embed_delay = 0.0  # seconds before each /api/embed answer
         self.app = Starlette(
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
@@ -209,6 +210,8 @@ class FakeOllama:
             inputs = [inputs]
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             return _error(400, "invalid input type")
+        if self.embed_delay:
+            await asyncio.sleep(self.embed_delay)
         vectors = [self.vector(text) for text in inputs]
         words = sum(len(text.split()) for text in inputs)
         return _json(
