@@ -27,6 +27,7 @@ import asyncio
 import base64
 import ipaddress
 import socket
+import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +74,19 @@ class Image:
 
 
 NO_IMAGES: Mapping[str, Image] = MappingProxyType({})
+# The images fetched for each request under way, by the request's id, so that a retry or a fallback
+# on another backend (another fetcher) fetches nothing twice. Only requests with image URLs have an
+# entry, and it goes when the request is freed.
+_FETCHED: dict[int, dict[str, Image]] = {}
+
+
+def _fetched_for(request: ChatRequest) -> dict[str, Image]:
+    key = id(request)
+    fetched = _FETCHED.get(key)
+    if fetched is None:
+        fetched = _FETCHED[key] = {}
+        weakref.finalize(request, _FETCHED.pop, key, None)
+    return fetched
 
 
 def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
@@ -167,7 +181,7 @@ class ImageFetcher:
         fallback). A request without image URLs costs one pass over its messages."""
         if not any(message.image_urls() for message in request.messages):
             return NO_IMAGES
-        fetched = request.fetched_images
+        fetched = _fetched_for(request)
         fetched.update(await self.fetch(request.messages, roles, known=fetched))
         return fetched
 

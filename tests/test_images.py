@@ -4,11 +4,13 @@ tests/e2e/test_images.py."""
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from typing import Any
 
 import pytest
 
+from gateway import images
 from gateway.config import Images
 from gateway.errors import InvalidRequest
 from gateway.images import GuardedResolver, Image, ImageFetcher, Refused, media_type, refusal, remote_urls
@@ -174,6 +176,17 @@ def _request(**fields: Any) -> ChatRequest:
 
 URL = "https://img.example/cat.png?sig=secret"
 FETCHED = {URL: Image("image/webp", PNG)}
+
+
+def test_a_requests_fetched_images_are_kept_while_it_lives_and_no_longer() -> None:
+    # A retry or fallback on another backend (another fetcher) finds them; a freed request's go.
+    request, other = _request(messages=[_message("user", URL)]), _request(messages=[_message("user", URL)])
+    images._fetched_for(request).update(FETCHED)
+    assert images._fetched_for(request) == FETCHED
+    assert images._fetched_for(other) == {}
+    del request, other
+    gc.collect()
+    assert images._FETCHED == {}
 
 
 def test_ollama_sends_fetched_images_as_bare_base64() -> None:
