@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -582,6 +583,23 @@ def test_a_client_that_stops_reading_is_dropped_without_a_server_error(
     assert errors == []
 
 
+def leave_early(gateway: ServerThread, path: str, body: dict[str, Any], *, after: float) -> None:
+    """Send `body` and leave after `after` seconds without an answer. The request must then be
+    recorded as a 499 at once (within wait_for's 5 s, well before the backend's 10 s answer),
+    with nothing left in flight."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + path, json=body, timeout=httpx.Timeout(5, read=after))
+    endpoint = path.removeprefix("/v1/").removesuffix("/completions")
+    labels = {"endpoint": endpoint, "model": body["model"], "backend": "ollama-1", "status": "499"}
+
+    def gone() -> float:
+        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
+
+    wait_for(gone)
+    assert gone() == 1
+    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+
+
 def test_a_client_that_leaves_before_the_first_token_stops_the_request_at_once(
     fake_ollama: FakeServer, gateway: ServerThread
 ) -> None:
@@ -589,16 +607,7 @@ def test_a_client_that_leaves_before_the_first_token_stops_the_request_at_once(
     fake, _ = fake_ollama
     fake.queue(Reply(pieces=["late "], delay_first=10))
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
-
-    def gone() -> float:
-        labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1", "status": "499"}
-        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
-
-    wait_for(gone)  # well before the backend's first token, 10 s after the request
-    assert gone() == 1
-    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+    leave_early(gateway, "/v1/chat/completions", body, after=0.3)
     assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
 
 
@@ -609,16 +618,7 @@ def test_a_client_that_leaves_a_long_json_request_stops_it(
     fake, _ = fake_ollama
     fake.queue(Reply(content="late", delay_first=10))
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=2.5))
-
-    def gone() -> float:
-        labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1", "status": "499"}
-        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
-
-    wait_for(gone)  # well before the backend's answer, 10 s after the request
-    assert gone() == 1
-    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+    leave_early(gateway, "/v1/chat/completions", body, after=2.5)
     assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
 
 
@@ -627,20 +627,7 @@ def test_a_client_that_leaves_a_long_embeddings_request_stops_it(
 ) -> None:
     fake, _ = fake_ollama
     fake.embed_delay = 10
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            gateway.url + "/v1/embeddings",
-            json={"model": "embed", "input": "x"},
-            timeout=httpx.Timeout(5, read=2.5),
-        )
-
-    def gone() -> float:
-        labels = {"endpoint": "embeddings", "model": "embed", "backend": "ollama-1", "status": "499"}
-        return sample(scrape(gateway.url), "gateway_requests_total", **labels)
-
-    wait_for(gone)  # well before the backend's answer, 10 s after the request
-    assert gone() == 1
-    assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
+    leave_early(gateway, "/v1/embeddings", {"model": "embed", "input": "x"}, after=2.5)
     assert len([path for path, _ in fake.requests if path == "/api/embed"]) == 1
 
 
