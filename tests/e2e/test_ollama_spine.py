@@ -600,25 +600,16 @@ def leave_early(gateway: ServerThread, path: str, body: dict[str, Any], *, after
     assert sample(scrape(gateway.url), "gateway_inflight_requests", backend="ollama-1") == 0
 
 
-def test_a_client_that_leaves_before_the_first_token_stops_the_request_at_once(
-    fake_ollama: FakeServer, gateway: ServerThread
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_client_that_leaves_before_its_answer_stops_the_request_at_once(
+    fake_ollama: FakeServer, gateway: ServerThread, stream: bool
 ) -> None:
     # A cold model load can take minutes; a client that gives up meanwhile frees the backend then.
+    # A stream is watched from before it opens; a JSON request by the sweeper once it is a second old.
     fake, _ = fake_ollama
     fake.queue(Reply(pieces=["late "], delay_first=10))
-    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
-    leave_early(gateway, "/v1/chat/completions", body, after=0.3)
-    assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
-
-
-def test_a_client_that_leaves_a_long_json_request_stops_it(
-    fake_ollama: FakeServer, gateway: ServerThread
-) -> None:
-    # A non-streaming request gets its watch from the sweeper once it is a second old.
-    fake, _ = fake_ollama
-    fake.queue(Reply(content="late", delay_first=10))
-    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
-    leave_early(gateway, "/v1/chat/completions", body, after=2.5)
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    leave_early(gateway, "/v1/chat/completions", body, after=0.3 if stream else 2.5)
     assert len(fake.chat_bodies()) == 1  # and nothing was retried for a client that is gone
 
 
