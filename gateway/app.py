@@ -1,10 +1,11 @@
 """create_app(config) -> the ASGI app: the route table, middleware, and a lifespan that owns the State.
 
-The two routes that carry the traffic, POST /v1/chat/completions and /v1/embeddings, go from the
-request-id middleware straight to their handlers (`HotRoutes`); everything else goes through
-Starlette's exception middleware and router. The handlers turn every failure into an answer
-themselves, and Starlette's layers cost more per request than the gateway's own routing did on
-the benchmark (bench/README.md)."""
+The two routes that carry the traffic, POST /v1/chat/completions and /v1/embeddings, go straight
+to their handlers (`HotRoutes`, the app's front, which also sets their request id); everything
+else goes through the request-id middleware, Starlette's exception middleware and router. The
+handlers turn every failure into an answer themselves, and Starlette's layers cost more per
+request than the gateway's own routing did on the benchmark (bench/README.md). Each coroutine
+layer is resumed every time a request's task is, so the hot routes have as few as can be."""
 
 from __future__ import annotations
 
@@ -145,26 +146,37 @@ class Reloader:
 
 
 class HotRoutes:
-    """POSTs to the hot routes go straight to their handlers; the rest, and every other method on
-    those paths (405), to Starlette."""
+    """The app's front. POSTs to the hot routes go straight to their handlers, with the request id
+    set as RequestId would (their answers carry it in their own headers); the rest, and every
+    other method on those paths (405), go through RequestId to Starlette."""
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
+        self.rest = RequestId(app, labelled=HOT_ROUTES)  # it also counts the hot routes' requests
         self.sweeper = Sweeper()  # a body that stops coming, a client that leaves a long request
+
+    @property
+    def running(self) -> int:
+        """HTTP requests whose ASGI call has not returned."""
+        return self.rest.running
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
         if handler is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
+            await self.rest(scope, receive, send)
             return
-        scope["app"] = self.app  # as Starlette sets it
-        request = Incoming.from_scope(scope, receive)
-        self.sweeper.join(request)
+        request_id, token = self.rest.begin(scope)
         try:
-            response = await handler(request)
+            scope["app"] = self.app  # as Starlette sets it
+            request = Incoming.from_scope(scope, receive, request_id)
+            self.sweeper.join(request)
+            try:
+                response = await handler(request)
+            finally:
+                self.sweeper.leave(request)
+            await response(scope, receive, send)
         finally:
-            self.sweeper.leave(request)
-        await response(scope, receive, send)
+            self.rest.end(token)
 
 
 def create_app(
@@ -195,7 +207,7 @@ def create_app(
     app.router.redirect_slashes = False
     app.state.gateway = State.build(config, environ)
     reloader = Reloader(app, load or (lambda: config), environ)
-    front = RequestId(HotRoutes(app), labelled=HOT_ROUTES)
+    front = HotRoutes(app)
     return front
 
 

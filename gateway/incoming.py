@@ -38,7 +38,8 @@ class Incoming:
     overdue: bool = False  # cancelled because the body stopped coming
 
     @classmethod
-    def from_scope(cls, scope: Scope, receive: Receive) -> Incoming:
+    def from_scope(cls, scope: Scope, receive: Receive, request_id: str | None = None) -> Incoming:
+        """`request_id`: the front's (gateway/app.py); else the one RequestId put in the scope."""
         raw = scope["headers"]
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
         if len(headers) != len(raw):  # a header came more than once: every line counts, not the last
@@ -46,7 +47,7 @@ class Incoming:
             for name, value in raw:
                 key, text = name.decode("latin-1"), value.decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        request_id = scope.get("state", {}).get("request_id") or new_request_id()
+        request_id = request_id or scope.get("state", {}).get("request_id") or new_request_id()
         return cls(scope["app"], request_id, headers, receive)
 
     def watch(self) -> Departure:

@@ -6,6 +6,7 @@ response, and in every log line of the request.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
@@ -42,11 +43,21 @@ class RequestId:
         self.labelled = frozenset(labelled)
         self.running = 0  # HTTP requests whose ASGI call has not returned
 
+    def begin(self, scope: Scope) -> tuple[str, contextvars.Token[str | None]]:
+        """An HTTP request begins: its id, set for its log lines (the token goes back to `end`)."""
+        request_id = request_id_from(scope["headers"])
+        self.running += 1
+        return request_id, REQUEST_ID.set(request_id)
+
+    def end(self, token: contextvars.Token[str | None]) -> None:
+        self.running -= 1
+        REQUEST_ID.reset(token)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope["headers"])
+        request_id, token = self.begin(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         if scope["method"] != "POST" or scope["path"] not in self.labelled:
             header = (b"x-request-id", request_id.encode("ascii"))
@@ -57,10 +68,7 @@ class RequestId:
                     message["headers"] = [*message.get("headers", []), header]
                 await plain_send(message)
 
-        token = REQUEST_ID.set(request_id)
-        self.running += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.running -= 1
-            REQUEST_ID.reset(token)
+            self.end(token)

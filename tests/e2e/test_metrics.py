@@ -107,7 +107,7 @@ async def test_an_answer_goes_out_before_its_bookkeeping(
     the time the app returns, so before the loop can read another request."""
     _, backend = fake_ollama
     app = create_app(ollama_config(backend.url), environ={})
-    state: State = app.app.app.state.gateway  # type: ignore[attr-defined]
+    state: State = app.app.state.gateway  # type: ignore[attr-defined]
     content = json.dumps(body).encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
