@@ -52,32 +52,40 @@ class Dispatcher:
     async def _first_success(
         self, plans: list[Plan], exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
     ) -> T:
-        """Each plan in turn until one succeeds; a plan's non-retryable failure is final."""
+        """Each plan in turn until one succeeds; a plan's non-retryable failure is final. Within a
+        plan, its targets in the balancer's order until one succeeds or a failure is final: the
+        first attempt is a plain call from here (most requests need no other, and each coroutine
+        between the route and the backend is resumed at every step of the request), `_retry`
+        drives the rest."""
+        last = len(plans) - 1
         for index, plan in enumerate(plans):
             if index:
                 self.metrics.child(self.metrics.fallbacks, plans[0].label, plan.label).inc()
                 exchange.notes["fallback_from"] = plans[0].label
             exchange.answered_as = plan.requested
+            targets = self.balancer.order(plan.targets, exchange.affinity)
+            attempts = min(self.retries + 1, len(targets))
             try:
-                return await self._over_targets(plan, exchange, attempt_one)
+                try:
+                    return await self._attempt(targets[0], exchange, attempt_one)
+                except GatewayError as error:
+                    if attempts == 1 or not error.retryable:
+                        raise
+                    self.metrics.child(self.metrics.retries, targets[0].backend).inc()
+                return await self._retry(targets, attempts, exchange, attempt_one)
             except GatewayError as error:
-                if not error.retryable or index == len(plans) - 1:
+                if not error.retryable or index == last:
                     raise
         raise AssertionError("unreachable: the last plan's failure is raised")
 
-    async def _over_targets(
-        self, plan: Plan, exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
+    async def _retry(
+        self,
+        targets: list[Target],
+        attempts: int,
+        exchange: Exchange,
+        attempt_one: Callable[[Target, Provider], Awaitable[T]],
     ) -> T:
-        """Try the plan's targets in the balancer's order until one succeeds or a failure is final.
-        The first attempt is a plain call (most requests need no other); tenacity drives the rest."""
-        targets = self.balancer.order(plan.targets, exchange.affinity)
-        attempts = min(self.retries + 1, len(targets))
-        try:
-            return await self._attempt(targets[0], exchange, attempt_one)
-        except GatewayError as error:
-            if attempts == 1 or not error.retryable:
-                raise
-            self.metrics.child(self.metrics.retries, targets[0].backend).inc()
+        """Attempts 2 to `attempts` of a plan, on its next targets, while the failures are retryable."""
 
         def count_retry(state: RetryCallState) -> None:
             self.metrics.child(self.metrics.retries, targets[state.attempt_number].backend).inc()
@@ -134,29 +142,35 @@ class Dispatcher:
             exchange.upstream_seconds += time.perf_counter() - waited
             lease.release()
 
-    async def complete(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> Completion:
+    def complete(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> Awaitable[Completion]:
+        """Awaited by the caller; not a coroutine itself, so not one more layer (`_first_success`)."""
+
         async def one(target: Target, provider: Provider) -> Completion:
             await provider.prepare(request)
             return await self._unary(
                 target, exchange, lambda: provider.complete(request, target.model), _answer_deadline(provider)
             )
 
-        return await self._first_success(plans, exchange, one)
+        return self._first_success(plans, exchange, one)
 
-    async def embed(self, plans: list[Plan], request: EmbeddingRequest, exchange: Exchange) -> Embeddings:
+    def embed(
+        self, plans: list[Plan], request: EmbeddingRequest, exchange: Exchange
+    ) -> Awaitable[Embeddings]:
         async def one(target: Target, provider: Provider) -> Embeddings:
             return await self._unary(
                 target, exchange, lambda: provider.embed(request, target.model), _answer_deadline(provider)
             )
 
-        return await self._first_success(plans, exchange, one)
+        return self._first_success(plans, exchange, one)
 
-    async def open_stream(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> StreamSource:
+    def open_stream(
+        self, plans: list[Plan], request: ChatRequest, exchange: Exchange
+    ) -> Awaitable[StreamSource]:
         async def one(target: Target, provider: Provider) -> StreamSource:
             await provider.prepare(request)
             return await self._open(target, provider, request, exchange)
 
-        return await self._first_success(plans, exchange, one)
+        return self._first_success(plans, exchange, one)
 
     async def _open(
         self, target: Target, provider: Provider, request: ChatRequest, exchange: Exchange
