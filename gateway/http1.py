@@ -252,14 +252,15 @@ class _Connection(asyncio.Protocol):
 
     # ---- one exchange ----
 
-    async def exchange(self, data: bytes, bodiless: bool = False) -> Response:
+    def exchange(self, data: bytes, bodiless: bool = False) -> asyncio.Future[Response]:
+        """Sends `data`; the future is the answer's head (awaited by the caller itself)."""
         self._reset()
         self._busy = True
         self._bodiless = bodiless
-        self._head = self._loop.create_future()
+        head = self._head = self._loop.create_future()
         assert self.transport is not None
         self.transport.write(data)
-        return await self._head
+        return head
 
     async def next_chunk(self) -> bytes | None:
         """All of the body that has arrived since the last call (a chunked body's pieces together:

@@ -7,7 +7,7 @@ httpx's transport interface. Both speak httpx's exception vocabulary."""
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -216,12 +216,15 @@ class Upstream:
     def _target(self, path: str) -> Target:
         return _parsed(self._targets, self.base_url + path, self._parse_target)
 
-    async def _send(self, method: str, path: str, body: Any) -> _Answer:
+    def _send(self, method: str, path: str, body: Any) -> Awaitable[_Answer]:
+        """The answer's head, to await (a plain-http backend's exchange is awaited directly: no
+        coroutine of its own between it and the caller)."""
         if self._plain is not None:
             content = orjson.dumps(body) if body is not None else None
-            return await self._plain.send(
-                method, self._target(path), self._head, content, self._connect_timeout
-            )
+            return self._plain.send(method, self._target(path), self._head, content, self._connect_timeout)
+        return self._send_httpx(method, path, body)
+
+    async def _send_httpx(self, method: str, path: str, body: Any) -> _Answer:
         return _Httpx(await self._transport.handle_async_request(self._request(method, path, body)))
 
     def _request(self, method: str, path: str, body: Any) -> httpx.Request:
