@@ -106,7 +106,8 @@ def parse_response(body: Any) -> Completion:
                 finish_reason=finish_reason(choice.get("finish_reason"), bool(calls)),
             )
         )
-    return Completion(choices, usage(body.get("usage")), counted=isinstance(body.get("usage"), dict))
+    reported = body.get("usage")
+    return Completion(choices, usage(reported), counted=isinstance(reported, dict))
 
 
 class StreamState:
