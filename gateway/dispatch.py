@@ -122,8 +122,17 @@ class Dispatcher:
         return result
 
     async def _unary(
-        self, target: Target, exchange: Exchange, call: Callable[[], Awaitable[T]], total: float
+        self,
+        target: Target,
+        exchange: Exchange,
+        call: Callable[[], Awaitable[T]],
+        total: float,
+        preparing: Awaitable[object] | None = None,
     ) -> T:
+        """`preparing`: the provider's preparation (`Provider.prepare`), awaited first: outside the
+        lease and the deadline."""
+        if preparing is not None:
+            await preparing
         waited = time.perf_counter()
         lease = await self.balancer.acquire(target.backend)
         deadline = self.deadlines.start(total)
@@ -145,10 +154,13 @@ class Dispatcher:
     def complete(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> Awaitable[Completion]:
         """Awaited by the caller; not a coroutine itself, so not one more layer (`_first_success`)."""
 
-        async def one(target: Target, provider: Provider) -> Completion:
-            await provider.prepare(request)
-            return await self._unary(
-                target, exchange, lambda: provider.complete(request, target.model), _answer_deadline(provider)
+        def one(target: Target, provider: Provider) -> Awaitable[Completion]:
+            return self._unary(
+                target,
+                exchange,
+                lambda: provider.complete(request, target.model),
+                _answer_deadline(provider),
+                provider.prepare(request),
             )
 
         return self._first_success(plans, exchange, one)
@@ -156,8 +168,8 @@ class Dispatcher:
     def embed(
         self, plans: list[Plan], request: EmbeddingRequest, exchange: Exchange
     ) -> Awaitable[Embeddings]:
-        async def one(target: Target, provider: Provider) -> Embeddings:
-            return await self._unary(
+        def one(target: Target, provider: Provider) -> Awaitable[Embeddings]:
+            return self._unary(
                 target, exchange, lambda: provider.embed(request, target.model), _answer_deadline(provider)
             )
 
@@ -166,15 +178,16 @@ class Dispatcher:
     def open_stream(
         self, plans: list[Plan], request: ChatRequest, exchange: Exchange
     ) -> Awaitable[StreamSource]:
-        async def one(target: Target, provider: Provider) -> StreamSource:
-            await provider.prepare(request)
-            return await self._open(target, provider, request, exchange)
+        def one(target: Target, provider: Provider) -> Awaitable[StreamSource]:
+            return self._open(target, provider, request, exchange)
 
         return self._first_success(plans, exchange, one)
 
     async def _open(
         self, target: Target, provider: Provider, request: ChatRequest, exchange: Exchange
     ) -> StreamSource:
+        if (preparing := provider.prepare(request)) is not None:  # outside the lease and deadline
+            await preparing
         timeouts = provider.backend.timeouts
         waited = time.perf_counter()
         lease = await self.balancer.acquire(target.backend)

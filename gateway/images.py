@@ -28,7 +28,7 @@ import base64
 import ipaddress
 import socket
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -174,13 +174,18 @@ class ImageFetcher:
             )
         return await self._fetch_all({url: param for url, param in wanted.items() if url not in known})
 
-    async def for_request(
+    def for_request(
         self, request: ChatRequest, roles: Collection[str] | None = None
-    ) -> Mapping[str, Image]:
-        """The request's images, fetched at most once per request (kept on it for a retry or a
-        fallback). A request without image URLs costs one pass over its messages."""
-        if not any(message.image_urls() for message in request.messages):
-            return NO_IMAGES
+    ) -> Awaitable[Mapping[str, Image]] | None:
+        """What to await for the request's images, fetched at most once per request (kept for a
+        retry or a fallback); None when it holds no image URL (one pass over its messages, and no
+        coroutine to create and run for the requests that have none)."""
+        for message in request.messages:
+            if isinstance(message.content, list) and message.image_urls():
+                return self._for_request(request, roles)
+        return None
+
+    async def _for_request(self, request: ChatRequest, roles: Collection[str] | None) -> Mapping[str, Image]:
         fetched = _fetched_for(request)
         fetched.update(await self.fetch(request.messages, roles, known=fetched))
         return fetched

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -125,10 +125,10 @@ class Provider(Protocol):
 
     async def list_models(self) -> list[ModelInfo]: ...
 
-    async def prepare(self, request: ChatRequest) -> None:
-        """What must happen before the backend is asked, outside its lease and deadlines: fetching
-        the request's image URLs when the backend needs the bytes (kept on the request, so a retry
-        or a fallback does not fetch them again)."""
+    def prepare(self, request: ChatRequest) -> Awaitable[object] | None:
+        """What must be awaited before the backend is asked, outside its lease and deadlines, or
+        None when nothing must: fetching the request's image URLs when the backend needs the bytes
+        (kept for the request, so a retry or a fallback does not fetch them again)."""
         ...
 
     async def probe(self) -> None:

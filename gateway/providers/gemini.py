@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import httpx
@@ -442,15 +442,13 @@ class GeminiProvider:
         auth = {"x-goog-api-key": api_key} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
 
-    async def prepare(self, request: ChatRequest) -> None:
-        if self._images is not None:
-            await self._images.for_request(request, roles=IMAGE_ROLES)
+    def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
+        return None if self._images is None else self._images.for_request(request, roles=IMAGE_ROLES)
 
     async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
         # when the dispatcher prepared the request, they are all known already
-        return (
-            NO_IMAGES if self._images is None else await self._images.for_request(request, roles=IMAGE_ROLES)
-        )
+        fetching = self.prepare(request)
+        return NO_IMAGES if fetching is None else await fetching
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         images = await self._fetch_images(request)

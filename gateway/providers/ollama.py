@@ -21,7 +21,7 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -337,13 +337,13 @@ class OllamaProvider:
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
         self._context_sizes: dict[str, asyncio.Task[int | None]] = {}  # model -> num_ctx from /api/show
 
-    async def prepare(self, request: ChatRequest) -> None:
-        if self._images is not None:
-            await self._images.for_request(request)
+    def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
+        return None if self._images is None else self._images.for_request(request)
 
     async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
         # when the dispatcher prepared the request, they are all known already
-        return NO_IMAGES if self._images is None else await self._images.for_request(request)
+        fetching = self.prepare(request)
+        return NO_IMAGES if fetching is None else await fetching
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         images = await self._fetch_images(request)

@@ -210,7 +210,7 @@ class OpenAIProvider:
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
 
-    async def prepare(self, request: ChatRequest) -> None:
+    def prepare(self, request: ChatRequest) -> None:
         return None  # image URLs go out as they came: the backend fetches them
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
