@@ -99,6 +99,14 @@ class Response:
             parts.append(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def take(self) -> bytes | None:
+        """The whole body, the answer closed, when all of it has arrived already (as a short JSON
+        answer's has by the time its head is read); else None, and nothing changes."""
+        if self._closed or (data := self._connection.whole_body()) is None:
+            return None
+        self.close()
+        return data
+
     def iter_bytes(self) -> AsyncIterator[bytes]:
         """The body as it arrives (the answer is its own iterator: no generator in between)."""
         return self
@@ -282,6 +290,16 @@ class _Connection(asyncio.Protocol):
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
+        return data
+
+    def whole_body(self) -> bytes | None:
+        """The body, taken, when all of it has arrived and nothing went wrong; else None."""
+        if not self._complete or self._error is not None or self._paused:
+            return None
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
         return data
 
     def finish(self) -> None:

@@ -130,6 +130,10 @@ class _Answer(Protocol):
 
     async def read(self) -> bytes: ...
 
+    def take(self) -> bytes | None:
+        """The whole body, the answer closed, when it has all arrived; else None."""
+        ...
+
     def iter_bytes(self) -> AsyncIterator[bytes]: ...
 
     async def aclose(self) -> None: ...
@@ -147,6 +151,9 @@ class _Httpx:
 
     async def read(self) -> bytes:
         return await self._response.aread()
+
+    def take(self) -> None:
+        return None  # an httpx body is read through `read`
 
     def iter_bytes(self) -> AsyncIterator[bytes]:
         return self._response.aiter_raw()
@@ -242,10 +249,12 @@ class Upstream:
         with mapping:
             response = await self._send(method, path, body)
             mapping.started = True  # the backend has answered
-            try:
-                content = await response.read()
-            finally:
-                await response.aclose()
+            content = response.take()  # no coroutines to read what is here already
+            if content is None:
+                try:
+                    content = await response.read()
+                finally:
+                    await response.aclose()
             if response.status != 200:
                 raise self._error_from(response.status, content, model, response.headers)
             return orjson.loads(content)

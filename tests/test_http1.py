@@ -504,3 +504,38 @@ async def test_an_answer_read_after_it_was_closed_is_an_error_not_another_answer
         second.close()
         assert server.connections == 1
     await pool.aclose()
+
+
+async def test_a_body_that_has_all_come_is_taken_at_once_and_one_still_coming_is_not() -> None:
+    rest = asyncio.Event()
+
+    async def halves(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if len(server.requests) == 1:  # the first answer in one piece, the second in two
+            return await ok(server, reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await rest.wait()
+        writer.write(b"-half")
+        await writer.drain()
+        return True
+
+    pool = Pool()
+    async with scripted(halves) as server:
+        whole = await send(pool, server.url)
+        for _ in range(100):  # the body may follow its head in a later read
+            if (taken := whole.take()) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert taken == b'{"n": 1}'
+        assert whole.take() is None  # taken once: the answer is closed, its connection back in the pool
+        with pytest.raises(RuntimeError, match="closed before its body was read"):
+            await whole.read()
+
+        half = await send(pool, server.url)
+        await asyncio.sleep(0.05)
+        assert half.take() is None
+        rest.set()
+        assert await half.read() == b"first-half"
+        half.close()
+        assert server.connections == 1  # taking the first answer left its connection reusable
+    await pool.aclose()
