@@ -185,6 +185,13 @@ class Upstream:
         self.base_url = base_url
         self._transport = transport
         self._headers = {"user-agent": USER_AGENT, "accept": "application/json", **headers}
+        # Every body sent is JSON, and servers that check (FastAPI's, so vLLM's) refuse one without
+        # its type: 422, or 415. A content type from the backend's config stands.
+        self._json_headers = (
+            self._headers
+            if any(k.lower() == "content-type" for k in self._headers)
+            else {**self._headers, "content-type": "application/json"}
+        )
         self._timeout = request_timeout(connect_timeout)
         self._error_from = error_from
         # URLs parsed once (parsing is a cost per request): for httpx, or for http1
@@ -197,7 +204,10 @@ class Upstream:
             # A Host header from the config names the server (a virtual host behind a proxy).
             host = next((v for k, v in self._headers.items() if k.lower() == "host"), None)
             try:
-                self._head = encode_headers({k: v for k, v in self._headers.items() if k.lower() != "host"})
+                self._head, self._json_head = (
+                    encode_headers({k: v for k, v in headers.items() if k.lower() != "host"})
+                    for headers in (self._headers, self._json_headers)
+                )
                 self._parse_target = functools.partial(Target.parse, authority=host)
                 self._parse_target(base_url)
                 self._plain = transport.plain
@@ -227,8 +237,11 @@ class Upstream:
         """The answer's head, to await (a plain-http backend's exchange is awaited directly: no
         coroutine of its own between it and the caller)."""
         if self._plain is not None:
-            content = orjson.dumps(body) if body is not None else None
-            return self._plain.send(method, self._target(path), self._head, content, self._connect_timeout)
+            if body is None:
+                return self._plain.send(method, self._target(path), self._head, None, self._connect_timeout)
+            return self._plain.send(
+                method, self._target(path), self._json_head, orjson.dumps(body), self._connect_timeout
+            )
         return self._send_httpx(method, path, body)
 
     async def _send_httpx(self, method: str, path: str, body: Any) -> _Answer:
@@ -240,7 +253,7 @@ class Upstream:
             method,
             self._url(path),
             content=content,
-            headers=self._headers,
+            headers=self._headers if content is None else self._json_headers,
             extensions={"timeout": self._timeout},
         )
 

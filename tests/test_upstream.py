@@ -1,0 +1,65 @@
+"""What `Upstream` puts on the wire, through each of the clients it may use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.errors import GatewayError
+from gateway.transport import AiohttpTransport
+from gateway.upstream import GatewayTransport, Upstream
+from tests.servers import ServerThread, serve
+
+pytestmark = pytest.mark.anyio
+
+
+async def echo(request: Request) -> Response:
+    """The request's content type and body, as the backend saw them."""
+    seen = {"content_type": request.headers.get("content-type"), "body": (await request.body()).decode()}
+    return Response(orjson.dumps(seen), media_type="application/json")
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[ServerThread]:
+    with serve(Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])) as server:
+        yield server
+
+
+def refuse(status: int, content: bytes, model: str, headers: Mapping[str, str]) -> GatewayError:
+    return GatewayError(f"backend answered {status}")
+
+
+def upstream(url: str, transport: httpx.AsyncBaseTransport, headers: Mapping[str, str]) -> Upstream:
+    return Upstream("openai", url, transport, headers, connect_timeout=2.0, error_from=refuse)
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [GatewayTransport, AiohttpTransport, httpx.AsyncHTTPTransport],
+    ids=["http1", "aiohttp", "httpx"],
+)
+async def test_a_json_body_goes_with_its_content_type_and_a_get_without_one(
+    backend: ServerThread, transport: type[httpx.AsyncBaseTransport]
+) -> None:
+    """Servers that check the type (FastAPI's, so vLLM's) refuse a JSON body sent without it."""
+    async with transport() as client:
+        calls = upstream(backend.url, client, {})
+        assert await calls.request("POST", "/echo", {"a": 1}) == {
+            "content_type": "application/json",
+            "body": '{"a":1}',
+        }
+        assert await calls.request("GET", "/echo") == {"content_type": None, "body": ""}
+
+
+async def test_a_content_type_from_the_backends_config_stands(backend: ServerThread) -> None:
+    async with GatewayTransport() as client:
+        calls = upstream(backend.url, client, {"Content-Type": "application/json; charset=utf-8"})
+        seen = await calls.request("POST", "/echo", {"a": 1})
+    assert seen["content_type"] == "application/json; charset=utf-8"
