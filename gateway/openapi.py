@@ -68,7 +68,35 @@ ERROR: Schema = {
 USAGE: Schema = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {"prompt_tokens": INTEGER, "completion_tokens": INTEGER, "total_tokens": INTEGER},
+    "properties": {
+        "prompt_tokens": INTEGER,
+        "completion_tokens": INTEGER,
+        "total_tokens": INTEGER,
+        "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": INTEGER}},
+        "completion_tokens_details": {"type": "object", "properties": {"reasoning_tokens": INTEGER}},
+    },
+}
+
+LOGPROBS: Schema = {
+    "type": "object",
+    "description": "With `logprobs: true`, from backends that report them: one entry per token.",
+    "required": ["content"],
+    "properties": {
+        "content": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["token", "logprob"],
+                "properties": {
+                    "token": STRING,
+                    "logprob": {"type": "number"},
+                    "bytes": nullable({"type": "array", "items": INTEGER}),
+                    "top_logprobs": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+        },
+        "refusal": {"type": "null"},
+    },
 }
 
 TOOL_CALL: Schema = {
@@ -106,17 +134,20 @@ CHAT_COMPLETION: Schema = {
                         "properties": {
                             "role": {"const": "assistant"},
                             "content": nullable(STRING),
-                            "refusal": {"type": "null"},
+                            "refusal": nullable(STRING),
                             "reasoning_content": STRING,
                             "tool_calls": {"type": "array", "items": ref("ToolCall")},
+                            "annotations": {"type": "array", "description": "An OpenAI backend's, as sent."},
                         },
                     },
-                    "logprobs": {"type": "null"},
+                    "logprobs": nullable(ref("Logprobs")),
                     "finish_reason": FINISH_REASON,
                 },
             },
         },
         "usage": ref("Usage"),
+        "system_fingerprint": {"type": "string", "description": "An OpenAI backend's, as sent."},
+        "service_tier": {"type": "string", "description": "An OpenAI backend's, as sent."},
     },
 }
 
@@ -157,11 +188,12 @@ CHAT_COMPLETION_CHUNK: Schema = {
                         "properties": {
                             "role": {"const": "assistant"},
                             "content": nullable(STRING),
+                            "refusal": STRING,
                             "reasoning_content": STRING,
                             "tool_calls": {"type": "array", "items": ref("ToolCallDelta")},
                         },
                     },
-                    "logprobs": {"type": "null"},
+                    "logprobs": nullable(ref("Logprobs")),
                     "finish_reason": nullable(FINISH_REASON),
                 },
             },
@@ -487,6 +519,7 @@ def document(config: Config) -> dict[str, Any]:
             **request_schemas(names),
             "Error": ERROR,
             "Usage": USAGE,
+            "Logprobs": LOGPROBS,
             "ToolCall": TOOL_CALL,
             "ToolCallDelta": TOOL_CALL_DELTA,
             "ChatCompletion": CHAT_COMPLETION,

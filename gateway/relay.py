@@ -26,14 +26,17 @@ from gateway.sse import DONE
 
 
 def tool_call_dict(call: ToolCallDelta) -> dict[str, Any]:
-    if call.id is None:
-        return {"index": call.index, "function": {"arguments": call.arguments}}
+    """A whole call, or a call's first fragment. OpenAI requires its id: a call from a backend
+    that sent none gets one made here (the client sends it back with the call's result)."""
     return {
-        "index": call.index,
-        "id": call.id,
+        "id": call.id or random_id("call_"),
         "type": "function",
         "function": {"name": call.name or "", "arguments": call.arguments},
     }
+
+
+def logprobs_dict(content: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if content is None else {"content": content, "refusal": None}
 
 
 def completion_body(
@@ -41,19 +44,18 @@ def completion_body(
 ) -> dict[str, Any]:
     choices = []
     for choice in completion.choices:
-        message: dict[str, Any] = {"role": "assistant", "content": choice.content, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": choice.content, "refusal": choice.refusal}
         if choice.reasoning:
             message["reasoning_content"] = choice.reasoning
         if choice.tool_calls:
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name or "", "arguments": c.arguments}}
-                for c in choice.tool_calls
-            ]
+            message["tool_calls"] = [tool_call_dict(call) for call in choice.tool_calls]
+        if choice.annotations is not None:
+            message["annotations"] = choice.annotations
         choices.append(
             {
                 "index": choice.index,
                 "message": message,
-                "logprobs": None,
+                "logprobs": logprobs_dict(choice.logprobs),
                 "finish_reason": choice.finish_reason,
             }
         )
@@ -64,6 +66,7 @@ def completion_body(
         "model": model,
         "choices": choices,
         "usage": completion.usage.as_dict(),
+        **completion.extra,
     }
 
 
@@ -222,6 +225,8 @@ class ChunkEncoder:
             and chunk.finish_reason is None
             and not chunk.reasoning
             and not chunk.tool_calls
+            and chunk.logprobs is None
+            and not chunk.refusal
             and 0 in self._roles
         ):  # the same bytes as below, without building and serialising the envelope
             return self._content_prefix + orjson.dumps(chunk.content) + self._content_suffix
@@ -235,10 +240,13 @@ class ChunkEncoder:
             delta["reasoning_content"] = chunk.reasoning
         if chunk.content:
             delta["content"] = chunk.content
+        if chunk.refusal:
+            delta["refusal"] = chunk.refusal
         if chunk.tool_calls:
             delta["tool_calls"] = [self._tool_call(index, call) for call in chunk.tool_calls]
         if delta:
-            out += self._event({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+            logprobs = logprobs_dict(chunk.logprobs)
+            out += self._event({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
         if chunk.finish_reason is not None and index not in self.finished:
             self.finished.add(index)
             out += self._event(
@@ -248,12 +256,12 @@ class ChunkEncoder:
 
     def _tool_call(self, index: int, call: ToolCallDelta) -> dict[str, Any]:
         """A call's id and name go out with its first fragment only, as OpenAI sends them (clients
-        join fragments by concatenation), even from a backend that repeats them in every one."""
-        if call.id is not None:
-            if (index, call.index) in self._calls:
-                return {"index": call.index, "function": {"arguments": call.arguments}}
-            self._calls.add((index, call.index))
-        return tool_call_dict(call)
+        join fragments by concatenation), even from a backend that repeats them in every one; a
+        call's first fragment is the first with its index, with an id or not."""
+        if (index, call.index) in self._calls:
+            return {"index": call.index, "function": {"arguments": call.arguments}}
+        self._calls.add((index, call.index))
+        return {"index": call.index, **tool_call_dict(call)}
 
     def usage(self, usage: Usage) -> bytes:
         return self._prefix + b'],"usage":' + orjson.dumps(usage.as_dict()) + b"}\n\n"

@@ -243,17 +243,26 @@ class EmbeddingRequest(_Wire):
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # The breakdowns OpenAI reports, when the backend gave them: prompt tokens read from its
+    # cache, and the part of completion_tokens spent on reasoning (which completion_tokens includes).
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def as_dict(self) -> dict[str, int]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.cached_tokens is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens is not None:
+            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return out
 
 
 @dataclass(slots=True)
@@ -278,10 +287,12 @@ class Chunk:
     index: int = 0
     # Facts worth telling the client at the end, e.g. that the backend silently truncated the prompt.
     notices: dict[str, str] | None = None
+    refusal: str = ""
+    logprobs: list[dict[str, Any]] | None = None  # OpenAI's `logprobs.content` entries for this delta
 
     @property
     def has_output(self) -> bool:
-        return bool(self.content or self.tool_calls or self.reasoning)
+        return bool(self.content or self.tool_calls or self.reasoning or self.refusal)
 
 
 @dataclass(slots=True)
@@ -291,6 +302,9 @@ class Choice:
     reasoning: str | None = None
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     finish_reason: FinishReason = "stop"
+    refusal: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # OpenAI's `logprobs.content`, when requested
+    annotations: list[Any] | None = None  # an OpenAI backend's URL citations, passed on
 
 
 @dataclass(slots=True)
@@ -302,6 +316,9 @@ class Completion:
     counted: bool = True
     # Facts worth telling the client, e.g. that the backend silently truncated the prompt.
     notices: dict[str, str] = field(default_factory=dict)
+    # Top-level fields an OpenAI backend sent that the client may use (`system_fingerprint`,
+    # `service_tier`), passed on as they came.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -42,6 +42,8 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 # Gateway-only fields that no upstream should see.
 GATEWAY_FIELDS = ("metadata",)
+# Top-level answer fields passed on to the client as they came.
+PASSED_ON = ("system_fingerprint", "service_tier")
 
 
 # ---- request ----
@@ -72,7 +74,25 @@ def finish_reason(value: Any, tool_calls: bool) -> FinishReason:
 def usage(body: Any) -> Usage:
     if not isinstance(body, dict):
         return Usage()
-    return Usage(int(body.get("prompt_tokens") or 0), int(body.get("completion_tokens") or 0))
+    return Usage(
+        int(body.get("prompt_tokens") or 0),
+        int(body.get("completion_tokens") or 0),
+        cached_tokens=_detail(body, "prompt_tokens_details", "cached_tokens"),
+        reasoning_tokens=_detail(body, "completion_tokens_details", "reasoning_tokens"),
+    )
+
+
+def _detail(usage: dict[str, Any], details: str, name: str) -> int | None:
+    breakdown = usage.get(details)
+    value = breakdown.get(name) if isinstance(breakdown, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A choice's `logprobs.content`, when the backend sent it (it does when asked)."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return content if isinstance(content, list) else None
 
 
 def _tool_calls(calls: Any) -> list[ToolCallDelta]:
@@ -97,6 +117,7 @@ def parse_response(body: Any) -> Completion:
     for position, choice in enumerate(body["choices"]):
         message = choice.get("message") or {}
         calls = _tool_calls(message.get("tool_calls"))
+        annotations = message.get("annotations")
         choices.append(
             Choice(
                 index=int(choice.get("index", position)),
@@ -104,10 +125,14 @@ def parse_response(body: Any) -> Completion:
                 reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
                 tool_calls=calls,
                 finish_reason=finish_reason(choice.get("finish_reason"), bool(calls)),
+                refusal=message.get("refusal") or None,
+                logprobs=_logprobs(choice),
+                annotations=annotations if isinstance(annotations, list) and annotations else None,
             )
         )
     reported = body.get("usage")
-    return Completion(choices, usage(reported), counted=isinstance(reported, dict))
+    extra = {key: body[key] for key in PASSED_ON if isinstance(body.get(key), str)}
+    return Completion(choices, usage(reported), counted=isinstance(reported, dict), extra=extra)
 
 
 class StreamState:
@@ -152,6 +177,8 @@ class StreamState:
                 tool_calls=calls,
                 finish_reason=finish_reason(reason, index in self.tool_calls) if reason else None,
                 index=index,
+                refusal=delta.get("refusal") or "",
+                logprobs=_logprobs(choice),
             )
             if reason:
                 self.finished.add(index)
