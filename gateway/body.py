@@ -82,16 +82,23 @@ async def read_json(request: Incoming, limit: int) -> Any:
     return data
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "str" or "[" in part:
-            continue  # union-branch and validator names pydantic puts into locations
-        else:
-            out += f".{part}" if out else str(part)
+def _param(loc: tuple[int | str, ...], data: Any, missing: bool) -> str:
+    """The field an error is about, as the client would name it: the steps of `loc` that lead
+    into the request body. The others are names pydantic gives a union's branches (`str`,
+    `ImageURL`, a content part's type); a missing field is named although it is not there."""
+    out, here = "", data
+    for position, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(here, list) and 0 <= part < len(here):
+            out, here = f"{out}[{part}]", here[part]
+        elif isinstance(part, str) and isinstance(here, dict) and part in here:
+            out, here = f"{out}.{part}" if out else part, here[part]
+        elif missing and position == len(loc) - 1 and isinstance(part, str):
+            out = f"{out}.{part}" if out else part
     return out
+
+
+def _depth(param: str) -> int:
+    return param.count(".") + param.count("[")
 
 
 def validate(model: type[M], data: Any) -> M:
@@ -100,10 +107,18 @@ def validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        param = _param(first["loc"])
-        if first["type"] == "missing":
+        # A value that fits no branch of a union fails once per branch, the shallowest first
+        # (`content` is not a string): the one that went deepest into the value says what is wrong.
+        located = [
+            (_param(e["loc"], data, e["type"] == "missing"), e) for e in error.errors(include_url=False)
+        ]
+        first = located[0][0]
+        param, chosen = max(
+            (item for item in located if item[0] == first or item[0].startswith((first + ".", first + "["))),
+            key=lambda item: _depth(item[0]),
+        )
+        if chosen["type"] == "missing":
             message = f"Missing required parameter: '{param}'."
         else:
-            message = f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}."
+            message = f"Invalid value for '{param}': {chosen['msg'].removeprefix('Value error, ')}."
         raise InvalidRequest(message, param=param or None) from None

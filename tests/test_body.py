@@ -1,0 +1,53 @@
+"""How a request body that does not fit OpenAI's schema is refused: the field named as the client
+would name it, and what is wrong with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.body import validate
+from gateway.errors import InvalidRequest
+from gateway.schemas import ChatRequest
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def with_part(part: Any) -> dict[str, Any]:
+    return chat(messages=[{"role": "user", "content": [{"type": "text", "text": "look"}, part]}])
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        # inside a content part: the part's own field, not "content is not a string"
+        (with_part({"type": "text"}), "messages[0].content[1].text", "Missing required parameter"),
+        (with_part({"type": "text", "text": 5}), "messages[0].content[1].text", "valid string"),
+        (
+            with_part({"type": "image_url", "image_url": {}}),
+            "messages[0].content[1].image_url.url",
+            "Missing",
+        ),
+        (
+            with_part({"type": "image_url", "image_url": {"url": "data:,", "detail": "medium"}}),
+            "messages[0].content[1].image_url.detail",
+            "'auto', 'low' or 'high'",
+        ),
+        (with_part({"type": "video"}), "messages[0].content[1]", "tag 'video'"),
+        # elsewhere, as before
+        (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content", "valid string"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model", "Missing required parameter"),
+        (chat(stream="yes"), "stream", "valid boolean"),
+        (chat(stop=5), "stop", "valid string"),
+        (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0]", "needs 'tool_call_id'"),
+    ],
+)
+def test_a_refused_body_names_the_field_that_is_wrong(body: dict[str, Any], param: str, says: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        validate(ChatRequest, body)
+    assert refused.value.param == param
+    assert says in refused.value.message
+    assert f"'{param}'" in refused.value.message
