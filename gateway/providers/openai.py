@@ -194,10 +194,17 @@ def parse_chunk(data: str, state: StreamState) -> list[Chunk]:
     return state.parse_chunk(data)
 
 
+def _code(error: Any) -> str | None:
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def _stream_error(error: Any) -> GatewayError:
     message = error.get("message") if isinstance(error, dict) else str(error)
     return UpstreamRejected(
-        f"the OpenAI-compatible backend reported an error mid-stream: {message}", upstream_status=500
+        f"the OpenAI-compatible backend reported an error mid-stream: {message}",
+        upstream_status=500,
+        code=_code(error),
     )
 
 
@@ -215,7 +222,7 @@ def error_from(
             f"The model '{model}' is not available on the OpenAI-compatible backend: {message}"
         )
     if status in (400, 413, 422):
-        return InvalidRequest(message, param=error.get("param"), code=error.get("code"))
+        return InvalidRequest(message, param=error.get("param"), code=_code(error))
     if status in (401, 403):
         return UpstreamRejected(
             f"the backend refused the gateway's credentials ({status}); check its api_key_env",
@@ -223,7 +230,9 @@ def error_from(
         )
     retry = {k: v for k, v in (headers or {}).items() if k.lower() in ("retry-after", "retry-after-ms")}
     message = f"the OpenAI-compatible backend answered {status}: {message}"
-    return UpstreamRejected(message, upstream_status=status, headers=retry)
+    # Its code says which limit (rate_limit_exceeded, insufficient_quota) or what failed. Not so
+    # for 401 and 403 above: those codes are about the gateway's key, not the client's.
+    return UpstreamRejected(message, upstream_status=status, code=_code(error), headers=retry)
 
 
 # ---- I/O ----

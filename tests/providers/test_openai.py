@@ -184,3 +184,15 @@ def test_upstream_errors_keep_their_meaning_without_leaking_keys() -> None:
     )
     assert (limited.http_status, limited.headers) == (429, {"retry-after": "20"})
     assert openai.error_from(500, b"<html>", "m").http_status == 502
+
+
+def test_a_backends_error_code_is_kept_but_not_for_the_gateways_own_key() -> None:
+    quota = b'{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}'
+    assert openai.error_from(429, quota, "m").body()["error"]["code"] == "insufficient_quota"
+    unavailable = b'{"error":{"message":"try later","code":"server_overloaded"}}'
+    assert openai.error_from(503, unavailable, "m").body()["error"]["code"] == "server_overloaded"
+    key = b'{"error":{"message":"Incorrect API key provided","code":"invalid_api_key"}}'
+    assert openai.error_from(401, key, "m").body()["error"]["code"] is None  # the client's key is fine
+    with pytest.raises(UpstreamRejected) as mid_stream:
+        openai.StreamState().parse_chunk('{"error": {"message": "limit", "code": "rate_limit_exceeded"}}')
+    assert mid_stream.value.body()["error"]["code"] == "rate_limit_exceeded"
