@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
@@ -165,8 +165,20 @@ class ChatRequest(_Wire):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    # OpenAI's deprecated forms of `tools` and `tool_choice`: refused with what to send instead, as
+    # the answer would come in the newer form too (`tool_calls`, not `function_call`).
+    functions: Any = None
+    function_call: Any = None
     # No private attributes: pydantic sets them up on every validation (1.7 us a request, timeit).
     # The images fetched for a request are kept by gateway/images.py instead.
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            newer = "tools" if info.field_name == "functions" else "tool_choice"
+            raise ValueError(f"deprecated by OpenAI and not served here: send '{newer}' instead")
+        return value
 
     def conversation(self) -> str:
         """What identifies a conversation across its turns: the leading system or developer messages

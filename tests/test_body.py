@@ -43,6 +43,9 @@ def with_part(part: Any) -> dict[str, Any]:
         (chat(stream="yes"), "stream", "valid boolean"),
         (chat(stop=5), "stop", "valid string"),
         (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0]", "needs 'tool_call_id'"),
+        # OpenAI's deprecated forms: the answer would not come in their form
+        (chat(functions=[{"name": "f", "parameters": {}}]), "functions", "send 'tools' instead"),
+        (chat(function_call={"name": "f"}), "function_call", "send 'tool_choice' instead"),
     ],
 )
 def test_a_refused_body_names_the_field_that_is_wrong(body: dict[str, Any], param: str, says: str) -> None:
