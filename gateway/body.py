@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from gateway.errors import BodyTooLarge, ClientGone, InvalidRequest, UnsupportedEncoding
 from gateway.incoming import Incoming
+from gateway.schemas import Wire
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Wire)
 # JSON nesting accepted in a request. A chat request with tool schemas needs well under 20; the
 # bound keeps every body re-encodable for the backend (orjson writes at most 255 levels).
 MAX_DEPTH = 64
@@ -104,6 +105,10 @@ def _depth(param: str) -> int:
 def validate(model: type[M], data: Any) -> M:
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    for field, instead in model.REFUSED.items():
+        if data.get(field) is not None:
+            message = f"'{field}' is deprecated by OpenAI and not served here: send '{instead}' instead."
+            raise InvalidRequest(message, param=field)
     try:
         return model.model_validate(data)
     except ValidationError as error:

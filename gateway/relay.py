@@ -55,7 +55,7 @@ def completion_body(
             {
                 "index": choice.index,
                 "message": message,
-                "logprobs": logprobs_dict(choice.logprobs),
+                "logprobs": None if choice.logprobs is None else logprobs_dict(choice.logprobs),
                 "finish_reason": choice.finish_reason,
             }
         )

@@ -10,11 +10,11 @@ dataclasses, cheap on the hot path) and `relay` turns them into bytes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
@@ -23,21 +23,24 @@ MAX_MESSAGES = 4096  # per chat request; far beyond any context window, far belo
 MAX_EMBEDDING_INPUTS = 2048  # per embeddings request, OpenAI's limit
 
 
-class _Wire(BaseModel):
+class Wire(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
+    # Fields refused with 400 when present, and what to send instead (checked before validation,
+    # by gateway/body.py: as fields they would add to every request's validation).
+    REFUSED: ClassVar[Mapping[str, str]] = {}
 
 
-class ImageURL(_Wire):
+class ImageURL(Wire):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class TextPart(_Wire):
+class TextPart(Wire):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(_Wire):
+class ImagePart(Wire):
     type: Literal["image_url"]
     # Some clients send the non-spec short form {"image_url": "data:..."}; accept it.
     image_url: ImageURL | str
@@ -47,17 +50,17 @@ class ImagePart(_Wire):
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
-class AudioPart(_Wire):
+class AudioPart(Wire):
     type: Literal["input_audio"]
     input_audio: dict[str, Any]
 
 
-class FilePart(_Wire):
+class FilePart(Wire):
     type: Literal["file"]
     file: dict[str, Any]
 
 
-class RefusalPart(_Wire):
+class RefusalPart(Wire):
     type: Literal["refusal"]
     refusal: str
 
@@ -67,18 +70,18 @@ ContentPart = Annotated[
 ]
 
 
-class FunctionCall(_Wire):
+class FunctionCall(Wire):
     name: str
     arguments: str = ""
 
 
-class ToolCall(_Wire):
+class ToolCall(Wire):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Wire):
+class Message(Wire):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -111,26 +114,26 @@ class Message(_Wire):
         return [part.url for part in self.content if isinstance(part, ImagePart)]
 
 
-class FunctionDef(_Wire):
+class FunctionDef(Wire):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Wire):
+class Tool(Wire):
     type: Literal["function"]
     function: FunctionDef
 
 
-class JSONSchemaFormat(_Wire):
+class JSONSchemaFormat(Wire):
     name: str
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Wire):
+class ResponseFormat(Wire):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -141,11 +144,11 @@ class ResponseFormat(_Wire):
         return self
 
 
-class StreamOptions(_Wire):
+class StreamOptions(Wire):
     include_usage: bool | None = None
 
 
-class ChatRequest(_Wire):
+class ChatRequest(Wire):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool | None = False
@@ -165,20 +168,11 @@ class ChatRequest(_Wire):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
-    # OpenAI's deprecated forms of `tools` and `tool_choice`: refused with what to send instead, as
-    # the answer would come in the newer form too (`tool_calls`, not `function_call`).
-    functions: Any = None
-    function_call: Any = None
+    # OpenAI's deprecated forms of `tools` and `tool_choice`: the answer would come in the newer
+    # form (`tool_calls`, not `function_call`), which a client written for them does not read.
+    REFUSED: ClassVar[Mapping[str, str]] = {"functions": "tools", "function_call": "tool_choice"}
     # No private attributes: pydantic sets them up on every validation (1.7 us a request, timeit).
     # The images fetched for a request are kept by gateway/images.py instead.
-
-    @field_validator("functions", "function_call")
-    @classmethod
-    def _deprecated(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None:
-            newer = "tools" if info.field_name == "functions" else "tool_choice"
-            raise ValueError(f"deprecated by OpenAI and not served here: send '{newer}' instead")
-        return value
 
     def conversation(self) -> str:
         """What identifies a conversation across its turns: the leading system or developer messages
@@ -212,7 +206,7 @@ class ChatRequest(_Wire):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class EmbeddingRequest(_Wire):
+class EmbeddingRequest(Wire):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
