@@ -1,8 +1,8 @@
 """The gateway's own OpenAPI 3.1 document, served at GET /openapi.json.
 
 It describes exactly what this gateway serves and answers, not all of OpenAI's API: request bodies
-come from the pydantic models that validate them (`gateway.schemas`), response bodies are written
-to match what `relay`, the route handlers and `errors` produce. Streams are documented per event
+come from the pydantic models that validate them (`gateway.schemas`), response bodies from
+`gateway.responses`, written to match what the gateway produces. Streams are documented per event
 (OpenAPI before 3.2: a `text/event-stream` schema describes one event), each event's `data` being
 a chunk, an error object, or `[DONE]`.
 """
@@ -17,21 +17,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.config import Config
+from gateway.responses import COMPONENTS, INTEGER, REF, STRING, Schema, ref
 from gateway.schemas import ChatRequest, EmbeddingRequest
 from gateway.state import State, json_response
 
 OPENAPI_VERSION = "3.1.0"
-REF = "#/components/schemas/{model}"
-
-Schema = dict[str, Any]
-
-
-def ref(name: str) -> Schema:
-    return {"$ref": REF.format(model=name)}
-
-
-def nullable(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
 
 
 def package_version() -> str:
@@ -40,246 +30,6 @@ def package_version() -> str:
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "0.0.0"
 
-
-# ---- response bodies ----
-
-INTEGER = {"type": "integer"}
-STRING = {"type": "string"}
-FINISH_REASON = {"type": "string", "enum": ["stop", "length", "tool_calls", "content_filter"]}
-
-ERROR: Schema = {
-    "type": "object",
-    "description": "OpenAI's error shape; every error the gateway answers has it.",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": STRING,
-                "type": STRING,
-                "param": nullable(STRING),
-                "code": nullable(STRING),
-            },
-        }
-    },
-}
-
-USAGE: Schema = {
-    "type": "object",
-    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {
-        "prompt_tokens": INTEGER,
-        "completion_tokens": INTEGER,
-        "total_tokens": INTEGER,
-        "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": INTEGER}},
-        "completion_tokens_details": {"type": "object", "properties": {"reasoning_tokens": INTEGER}},
-    },
-}
-
-LOGPROBS: Schema = {
-    "type": "object",
-    "description": "With `logprobs: true`, from backends that report them: one entry per token.",
-    "required": ["content"],
-    "properties": {
-        "content": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["token", "logprob"],
-                "properties": {
-                    "token": STRING,
-                    "logprob": {"type": "number"},
-                    "bytes": nullable({"type": "array", "items": INTEGER}),
-                    "top_logprobs": {"type": "array", "items": {"type": "object"}},
-                },
-            },
-        },
-        "refusal": {"type": "null"},
-    },
-}
-
-TOOL_CALL: Schema = {
-    "type": "object",
-    "required": ["id", "type", "function"],
-    "properties": {
-        "id": STRING,
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "required": ["name", "arguments"],
-            "properties": {"name": STRING, "arguments": STRING},
-        },
-    },
-}
-
-CHAT_COMPLETION: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices", "usage"],
-    "properties": {
-        "id": STRING,
-        "object": {"const": "chat.completion"},
-        "created": INTEGER,
-        "model": STRING,
-        "choices": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["index", "message", "logprobs", "finish_reason"],
-                "properties": {
-                    "index": INTEGER,
-                    "message": {
-                        "type": "object",
-                        "required": ["role", "content", "refusal"],
-                        "properties": {
-                            "role": {"const": "assistant"},
-                            "content": nullable(STRING),
-                            "refusal": nullable(STRING),
-                            "reasoning_content": STRING,
-                            "tool_calls": {"type": "array", "items": ref("ToolCall")},
-                            "annotations": {"type": "array", "description": "An OpenAI backend's, as sent."},
-                        },
-                    },
-                    "logprobs": nullable(ref("Logprobs")),
-                    "finish_reason": FINISH_REASON,
-                },
-            },
-        },
-        "usage": ref("Usage"),
-        "system_fingerprint": {"type": "string", "description": "An OpenAI backend's, as sent."},
-        "service_tier": {"type": "string", "description": "An OpenAI backend's, as sent."},
-    },
-}
-
-TOOL_CALL_DELTA: Schema = {
-    "type": "object",
-    "description": "A tool call's first fragment carries id, type and name; later ones only arguments.",
-    "required": ["index", "function"],
-    "properties": {
-        "index": INTEGER,
-        "id": STRING,
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "required": ["arguments"],
-            "properties": {"name": STRING, "arguments": STRING},
-        },
-    },
-}
-
-CHAT_COMPLETION_CHUNK: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices"],
-    "properties": {
-        "id": STRING,
-        "object": {"const": "chat.completion.chunk"},
-        "created": INTEGER,
-        "model": STRING,
-        "choices": {
-            "type": "array",
-            "description": "Empty in the last chunk, which carries the usage (with `include_usage`).",
-            "items": {
-                "type": "object",
-                "required": ["index", "delta", "logprobs", "finish_reason"],
-                "properties": {
-                    "index": INTEGER,
-                    "delta": {
-                        "type": "object",
-                        "properties": {
-                            "role": {"const": "assistant"},
-                            "content": nullable(STRING),
-                            "refusal": STRING,
-                            "reasoning_content": STRING,
-                            "tool_calls": {"type": "array", "items": ref("ToolCallDelta")},
-                        },
-                    },
-                    "logprobs": nullable(ref("Logprobs")),
-                    "finish_reason": nullable(FINISH_REASON),
-                },
-            },
-        },
-        "usage": {
-            "description": "Only with `stream_options.include_usage`: null, then set in the last chunk.",
-            "anyOf": [ref("Usage"), {"type": "null"}],
-        },
-    },
-}
-
-STREAM_EVENT: Schema = {
-    "type": "object",
-    "description": (
-        "One server-sent event: a chunk, an error object when the stream fails after it started"
-        " (the stream then ends), or `[DONE]` last. Comment lines (`: name=value`) carry notices."
-    ),
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "if": {"const": "[DONE]"},
-            "else": {
-                "contentMediaType": "application/json",
-                "contentSchema": {"anyOf": [ref("ChatCompletionChunk"), ref("Error")]},
-            },
-        },
-    },
-}
-
-EMBEDDINGS: Schema = {
-    "type": "object",
-    "required": ["object", "data", "model", "usage"],
-    "properties": {
-        "object": {"const": "list"},
-        "data": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["object", "index", "embedding"],
-                "properties": {
-                    "object": {"const": "embedding"},
-                    "index": INTEGER,
-                    "embedding": {
-                        "description": "Floats, or with `encoding_format: base64` little-endian float32.",
-                        "anyOf": [{"type": "array", "items": {"type": "number"}}, STRING],
-                    },
-                },
-            },
-        },
-        "model": STRING,
-        "usage": {
-            "type": "object",
-            "required": ["prompt_tokens", "total_tokens"],
-            "properties": {"prompt_tokens": INTEGER, "total_tokens": INTEGER},
-        },
-    },
-}
-
-MODEL: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "owned_by"],
-    "properties": {"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING},
-}
-
-MODEL_LIST: Schema = {
-    "type": "object",
-    "required": ["object", "data"],
-    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}},
-}
-
-READINESS: Schema = {
-    "type": "object",
-    "required": ["status", "backends"],
-    "properties": {
-        "status": {"type": "string", "enum": ["ready", "unavailable"]},
-        "backends": {
-            "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "required": ["type", "local", "up"],
-                "properties": {"type": STRING, "local": {"type": "boolean"}, "up": {"type": "boolean"}},
-            },
-        },
-    },
-}
 
 # ---- request bodies: the validating models' own schemas, plus the rules their validators add ----
 
@@ -517,18 +267,7 @@ def document(config: Config) -> dict[str, Any]:
     components: dict[str, Any] = {
         "schemas": {
             **request_schemas(names),
-            "Error": ERROR,
-            "Usage": USAGE,
-            "Logprobs": LOGPROBS,
-            "ToolCall": TOOL_CALL,
-            "ToolCallDelta": TOOL_CALL_DELTA,
-            "ChatCompletion": CHAT_COMPLETION,
-            "ChatCompletionChunk": CHAT_COMPLETION_CHUNK,
-            "ChatCompletionStreamEvent": STREAM_EVENT,
-            "Embeddings": EMBEDDINGS,
-            "Model": MODEL,
-            "ModelList": MODEL_LIST,
-            "Readiness": READINESS,
+            **COMPONENTS,
         }
     }
     if secured:
