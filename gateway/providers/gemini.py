@@ -1,9 +1,11 @@
 """Gemini's native API (`generateContent`, SSE streams, `batchEmbedContents`) behind the OpenAI surface.
 
 Translation choices (contracts/gemini.md §9-§11):
-- system/developer messages become `systemInstruction` (one text part each, in order); tool results
-  become `functionResponse` parts of a `user` turn; adjacent same-role turns are merged so roles
-  alternate; empty text is never sent. Only system text and nothing else is refused (400, messages).
+- system/developer messages become `systemInstruction` (one text part each, in order); a run of tool
+  results becomes `functionResponse` parts of one `user` turn, in the order of the calls they answer
+  (Gemini pairs a result with its call by position), results for no call of that turn after them;
+  adjacent same-role turns are merged so roles alternate; empty text is never sent. Only system text
+  and nothing else is refused (400, messages).
 - The API key travels in `x-goog-api-key`, never in the URL (query strings end up in logs).
 - Tool-call ids are made here (Gemini sends none). A call's `thoughtSignature` rides in its id
   (`call_<random>__ts__<signature>`) and goes back on the `functionCall` part when the id returns.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -47,6 +49,7 @@ from gateway.schemas import (
     FinishReason,
     Message,
     ModelInfo,
+    ToolCall,
     ToolCallDelta,
     Usage,
 )
@@ -54,6 +57,7 @@ from gateway.sse import Event, SSEDecoder
 from gateway.upstream import Upstream, json_or_none
 
 ROLES = {"user": "user", "assistant": "model", "tool": "user", "function": "user"}
+RESULT_ROLES = ("tool", "function")  # messages that become functionResponse parts
 IMAGE_ROLES = ("user", "assistant")  # the messages whose image parts are sent
 # OpenAI field -> generationConfig key, for values that mean the same thing on both sides.
 CONFIG = {
@@ -100,17 +104,7 @@ def build_request(
 
 def _contents(messages: list[Message], fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        role = ROLES.get(message.role)
-        if role is None:  # system and developer text went to systemInstruction
-            continue
-        if message.role in ("tool", "function"):
-            parts = [_function_response(message, messages[:i], i)]
-        else:
-            text = message.text()
-            parts = [{"text": text}] if text else []
-            parts += [_image(url, f"messages[{i}].content", fetched) for url in message.image_urls()]
-            parts += [_function_call(call, i, j) for j, call in enumerate(message.tool_calls or ())]
+    for role, parts in _turns(messages, fetched):
         if not parts:
             continue
         if out and out[-1]["role"] == role:  # Gemini wants user and model turns to alternate
@@ -120,6 +114,49 @@ def _contents(messages: list[Message], fetched: Mapping[str, Image]) -> list[dic
     if not out:
         raise InvalidRequest("Gemini needs at least one user or assistant message", param="messages")
     return out
+
+
+def _turns(
+    messages: list[Message], fetched: Mapping[str, Image]
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(Gemini role, parts) per message, except that a run of tool results is one turn."""
+    results: list[int] = []  # the run of tool results under way, by message index
+    for i, message in enumerate(messages):
+        role = ROLES.get(message.role)
+        if role is None:  # system and developer text went to systemInstruction
+            continue
+        if message.role in RESULT_ROLES:
+            results.append(i)
+            continue
+        if results:
+            yield "user", _function_responses(messages, results)
+            results = []
+        parts = [{"text": text}] if (text := message.text()) else []
+        parts += [_image(url, f"messages[{i}].content", fetched) for url in message.image_urls()]
+        parts += [_function_call(call, i, j) for j, call in enumerate(message.tool_calls or ())]
+        yield role, parts
+    if results:
+        yield "user", _function_responses(messages, results)
+
+
+def _function_responses(messages: list[Message], results: list[int]) -> list[dict[str, Any]]:
+    """A run of tool results in the order of the calls they answer, as Gemini pairs them: two calls
+    to one function are told apart by position only. Results that answer no call of the turn
+    before keep their order, after the others."""
+    order = {call.id: n for n, call in enumerate(_turn_calls(messages[: results[0]]))}
+    ranked = sorted(results, key=lambda i: order.get(messages[i].tool_call_id or "", len(order)))
+    return [_function_response(messages[i], messages[:i], i) for i in ranked]
+
+
+def _turn_calls(history: list[Message]) -> list[ToolCall]:
+    """The tool calls of the model turn that ends `history` (its assistant messages merge into one)."""
+    calls: list[ToolCall] = []
+    for message in reversed(history):
+        if message.role == "assistant":
+            calls[:0] = message.tool_calls or ()
+        elif message.role not in ("system", "developer"):
+            break
+    return calls
 
 
 def _image(url: str, param: str, fetched: Mapping[str, Image]) -> dict[str, Any]:

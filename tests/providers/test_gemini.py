@@ -265,6 +265,47 @@ def test_tool_results_keep_call_order_and_resolve_names_through_ids() -> None:
     ]
 
 
+def test_tool_results_sent_out_of_call_order_go_to_gemini_in_call_order() -> None:
+    messages = [
+        {"role": "user", "content": "Weather in Oslo and Bergen?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                call("call_A", "get_weather", '{"city":"Oslo"}'),
+                call("call_B", "get_weather", '{"city":"Bergen"}'),
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_B", "content": "Bergen: 7C rain"},
+        {"role": "tool", "tool_call_id": "call_A", "content": "Oslo: -4C snow"},
+    ]
+    parts = build(messages=messages)["contents"][2]["parts"]
+    assert parts == [
+        {"functionResponse": {"name": "get_weather", "response": {"result": "Oslo: -4C snow"}}},
+        {"functionResponse": {"name": "get_weather", "response": {"result": "Bergen: 7C rain"}}},
+    ]
+
+
+def test_tool_results_answering_no_call_of_the_turn_before_come_after_the_others_in_their_order() -> None:
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "tool_calls": [call("old", "lookup", "{}")]},
+        {"role": "tool", "tool_call_id": "old", "content": "0"},
+        {"role": "assistant", "tool_calls": [call("c1", "first", "{}"), call("c2", "second", "{}")]},
+        {"role": "tool", "tool_call_id": "stray", "name": "named", "content": "x"},
+        {"role": "system", "content": "between results"},
+        {"role": "tool", "tool_call_id": "c2", "content": "2"},
+        {"role": "tool", "tool_call_id": "old", "content": "again"},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"},
+    ]
+    parts = build(messages=messages)["contents"][4]["parts"]
+    assert [(p["functionResponse"]["name"], p["functionResponse"]["response"]) for p in parts] == [
+        ("first", {"result": 1}),
+        ("second", {"result": 2}),
+        ("named", {"result": "x"}),
+        ("lookup", {"result": "again"}),
+    ]
+
+
 def test_a_tool_result_with_no_matching_call_is_refused() -> None:
     messages = [{"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "nope", "content": "x"}]
     with pytest.raises(InvalidRequest) as caught:
