@@ -6,6 +6,9 @@ Translation choices (contracts/gemini.md §9-§11):
   (Gemini pairs a result with its call by position), results for no call of that turn after them;
   adjacent same-role turns are merged so roles alternate; empty text is never sent. Only system text
   and nothing else is refused (400, messages).
+- Content parts map one by one, in their order: text, images, `input_audio` (wav, mp3) and a
+  `file`'s `file_data` (a base64 data URL) become `text` and `inlineData` parts. A part Gemini cannot
+  be given (a `file_id` upload, another audio format, bad base64) is a 400 naming it, never dropped.
 - The API key travels in `x-goog-api-key`, never in the URL (query strings end up in logs).
 - Tool-call ids are made here (Gemini sends none). A call's `thoughtSignature` rides in its id
   (`call_<random>__ts__<signature>`) and goes back on the `functionCall` part when the id returns.
@@ -40,15 +43,20 @@ from gateway.errors import (
 from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.providers.base import batches, parsed, random_id
 from gateway.schemas import (
+    AudioPart,
     ChatRequest,
     Choice,
     Chunk,
     Completion,
     EmbeddingRequest,
     Embeddings,
+    FilePart,
     FinishReason,
+    ImagePart,
     Message,
     ModelInfo,
+    RefusalPart,
+    TextPart,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -59,6 +67,7 @@ from gateway.upstream import Upstream, json_or_none
 ROLES = {"user": "user", "assistant": "model", "tool": "user", "function": "user"}
 RESULT_ROLES = ("tool", "function")  # messages that become functionResponse parts
 IMAGE_ROLES = ("user", "assistant")  # the messages whose image parts are sent
+AUDIO = {"wav": "audio/wav", "mp3": "audio/mpeg"}  # input_audio.format -> mimeType
 # OpenAI field -> generationConfig key, for values that mean the same thing on both sides.
 CONFIG = {
     "temperature": "temperature",
@@ -131,8 +140,7 @@ def _turns(
         if results:
             yield "user", _function_responses(messages, results)
             results = []
-        parts = [{"text": text}] if (text := message.text()) else []
-        parts += [_image(url, f"messages[{i}].content", fetched) for url in message.image_urls()]
+        parts = _parts(message, i, fetched)
         parts += [_function_call(call, i, j) for j, call in enumerate(message.tool_calls or ())]
         yield role, parts
     if results:
@@ -159,6 +167,28 @@ def _turn_calls(history: list[Message]) -> list[ToolCall]:
     return calls
 
 
+def _parts(message: Message, i: int, fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
+    """A user or assistant message's content, part by part and in order (a caption stays next to
+    its picture); empty text is left out, and a part Gemini cannot be given is a 400."""
+    if not isinstance(message.content, list):
+        return [{"text": message.content}] if message.content else []
+    parts = []
+    for j, part in enumerate(message.content):
+        field = f"messages[{i}].content[{j}]"
+        if isinstance(part, TextPart | RefusalPart):
+            text = part.text if isinstance(part, TextPart) else part.refusal
+            parts += [{"text": text}] if text else []
+        elif isinstance(part, ImagePart):
+            parts.append(_image(part.url, f"messages[{i}].content", fetched))
+        elif isinstance(part, AudioPart):
+            parts.append(_audio(part.input_audio, field + ".input_audio"))
+        elif isinstance(part, FilePart):
+            parts.append(_file(part.file, field + ".file"))
+        else:  # a kind of part this translation does not know: never dropped without a word
+            raise InvalidRequest(f"Gemini backends cannot take {part.type!r} parts", param=field)
+    return parts
+
+
 def _image(url: str, param: str, fetched: Mapping[str, Image]) -> dict[str, Any]:
     if url in fetched:
         return {"inlineData": {"mimeType": fetched[url].mime, "data": fetched[url].data}}
@@ -167,14 +197,56 @@ def _image(url: str, param: str, fetched: Mapping[str, Image]) -> dict[str, Any]
             "Gemini backends need images inline: send a base64 data URL (data:image/png;base64,...)",
             param=param,
         )
+    mime, data = _data_url(url, "image data URLs", param)
+    return _inline(mime or "image/png", data, "image data URL", param)
+
+
+def _audio(audio: dict[str, Any], param: str) -> dict[str, Any]:
+    native = audio.get("format")
+    mime = AUDIO.get(str(native))
+    if mime is None:
+        raise InvalidRequest(
+            f"Gemini backends take input_audio as {' or '.join(AUDIO)}, not {native!r}",
+            param=param + ".format",
+        )
+    return _inline(mime, audio.get("data"), "input_audio data", param + ".data")
+
+
+def _file(file: dict[str, Any], param: str) -> dict[str, Any]:
+    if "file_data" not in file:  # a file_id names an upload at OpenAI, which Gemini cannot read
+        raise InvalidRequest(
+            "Gemini backends need a file's content: send it as file_data, a base64 data URL"
+            " (data:application/pdf;base64,...); file_id uploads are OpenAI's",
+            param=param,
+        )
+    url, field = file["file_data"], param + ".file_data"
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise InvalidRequest(
+            "file_data must be a base64 data URL (data:application/pdf;base64,...)", param=field
+        )
+    mime, data = _data_url(url, "file_data URLs", field)
+    if not mime:
+        raise InvalidRequest(
+            "file_data must name its MIME type (data:application/pdf;base64,...)", param=field
+        )
+    return _inline(mime, data, "file_data", field)
+
+
+def _data_url(url: str, what: str, param: str) -> tuple[str, str]:
+    """(MIME type, base64 data) of a `data:<mime>;base64,<data>` URL."""
     header, _, data = url.partition(",")
     if not header.endswith(";base64"):
-        raise InvalidRequest("image data URLs must be base64-encoded", param=param)
+        raise InvalidRequest(f"{what} must be base64-encoded", param=param)
+    return header.removeprefix("data:").removesuffix(";base64"), data
+
+
+def _inline(mime: str, data: Any, what: str, param: str) -> dict[str, Any]:
+    if not isinstance(data, str):
+        raise InvalidRequest(f"{what} must be a base64 string", param=param)
     try:
         base64.b64decode(data, validate=True)
     except binascii.Error:
-        raise InvalidRequest("image data URL is not valid base64", param=param) from None
-    mime = header.removeprefix("data:").removesuffix(";base64") or "image/png"
+        raise InvalidRequest(f"{what} is not valid base64", param=param) from None
     return {"inlineData": {"mimeType": mime, "data": data}}
 
 

@@ -18,6 +18,7 @@ from gateway.errors import (
     UpstreamProtocol,
     UpstreamRejected,
 )
+from gateway.images import Image
 from gateway.providers import gemini
 from gateway.providers.gemini import GeminiProvider, StreamState
 from gateway.schemas import ChatRequest, Chunk, EmbeddingRequest
@@ -199,6 +200,82 @@ def test_image_data_urls_become_inline_data_with_their_mime_type() -> None:
         {"inlineData": {"mimeType": "image/png", "data": PNG}},
         {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/4AAQ"}},
     ]
+
+
+def test_content_parts_go_to_gemini_one_by_one_in_their_order() -> None:
+    red, blue = f"data:image/png;base64,{PNG}", "https://images.test/blue.png"
+    fetched = {blue: Image("image/webp", "UklGRg==")}
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "First picture:"},
+                {"type": "image_url", "image_url": {"url": red}},
+                {"type": "text", "text": "Second picture:"},
+                {"type": "image_url", "image_url": {"url": blue}},
+                {"type": "text", "text": "Which one is red?"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "The first."}, {"type": "refusal", "refusal": "No more."}],
+        },
+    ]
+    body = gemini.build_request(request(messages=messages), "gemini-2.5-flash", images=fetched)
+    assert body["contents"] == [
+        {
+            "role": "user",
+            "parts": [
+                {"text": "First picture:"},
+                {"inlineData": {"mimeType": "image/png", "data": PNG}},
+                {"text": "Second picture:"},
+                {"inlineData": {"mimeType": "image/webp", "data": "UklGRg=="}},
+                {"text": "Which one is red?"},
+            ],
+        },
+        {"role": "model", "parts": [{"text": "The first."}, {"text": "No more."}]},
+    ]
+
+
+def test_audio_and_file_parts_become_inline_data_with_their_mime_types() -> None:
+    content = [
+        {"type": "text", "text": "Transcribe both and summarise the PDF."},
+        {"type": "input_audio", "input_audio": {"data": "UklGRiQ=", "format": "wav"}},
+        {"type": "input_audio", "input_audio": {"data": "SUQzBA==", "format": "mp3"}},
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}},
+    ]
+    assert build(messages=[{"role": "user", "content": content}])["contents"][0]["parts"] == [
+        {"text": "Transcribe both and summarise the PDF."},
+        {"inlineData": {"mimeType": "audio/wav", "data": "UklGRiQ="}},
+        {"inlineData": {"mimeType": "audio/mpeg", "data": "SUQzBA=="}},
+        {"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("part", "param"),
+    [
+        (
+            {"type": "input_audio", "input_audio": {"data": "UklGRiQ=", "format": "flac"}},
+            "input_audio.format",
+        ),
+        ({"type": "input_audio", "input_audio": {"data": "UklGRiQ="}}, "input_audio.format"),
+        ({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}, "input_audio.data"),
+        ({"type": "input_audio", "input_audio": {"format": "mp3"}}, "input_audio.data"),
+        ({"type": "file", "file": {"file_id": "file-abc123"}}, "file"),
+        ({"type": "file", "file": {"file_data": "data:application/pdf;base64,@@@"}}, "file.file_data"),
+        ({"type": "file", "file": {"filename": "a.pdf", "file_data": "JVBERi0="}}, "file.file_data"),
+        ({"type": "file", "file": {"file_data": "data:application/pdf,%PDF"}}, "file.file_data"),
+        ({"type": "file", "file": {"file_data": "data:;base64,JVBERi0="}}, "file.file_data"),
+    ],
+)
+def test_audio_and_file_parts_gemini_cannot_be_given_are_refused_with_the_field_named(
+    part: dict[str, Any], param: str
+) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Listen:"}, part]}]
+    with pytest.raises(InvalidRequest) as caught:
+        build(messages=messages)
+    assert caught.value.param == f"messages[0].content[1].{param}"
 
 
 @pytest.mark.parametrize(
