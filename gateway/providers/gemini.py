@@ -10,8 +10,13 @@ Translation choices (contracts/gemini.md §9-§11):
   `file`'s `file_data` (a base64 data URL) become `text` and `inlineData` parts. A part Gemini cannot
   be given (a `file_id` upload, another audio format, bad base64) is a 400 naming it, never dropped.
 - The API key travels in `x-goog-api-key`, never in the URL (query strings end up in logs).
-- Tool-call ids are made here (Gemini sends none). A call's `thoughtSignature` rides in its id
-  (`call_<random>__ts__<signature>`) and goes back on the `functionCall` part when the id returns.
+- Tool-call ids are made here: `call_<random>[__ts__<signature>][__id__<Gemini's id>]`. A call's
+  `thoughtSignature` goes back on its `functionCall` part when the id returns; Gemini's own
+  `functionCall.id` (usually absent) goes back as `id` on that part and on the `functionResponse`
+  answering it. The random part keeps ids unique when Gemini's repeat across turns. Markers are
+  read left to right: the random part is letters and digits and a signature is standard base64,
+  so neither holds a `_`, and Gemini's id, last, may hold anything. Ids without `__id__` (made
+  here, or by another backend) send no id to Gemini.
 - json_schema goes out as `responseJsonSchema`, cut down to the keywords Gemini documents for it.
 - http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
   sent as `inlineData` with the image host's content type, not as `fileData.fileUri`: only newer
@@ -84,7 +89,9 @@ FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "
 SCHEMA_KEYS = {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum",
                "items", "prefixItems", "minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf",
                "properties", "additionalProperties", "required", "propertyOrdering"}  # fmt: skip
-SIGNATURE = "__ts__"  # separates a tool-call id from the thought signature it carries
+# What a tool-call id made here carries after `call_<random>`, each behind its marker (docstring).
+SIGNATURE = "__ts__"
+GEMINI_ID = "__id__"
 INT32 = 2**31
 
 
@@ -257,9 +264,9 @@ def _function_call(call: Any, i: int, j: int) -> dict[str, Any]:
             "tool call arguments must be a JSON object",
             param=f"messages[{i}].tool_calls[{j}].function.arguments",
         )
-    part: dict[str, Any] = {"functionCall": {"name": call.function.name, "args": args}}
-    _, carried, signature = call.id.partition(SIGNATURE)
-    if carried and signature:
+    signature, native = _carried(call.id)
+    part: dict[str, Any] = {"functionCall": _with_id(native, name=call.function.name, args=args)}
+    if signature:
         part["thoughtSignature"] = signature
     return part
 
@@ -274,7 +281,20 @@ def _function_response(message: Message, history: list[Message], i: int) -> dict
     text = message.text()
     parsed = json_or_none(text.encode())
     response = parsed if isinstance(parsed, dict) else {"result": text if parsed is None else parsed}
-    return {"functionResponse": {"name": name, "response": response}}
+    _, native = _carried(message.tool_call_id)
+    return {"functionResponse": _with_id(native, name=name, response=response)}
+
+
+def _with_id(native: str, **fields: Any) -> dict[str, Any]:
+    """A functionCall or functionResponse, with Gemini's own call id when there is one."""
+    return {"id": native, **fields} if native else fields
+
+
+def _carried(call_id: str | None) -> tuple[str, str]:
+    """(thought signature, Gemini's call id) that a tool-call id made here carries; "" when absent."""
+    head, _, native = (call_id or "").partition(GEMINI_ID)
+    _, _, signature = head.partition(SIGNATURE)
+    return signature, native
 
 
 def _tool_name(history: list[Message], call_id: str | None) -> str | None:
@@ -369,6 +389,8 @@ def _tool_call(part: dict[str, Any], index: int) -> ToolCallDelta:
     call_id = random_id("call_")
     if part.get("thoughtSignature"):
         call_id += SIGNATURE + str(part["thoughtSignature"])
+    if call.get("id"):
+        call_id += GEMINI_ID + str(call["id"])
     arguments = orjson.dumps(call.get("args") or {}).decode()
     return ToolCallDelta(index=index, id=call_id, name=str(call.get("name") or ""), arguments=arguments)
 

@@ -553,6 +553,44 @@ def test_thought_signatures_ride_in_tool_call_ids_and_come_back_on_the_same_part
     assert len(contents[2]["parts"]) == 2
 
 
+def test_gemini_call_ids_reach_the_client_and_go_back_on_the_call_and_its_result() -> None:
+    completion = gemini.parse_response(
+        {
+            "candidates": [
+                candidate(
+                    {
+                        "functionCall": {"id": "fc-1", "name": "f", "args": {"x": 1}},
+                        "thoughtSignature": "c2ln",
+                    },
+                    {"functionCall": {"id": "fc__ts__2", "name": "f", "args": {"x": 2}}},
+                    {"functionCall": {"name": "g"}},
+                )
+            ]
+        }
+    )
+    calls = completion.choices[0].tool_calls
+    ids = [c.id or "" for c in calls]
+    assert ids[0].startswith("call_") and ids[0].endswith("__ts__c2ln__id__fc-1")
+    assert ids[1].startswith("call_") and ids[1].endswith("__id__fc__ts__2")
+    assert ids[2].startswith("call_") and "__id__" not in ids[2]
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "tool_calls": [call(c.id or "", c.name or "", c.arguments) for c in calls]},
+        *({"role": "tool", "tool_call_id": i, "content": str(n)} for n, i in enumerate(ids)),
+    ]
+    contents = build(messages=messages)["contents"]
+    assert contents[1]["parts"] == [
+        {"functionCall": {"id": "fc-1", "name": "f", "args": {"x": 1}}, "thoughtSignature": "c2ln"},
+        {"functionCall": {"id": "fc__ts__2", "name": "f", "args": {"x": 2}}},
+        {"functionCall": {"name": "g", "args": {}}},
+    ]
+    assert contents[2]["parts"] == [
+        {"functionResponse": {"id": "fc-1", "name": "f", "response": {"result": 0}}},
+        {"functionResponse": {"id": "fc__ts__2", "name": "f", "response": {"result": 1}}},
+        {"functionResponse": {"name": "g", "response": {"result": 2}}},
+    ]
+
+
 # ---- response ----
 
 
@@ -739,6 +777,12 @@ def test_stream_function_calls_get_dense_indexes_and_finish_as_tool_calls() -> N
     assert all(c.id and c.id.startswith("call_") for c in calls)
     assert chunks[-1].finish_reason == "tool_calls"
     assert state.done
+
+
+def test_stream_function_call_ids_from_gemini_reach_the_client() -> None:
+    chunks, _ = run([{"candidates": [candidate({"functionCall": {"id": "fc-9", "name": "a"}})]}])
+    (delta,) = [call for chunk in chunks for call in chunk.tool_calls]
+    assert delta.id is not None and delta.id.startswith("call_") and delta.id.endswith("__id__fc-9")
 
 
 def test_stream_thoughts_are_reasoning_and_empty_or_signature_only_parts_are_skipped() -> None:
