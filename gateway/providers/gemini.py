@@ -83,6 +83,8 @@ CONFIG = {
 }
 METHODS = {"generateContent": "completion", "embedContent": "embedding"}
 MODES = {"none": "NONE", "auto": "AUTO", "required": "ANY"}
+# tool_choice allowed_tools.mode -> functionCallingConfig.mode; VALIDATED: call one of them, or answer
+ALLOWED_MODES = {"auto": "VALIDATED", "required": "ANY"}
 FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"}  # fmt: skip
 # The keywords `responseJsonSchema` accepts (contracts/gemini.md §2.3); the rest are dropped.
@@ -361,10 +363,34 @@ def _declaration(function: Any) -> dict[str, Any]:
 def _calling_config(choice: str | dict[str, Any], names: set[str]) -> dict[str, Any]:
     if isinstance(choice, str):
         return {"mode": MODES[choice]}
-    name = (choice.get("function") or {}).get("name")
-    if name not in names:
-        raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
-    return {"mode": "ANY", "allowedFunctionNames": [name]}
+    mode: str | None
+    tools: Any
+    kind = choice.get("type")
+    if kind == "function":
+        mode, tools = "ANY", [choice]
+    elif kind == "allowed_tools" and isinstance(allowed := choice.get("allowed_tools"), dict):
+        mode, tools = ALLOWED_MODES.get(str(allowed.get("mode"))), allowed.get("tools")
+    else:
+        raise InvalidRequest(
+            "Gemini backends take a tool_choice of 'none', 'auto', 'required', type 'function'"
+            " or type 'allowed_tools'",
+            param="tool_choice",
+        )
+    if mode is None:
+        raise InvalidRequest("allowed_tools.mode must be 'auto' or 'required'", param="tool_choice")
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequest("allowed_tools.tools must list at least one function", param="tool_choice")
+    chosen = [_function_name(tool) for tool in tools]
+    for name in chosen:
+        if name not in names:
+            raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
+    return {"mode": mode, "allowedFunctionNames": chosen}
+
+
+def _function_name(tool: Any) -> Any:
+    """X in `{"type": "function", "function": {"name": X}}`; None when the shape is another."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
 
 
 # ---- response ----

@@ -505,6 +505,14 @@ def test_tools_become_function_declarations_in_one_tool() -> None:
         ("auto", {"mode": "AUTO"}),
         ("required", {"mode": "ANY"}),
         ({"type": "function", "function": {"name": "b"}}, {"mode": "ANY", "allowedFunctionNames": ["b"]}),
+        (
+            {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [tool("b")]}},
+            {"mode": "VALIDATED", "allowedFunctionNames": ["b"]},
+        ),
+        (
+            {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [tool("a"), tool("b")]}},
+            {"mode": "ANY", "allowedFunctionNames": ["a", "b"]},
+        ),
     ],
 )
 def test_tool_choice_maps_to_function_calling_config(choice: Any, config: dict[str, Any]) -> None:
@@ -516,6 +524,23 @@ def test_tool_choice_maps_to_function_calling_config(choice: Any, config: dict[s
 def test_tool_choice_naming_an_unknown_function_is_refused() -> None:
     with pytest.raises(InvalidRequest) as caught:
         build(tools=[tool("a")], tool_choice={"type": "function", "function": {"name": "zzz"}})
+    assert caught.value.param == "tool_choice"
+
+
+@pytest.mark.parametrize(
+    ("allowed", "words"),
+    [
+        ({"mode": "required", "tools": [tool("a"), tool("zzz")]}, "unknown function 'zzz'"),
+        ({"mode": "sometimes", "tools": [tool("a")]}, "'auto' or 'required'"),
+        ({"mode": "auto", "tools": []}, "at least one function"),
+        ({"mode": "auto"}, "at least one function"),
+    ],
+)
+def test_allowed_tools_gemini_cannot_follow_are_refused_saying_why(
+    allowed: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=words) as caught:
+        build(tools=[tool("a")], tool_choice={"type": "allowed_tools", "allowed_tools": allowed})
     assert caught.value.param == "tool_choice"
 
 
