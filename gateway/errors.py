@@ -195,8 +195,9 @@ class UpstreamRejected(UpstreamError):
         if self.upstream_status in (401, 403):
             # The gateway's own credentials were refused: the client cannot fix that.
             return 502
-        if self.upstream_status == 503:
-            return 503
+        if self.upstream_status in (503, 504):
+            # 504: the backend's own deadline ran out (Gemini's DEADLINE_EXCEEDED, a proxy's timeout)
+            return self.upstream_status
         return 502
 
     @property

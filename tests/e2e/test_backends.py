@@ -209,6 +209,18 @@ def test_upstream_500_is_502(rig: Rig) -> None:
     )
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_upstream_504_is_504(rig: Rig, stream: bool) -> None:
+    # The backend's own deadline ran out (Gemini's DEADLINE_EXCEEDED): a timeout, not a bad answer.
+    rig.fake.queue(Reply(status=504, error_text="Deadline expired before operation could complete."))
+    response = httpx.post(
+        rig.gateway.url + "/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": stream},
+    )
+    assert response.status_code == 504
+    assert response.json()["error"]["type"] == "server_error"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_upstream_garbage_is_a_clean_error(rig: Rig, stream: bool) -> None:
     rig.fake.queue(Reply(garbage=True))

@@ -916,7 +916,7 @@ def google_error(code: int, status: str, message: str = "msg", details: list[Any
         (429, google_error(429, "RESOURCE_EXHAUSTED"), UpstreamRejected, 429),
         (500, google_error(500, "INTERNAL"), UpstreamRejected, 502),
         (503, google_error(503, "UNAVAILABLE"), UpstreamRejected, 503),
-        (504, google_error(504, "DEADLINE_EXCEEDED"), UpstreamRejected, 502),
+        (504, google_error(504, "DEADLINE_EXCEEDED"), UpstreamRejected, 504),
         (502, b"<html>Bad Gateway</html>", UpstreamRejected, 502),
         (404, b"", ModelNotFound, 404),
         (400, b"[" + google_error(400, "INVALID_ARGUMENT") + b"]", InvalidRequest, 400),
