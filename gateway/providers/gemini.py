@@ -22,8 +22,10 @@ Translation choices (contracts/gemini.md §9-§11):
   sent as `inlineData` with the image host's content type, not as `fileData.fileUri`: only newer
   models fetch URLs themselves, and the gateway's limits then hold for every backend alike.
 - A blocked prompt (`promptFeedback.blockReason`) is a 200 with one empty `content_filter` choice.
-- A stream that ends without any `finishReason` is an error; when one choice finished, the others
-  still open are closed with `stop`. Usage is the last `usageMetadata` seen.
+- When a stream's body ends, the choices that got no `finishReason` are finished as if with STOP
+  (`stop`, or `tool_calls` after a call; contracts/gemini.md §10.2), as SSE has no end marker and
+  the body's end is the answer's. A body cut off by the connection is an error all the same (the
+  transport raises it), and one without any candidate too. Usage is the last `usageMetadata` seen.
 """
 
 from __future__ import annotations
@@ -525,7 +527,10 @@ class StreamState:
         return chunk
 
     def close(self) -> list[Chunk]:
-        """End of body: finish the choices still open; hand over usage that came after the finish."""
+        """End of body: finish the choices still open (a missing finishReason is STOP); hand over
+        usage that came after the finish. A body without any candidate is no answer at all."""
+        if not self.done and not self.tool_calls:
+            raise UpstreamProtocol("Gemini ended the stream without any candidate")
         chunks = [
             self._finish(Chunk(finish_reason=finish_reason(None, calls > 0), index=index))
             for index, calls in sorted(self.tool_calls.items())
@@ -625,13 +630,7 @@ class GeminiProvider:
         async with self._http.stream(path, payload, model) as body:
             async for chunks in batches(body, decoder, parse, "Gemini"):
                 yield chunks
-        if not state.done:
-            raise UpstreamProtocol(
-                f"Gemini at {self.backend.base_url} ended the stream without a finishReason;"
-                " the answer may be incomplete",
-                code="upstream_incomplete",
-            )
-        closing = state.close()
+        closing = state.close()  # the body ended cleanly: one cut off raised above
         if closing:
             yield closing
 

@@ -153,6 +153,32 @@ def test_streamed_tool_calls_merge_into_one_call(rig: Rig) -> None:
     assert calls[0].id.startswith("call_") and calls[0].id.count("call_") == 1
 
 
+def test_a_gemini_stream_whose_body_ends_without_finish_reason_ends_with_stop(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    # SSE has no end marker: a body that ends cleanly is the end of the answer (contracts/gemini.md
+    # 10.2), so the text already sent is not lost to an error event.
+    fake = FakeGemini(api_key=KEY)
+    fake.queue(Reply(pieces=["All of ", "the answer."], omit_done=True, prompt_eval_count=4))
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
+            chunks = list(
+                api.chat.completions.create(
+                    model="chat",
+                    messages=[{"role": "user", "content": "x"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "All of the answer."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == 4
+
+
 def test_json_schema(rig: Rig) -> None:
     rig.fake.queue(Reply(content='{"city": "Oslo"}'))
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

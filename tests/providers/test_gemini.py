@@ -860,9 +860,10 @@ def test_stream_finishes_each_candidate_once_and_closes_open_ones_with_stop() ->
     assert [(c.index, c.finish_reason) for c in state.close()] == [(1, "stop")]
 
 
-def test_stream_without_any_finish_reason_is_not_done() -> None:
-    _, state = run([{"candidates": [candidate({"text": "partial"}, finish=None)]}])
-    assert not state.done
+def test_stream_with_no_candidate_at_all_is_a_protocol_error() -> None:
+    _, state = run([{"usageMetadata": {"promptTokenCount": 3}}])
+    with pytest.raises(UpstreamProtocol, match="without any candidate"):
+        state.close()
 
 
 def test_stream_blocked_prompt_finishes_with_content_filter() -> None:
@@ -1030,16 +1031,24 @@ async def test_stream_reassembles_sse_events_split_across_reads(
     assert sent.url.params["alt"] == "sse"
 
 
-async def test_stream_ending_without_finish_reason_is_incomplete(
+async def test_stream_body_ending_without_finish_reason_finishes_its_choices_with_stop(
     httpx_mock: HTTPXMock, provider: GeminiProvider
 ) -> None:
     httpx_mock.add_response(
         url=URL + "/models/m:streamGenerateContent?alt=sse",
-        stream=httpx_stream([b'data: {"candidates":[{"content":{"parts":[{"text":"par"}]}}]}\n\n']),
+        stream=httpx_stream(
+            [
+                b'data: {"candidates":[{"content":{"parts":[{"text":"All of "}]}}]}\n\n',
+                b'data: {"candidates":[{"content":{"parts":[{"text":"the answer."}]}}],'
+                b'"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":5}}\n\n',
+            ]
+        ),
     )
-    with pytest.raises(UpstreamProtocol) as caught:
-        _ = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
-    assert caught.value.code == "upstream_incomplete"
+    chunks = [chunk async for chunks in provider.stream(CHAT, "m") for chunk in chunks]
+    assert "".join(c.content for c in chunks) == "All of the answer."
+    assert [(c.index, c.finish_reason) for c in chunks if c.finish_reason] == [(0, "stop")]
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 9
 
 
 async def test_stream_with_a_broken_event_is_a_protocol_error(
