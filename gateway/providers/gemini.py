@@ -407,9 +407,16 @@ def finish_reason(native: str | None, tool_calls: bool) -> FinishReason:
 
 
 def usage(metadata: Any) -> Usage:
+    """OpenAI counts reasoning in completion_tokens, and reports that part apart (contracts §10.4)."""
     meta = metadata if isinstance(metadata, dict) else {}
-    output = int(meta.get("candidatesTokenCount") or 0) + int(meta.get("thoughtsTokenCount") or 0)
-    return Usage(int(meta.get("promptTokenCount") or 0), output)
+    thoughts = meta.get("thoughtsTokenCount")
+    cached = meta.get("cachedContentTokenCount")
+    return Usage(
+        int(meta.get("promptTokenCount") or 0),
+        int(meta.get("candidatesTokenCount") or 0) + int(thoughts or 0),
+        cached_tokens=int(cached) if cached is not None else None,
+        reasoning_tokens=int(thoughts) if thoughts is not None else None,
+    )
 
 
 def _tool_call(part: dict[str, Any], index: int) -> ToolCallDelta:

@@ -636,7 +636,12 @@ def test_text_and_thought_parts_are_kept_apart() -> None:
                     {"text": " is blue."},
                 )
             ],
-            "usageMetadata": {"promptTokenCount": 41, "candidatesTokenCount": 18, "thoughtsTokenCount": 120},
+            "usageMetadata": {
+                "promptTokenCount": 41,
+                "cachedContentTokenCount": 32,
+                "candidatesTokenCount": 18,
+                "thoughtsTokenCount": 120,
+            },
         }
     )
     choice = completion.choices[0]
@@ -645,8 +650,13 @@ def test_text_and_thought_parts_are_kept_apart() -> None:
         "Let me think.",
         "stop",
     )
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (41, 138)
-    assert completion.usage.total_tokens == 179
+    assert completion.usage.as_dict() == {  # reasoning inside completion_tokens, and said apart
+        "prompt_tokens": 41,
+        "completion_tokens": 138,
+        "total_tokens": 179,
+        "prompt_tokens_details": {"cached_tokens": 32},
+        "completion_tokens_details": {"reasoning_tokens": 120},
+    }
 
 
 def test_function_calls_become_tool_calls_with_fresh_ids() -> None:
@@ -839,6 +849,7 @@ def test_stream_usage_last_one_wins_even_after_the_finish() -> None:
         "prompt_tokens": 3,
         "completion_tokens": 6,
         "total_tokens": 9,
+        "completion_tokens_details": {"reasoning_tokens": 2},
     }
 
 
