@@ -1,0 +1,162 @@
+"""Gemini's native API (`generateContent`, SSE streams, `batchEmbedContents`) behind the OpenAI surface.
+
+Translation choices (contracts/gemini.md §9-§11):
+- system/developer messages become `systemInstruction` (one text part each, in order); a run of tool
+  results becomes `functionResponse` parts of one `user` turn, in the order of the calls they answer
+  (Gemini pairs a result with its call by position), results for no call of that turn after them;
+  adjacent same-role turns are merged so roles alternate; empty text is never sent. Only system text
+  and nothing else is refused (400, messages).
+- Content parts map one by one, in their order: text, images, `input_audio` (wav, mp3) and a
+  `file`'s `file_data` (a base64 data URL) become `text` and `inlineData` parts. A part Gemini cannot
+  be given (a `file_id` upload, another audio format, bad base64) is a 400 naming it, never dropped.
+- The API key travels in `x-goog-api-key`, never in the URL (query strings end up in logs).
+- Tool-call ids are made here: `call_<random>[__ts__<signature>][__id__<Gemini's id>]`. A call's
+  `thoughtSignature` goes back on its `functionCall` part when the id returns; Gemini's own
+  `functionCall.id` (usually absent) goes back as `id` on that part and on the `functionResponse`
+  answering it. The random part keeps ids unique when Gemini's repeat across turns. Markers are
+  read left to right: the random part is letters and digits and a signature is standard base64,
+  so neither holds a `_`, and Gemini's id, last, may hold anything. Ids without `__id__` (made
+  here, or by another backend) send no id to Gemini.
+- json_schema goes out as `responseJsonSchema`, cut down to the keywords Gemini documents for it.
+- http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
+  sent as `inlineData` with the image host's content type, not as `fileData.fileUri`: only newer
+  models fetch URLs themselves, and the gateway's limits then hold for every backend alike.
+- A blocked prompt (`promptFeedback.blockReason`) is a 200 with one empty `content_filter` choice.
+- When a stream's body ends, the choices that got no `finishReason` are finished as if with STOP
+  (`stop`, or `tool_calls` after a call; contracts/gemini.md §10.2), as SSE has no end marker and
+  the body's end is the answer's. A body cut off by the connection is an error all the same (the
+  transport raises it), and one without any candidate too. Usage is the last `usageMetadata` seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.config import GeminiBackend
+from gateway.errors import InvalidRequest, UpstreamProtocol
+from gateway.images import NO_IMAGES, Image, ImageFetcher
+from gateway.providers.base import batches, parsed
+from gateway.providers.gemini.request import IMAGE_ROLES, build_request
+from gateway.providers.gemini.response import (
+    StreamState,
+    error_from,
+    finish_reason,
+    parse_chunk,
+    parse_response,
+    usage,
+)
+from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo
+from gateway.sse import Event, SSEDecoder
+from gateway.upstream import Upstream
+
+__all__ = [
+    "GeminiProvider",
+    "StreamState",
+    "build_request",
+    "error_from",
+    "finish_reason",
+    "model_info",
+    "parse_chunk",
+    "parse_response",
+    "usage",
+]
+
+METHODS = {"generateContent": "completion", "embedContent": "embedding"}
+
+
+def _resource(model: str) -> str:
+    return model if model.startswith(("models/", "tunedModels/")) else "models/" + model
+
+
+class GeminiProvider:
+    def __init__(
+        self,
+        backend: GeminiBackend,
+        transport: httpx.AsyncBaseTransport,
+        api_key: str | None = None,
+        images: ImageFetcher | None = None,
+    ) -> None:
+        self.backend = backend
+        self._images = images  # None: http(s) image URLs are refused, as without `images.fetch`
+        auth = {"x-goog-api-key": api_key} if api_key else {}
+        self._http = Upstream.for_backend(backend, transport, auth, error_from)
+
+    def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
+        return None if self._images is None else self._images.for_request(request, roles=IMAGE_ROLES)
+
+    async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
+        # when the dispatcher prepared the request, they are all known already
+        fetching = self.prepare(request)
+        return NO_IMAGES if fetching is None else await fetching
+
+    async def complete(self, request: ChatRequest, model: str) -> Completion:
+        images = await self._fetch_images(request)
+        body, path = build_request(request, model, images=images), f"/{_resource(model)}:generateContent"
+        answer = await self._http.request("POST", path, body, model)
+        return parsed(parse_response, answer, "Gemini")
+
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
+        state = StreamState()
+        decoder = SSEDecoder()
+        path = f"/{_resource(model)}:streamGenerateContent?alt=sse"
+        payload = build_request(request, model, images=await self._fetch_images(request))
+
+        def parse(event: Event) -> list[Chunk]:
+            return state.parse_chunk(orjson.loads(event.data))
+
+        async with self._http.stream(path, payload, model) as body:
+            async for chunks in batches(body, decoder, parse, "Gemini"):
+                yield chunks
+        closing = state.close()  # the body ended cleanly: one cut off raised above
+        if closing:
+            yield closing
+
+    async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
+        texts = [request.input] if isinstance(request.input, str) else request.input
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise InvalidRequest("Gemini backends take text input, not token arrays", param="input")
+        resource = _resource(model)
+        one: dict[str, Any] = {"model": resource}
+        if request.dimensions is not None:
+            one["outputDimensionality"] = request.dimensions
+        body = {"requests": [{**one, "content": {"parts": [{"text": text}]}} for text in texts]}
+        answer = await self._http.request("POST", f"/{resource}:batchEmbedContents", body, model)
+        found = answer.get("embeddings") if isinstance(answer, dict) else None
+        if not isinstance(found, list) or len(found) != len(texts):
+            raise UpstreamProtocol(
+                f"Gemini at {self.backend.base_url} answered batchEmbedContents without one vector per input"
+            )
+        vectors = [list(e.get("values") or []) if isinstance(e, dict) else [] for e in found]
+        return Embeddings(vectors, usage(answer.get("usageMetadata")).prompt_tokens)
+
+    async def list_models(self) -> list[ModelInfo]:
+        models: list[ModelInfo] = []
+        query = "?pageSize=1000"
+        while True:  # follow nextPageToken until it is missing
+            page = await self._http.request("GET", "/models" + query)
+            page = page if isinstance(page, dict) else {}
+            models += [info for e in page.get("models") or () if (info := model_info(e)) is not None]
+            if not page.get("nextPageToken"):
+                return models
+            query = f"?pageSize=1000&pageToken={page['nextPageToken']}"
+
+    async def loaded_models(self) -> list[str] | None:
+        return None
+
+    async def probe(self) -> None:
+        await self._http.request("GET", "/models?pageSize=1")
+
+
+def model_info(entry: Any) -> ModelInfo | None:
+    """A listed model the gateway can use (it generates or embeds), or None."""
+    methods = entry.get("supportedGenerationMethods") or () if isinstance(entry, dict) else ()
+    capabilities = [name for method, name in METHODS.items() if method in methods]
+    if not capabilities:
+        return None
+    capabilities += ["thinking"] if entry.get("thinking") else []
+    name = str(entry.get("name") or "").removeprefix("models/")
+    return ModelInfo(id=name, owned_by="google", remote=True, capabilities=tuple(capabilities))

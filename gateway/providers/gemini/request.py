@@ -1,0 +1,339 @@
+"""OpenAI chat requests as Gemini `generateContent` bodies (contracts/gemini.md §2, §9)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from gateway.errors import InvalidRequest
+from gateway.images import NO_IMAGES, Image
+from gateway.schemas import (
+    AudioPart,
+    ChatRequest,
+    FilePart,
+    ImagePart,
+    Message,
+    RefusalPart,
+    TextPart,
+    ToolCall,
+)
+from gateway.upstream import json_or_none
+
+ROLES = {"user": "user", "assistant": "model", "tool": "user", "function": "user"}
+RESULT_ROLES = ("tool", "function")  # messages that become functionResponse parts
+IMAGE_ROLES = ("user", "assistant")  # the messages whose image parts are sent
+AUDIO = {"wav": "audio/wav", "mp3": "audio/mpeg"}  # input_audio.format -> mimeType
+# OpenAI field -> generationConfig key, for values that mean the same thing on both sides.
+CONFIG = {
+    "temperature": "temperature",
+    "top_p": "topP",
+    "n": "candidateCount",
+    "presence_penalty": "presencePenalty",
+    "frequency_penalty": "frequencyPenalty",
+}
+MODES = {"none": "NONE", "auto": "AUTO", "required": "ANY"}
+# tool_choice allowed_tools.mode -> functionCallingConfig.mode; VALIDATED: call one of them, or answer
+ALLOWED_MODES = {"auto": "VALIDATED", "required": "ANY"}
+# The keywords `responseJsonSchema` accepts (contracts/gemini.md §2.3); the rest are dropped.
+SCHEMA_KEYS = {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum",
+               "items", "prefixItems", "minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf",
+               "properties", "additionalProperties", "required", "propertyOrdering"}  # fmt: skip
+# What a tool-call id made here carries after `call_<random>`, each behind its marker (docstring).
+SIGNATURE = "__ts__"
+GEMINI_ID = "__id__"
+INT32 = 2**31
+
+
+def build_request(
+    request: ChatRequest, model: str, *, images: Mapping[str, Image] = NO_IMAGES
+) -> dict[str, Any]:
+    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch)."""
+    body: dict[str, Any] = {"contents": _contents(request.messages, images)}
+    system = [m.text() for m in request.messages if m.role in ("system", "developer") and m.text()]
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    config = _generation_config(request)
+    if config:
+        body["generationConfig"] = config
+    if request.tools:
+        declarations = [_declaration(tool.function) for tool in request.tools]
+        body["tools"] = [{"functionDeclarations": declarations}]
+        if request.tool_choice is not None:
+            names = {d["name"] for d in declarations}
+            body["toolConfig"] = {"functionCallingConfig": _calling_config(request.tool_choice, names)}
+    return body
+
+
+def _contents(messages: list[Message], fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for role, parts in _turns(messages, fetched):
+        if not parts:
+            continue
+        if out and out[-1]["role"] == role:  # Gemini wants user and model turns to alternate
+            out[-1]["parts"].extend(parts)
+        else:
+            out.append({"role": role, "parts": parts})
+    if not out:
+        raise InvalidRequest("Gemini needs at least one user or assistant message", param="messages")
+    return out
+
+
+def _turns(
+    messages: list[Message], fetched: Mapping[str, Image]
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(Gemini role, parts) per message, except that a run of tool results is one turn."""
+    results: list[int] = []  # the run of tool results under way, by message index
+    for i, message in enumerate(messages):
+        role = ROLES.get(message.role)
+        if role is None:  # system and developer text went to systemInstruction
+            continue
+        if message.role in RESULT_ROLES:
+            results.append(i)
+            continue
+        if results:
+            yield "user", _function_responses(messages, results)
+            results = []
+        parts = _parts(message, i, fetched)
+        parts += [_function_call(call, i, j) for j, call in enumerate(message.tool_calls or ())]
+        yield role, parts
+    if results:
+        yield "user", _function_responses(messages, results)
+
+
+def _function_responses(messages: list[Message], results: list[int]) -> list[dict[str, Any]]:
+    """A run of tool results in the order of the calls they answer, as Gemini pairs them: two calls
+    to one function are told apart by position only. Results that answer no call of the turn
+    before keep their order, after the others."""
+    order = {call.id: n for n, call in enumerate(_turn_calls(messages[: results[0]]))}
+    ranked = sorted(results, key=lambda i: order.get(messages[i].tool_call_id or "", len(order)))
+    return [_function_response(messages[i], messages[:i], i) for i in ranked]
+
+
+def _turn_calls(history: list[Message]) -> list[ToolCall]:
+    """The tool calls of the model turn that ends `history` (its assistant messages merge into one)."""
+    calls: list[ToolCall] = []
+    for message in reversed(history):
+        if message.role == "assistant":
+            calls[:0] = message.tool_calls or ()
+        elif message.role not in ("system", "developer"):
+            break
+    return calls
+
+
+def _parts(message: Message, i: int, fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
+    """A user or assistant message's content, part by part and in order (a caption stays next to
+    its picture); empty text is left out, and a part Gemini cannot be given is a 400."""
+    if not isinstance(message.content, list):
+        return [{"text": message.content}] if message.content else []
+    parts = []
+    for j, part in enumerate(message.content):
+        field = f"messages[{i}].content[{j}]"
+        if isinstance(part, TextPart | RefusalPart):
+            text = part.text if isinstance(part, TextPart) else part.refusal
+            parts += [{"text": text}] if text else []
+        elif isinstance(part, ImagePart):
+            parts.append(_image(part.url, f"messages[{i}].content", fetched))
+        elif isinstance(part, AudioPart):
+            parts.append(_audio(part.input_audio, field + ".input_audio"))
+        elif isinstance(part, FilePart):
+            parts.append(_file(part.file, field + ".file"))
+        else:  # a kind of part this translation does not know: never dropped without a word
+            raise InvalidRequest(f"Gemini backends cannot take {part.type!r} parts", param=field)
+    return parts
+
+
+def _image(url: str, param: str, fetched: Mapping[str, Image]) -> dict[str, Any]:
+    if url in fetched:
+        return {"inlineData": {"mimeType": fetched[url].mime, "data": fetched[url].data}}
+    if not url.startswith("data:"):
+        raise InvalidRequest(
+            "Gemini backends need images inline: send a base64 data URL (data:image/png;base64,...)",
+            param=param,
+        )
+    mime, data = _data_url(url, "image data URLs", param)
+    return _inline(mime or "image/png", data, "image data URL", param)
+
+
+def _audio(audio: dict[str, Any], param: str) -> dict[str, Any]:
+    native = audio.get("format")
+    mime = AUDIO.get(str(native))
+    if mime is None:
+        raise InvalidRequest(
+            f"Gemini backends take input_audio as {' or '.join(AUDIO)}, not {native!r}",
+            param=param + ".format",
+        )
+    return _inline(mime, audio.get("data"), "input_audio data", param + ".data")
+
+
+def _file(file: dict[str, Any], param: str) -> dict[str, Any]:
+    if "file_data" not in file:  # a file_id names an upload at OpenAI, which Gemini cannot read
+        raise InvalidRequest(
+            "Gemini backends need a file's content: send it as file_data, a base64 data URL"
+            " (data:application/pdf;base64,...); file_id uploads are OpenAI's",
+            param=param,
+        )
+    url, field = file["file_data"], param + ".file_data"
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise InvalidRequest(
+            "file_data must be a base64 data URL (data:application/pdf;base64,...)", param=field
+        )
+    mime, data = _data_url(url, "file_data URLs", field)
+    if not mime:
+        raise InvalidRequest(
+            "file_data must name its MIME type (data:application/pdf;base64,...)", param=field
+        )
+    return _inline(mime, data, "file_data", field)
+
+
+def _data_url(url: str, what: str, param: str) -> tuple[str, str]:
+    """(MIME type, base64 data) of a `data:<mime>;base64,<data>` URL."""
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise InvalidRequest(f"{what} must be base64-encoded", param=param)
+    return header.removeprefix("data:").removesuffix(";base64"), data
+
+
+def _inline(mime: str, data: Any, what: str, param: str) -> dict[str, Any]:
+    if not isinstance(data, str):
+        raise InvalidRequest(f"{what} must be a base64 string", param=param)
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise InvalidRequest(f"{what} is not valid base64", param=param) from None
+    return {"inlineData": {"mimeType": mime, "data": data}}
+
+
+def _function_call(call: Any, i: int, j: int) -> dict[str, Any]:
+    args = json_or_none((call.function.arguments or "{}").encode())
+    if not isinstance(args, dict):
+        raise InvalidRequest(
+            "tool call arguments must be a JSON object",
+            param=f"messages[{i}].tool_calls[{j}].function.arguments",
+        )
+    signature, native = _carried(call.id)
+    part: dict[str, Any] = {"functionCall": _with_id(native, name=call.function.name, args=args)}
+    if signature:
+        part["thoughtSignature"] = signature
+    return part
+
+
+def _function_response(message: Message, history: list[Message], i: int) -> dict[str, Any]:
+    name = _tool_name(history, message.tool_call_id) or message.name
+    if not name:
+        raise InvalidRequest(
+            "this tool result answers no earlier assistant tool call; Gemini needs the function's name",
+            param=f"messages[{i}].tool_call_id",
+        )
+    text = message.text()
+    parsed = json_or_none(text.encode())
+    response = parsed if isinstance(parsed, dict) else {"result": text if parsed is None else parsed}
+    _, native = _carried(message.tool_call_id)
+    return {"functionResponse": _with_id(native, name=name, response=response)}
+
+
+def _with_id(native: str, **fields: Any) -> dict[str, Any]:
+    """A functionCall or functionResponse, with Gemini's own call id when there is one."""
+    return {"id": native, **fields} if native else fields
+
+
+def _carried(call_id: str | None) -> tuple[str, str]:
+    """(thought signature, Gemini's call id) that a tool-call id made here carries; "" when absent."""
+    head, _, native = (call_id or "").partition(GEMINI_ID)
+    _, _, signature = head.partition(SIGNATURE)
+    return signature, native
+
+
+def _tool_name(history: list[Message], call_id: str | None) -> str | None:
+    """The function a tool result answers, found through its call id (last match wins)."""
+    for message in reversed(history):
+        for call in message.tool_calls or ():
+            if call.id == call_id:
+                return call.function.name
+    return None
+
+
+def _generation_config(request: ChatRequest) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for field, key in CONFIG.items():
+        value = getattr(request, field)
+        if value is not None:
+            config[key] = value
+    if request.max_output_tokens is not None:
+        config["maxOutputTokens"] = request.max_output_tokens
+    if request.stop_list is not None:
+        if len(request.stop_list) > 5:
+            raise InvalidRequest("Gemini accepts at most 5 stop sequences", param="stop")
+        config["stopSequences"] = request.stop_list
+    if request.seed is not None:
+        if not -INT32 <= request.seed < INT32:
+            raise InvalidRequest("Gemini seeds must fit in 32 bits", param="seed")
+        config["seed"] = request.seed
+    response_format = request.response_format
+    if response_format is not None and response_format.type != "text":
+        config["responseMimeType"] = "application/json"
+        schema = response_format.json_schema.schema_ if response_format.json_schema else None
+        if response_format.type == "json_schema" and schema:
+            config["responseJsonSchema"] = _schema(schema)
+    return config
+
+
+def _schema(schema: Any) -> Any:
+    """JSON Schema cut down to the keywords `responseJsonSchema` documents; `const` becomes `enum`."""
+    if isinstance(schema, list):
+        return [_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:  # a $ref may only have $-prefixed siblings
+        return {key: value for key, value in schema.items() if key.startswith("$")}
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs") and isinstance(value, dict):
+            out[key] = {name: _schema(sub) for name, sub in value.items()}
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties"):
+            out[key] = _schema(value)
+        elif key == "const" and "enum" not in schema:
+            out["enum"] = [value]
+        elif key in SCHEMA_KEYS:
+            out[key] = value
+    return out
+
+
+def _declaration(function: Any) -> dict[str, Any]:
+    fields = {"name": function.name, "description": function.description}
+    fields["parametersJsonSchema"] = function.parameters
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _calling_config(choice: str | dict[str, Any], names: set[str]) -> dict[str, Any]:
+    if isinstance(choice, str):
+        return {"mode": MODES[choice]}
+    mode: str | None
+    tools: Any
+    kind = choice.get("type")
+    if kind == "function":
+        mode, tools = "ANY", [choice]
+    elif kind == "allowed_tools" and isinstance(allowed := choice.get("allowed_tools"), dict):
+        mode, tools = ALLOWED_MODES.get(str(allowed.get("mode"))), allowed.get("tools")
+    else:
+        raise InvalidRequest(
+            "Gemini backends take a tool_choice of 'none', 'auto', 'required', type 'function'"
+            " or type 'allowed_tools'",
+            param="tool_choice",
+        )
+    if mode is None:
+        raise InvalidRequest("allowed_tools.mode must be 'auto' or 'required'", param="tool_choice")
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequest("allowed_tools.tools must list at least one function", param="tool_choice")
+    chosen = [_function_name(tool) for tool in tools]
+    for name in chosen:
+        if name not in names:
+            raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
+    return {"mode": mode, "allowedFunctionNames": chosen}
+
+
+def _function_name(tool: Any) -> Any:
+    """X in `{"type": "function", "function": {"name": X}}`; None when the shape is another."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
