@@ -166,6 +166,8 @@ class ChatRequest(Wire):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     metadata: dict[str, str] | None = None
     user: str | None = None
     # OpenAI's deprecated forms of `tools` and `tool_choice`: the answer would come in the newer
@@ -200,6 +202,14 @@ class ChatRequest(Wire):
         if self.stop is None:
             return None
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def alternatives(self) -> int | None:
+        """With `logprobs: true`, how many alternatives per token the client asked for
+        (`top_logprobs`, 0 by default); None when it asked for no log probabilities."""
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
 
     @property
     def include_usage(self) -> bool:

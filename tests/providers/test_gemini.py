@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from pydantic import ValidationError
 from pytest_httpx import HTTPXMock
 
 from gateway.config import GeminiBackend
@@ -1186,3 +1187,53 @@ async def test_probe_with_a_refused_key_raises(httpx_mock: HTTPXMock, provider: 
     with pytest.raises(UpstreamRejected) as caught:
         await provider.probe()
     assert caught.value.http_status == 502
+
+
+def test_log_probabilities_are_asked_for_and_come_back_in_openais_shape() -> None:
+    assert "responseLogprobs" not in build().get("generationConfig", {})
+    assert build(logprobs=True)["generationConfig"] == {"responseLogprobs": True}
+    assert build(logprobs=True, top_logprobs=2)["generationConfig"] == {
+        "responseLogprobs": True,
+        "logprobs": 2,
+    }
+    result = {
+        "chosenCandidates": [{"token": "Hi", "logProbability": -0.5}, {"token": "é", "logProbability": -1.5}],
+        "topCandidates": [
+            {
+                "candidates": [
+                    {"token": "Hi", "logProbability": -0.5},
+                    {"token": "Hey", "logProbability": -2.0},
+                ]
+            },
+            {"candidates": [{"token": "é", "logProbability": -1.5}]},
+        ],
+    }
+    expected = [
+        {
+            "token": "Hi",
+            "logprob": -0.5,
+            "bytes": [72, 105],
+            "top_logprobs": [
+                {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+                {"token": "Hey", "logprob": -2.0, "bytes": [72, 101, 121]},
+            ],
+        },
+        {
+            "token": "é",
+            "logprob": -1.5,
+            "bytes": [195, 169],
+            "top_logprobs": [{"token": "é", "logprob": -1.5, "bytes": [195, 169]}],
+        },
+    ]
+    whole = gemini.parse_response({"candidates": [candidate({"text": "Hié"}, logprobsResult=result)]})
+    assert whole.choices[0].logprobs == expected
+    assert gemini.parse_response({"candidates": [candidate({"text": "Hi"})]}).choices[0].logprobs is None
+
+    chunks, _ = run([{"candidates": [candidate({"text": "Hi"}, {"text": "é"}, logprobsResult=result)]}])
+    assert [(c.content, c.logprobs) for c in chunks if c.content] == [("Hi", expected), ("é", None)]
+
+
+def test_top_logprobs_out_of_openais_range_is_refused_naming_it() -> None:
+    with pytest.raises(ValidationError) as refused:
+        request(logprobs=True, top_logprobs=21)
+    assert refused.value.errors()[0]["loc"] == ("top_logprobs",)

@@ -270,6 +270,10 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
         if not -INT32 <= request.seed < INT32:
             raise InvalidRequest("Gemini seeds must fit in 32 bits", param="seed")
         config["seed"] = request.seed
+    if (alternatives := request.alternatives) is not None:
+        config["responseLogprobs"] = True
+        if alternatives:
+            config["logprobs"] = alternatives
     response_format = request.response_format
     if response_format is not None and response_format.type != "text":
         config["responseMimeType"] = "application/json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -51,15 +51,49 @@ def _tool_call(part: dict[str, Any], index: int) -> ToolCallDelta:
     return ToolCallDelta(index=index, id=call_id, name=str(call.get("name") or ""), arguments=arguments)
 
 
-def _candidates(body: dict[str, Any]) -> list[tuple[int, list[dict[str, Any]], str | None]]:
-    """(choice index, parts, finishReason) per candidate; proto3 leaves out zeros and empty lists."""
+class _Candidate(NamedTuple):
+    choice: int  # its index
+    parts: list[dict[str, Any]]
+    finish: str | None
+    logprobs: list[dict[str, Any]] | None
+
+
+def _candidates(body: dict[str, Any]) -> list[_Candidate]:
+    """The answer's candidates; proto3 leaves out zeros and empty lists."""
     out = []
     for position, candidate in enumerate(c for c in body.get("candidates") or () if isinstance(c, dict)):
         content = candidate.get("content")
         parts = content.get("parts") if isinstance(content, dict) else None
         parts = [part for part in parts or () if isinstance(part, dict)]
-        out.append((int(candidate.get("index", position)), parts, candidate.get("finishReason")))
+        index = int(candidate.get("index", position))
+        out.append(_Candidate(index, parts, candidate.get("finishReason"), _logprobs(candidate)))
     return out
+
+
+def _logprobs(candidate: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """`logprobsResult` (asked for with responseLogprobs) as OpenAI's `logprobs.content` entries."""
+    result = candidate.get("logprobsResult")
+    if not isinstance(result, dict):
+        return None
+    tops: list[list[Any]] = []
+    for step in result.get("topCandidates") or ():
+        alternatives = step.get("candidates") if isinstance(step, dict) else None
+        tops.append(alternatives if isinstance(alternatives, list) else [])
+    entries = []
+    for k, chosen in enumerate(result.get("chosenCandidates") or ()):
+        if isinstance(chosen, dict):
+            top = [_token(c) for c in (tops[k] if k < len(tops) else ()) if isinstance(c, dict)]
+            entries.append({**_token(chosen), "top_logprobs": top})
+    return entries
+
+
+def _token(candidate: dict[str, Any]) -> dict[str, Any]:
+    token = str(candidate.get("token") or "")
+    return {
+        "token": token,
+        "logprob": float(candidate.get("logProbability") or 0.0),
+        "bytes": list(token.encode()),
+    }
 
 
 def _blocked(body: dict[str, Any]) -> bool:
@@ -81,7 +115,7 @@ def parse_response(body: Any) -> Completion:
     if not candidates:
         raise UpstreamProtocol("Gemini answered without candidates")
     choices = []
-    for index, parts, reason in candidates:
+    for index, parts, reason, logprobs in candidates:
         text: list[str] = []
         thoughts: list[str] = []
         calls: list[ToolCallDelta] = []
@@ -97,6 +131,7 @@ def parse_response(body: Any) -> Completion:
                 reasoning="".join(thoughts) or None,
                 tool_calls=calls,
                 finish_reason=finish_reason(reason, bool(calls)),
+                logprobs=logprobs,
             )
         )
     metadata = body.get("usageMetadata")
@@ -131,16 +166,18 @@ class StreamState:
             self.finished.add(0)
             return [self._finish(Chunk(finish_reason="content_filter"))]
         chunks: list[Chunk] = []
-        for index, parts, reason in candidates:
+        for index, parts, reason, logprobs_of_event in candidates:
             calls = self.tool_calls.setdefault(index, 0)
+            logprobs = logprobs_of_event
             for part in parts:
                 if "functionCall" in part:
                     chunks.append(Chunk(tool_calls=[_tool_call(part, calls)], index=index))
                     calls += 1
                 elif part.get("text") and part.get("thought"):
                     chunks.append(Chunk(reasoning=str(part["text"]), index=index))
-                elif part.get("text"):
-                    chunks.append(Chunk(content=str(part["text"]), index=index))
+                elif part.get("text"):  # the event's log probabilities go with its first text
+                    chunks.append(Chunk(content=str(part["text"]), index=index, logprobs=logprobs))
+                    logprobs = None
             self.tool_calls[index] = calls
             if reason and index not in self.finished:
                 self.done = True
