@@ -163,6 +163,8 @@ class Routing(_Strict):
 class Privacy(_Strict):
     header: str = Field(default="x-privacy", pattern=r"^[A-Za-z0-9-]+$")
     detect_pii: bool = True
+    # The detector reads text. "private": a request carrying images, audio or files stays local.
+    attachments: Literal["public", "private"] = "public"
     local_model: str | None = None
     audit_log: str | None = None
 

@@ -2,7 +2,8 @@
 
 A request is private when any source says so, checked in this order (the first one found is the
 reason reported): the privacy header, the body's `metadata.privacy`, the API key's policy, the
-model's policy, and the PII detector. An explicit "public" never overrides another source. A
+model's policy, content the detector cannot read (with `privacy.attachments: private`), and the
+PII detector. An explicit "public" never overrides another source. A
 private request may only be served by a local backend; `policy.Router.restrict` enforces that.
 """
 
@@ -63,8 +64,11 @@ def classify(
     key: ApiKey | None,
     model_policy: str | None,
     texts: Callable[[], Iterable[str]],
+    attachments: Callable[[], bool] | None = None,
 ) -> Decision:
-    """`texts` is called only when the PII detector has to look (nothing else made it private)."""
+    """`texts` is called only when the PII detector has to look (nothing else made it private);
+    `attachments`, whether the request carries content the detector cannot read (images, audio,
+    files), only when `privacy.attachments` makes such requests private."""
     stated = [
         ("header", _header_level(headers.get(settings.header), settings.header)),
         ("metadata", _level((metadata or {}).get("privacy"), "metadata.privacy")),
@@ -74,6 +78,8 @@ def classify(
     for source, level in stated:
         if level == "private":
             return Decision(True, source)
+    if settings.attachments == "private" and attachments is not None and attachments():
+        return Decision(True, "attachment")
     if settings.detect_pii:
         found = pii.scan_all(texts())
         if found:

@@ -186,6 +186,15 @@ class ChatRequest(Wire):
                 break
         return digest.hexdigest()
 
+    def has_attachments(self) -> bool:
+        """Whether any message carries content the PII detector cannot read: images, audio, files."""
+        return any(
+            not isinstance(part, TextPart | RefusalPart)
+            for message in self.messages
+            if isinstance(message.content, list)
+            for part in message.content
+        )
+
     def texts(self) -> Iterator[str]:
         """Everything a person may have written into the conversation, for the PII detector."""
         for message in self.messages:

@@ -207,6 +207,7 @@ class State:
         model: str,
         metadata: Mapping[str, Any] | None,
         texts: Callable[[], Iterable[str]],
+        attachments: Callable[[], bool] | None = None,
     ) -> list[Plan]:
         """Where a request may go, in order: route it, check the key, decide its privacy, and for a
         private request keep only local targets (or `privacy.local_model`'s), never a fallback."""
@@ -221,6 +222,7 @@ class State:
             key=key,
             model_policy=plan.privacy,
             texts=texts,
+            attachments=attachments,
         )
         exchange.privacy, exchange.privacy_reason = decision.label, decision.reason
         self.metrics.child(self.metrics.privacy, decision.label, decision.reason).inc()

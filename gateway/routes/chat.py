@@ -25,7 +25,13 @@ async def chat_completions(request: Incoming) -> Response:
         if state.config.routing.affinity == "prefix":
             exchange.affinity = f"{exchange.key_name}|{chat.conversation()}"
         plans = await state.plans(
-            request.headers, exchange, key=key, model=chat.model, metadata=chat.metadata, texts=chat.texts
+            request.headers,
+            exchange,
+            key=key,
+            model=chat.model,
+            metadata=chat.metadata,
+            texts=chat.texts,
+            attachments=chat.has_attachments,
         )
         await state.admit(exchange, key, chat.texts(), chat.max_output_tokens)
         if chat.stream:

@@ -26,7 +26,11 @@ ENVIRON = {"OPENAI_KEY": "sk-upstream", "GEMINI_KEY": "gm-upstream"}
 CLOUD = [{"backend": "openai", "model": "gpt-4o-mini"}, {"backend": "gemini", "model": "gemini-2.5-flash"}]
 LOCAL = [{"backend": "ollama-1", "model": "llama3.2:latest"}]
 SCENARIOS = ("local up", "local down", "local slow", "cloud-only model", "cloud-only model, local_model set")
-SOURCES = ("header", "metadata", "key", "model", "pii:email", "pii:card")
+SOURCES = ("header", "metadata", "key", "model", "attachment", "pii:email", "pii:card")
+PIXEL = (  # one transparent pixel
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5Erk"
+    "Jggg=="
+)
 
 
 def sha256(secret: str) -> str:
@@ -62,7 +66,8 @@ def config(ollama_url: str, openai_url: str, gemini_url: str, *, slow: bool, loc
                     ],
                 },
             ],
-            "privacy": {"local_model": "chat-local"} if local_model else {},
+            # an image the PII detector cannot read makes a request private
+            "privacy": {"attachments": "private", **({"local_model": "chat-local"} if local_model else {})},
         },
         "test",
     )
@@ -137,7 +142,10 @@ def request_for(source: str, scenario: str) -> tuple[dict[str, Any], dict[str, s
         text += " Reply to ana.lopez@example.org when done."
     elif source == "pii:card":
         text += " Mi tarjeta es 4111 1111 1111 1111, vence 09/27."
-    body["messages"] = [{"role": "user", "content": text}]
+    content: Any = text
+    if source == "attachment":
+        content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": PIXEL}}]
+    body["messages"] = [{"role": "user", "content": content}]
     return body, headers
 
 
