@@ -28,7 +28,7 @@ import base64
 import ipaddress
 import socket
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -113,13 +113,11 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def remote_urls(messages: Sequence[Message], roles: Collection[str] | None = None) -> dict[str, str]:
-    """Each distinct http(s) image URL of the messages (of these roles), with the field that holds it
-    first."""
+def remote_urls(messages: Sequence[Message]) -> dict[str, str]:
+    """Each distinct http(s) image URL of the messages (only a user's may hold images), with the
+    field that holds it first."""
     found: dict[str, str] = {}
     for i, message in enumerate(messages):
-        if roles is not None and message.role not in roles:
-            continue
         for url in message.image_urls():
             if url.split(":", 1)[0].lower() in SCHEMES:
                 found.setdefault(url, f"messages[{i}].content")
@@ -159,13 +157,12 @@ class ImageFetcher:
     async def fetch(
         self,
         messages: Sequence[Message],
-        roles: Collection[str] | None = None,
         known: Mapping[str, Image] = NO_IMAGES,
     ) -> Mapping[str, Image]:
         """url -> image for every http(s) image URL in the messages that is not `known` already;
         {} when fetching is off (the provider then refuses such URLs as before). More distinct
         URLs than `max_per_request`, or the first failure, fail the request."""
-        wanted = remote_urls(messages, roles)
+        wanted = remote_urls(messages)
         if len(wanted) > self.config.max_per_request:
             raise InvalidRequest(
                 f"the request holds {len(wanted)} distinct image URLs; the gateway fetches at most"
@@ -174,20 +171,18 @@ class ImageFetcher:
             )
         return await self._fetch_all({url: param for url, param in wanted.items() if url not in known})
 
-    def for_request(
-        self, request: ChatRequest, roles: Collection[str] | None = None
-    ) -> Awaitable[Mapping[str, Image]] | None:
+    def for_request(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
         """What to await for the request's images, fetched at most once per request (kept for a
         retry or a fallback); None when it holds no image URL (one pass over its messages, and no
         coroutine to create and run for the requests that have none)."""
         for message in request.messages:
             if isinstance(message.content, list) and message.image_urls():
-                return self._for_request(request, roles)
+                return self._for_request(request)
         return None
 
-    async def _for_request(self, request: ChatRequest, roles: Collection[str] | None) -> Mapping[str, Image]:
+    async def _for_request(self, request: ChatRequest) -> Mapping[str, Image]:
         fetched = _fetched_for(request)
-        fetched.update(await self.fetch(request.messages, roles, known=fetched))
+        fetched.update(await self.fetch(request.messages, known=fetched))
         return fetched
 
     async def _fetch_all(self, wanted: Mapping[str, str]) -> Mapping[str, Image]:

@@ -35,6 +35,25 @@ def package_version() -> str:
 
 MESSAGE_RULES = [
     {
+        "if": {"properties": {"role": {"enum": ["system", "developer", "tool", "function"]}}},
+        "then": {
+            "properties": {"content": {"anyOf": [{"not": {"type": "array"}}, {"items": ref("TextPart")}]}}
+        },
+    },
+    {
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "then": {
+            "properties": {
+                "content": {
+                    "anyOf": [
+                        {"not": {"type": "array"}},
+                        {"items": {"anyOf": [ref("TextPart"), ref("RefusalPart")]}},
+                    ]
+                }
+            }
+        },
+    },
+    {
         "if": {"properties": {"role": {"enum": ["system", "developer", "user", "tool"]}}},
         "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
     },

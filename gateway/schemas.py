@@ -94,6 +94,11 @@ class Message(Wire):
             raise ValueError(f"a {self.role} message needs 'content'")
         if self.role == "tool" and not (self.tool_call_id or self.name):
             raise ValueError("a tool message needs 'tool_call_id'")
+        if isinstance(self.content, list) and self.role != "user":  # as OpenAI's schema has it
+            kinds = (TextPart, RefusalPart) if self.role == "assistant" else (TextPart,)
+            for j, part in enumerate(self.content):
+                if not isinstance(part, kinds):
+                    raise ValueError(f"{self.role} messages take no {part.type!r} parts (content[{j}])")
         return self
 
     def text(self) -> str:

@@ -43,6 +43,16 @@ def with_part(part: Any) -> dict[str, Any]:
         (chat(stream="yes"), "stream", "valid boolean"),
         (chat(stop=5), "stop", "valid string"),
         (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0]", "needs 'tool_call_id'"),
+        # only a user message takes more than text (and an assistant's, a refusal)
+        (
+            chat(
+                messages=[
+                    {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+                ]
+            ),
+            "messages[0]",
+            "system messages take no 'image_url' parts (content[0])",
+        ),
         # OpenAI's deprecated forms: the answer would not come in their form
         (chat(functions=[{"name": "f", "parameters": {}}]), "functions", "send 'tools' instead"),
         (chat(function_call={"name": "f"}), "function_call", "send 'tool_choice' instead"),

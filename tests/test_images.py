@@ -113,7 +113,7 @@ def _message(role: str, *urls: str) -> Message:
 def test_remote_urls_are_the_distinct_http_urls_with_their_first_field() -> None:
     messages = [
         _message("user", "https://img.example/a.png", f"data:image/png;base64,{PNG}"),
-        _message("assistant", "http://img.example/b.png", "https://img.example/a.png"),
+        _message("user", "http://img.example/b.png", "https://img.example/a.png"),
         _message("user", "ftp://img.example/c.png", "HTTPS://img.example/d.png", "file:///etc/passwd"),
     ]
     assert remote_urls(messages) == {
@@ -121,14 +121,6 @@ def test_remote_urls_are_the_distinct_http_urls_with_their_first_field() -> None
         "http://img.example/b.png": "messages[1].content",
         "HTTPS://img.example/d.png": "messages[2].content",
     }
-
-
-def test_remote_urls_can_be_limited_to_roles() -> None:
-    messages = [
-        _message("system", "https://img.example/s.png"),
-        _message("user", "https://img.example/u.png"),
-    ]
-    assert remote_urls(messages, roles=("user",)) == {"https://img.example/u.png": "messages[1].content"}
 
 
 @pytest.mark.anyio

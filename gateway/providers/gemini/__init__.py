@@ -40,7 +40,7 @@ from gateway.config import GeminiBackend
 from gateway.errors import InvalidRequest, UpstreamProtocol
 from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.providers.base import batches, parsed
-from gateway.providers.gemini.request import IMAGE_ROLES, build_request
+from gateway.providers.gemini.request import build_request
 from gateway.providers.gemini.response import (
     StreamState,
     error_from,
@@ -86,7 +86,7 @@ class GeminiProvider:
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
 
     def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
-        return None if self._images is None else self._images.for_request(request, roles=IMAGE_ROLES)
+        return None if self._images is None else self._images.for_request(request)
 
     async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
         # when the dispatcher prepared the request, they are all known already

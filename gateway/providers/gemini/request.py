@@ -23,7 +23,6 @@ from gateway.upstream import json_or_none
 
 ROLES = {"user": "user", "assistant": "model", "tool": "user", "function": "user"}
 RESULT_ROLES = ("tool", "function")  # messages that become functionResponse parts
-IMAGE_ROLES = ("user", "assistant")  # the messages whose image parts are sent
 AUDIO = {"wav": "audio/wav", "mp3": "audio/mpeg"}  # input_audio.format -> mimeType
 # OpenAI field -> generationConfig key, for values that mean the same thing on both sides.
 CONFIG = {
