@@ -9,6 +9,8 @@ Translation choices (contracts/ollama.md §8):
 - Gateway extensions in the body are passed on: `options` (merged under the mapped ones),
   `keep_alive`, `think`; `reasoning_effort` maps to `think`.
 - A stream that ends without Ollama's `done` line is reported as an error, never as a clean finish.
+- `input_audio` parts go into `images` (where Ollama takes audio bytes); `file` parts are refused
+  (400 naming the part): Ollama has no field for them, and nothing is dropped silently.
 - http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
   sent as base64 like data URLs: Ollama cannot fetch them itself.
 - A prompt Ollama silently cut to the context size is reported (notice `prompt_truncated`) when the
@@ -40,13 +42,16 @@ from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.ndjson import NDJSONDecoder
 from gateway.providers.base import batches, parsed, random_id
 from gateway.schemas import (
+    AudioPart,
     ChatRequest,
     Choice,
     Chunk,
     Completion,
     EmbeddingRequest,
     Embeddings,
+    FilePart,
     FinishReason,
+    ImagePart,
     Message,
     ModelInfo,
     ToolCallDelta,
@@ -69,6 +74,7 @@ CONTEXT_WAIT = 1.0  # seconds a finished stream waits for its model's context si
 THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
          "max": "max", "xhigh": "max", "ultra": "max"}  # fmt: skip
 EXTENSIONS = ("keep_alive", "think", "logprobs", "top_logprobs")
+AUDIO_FORMATS = ("wav", "mp3")  # what OpenAI's input_audio.format allows (contracts/openai.md 2.2)
 
 
 # ---- request ----
@@ -111,7 +117,7 @@ def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dic
     for i, message in enumerate(messages):
         role = ROLES.get(message.role, "tool")  # legacy `function` results are tool results
         native: dict[str, Any] = {"role": role, "content": message.text()}
-        images = [_image(url, f"messages[{i}].content", fetched) for url in message.image_urls()]
+        images = _media(message, i, fetched)
         if images:
             native["images"] = images
         if message.tool_calls:
@@ -128,6 +134,39 @@ def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dic
                 native["tool_call_id"] = message.tool_call_id
         out.append(native)
     return out
+
+
+def _media(message: Message, i: int, fetched: Mapping[str, Image]) -> list[str]:
+    """The message's images and audio clips as bare base64, in the order of its parts: Ollama takes
+    audio bytes in `images` too (contracts/ollama.md 2.2, 7.1). A part it has no field for is
+    refused, never dropped."""
+    if not isinstance(message.content, list):
+        return []
+    media = []
+    for j, part in enumerate(message.content):
+        if isinstance(part, ImagePart):
+            media.append(_image(part.url, f"messages[{i}].content", fetched))
+        elif isinstance(part, AudioPart):
+            media.append(_audio(part.input_audio, f"messages[{i}].content[{j}].input_audio"))
+        elif isinstance(part, FilePart):
+            raise InvalidRequest(
+                "Ollama backends cannot take file parts; send the file's text as a text part",
+                param=f"messages[{i}].content[{j}]",
+            )
+    return media
+
+
+def _audio(audio: dict[str, Any], param: str) -> str:
+    if audio.get("format") not in AUDIO_FORMATS:
+        raise InvalidRequest("input_audio format must be 'wav' or 'mp3'", param=param + ".format")
+    data = audio.get("data")
+    if not isinstance(data, str) or not data:
+        raise InvalidRequest("input_audio data must be a base64 string", param=param + ".data")
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise InvalidRequest("input_audio data is not valid base64", param=param + ".data") from None
+    return data
 
 
 def _image(url: str, param: str, fetched: Mapping[str, Image]) -> str:

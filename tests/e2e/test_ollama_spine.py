@@ -230,6 +230,36 @@ def test_image_parts_reach_ollama_as_bare_base64(fake_ollama: FakeServer, gatewa
     }
 
 
+def test_audio_parts_reach_ollama_in_images_and_file_parts_are_refused(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    wav = base64.b64encode(b"RIFF$\x00\x00\x00WAVEfmt ").decode()
+    audio = {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}
+    client(gateway).chat.completions.create(
+        model="llama3.2",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Transcribe this."}, audio]}],
+    )
+    assert fake.chat_bodies()[-1]["messages"][0] == {
+        "role": "user",
+        "content": "Transcribe this.",
+        "images": [wav],
+    }
+    sent = len(fake.chat_bodies())
+    pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}}
+    response = post(
+        gateway,
+        {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Sum up."}, pdf]}],
+        },
+    )
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "messages[0].content[1]")
+    assert len(fake.chat_bodies()) == sent  # refused before Ollama
+
+
 def test_embeddings_float_and_base64(fake_ollama: FakeServer, gateway: ServerThread) -> None:
     api = client(gateway)
     floats = api.embeddings.create(model="embed", input=["alpha", "beta gamma"], encoding_format="float")

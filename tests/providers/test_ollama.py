@@ -71,6 +71,65 @@ def test_broken_base64_image_is_refused() -> None:
         build(messages=[{"role": "user", "content": parts}])
 
 
+WAV = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA="
+
+
+def test_input_audio_goes_to_images_as_base64_in_the_order_of_the_parts() -> None:
+    parts = [
+        {"type": "text", "text": "What do you see and hear?"},
+        {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "input_audio", "input_audio": {"data": "SUQzBAA=", "format": "mp3"}},
+    ]
+    message = build(messages=[{"role": "user", "content": parts}])["messages"][0]
+    assert message == {
+        "role": "user",
+        "content": "What do you see and hear?",
+        "images": [WAV, "iVBORw0KGgo=", "SUQzBAA="],
+    }
+
+
+@pytest.mark.parametrize(
+    ("audio", "param", "fragment"),
+    [
+        ({"data": WAV, "format": "flac"}, "messages[0].content[1].input_audio.format", "'wav' or 'mp3'"),
+        ({"data": WAV}, "messages[0].content[1].input_audio.format", "'wav' or 'mp3'"),
+        ({"data": "@@@", "format": "wav"}, "messages[0].content[1].input_audio.data", "not valid base64"),
+        (
+            {"data": "data:audio/wav;base64," + WAV, "format": "wav"},
+            "messages[0].content[1].input_audio.data",
+            "not valid base64",
+        ),
+        ({"format": "wav"}, "messages[0].content[1].input_audio.data", "base64 string"),
+        ({"data": 7, "format": "wav"}, "messages[0].content[1].input_audio.data", "base64 string"),
+    ],
+    ids=["unknown-format", "no-format", "broken-base64", "data-url", "no-data", "data-not-a-string"],
+)
+def test_unusable_input_audio_is_refused_naming_the_field(
+    audio: dict[str, Any], param: str, fragment: str
+) -> None:
+    parts = [{"type": "text", "text": "Transcribe."}, {"type": "input_audio", "input_audio": audio}]
+    with pytest.raises(InvalidRequest) as caught:
+        build(messages=[{"role": "user", "content": parts}])
+    assert caught.value.param == param
+    assert fragment in caught.value.message
+
+
+def test_a_file_part_is_refused_naming_the_part() -> None:
+    parts = [
+        {"type": "text", "text": "Summarise the attached PDF."},
+        {
+            "type": "file",
+            "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"},
+        },
+    ]
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
+    with pytest.raises(InvalidRequest) as caught:
+        build(messages=history)
+    assert caught.value.param == "messages[1].content[1]"
+    assert "file parts" in caught.value.message
+
+
 def test_sampling_parameters_map_to_options_by_meaning() -> None:
     options = build(
         temperature=0.2,
