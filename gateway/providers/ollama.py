@@ -3,8 +3,8 @@
 Translation choices (contracts/ollama.md §8):
 - temperature and top_p are sent only when the client sets them, so the Modelfile's defaults apply
   otherwise (Ollama's own /v1 layer forces 1.0; we prefer what the model's author tuned).
-- `tool_choice: "none"` drops the tools; a named function keeps only that tool; `required` sends all
-  tools (Ollama has no way to force a call).
+- `tool_choice: "none"` drops the tools; a named function keeps only that tool, `allowed_tools`
+  only those it lists; `required` sends all tools (Ollama has no way to force a call).
 - `n` > 1 is refused (400, param n): Ollama returns one choice.
 - Gateway extensions in the body are passed on: `options` (merged under the mapped ones),
   `keep_alive`, `think`; `reasoning_effort` maps to `think`.
@@ -236,14 +236,52 @@ def _tools(request: ChatRequest) -> list[dict[str, Any]]:
     if not request.tools or request.tool_choice == "none":
         return []
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
-    choice = request.tool_choice
-    if isinstance(choice, dict):
+    allowed = _allowed_tools(request.tool_choice)
+    if allowed is None:
+        return tools
+    known = {tool["function"]["name"] for tool in tools}
+    for name in allowed:
+        if name not in known:
+            raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
+    return [tool for tool in tools if tool["function"]["name"] in allowed]
+
+
+def _allowed_tools(choice: str | dict[str, Any] | None) -> list[str] | None:
+    """The function names `tool_choice` limits the tools to, or None for all of them. Ollama cannot
+    force a call, so a named function or `allowed_tools` (either mode) sends only those tools."""
+    if not isinstance(choice, dict):
+        return None  # "auto", "required"
+    kind = choice.get("type")
+    if kind == "function":
         name = (choice.get("function") or {}).get("name")
-        if name is not None:
-            tools = [tool for tool in tools if tool["function"]["name"] == name]
-            if not tools:
-                raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
-    return tools
+        if not isinstance(name, str):
+            raise InvalidRequest("tool_choice needs 'function.name'", param="tool_choice")
+        return [name]
+    if kind == "allowed_tools":
+        spec = choice.get("allowed_tools")
+        entries = spec.get("tools") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or spec.get("mode", "auto") not in ("auto", "required"):
+            raise InvalidRequest(
+                "tool_choice.allowed_tools needs 'mode' 'auto' or 'required'", param="tool_choice"
+            )
+        names = [_function_name(entry) for entry in entries] if isinstance(entries, list) else []
+        if not names or None in names:
+            raise InvalidRequest(
+                "tool_choice.allowed_tools.tools must list functions as {type: function, function: {name}}",
+                param="tool_choice",
+            )
+        return [name for name in names if name is not None]
+    raise InvalidRequest(
+        "tool_choice must be 'none', 'auto', 'required', or of type 'function' or 'allowed_tools'"
+        " for Ollama backends",
+        param="tool_choice",
+    )
+
+
+def _function_name(entry: Any) -> str | None:
+    function = entry.get("function") if isinstance(entry, dict) and entry.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
 
 
 # ---- response ----

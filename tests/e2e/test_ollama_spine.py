@@ -165,6 +165,33 @@ def test_tool_calls_non_streaming_then_multi_turn(fake_ollama: FakeServer, gatew
     }
 
 
+def test_allowed_tools_reach_ollama_alone_and_an_unknown_one_is_refused(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    delete = {"type": "function", "function": {"name": "delete_account", "parameters": {"type": "object"}}}
+
+    def ask(*names: str) -> httpx.Response:
+        listed = [{"type": "function", "function": {"name": name}} for name in names]
+        choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": listed}}
+        messages = [{"role": "user", "content": "Weather in Oslo?"}]
+        body = {
+            "model": "llama3.2",
+            "messages": messages,
+            "tools": [WEATHER_TOOL, delete],
+            "tool_choice": choice,
+        }
+        return post(gateway, body)
+
+    assert ask("get_weather").status_code == 200
+    assert fake.chat_bodies()[-1]["tools"] == [WEATHER_TOOL]
+    sent = len(fake.chat_bodies())
+    refused = ask("get_weather", "send_email")
+    assert refused.status_code == 400
+    assert error_of(refused)["param"] == "tool_choice"
+    assert len(fake.chat_bodies()) == sent
+
+
 def test_tool_calls_streaming_accumulate_cleanly(fake_ollama: FakeServer, gateway: ServerThread) -> None:
     fake, _ = fake_ollama
     calls = [

@@ -207,6 +207,56 @@ def test_tool_choice_naming_an_unknown_function_is_refused() -> None:
     assert caught.value.param == "tool_choice"
 
 
+DELETE = {"type": "function", "function": {"name": "delete_account"}}
+
+
+def allowed(mode: str, *names: str) -> dict[str, Any]:
+    tools = [{"type": "function", "function": {"name": name}} for name in names]
+    return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": tools}}
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_allowed_tools_sends_only_the_tools_it_lists(mode: str) -> None:
+    body = build(tools=[TOOL, DELETE, OTHER], tool_choice=allowed(mode, "get_time", "get_weather"))
+    assert body["tools"] == [TOOL, OTHER]
+
+
+def test_allowed_tools_naming_a_function_the_request_lacks_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        build(tools=[TOOL, OTHER], tool_choice=allowed("auto", "get_weather", "delete_account"))
+    assert caught.value.param == "tool_choice"
+    assert "'delete_account'" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        allowed("auto"),
+        allowed("sometimes", "get_weather"),
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function"}]}},
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": "get_weather"}},
+        {"type": "allowed_tools"},
+        {"type": "function", "function": {}},
+        {"type": "custom", "custom": {"name": "get_weather"}},
+        {"function": {"name": "get_weather"}},
+    ],
+    ids=[
+        "no-tools-listed",
+        "unknown-mode",
+        "entry-without-name",
+        "tools-not-a-list",
+        "no-allowed-tools",
+        "function-without-name",
+        "custom",
+        "no-type",
+    ],
+)
+def test_a_tool_choice_object_ollama_cannot_honour_is_refused(choice: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        build(tools=[TOOL, DELETE], tool_choice=choice)
+    assert caught.value.param == "tool_choice"
+
+
 CONVERSATION = [
     {"role": "user", "content": "Weather in Oslo?"},
     {
