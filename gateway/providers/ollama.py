@@ -192,10 +192,12 @@ def _tool_call(call: Any, i: int, j: int) -> dict[str, Any]:
     try:
         parsed = orjson.loads(arguments)
     except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):  # Ollama decodes arguments into an object, nothing else
         raise InvalidRequest(
             "tool call arguments must be a JSON object",
             param=f"messages[{i}].tool_calls[{j}].function.arguments",
-        ) from None
+        )
     return {"id": call.id, "function": {"name": call.function.name, "arguments": parsed}}
 
 

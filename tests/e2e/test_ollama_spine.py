@@ -192,6 +192,27 @@ def test_allowed_tools_reach_ollama_alone_and_an_unknown_one_is_refused(
     assert len(fake.chat_bodies()) == sent
 
 
+@pytest.mark.parametrize("arguments", ["{oops", "[1, 2]", '"Oslo"'], ids=["not-json", "array", "string"])
+def test_tool_call_arguments_that_are_not_an_object_are_refused_before_ollama(
+    fake_ollama: FakeServer, gateway: ServerThread, arguments: str
+) -> None:
+    fake, _ = fake_ollama
+    call = {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "4C"},
+    ]
+    response = post(gateway, {"model": "llama3.2", "messages": messages, "tools": [WEATHER_TOOL]})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["param"], error["message"]) == (
+        "messages[1].tool_calls[0].function.arguments",
+        "tool call arguments must be a JSON object",
+    )
+    assert fake.chat_bodies() == []
+
+
 def test_tool_calls_streaming_accumulate_cleanly(fake_ollama: FakeServer, gateway: ServerThread) -> None:
     fake, _ = fake_ollama
     calls = [

@@ -131,6 +131,15 @@ class FakeOllama:
         for message in body.get("messages") or []:
             if any(str(image).startswith("data:") for image in message.get("images") or []):
                 return _error(400, "illegal base64 data at input byte 4")
+            for call in message.get("tool_calls") or []:
+                arguments = (call.get("function") or {}).get("arguments")
+                if not isinstance(arguments, dict):  # Go decodes them into a map
+                    kind = {list: "array", str: "string", bool: "bool"}.get(type(arguments), "number")
+                    return _error(
+                        400,
+                        f"json: cannot unmarshal {kind} into Go struct field ChatRequest.messages"
+                        " of type api.ToolCallFunctionArguments",
+                    )
         reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)

@@ -296,16 +296,25 @@ def test_tool_results_are_linked_by_name_and_id_in_order() -> None:
     ]
 
 
-def test_invalid_tool_call_arguments_name_the_field() -> None:
+@pytest.mark.parametrize(
+    "arguments",
+    ["{oops", "[1, 2]", '"Oslo"', "3", "null", "true"],
+    ids=["not-json", "array", "string", "number", "null", "boolean"],
+)
+def test_tool_call_arguments_that_are_not_a_json_object_name_the_field(arguments: str) -> None:
     broken = [
         dict(
             CONVERSATION[1],
-            tool_calls=[dict(CONVERSATION[1]["tool_calls"][0], function={"name": "f", "arguments": "{oops"})],
+            tool_calls=[
+                CONVERSATION[1]["tool_calls"][0],  # type: ignore[index]
+                dict(CONVERSATION[1]["tool_calls"][0], function={"name": "f", "arguments": arguments}),  # type: ignore[index]
+            ],
         )
     ]  # type: ignore[call-overload]
     with pytest.raises(InvalidRequest) as caught:
         build(messages=[CONVERSATION[0], *broken])
-    assert caught.value.param == "messages[1].tool_calls[0].function.arguments"
+    assert caught.value.param == "messages[1].tool_calls[1].function.arguments"
+    assert caught.value.message == "tool call arguments must be a JSON object"
 
 
 def test_n_above_one_is_refused_naming_n() -> None:
