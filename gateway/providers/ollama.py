@@ -128,8 +128,15 @@ def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dic
             native["thinking"] = reasoning
         if role == "tool":
             name = message.name or _tool_name(messages[:i], message.tool_call_id)
-            if name:
-                native["tool_name"] = name
+            if name is None:
+                # No placeholder name (contracts/openai.md 9.6 allows either): the model would read a
+                # result of a function never called; OpenAI itself refuses such a history with 400.
+                raise InvalidRequest(
+                    "tool message answers no earlier assistant tool call: its tool_call_id matches"
+                    " none (Ollama needs the function's name)",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            native["tool_name"] = name
             if message.tool_call_id:
                 native["tool_call_id"] = message.tool_call_id
         out.append(native)

@@ -213,6 +213,20 @@ def test_tool_call_arguments_that_are_not_an_object_are_refused_before_ollama(
     assert fake.chat_bodies() == []
 
 
+def test_a_tool_result_for_a_call_not_in_the_history_is_refused_before_ollama(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "tool", "tool_call_id": "call_trimmed_history", "content": "4C, light snow"},
+    ]
+    response = post(gateway, {"model": "llama3.2", "messages": messages, "tools": [WEATHER_TOOL]})
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "messages[1].tool_call_id"
+    assert fake.chat_bodies() == []
+
+
 def test_tool_calls_streaming_accumulate_cleanly(fake_ollama: FakeServer, gateway: ServerThread) -> None:
     fake, _ = fake_ollama
     calls = [

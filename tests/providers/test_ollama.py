@@ -296,6 +296,32 @@ def test_tool_results_are_linked_by_name_and_id_in_order() -> None:
     ]
 
 
+def test_a_tool_result_answering_no_earlier_call_is_refused_naming_its_id_unless_it_has_a_name() -> None:
+    trimmed = [
+        CONVERSATION[0],
+        CONVERSATION[1],
+        {"role": "tool", "tool_call_id": "call_a", "content": "4C"},
+        {"role": "tool", "tool_call_id": "call_trimmed_history", "content": "4C, light snow"},
+    ]
+    with pytest.raises(InvalidRequest) as caught:
+        build(messages=trimmed)
+    assert caught.value.param == "messages[3].tool_call_id"
+    named = dict(trimmed[3], name="get_weather")
+    assert build(messages=[*trimmed[:3], named])["messages"][3] == {
+        "role": "tool",
+        "content": "4C, light snow",
+        "tool_name": "get_weather",
+        "tool_call_id": "call_trimmed_history",
+    }
+
+
+def test_a_tool_result_is_not_linked_to_a_call_that_comes_after_it() -> None:
+    early = [CONVERSATION[0], {"role": "tool", "tool_call_id": "call_a", "content": "4C"}, CONVERSATION[1]]
+    with pytest.raises(InvalidRequest) as caught:
+        build(messages=early)
+    assert caught.value.param == "messages[1].tool_call_id"
+
+
 @pytest.mark.parametrize(
     "arguments",
     ["{oops", "[1, 2]", '"Oslo"', "3", "null", "true"],
