@@ -13,6 +13,8 @@ Translation choices (contracts/ollama.md §8):
   (400 naming the part): Ollama has no field for them, and nothing is dropped silently.
 - http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
   sent as base64 like data URLs: Ollama cannot fetch them itself.
+- Embeddings always have the length `dimensions` asks for: servers that ignore the field (0.5.4)
+  get their vectors cut and rescaled to unit length as newer Ollama does; shorter ones are a 400.
 - A prompt Ollama silently cut to the context size is reported (notice `prompt_truncated`) when the
   context size is known: the request's `options.num_ctx`, else the model's from `/api/show`.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from datetime import datetime
@@ -399,6 +402,28 @@ def error_from(
     return UpstreamRejected(f"Ollama answered {status}: {text}", upstream_status=status, headers=retry)
 
 
+def shorten(vector: Any, dimensions: int, where: str) -> list[float]:
+    """`vector` with exactly `dimensions` values. Servers older than Ollama's `dimensions` support
+    (0.5.4 among them) ignore the field and answer full-length vectors: those are cut and scaled back
+    to unit length, as newer servers do themselves (normalize(embedding[:dimensions]))."""
+    if not isinstance(vector, list) or not vector:
+        raise UpstreamProtocol(f"{where} answered /api/embed with an empty or malformed vector")
+    if len(vector) == dimensions:  # the server applied `dimensions` itself
+        return vector
+    if len(vector) < dimensions:
+        raise InvalidRequest(
+            f"{where} makes {len(vector)}-dimensional embeddings; 'dimensions' must be at most {len(vector)}",
+            param="dimensions",
+        )
+    head = vector[:dimensions]
+    try:
+        norm = math.sqrt(math.fsum(value * value for value in head))
+    except TypeError:
+        raise UpstreamProtocol(f"{where} answered /api/embed with a vector of non-numbers") from None
+    scale = 1 / max(norm, 1e-12)  # Ollama's guard: a zero vector stays zero
+    return [value * scale for value in head]
+
+
 def created_at(value: Any) -> int:
     try:
         return int(datetime.fromisoformat(str(value)).timestamp())
@@ -510,6 +535,9 @@ class OllamaProvider:
             raise UpstreamProtocol(
                 f"Ollama server at {self.backend.base_url} answered /api/embed without 'embeddings'"
             )
+        if request.dimensions is not None:
+            where = f"'{model}' on the Ollama server at {self.backend.base_url}"
+            vectors = [shorten(vector, request.dimensions, where) for vector in vectors]
         return Embeddings(vectors, int(answer.get("prompt_eval_count") or 0))
 
     async def list_models(self) -> list[ModelInfo]:

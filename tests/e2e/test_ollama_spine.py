@@ -335,6 +335,34 @@ def test_embeddings_float_and_base64(fake_ollama: FakeServer, gateway: ServerThr
     assert decoded == pytest.approx(floats.data[0].embedding, rel=1e-6)
 
 
+def test_embeddings_have_the_dimensions_asked_for_when_ollama_ignores_them(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama  # like Ollama 0.5.4, the fake answers full-length (4) vectors whatever `dimensions`
+    full = fake.vector("alpha")[:2]
+    norm = sum(value * value for value in full) ** 0.5
+    expected = [value / norm for value in full]
+    floats = client(gateway).embeddings.create(
+        model="embed", input="alpha", dimensions=2, encoding_format="float"
+    )
+    assert floats.data[0].embedding == pytest.approx(expected)
+    raw = httpx.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": "embed", "input": "alpha", "dimensions": 2, "encoding_format": "base64"},
+    ).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{len(packed) // 4}f", packed)) == pytest.approx(expected, rel=1e-6)
+    assert [body["dimensions"] for path, body in fake.requests if path == "/api/embed"] == [2, 2]
+    too_many = httpx.post(
+        gateway.url + "/v1/embeddings", json={"model": "embed", "input": "alpha", "dimensions": 8}
+    )
+    assert too_many.status_code == 400
+    error = error_of(too_many)
+    assert error["param"] == "dimensions"
+    assert "Ollama server at" in str(error["message"])
+    assert "4-dimensional" in str(error["message"])
+
+
 @pytest.mark.parametrize(
     ("given", "fragment"),
     [

@@ -172,6 +172,30 @@ def test_embeddings_are_ollamas_own(real_ollama: RealOllama, gateway: ServerThre
         assert item.embedding == pytest.approx(vector, rel=1e-6, abs=1e-7)  # float32 on the wire
 
 
+def test_embeddings_get_the_dimensions_asked_for_from_an_ollama_that_ignores_them(
+    real_ollama: RealOllama, gateway: ServerThread
+) -> None:
+    inputs = ["The capital of France is Paris.", "A cat sat on the mat."]
+    direct = httpx.post(
+        real_ollama.url + "/api/embed", json={"model": SMOLLM2, "input": inputs, "dimensions": 8}, timeout=60
+    ).json()["embeddings"]
+    size = len(direct[0])
+    assert size > 8, "precondition: this Ollama ignores `dimensions`"
+    expected = []
+    for vector in direct:  # what newer Ollama answers: normalize(vector[:dimensions])
+        norm = sum(value * value for value in vector[:8]) ** 0.5
+        expected.append([value / norm for value in vector[:8]])
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=60) as api:
+        floats = api.embeddings.create(model="smol", input=inputs, dimensions=8, encoding_format="float")
+        packed = api.embeddings.create(model="smol", input=inputs, dimensions=8)  # the SDK asks for base64
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.embeddings.create(model="smol", input=inputs, dimensions=size + 1)
+    for item, vector in zip([*floats.data, *packed.data], expected * 2, strict=True):
+        assert item.embedding == pytest.approx(vector, rel=1e-5, abs=1e-6)
+    assert caught.value.body["param"] == "dimensions"  # type: ignore[index]
+    assert f"{size}-dimensional" in caught.value.message
+
+
 def stream_lines(url: str, body: dict[str, object]) -> list[str]:
     with httpx.stream("POST", url, json=body, timeout=60) as response:
         assert response.status_code == 200

@@ -11,7 +11,13 @@ import pytest
 from pytest_httpx import HTTPXMock
 
 from gateway.config import OllamaBackend
-from gateway.errors import ModelNotFound, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamProtocol,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.providers import ollama
 from gateway.providers.ollama import OllamaProvider
 from gateway.schemas import ChatRequest, Chunk, EmbeddingRequest
@@ -115,6 +121,49 @@ async def test_embed_sends_input_and_dimensions(httpx_mock: HTTPXMock, provider:
     request = httpx_mock.get_request()
     assert request is not None
     assert orjson.loads(request.content) == {"model": "e:latest", "input": "two words", "dimensions": 2}
+
+
+async def test_embed_cuts_vectors_ollama_left_full_length_to_dimensions_at_unit_length(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    # Ollama 0.5.4 ignores `dimensions`; newer servers answer normalize(vector[:dimensions])
+    full = [[0.3, 0.4, 0.5, 0.7], [0.0, 0.0, 0.6, 0.8], [-3.0, 4.0, 99.0, 1.0]]
+    httpx_mock.add_response(url=URL + "/api/embed", json={"embeddings": full, "prompt_eval_count": 3})
+    result = await provider.embed(EmbeddingRequest(model="e", input=["a", "b", "c"], dimensions=2), "e")
+    assert result.vectors == [
+        pytest.approx([0.6, 0.8]),
+        [0.0, 0.0],  # a zero vector stays zero, as Ollama leaves it
+        pytest.approx([-0.6, 0.8]),
+    ]
+    request = httpx_mock.get_request()
+    assert request is not None
+    assert orjson.loads(request.content)["dimensions"] == 2  # still asked for: newer servers apply it
+
+
+async def test_embed_asking_more_dimensions_than_the_model_has_is_refused_naming_dimensions(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    httpx_mock.add_response(url=URL + "/api/embed", json={"embeddings": [[0.6, 0.8]]})
+    with pytest.raises(InvalidRequest) as caught:
+        await provider.embed(EmbeddingRequest(model="e", input="a", dimensions=8), "e:latest")
+    assert caught.value.param == "dimensions"
+    assert caught.value.message == (
+        f"'e:latest' on the Ollama server at {URL} makes 2-dimensional embeddings;"
+        " 'dimensions' must be at most 2"
+    )
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [[], "0.1,0.2,0.3", [0.1, "x", 0.3], [None, None, None]],
+    ids=["empty", "string", "mixed", "nulls"],
+)
+async def test_embed_vectors_that_cannot_be_cut_to_dimensions_are_the_backends_fault(
+    httpx_mock: HTTPXMock, provider: OllamaProvider, vector: object
+) -> None:
+    httpx_mock.add_response(url=URL + "/api/embed", json={"embeddings": [vector]})
+    with pytest.raises(UpstreamProtocol, match=f"'e' on the Ollama server at {URL} answered /api/embed"):
+        await provider.embed(EmbeddingRequest(model="e", input="a", dimensions=2), "e")
 
 
 async def test_a_prompt_cut_to_the_context_size_is_reported(
