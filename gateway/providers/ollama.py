@@ -7,7 +7,8 @@ Translation choices (contracts/ollama.md §8):
   only those it lists; `required` sends all tools (Ollama has no way to force a call).
 - `n` > 1 is refused (400, param n): Ollama returns one choice.
 - Gateway extensions in the body are passed on: `options` (merged under the mapped ones),
-  `keep_alive`, `think`; `reasoning_effort` maps to `think`.
+  `keep_alive`, `think`; `reasoning_effort` maps to `think`, left out for a model whose /api/show
+  capabilities lack `thinking` (Ollama answers 400 to it).
 - A stream that ends without Ollama's `done` line is reported as an error, never as a clean finish.
 - `input_audio` parts go into `images` (where Ollama takes audio bytes); `file` parts are refused
   (400 naming the part): Ollama has no field for them, and nothing is dropped silently.
@@ -27,6 +28,7 @@ import binascii
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -84,9 +86,15 @@ AUDIO_FORMATS = ("wav", "mp3")  # what OpenAI's input_audio.format allows (contr
 
 
 def build_request(
-    request: ChatRequest, model: str, *, stream: bool, images: Mapping[str, Image] = NO_IMAGES
+    request: ChatRequest,
+    model: str,
+    *,
+    stream: bool,
+    images: Mapping[str, Image] = NO_IMAGES,
+    capabilities: frozenset[str] | None = None,
 ) -> dict[str, Any]:
-    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch)."""
+    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch); `capabilities`: the
+    model's, from /api/show (None: not known)."""
     if request.n is not None and request.n > 1:
         raise InvalidRequest("Ollama backends return one choice; 'n' must be 1", param="n")
     body: dict[str, Any] = {
@@ -111,8 +119,16 @@ def build_request(
     if effort is not None and "think" not in body:
         if effort not in THINK:
             raise InvalidRequest(f"unknown reasoning_effort {effort!r}", param="reasoning_effort")
-        body["think"] = THINK[effort]
+        # Ollama answers 400 to `think` for a model without the capability (contracts/ollama.md 8.8)
+        if capabilities is None or "thinking" in capabilities:
+            body["think"] = THINK[effort]
     return body
+
+
+def needs_capabilities(request: ChatRequest) -> bool:
+    """Whether build_request's answer depends on the model's capabilities: reasoning_effort does."""
+    extra = request.model_extra or {}
+    return extra.get("reasoning_effort") is not None and "think" not in extra
 
 
 def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
@@ -424,6 +440,26 @@ def shorten(vector: Any, dimensions: int, where: str) -> list[float]:
     return [value * scale for value in head]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What /api/show says about a model, as far as the translation uses it."""
+
+    context_size: int | None = None
+    capabilities: frozenset[str] | None = None  # None: not reported (older servers, 0.5.4 too)
+
+
+def model_facts(show: Any) -> ModelFacts:
+    """The facts in an /api/show answer."""
+    if not isinstance(show, dict):
+        return ModelFacts()
+    match = NUM_CTX.search(str(show.get("parameters") or ""))
+    listed = show.get("capabilities")
+    return ModelFacts(
+        context_size=int(match.group(1)) if match else None,
+        capabilities=frozenset(map(str, listed)) if isinstance(listed, list) else None,
+    )
+
+
 def created_at(value: Any) -> int:
     try:
         return int(datetime.fromisoformat(str(value)).timestamp())
@@ -446,7 +482,7 @@ class OllamaProvider:
         self._images = images  # None: http(s) image URLs are refused, as without `images.fetch`
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
-        self._context_sizes: dict[str, asyncio.Task[int | None]] = {}  # model -> num_ctx from /api/show
+        self._facts: dict[str, asyncio.Task[ModelFacts]] = {}  # model -> its /api/show, asked once
 
     def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
         return None if self._images is None else self._images.for_request(request)
@@ -458,20 +494,28 @@ class OllamaProvider:
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         images = await self._fetch_images(request)
-        body = build_request(request, model, stream=False, images=images)
+        capabilities = await self._capabilities(model) if needs_capabilities(request) else None
+        body = build_request(request, model, stream=False, images=images, capabilities=capabilities)
         answer = await self._http.request("POST", "/api/chat", body, model)
         completion = parsed(parse_response, answer, "Ollama")
         completion.notices.update(await self._truncation(model, body, completion.usage))
         return completion
 
-    def _context_size_of(self, model: str, body: dict[str, Any]) -> int | asyncio.Task[int | None]:
-        """The request's own num_ctx, or the lookup of the model's (asked once per model)."""
+    def _facts_of(self, model: str) -> asyncio.Task[ModelFacts]:
+        """The lookup of the model's /api/show (asked once per model, shared by every request)."""
+        if model not in self._facts:
+            self._facts[model] = asyncio.create_task(self._show(model))
+        return self._facts[model]
+
+    async def _capabilities(self, model: str) -> frozenset[str] | None:
+        facts = self._facts_of(model)
+        # shielded: a request that goes away does not cancel the lookup the others share
+        return (facts.result() if facts.done() else await asyncio.shield(facts)).capabilities
+
+    def _context_size_of(self, model: str, body: dict[str, Any]) -> int | asyncio.Task[ModelFacts]:
+        """The request's own num_ctx, or the lookup of the model's."""
         size = (body.get("options") or {}).get("num_ctx")
-        if isinstance(size, int):
-            return size
-        if model not in self._context_sizes:
-            self._context_sizes[model] = asyncio.create_task(self._context_size(model))
-        return self._context_sizes[model]
+        return size if isinstance(size, int) else self._facts_of(model)
 
     async def _truncation(
         self, model: str, body: dict[str, Any], used: Usage, wait: float | None = None
@@ -481,31 +525,31 @@ class OllamaProvider:
         (within `wait` seconds of the answer's end, for a stream: its end is not held up longer)."""
         if not used.prompt_tokens:
             return {}
-        size: int | asyncio.Task[int | None] | None = self._context_size_of(model, body)
+        size: int | asyncio.Task[ModelFacts] | None = self._context_size_of(model, body)
         if isinstance(size, asyncio.Task):
             if size.done():  # known since an earlier answer: no wait to set up
-                size = size.result()
+                size = size.result().context_size
             else:
                 try:
-                    size = await asyncio.wait_for(asyncio.shield(size), wait)
+                    size = (await asyncio.wait_for(asyncio.shield(size), wait)).context_size
                 except TimeoutError:
                     return {}  # the lookup goes on, for the next answer
         if size is None or used.prompt_tokens < size:
             return {}
         return {PROMPT_TRUNCATED: str(size)}
 
-    async def _context_size(self, model: str) -> int | None:
+    async def _show(self, model: str) -> ModelFacts:
         try:
-            show = await self._http.request("POST", "/api/show", {"model": model}, model)
+            return model_facts(await self._http.request("POST", "/api/show", {"model": model}, model))
         except GatewayError:
-            return None
-        match = NUM_CTX.search(str(show.get("parameters") or "")) if isinstance(show, dict) else None
-        return int(match.group(1)) if match else None
+            return ModelFacts()
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
         decoder = NDJSONDecoder()
-        payload = build_request(request, model, stream=True, images=await self._fetch_images(request))
+        images = await self._fetch_images(request)
+        capabilities = await self._capabilities(model) if needs_capabilities(request) else None
+        payload = build_request(request, model, stream=True, images=images, capabilities=capabilities)
         begun = False
         async with self._http.stream("/api/chat", payload, model) as body:
             async for chunks in batches(body, decoder, state.parse_chunk, "Ollama"):

@@ -250,6 +250,26 @@ def test_tool_calls_streaming_accumulate_cleanly(fake_ollama: FakeServer, gatewa
     assert all(i.startswith("call_") and "call_call" not in i for i in ids)
 
 
+def test_reasoning_effort_reaches_only_thinking_models_as_think(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    fake, _ = fake_ollama
+    fake.thinking = ["qwen2.5:0.5b"]  # llama3.2 lacks the capability: Ollama answers 400 to `think`
+    api = client(gateway)
+    for model in ("llama3.2", "ollama/qwen2.5:0.5b", "llama3.2"):
+        reply = api.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "2+2?"}], reasoning_effort="low"
+        )
+        assert reply.choices[0].finish_reason == "stop"
+    assert [(body["model"], body.get("think")) for body in fake.chat_bodies()] == [
+        ("llama3.2:latest", None),
+        ("qwen2.5:0.5b", "low"),
+        ("llama3.2:latest", None),
+    ]
+    shows = [body["model"] for path, body in fake.requests if path == "/api/show"]
+    assert sorted(shows) == ["llama3.2:latest", "qwen2.5:0.5b"]  # one lookup per model, shared
+
+
 def test_json_mode_and_json_schema(fake_ollama: FakeServer, gateway: ServerThread) -> None:
     fake, _ = fake_ollama
     fake.queue(Reply(content='{"a": 1}'), Reply(content='{"name": "x"}'))

@@ -69,8 +69,11 @@ class FakeOllama:
         loaded: list[str] | None = None,
         cloud: list[str] | None = None,
         embed_dim: int = 4,
+        thinking: list[str] | None = None,
     ) -> None:
         self.models = [self._full(m) for m in (models or ["llama3.2:latest"])]
+        # the models with the `thinking` capability; `think` for any other is a 400, as in Ollama
+        self.thinking = [self._full(m) for m in (thinking or [])]
         self.loaded = [self._full(m) for m in (loaded or [])]
         self.cloud = [self._full(m) for m in (cloud or [])]
         self.embed_dim = embed_dim
@@ -125,6 +128,8 @@ class FakeOllama:
         stop = (body.get("options") or {}).get("stop")
         if stop is not None and not isinstance(stop, list):
             return _error(400, 'option "stop" must be of type array')
+        if body.get("think") not in (None, False) and self._full(model) not in self.thinking:
+            return _error(400, f'"{model}" does not support thinking')
         fmt = body.get("format")
         if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
             return _error(400, f'invalid format: {fmt!r}; expected "json" or a valid JSON Schema object')
@@ -277,7 +282,11 @@ class FakeOllama:
             "details": entry["details"],
             "model_info": {"general.architecture": "llama", "llama.context_length": 8192},
         }
-        info["capabilities"] = ["completion", "tools"]
+        info["capabilities"] = [
+            "completion",
+            "tools",
+            *(["thinking"] if self._full(name) in self.thinking else []),
+        ]
         info.update({k: entry[k] for k in ("remote_model", "remote_host") if k in entry})
         return _json(info)
 

@@ -166,6 +166,35 @@ async def test_embed_vectors_that_cannot_be_cut_to_dimensions_are_the_backends_f
         await provider.embed(EmbeddingRequest(model="e", input="a", dimensions=2), "e")
 
 
+async def test_reasoning_effort_becomes_think_only_for_models_whose_capabilities_allow_it(
+    httpx_mock: HTTPXMock, provider: OllamaProvider
+) -> None:
+    shows = {
+        "plain": {"capabilities": ["completion", "tools"]},
+        "thinker": {"capabilities": ["completion", "thinking"]},
+        "old": {"parameters": "num_ctx 2048"},  # older servers (0.5.4) list none: think is sent
+    }
+    for model, show in shows.items():
+        httpx_mock.add_response(url=URL + "/api/show", match_json={"model": model}, json=show)
+    final = {"message": {"content": "x"}, "done": True, "eval_count": 1}
+    for _ in range(4):
+        httpx_mock.add_response(url=URL + "/api/chat", json=final)
+    httpx_mock.add_response(url=URL + "/api/chat", stream=httpx_stream([orjson.dumps(final) + b"\n"]))
+    asked = CHAT.model_copy(update={"reasoning_effort": "high"})
+    for model in ("plain", "thinker", "old", "plain"):
+        await provider.complete(asked, model)
+    _ = [chunk async for chunks in provider.stream(asked, "plain") for chunk in chunks]
+    chats = [orjson.loads(r.content) for r in httpx_mock.get_requests(url=URL + "/api/chat")]
+    assert [(chat["model"], chat.get("think")) for chat in chats] == [
+        ("plain", None),
+        ("thinker", "high"),
+        ("old", "high"),
+        ("plain", None),
+        ("plain", None),
+    ]
+    assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 3  # once per model
+
+
 async def test_a_prompt_cut_to_the_context_size_is_reported(
     httpx_mock: HTTPXMock, provider: OllamaProvider
 ) -> None:
