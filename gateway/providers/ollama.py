@@ -78,7 +78,7 @@ NUM_CTX = re.compile(r"^num_ctx\s+(\d+)", re.MULTILINE)
 CONTEXT_WAIT = 1.0  # seconds a finished stream waits for its model's context size, if still unknown
 THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
          "max": "max", "xhigh": "max", "ultra": "max"}  # fmt: skip
-EXTENSIONS = ("keep_alive", "think", "logprobs", "top_logprobs")
+EXTENSIONS = ("keep_alive", "think")
 AUDIO_FORMATS = ("wav", "mp3")  # what OpenAI's input_audio.format allows (contracts/openai.md 2.2)
 
 
@@ -111,6 +111,10 @@ def build_request(
     tools = _tools(request)
     if tools:
         body["tools"] = tools
+    if (alternatives := request.alternatives) is not None:  # the same fields and shape as OpenAI's
+        body["logprobs"] = True
+        if alternatives:
+            body["top_logprobs"] = alternatives
     extra = request.model_extra or {}
     for key in EXTENSIONS:
         if key in extra:
@@ -355,8 +359,15 @@ def parse_response(body: Any) -> Completion:
         reasoning=message.get("thinking") or None,
         tool_calls=calls,
         finish_reason=finish_reason(body.get("done_reason"), bool(calls)),
+        logprobs=_logprobs(body),
     )
     return Completion([choice], usage(body))
+
+
+def _logprobs(line: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A line's `logprobs`, asked for with `logprobs: true`: OpenAI's `logprobs.content` entries."""
+    logprobs = line.get("logprobs")
+    return [entry for entry in logprobs if isinstance(entry, dict)] if isinstance(logprobs, list) else None
 
 
 class StreamState:
@@ -381,7 +392,8 @@ class StreamState:
         if message.get("thinking"):
             chunks.append(Chunk(reasoning=message["thinking"]))
         if message.get("content"):
-            chunks.append(Chunk(content=message["content"]))
+            logprobs = _logprobs(line) if "logprobs" in line else None
+            chunks.append(Chunk(content=message["content"], logprobs=logprobs))
         if message.get("tool_calls"):
             calls = _tool_calls(message["tool_calls"], self.tool_calls)
             self.tool_calls += len(calls)

@@ -492,3 +492,22 @@ def test_tags_entries_become_model_info_with_cloud_flag() -> None:
     assert local.created == 1746405464
     assert cloud.remote and named.remote
     assert ollama.model_info({"name": "hf.co/user/repo:Q4"}).owned_by == "hf.co/user"
+
+
+def test_log_probabilities_are_asked_for_and_come_back_as_openais_entries() -> None:
+    assert "logprobs" not in build()
+    assert (build(logprobs=True)["logprobs"], "top_logprobs" in build(logprobs=True)) == (True, False)
+    assert build(logprobs=True, top_logprobs=3)["top_logprobs"] == 3
+    entry = {
+        "token": "Hi",
+        "logprob": -0.25,
+        "bytes": [72, 105],
+        "top_logprobs": [{"token": "Hi", "logprob": -0.25}],
+    }
+    whole = ollama.parse_response({"message": {"content": "Hi"}, "logprobs": [entry], **FINAL})
+    assert whole.choices[0].logprobs == [entry]
+    assert ollama.parse_response({"message": {"content": "Hi"}, **FINAL}).choices[0].logprobs is None
+    [chunk] = ollama.StreamState().parse_chunk(
+        {"message": {"content": "Hi"}, "logprobs": [entry], "done": False}
+    )
+    assert (chunk.content, chunk.logprobs) == ("Hi", [entry])
