@@ -1,0 +1,259 @@
+"""OpenAI chat requests as Ollama `/api/chat` bodies (contracts/ollama.md §2, §8)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidRequest
+from gateway.images import NO_IMAGES, Image
+from gateway.schemas import AudioPart, ChatRequest, FilePart, ImagePart, Message
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# OpenAI field -> Ollama option, for values that mean the same thing on both sides.
+OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+         "max": "max", "xhigh": "max", "ultra": "max"}  # fmt: skip
+EXTENSIONS = ("keep_alive", "think")
+AUDIO_FORMATS = ("wav", "mp3")  # what OpenAI's input_audio.format allows (contracts/openai.md 2.2)
+
+
+def build_request(
+    request: ChatRequest,
+    model: str,
+    *,
+    stream: bool,
+    images: Mapping[str, Image] = NO_IMAGES,
+    capabilities: frozenset[str] | None = None,
+) -> dict[str, Any]:
+    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch); `capabilities`: the
+    model's, from /api/show (None: not known)."""
+    if request.n is not None and request.n > 1:
+        raise InvalidRequest("Ollama backends return one choice; 'n' must be 1", param="n")
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": _messages(request.messages, images),
+        "stream": stream,
+    }
+    options = _options(request)
+    if options:
+        body["options"] = options
+    fmt = _format(request)
+    if fmt is not None:
+        body["format"] = fmt
+    tools = _tools(request)
+    if tools:
+        body["tools"] = tools
+    if (alternatives := request.alternatives) is not None:  # the same fields and shape as OpenAI's
+        body["logprobs"] = True
+        if alternatives:
+            body["top_logprobs"] = alternatives
+    extra = request.model_extra or {}
+    for key in EXTENSIONS:
+        if key in extra:
+            body[key] = extra[key]
+    effort = extra.get("reasoning_effort")
+    if effort is not None and "think" not in body:
+        if effort not in THINK:
+            raise InvalidRequest(f"unknown reasoning_effort {effort!r}", param="reasoning_effort")
+        # Ollama answers 400 to `think` for a model without the capability (contracts/ollama.md 8.8)
+        if capabilities is None or "thinking" in capabilities:
+            body["think"] = THINK[effort]
+    return body
+
+
+def needs_capabilities(request: ChatRequest) -> bool:
+    """Whether build_request's answer depends on the model's capabilities: reasoning_effort does."""
+    extra = request.model_extra or {}
+    return extra.get("reasoning_effort") is not None and "think" not in extra
+
+
+def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role = ROLES.get(message.role, "tool")  # legacy `function` results are tool results
+        native: dict[str, Any] = {"role": role, "content": message.text()}
+        images = _media(message, i, fetched)
+        if images:
+            native["images"] = images
+        if message.tool_calls:
+            native["tool_calls"] = [_tool_call(call, i, j) for j, call in enumerate(message.tool_calls)]
+        extra = message.model_extra or {}
+        reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+        if role == "assistant" and isinstance(reasoning, str):
+            native["thinking"] = reasoning
+        if role == "tool":
+            name = message.name or _tool_name(messages[:i], message.tool_call_id)
+            if name is None:
+                # No placeholder name (contracts/openai.md 9.6 allows either): the model would read a
+                # result of a function never called; OpenAI itself refuses such a history with 400.
+                raise InvalidRequest(
+                    "tool message answers no earlier assistant tool call: its tool_call_id matches"
+                    " none (Ollama needs the function's name)",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            native["tool_name"] = name
+            if message.tool_call_id:
+                native["tool_call_id"] = message.tool_call_id
+        out.append(native)
+    return out
+
+
+def _media(message: Message, i: int, fetched: Mapping[str, Image]) -> list[str]:
+    """The message's images and audio clips as bare base64, in the order of its parts: Ollama takes
+    audio bytes in `images` too (contracts/ollama.md 2.2, 7.1). A part it has no field for is
+    refused, never dropped."""
+    if not isinstance(message.content, list):
+        return []
+    media = []
+    for j, part in enumerate(message.content):
+        if isinstance(part, ImagePart):
+            media.append(_image(part.url, f"messages[{i}].content", fetched))
+        elif isinstance(part, AudioPart):
+            media.append(_audio(part.input_audio, f"messages[{i}].content[{j}].input_audio"))
+        elif isinstance(part, FilePart):
+            raise InvalidRequest(
+                "Ollama backends cannot take file parts; send the file's text as a text part",
+                param=f"messages[{i}].content[{j}]",
+            )
+    return media
+
+
+def _audio(audio: dict[str, Any], param: str) -> str:
+    if audio.get("format") not in AUDIO_FORMATS:
+        raise InvalidRequest("input_audio format must be 'wav' or 'mp3'", param=param + ".format")
+    data = audio.get("data")
+    if not isinstance(data, str) or not data:
+        raise InvalidRequest("input_audio data must be a base64 string", param=param + ".data")
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise InvalidRequest("input_audio data is not valid base64", param=param + ".data") from None
+    return data
+
+
+def _image(url: str, param: str, fetched: Mapping[str, Image]) -> str:
+    if url in fetched:
+        return fetched[url].data
+    if not url.startswith("data:"):
+        raise InvalidRequest(
+            "Ollama backends need images inline: send a base64 data URL (data:image/png;base64,...)",
+            param=param,
+        )
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise InvalidRequest("image data URLs must be base64-encoded", param=param)
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise InvalidRequest("image data URL is not valid base64", param=param) from None
+    return data
+
+
+def _tool_call(call: Any, i: int, j: int) -> dict[str, Any]:
+    arguments = call.function.arguments or "{}"
+    try:
+        parsed = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):  # Ollama decodes arguments into an object, nothing else
+        raise InvalidRequest(
+            "tool call arguments must be a JSON object",
+            param=f"messages[{i}].tool_calls[{j}].function.arguments",
+        )
+    return {"id": call.id, "function": {"name": call.function.name, "arguments": parsed}}
+
+
+def _tool_name(history: list[Message], call_id: str | None) -> str | None:
+    """The function a tool result answers, found through its call id (last match wins)."""
+    for message in reversed(history):
+        for call in message.tool_calls or ():
+            if call.id == call_id:
+                return call.function.name
+    return None
+
+
+def _options(request: ChatRequest) -> dict[str, Any]:
+    extra = request.model_extra or {}
+    supplied = extra.get("options")
+    options: dict[str, Any] = dict(supplied) if isinstance(supplied, dict) else {}
+    for field, option in OPTIONS.items():
+        value = getattr(request, field)
+        if value is not None:
+            options[option] = value
+    if request.max_output_tokens is not None:
+        options["num_predict"] = request.max_output_tokens
+    if request.stop_list is not None:
+        options["stop"] = request.stop_list
+    return options
+
+
+def _format(request: ChatRequest) -> str | dict[str, Any] | None:
+    response_format = request.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_schema" and response_format.json_schema is not None:
+        return response_format.json_schema.schema_ or "json"
+    return "json"
+
+
+def _tools(request: ChatRequest) -> list[dict[str, Any]]:
+    if not request.tools or request.tool_choice == "none":
+        return []
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+    allowed = _allowed_tools(request.tool_choice)
+    if allowed is None:
+        return tools
+    known = {tool["function"]["name"] for tool in tools}
+    for name in allowed:
+        if name not in known:
+            raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
+    return [tool for tool in tools if tool["function"]["name"] in allowed]
+
+
+def _allowed_tools(choice: str | dict[str, Any] | None) -> list[str] | None:
+    """The function names `tool_choice` limits the tools to, or None for all of them. Ollama cannot
+    force a call, so a named function or `allowed_tools` (either mode) sends only those tools."""
+    if not isinstance(choice, dict):
+        return None  # "auto", "required"
+    kind = choice.get("type")
+    if kind == "function":
+        name = (choice.get("function") or {}).get("name")
+        if not isinstance(name, str):
+            raise InvalidRequest("tool_choice needs 'function.name'", param="tool_choice")
+        return [name]
+    if kind == "allowed_tools":
+        spec = choice.get("allowed_tools")
+        entries = spec.get("tools") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or spec.get("mode", "auto") not in ("auto", "required"):
+            raise InvalidRequest(
+                "tool_choice.allowed_tools needs 'mode' 'auto' or 'required'", param="tool_choice"
+            )
+        names = [_function_name(entry) for entry in entries] if isinstance(entries, list) else []
+        if not names or None in names:
+            raise InvalidRequest(
+                "tool_choice.allowed_tools.tools must list functions as {type: function, function: {name}}",
+                param="tool_choice",
+            )
+        return [name for name in names if name is not None]
+    raise InvalidRequest(
+        "tool_choice must be 'none', 'auto', 'required', or of type 'function' or 'allowed_tools'"
+        " for Ollama backends",
+        param="tool_choice",
+    )
+
+
+def _function_name(entry: Any) -> str | None:
+    function = entry.get("function") if isinstance(entry, dict) and entry.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None

@@ -1,0 +1,125 @@
+"""Ollama's answers, whole and streamed, and its errors, in the gateway's terms (contracts/ollama.md
+§2.4-2.5, §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
+from gateway.providers.base import random_id
+from gateway.schemas import Choice, Chunk, Completion, FinishReason, ToolCallDelta, Usage
+from gateway.upstream import json_or_none
+
+
+def finish_reason(done_reason: str | None, tool_calls: bool) -> FinishReason:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if done_reason == "length" else "stop"
+
+
+def usage(body: dict[str, Any]) -> Usage:
+    return Usage(int(body.get("prompt_eval_count") or 0), int(body.get("eval_count") or 0))
+
+
+def _tool_calls(native: list[dict[str, Any]], first_index: int) -> list[ToolCallDelta]:
+    calls = []
+    for offset, call in enumerate(native):
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        calls.append(
+            ToolCallDelta(
+                index=first_index + offset,
+                id=call.get("id") or random_id("call_"),
+                name=function.get("name", ""),
+                arguments=arguments if isinstance(arguments, str) else orjson.dumps(arguments or {}).decode(),
+            )
+        )
+    return calls
+
+
+def parse_response(body: Any) -> Completion:
+    if not isinstance(body, dict) or not isinstance(body.get("message"), dict):
+        raise UpstreamProtocol("Ollama answered without a 'message' object")
+    if not body.get("done", False):
+        raise UpstreamProtocol(
+            "Ollama ended the answer without 'done'; it may be incomplete", code="upstream_incomplete"
+        )
+    message = body["message"]
+    calls = _tool_calls(message.get("tool_calls") or [], 0)
+    choice = Choice(
+        content=message.get("content") or ("" if not calls else None),
+        reasoning=message.get("thinking") or None,
+        tool_calls=calls,
+        finish_reason=finish_reason(body.get("done_reason"), bool(calls)),
+        logprobs=_logprobs(body),
+    )
+    return Completion([choice], usage(body))
+
+
+def _logprobs(line: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A line's `logprobs`, asked for with `logprobs: true`: OpenAI's `logprobs.content` entries."""
+    logprobs = line.get("logprobs")
+    return [entry for entry in logprobs if isinstance(entry, dict)] if isinstance(logprobs, list) else None
+
+
+class StreamState:
+    """Turns NDJSON lines into chunks; remembers what a stream has seen so far."""
+
+    __slots__ = ("done", "tool_calls", "usage")
+
+    def __init__(self) -> None:
+        self.tool_calls = 0
+        self.done = False
+        self.usage: Usage | None = None
+
+    def parse_chunk(self, line: Any) -> list[Chunk]:
+        if not isinstance(line, dict):
+            raise UpstreamProtocol("Ollama sent a stream line that is not a JSON object")
+        if "error" in line:
+            raise UpstreamRejected(
+                f"Ollama reported an error mid-stream: {line['error']}", upstream_status=500
+            )
+        chunks: list[Chunk] = []
+        message = line.get("message") or {}
+        if message.get("thinking"):
+            chunks.append(Chunk(reasoning=message["thinking"]))
+        if message.get("content"):
+            logprobs = _logprobs(line) if "logprobs" in line else None
+            chunks.append(Chunk(content=message["content"], logprobs=logprobs))
+        if message.get("tool_calls"):
+            calls = _tool_calls(message["tool_calls"], self.tool_calls)
+            self.tool_calls += len(calls)
+            chunks.append(Chunk(tool_calls=calls))
+        if line.get("done"):
+            self.done = True
+            reason = finish_reason(line.get("done_reason"), self.tool_calls > 0)
+            self.usage = usage(line)
+            chunks.append(Chunk(finish_reason=reason, usage=self.usage))
+        return chunks
+
+
+def parse_chunk(line: Any, state: StreamState) -> list[Chunk]:
+    return state.parse_chunk(line)
+
+
+def error_from(
+    status: int, content: bytes, model: str, headers: Mapping[str, str] | None = None
+) -> GatewayError:
+    body = json_or_none(content)
+    text = body.get("error") if isinstance(body, dict) else None
+    text = str(text) if text else content[:200].decode("utf-8", errors="replace")
+    if status == 404:
+        return ModelNotFound(
+            f"The model '{model}' is not available on the Ollama server;"
+            f" run `ollama pull {model}` there to install it."
+        )
+    if status == 400:
+        param = next((p for p in ("tools", "format", "stop", "images", "think") if p in text), None)
+        params = {"format": "response_format", "images": "messages", "think": "reasoning_effort"}
+        return InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
+    given = (headers or {}).get("retry-after")
+    retry = {"retry-after": given or "1"} if status in (429, 503) else None
+    return UpstreamRejected(f"Ollama answered {status}: {text}", upstream_status=status, headers=retry)
