@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -10,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
-from gateway.errors import GatewayError, UpstreamProtocol
+from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.ndjson import LineTooLong
 from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo
 
@@ -28,6 +29,30 @@ def random_id(prefix: str, length: int = 24) -> str:
 T = TypeVar("T")
 R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
+
+
+def shorten(vector: Any, dimensions: int, where: str, *, rescale: bool = False) -> list[float]:
+    """`vector` with exactly `dimensions` values. Servers that ignore `dimensions` (Ollama before its
+    support for it, 0.5.4 among them; OpenAI-compatible servers whose models cannot shorten) answer
+    full-length vectors: those are cut and scaled back to unit length, as servers that apply it do
+    (Ollama: normalize(embedding[:dimensions]); OpenAI's text-embedding-3 vectors are unit length).
+    `rescale`: scale a vector of the right length too (Gemini cuts without rescaling)."""
+    if not isinstance(vector, list) or not vector:
+        raise UpstreamProtocol(f"{where} answered with an empty or malformed vector")
+    if len(vector) < dimensions:
+        raise InvalidRequest(
+            f"{where} makes {len(vector)}-dimensional embeddings; 'dimensions' must be at most {len(vector)}",
+            param="dimensions",
+        )
+    if len(vector) == dimensions and not rescale:  # the server applied `dimensions` itself
+        return vector
+    head = vector[:dimensions]
+    try:
+        norm = math.sqrt(math.fsum(value * value for value in head))
+    except TypeError:
+        raise UpstreamProtocol(f"{where} answered with a vector of non-numbers") from None
+    scale = 1 / max(norm, 1e-12)  # Ollama's guard: a zero vector stays zero
+    return [value * scale for value in head]
 
 
 class Decoder(Protocol[T_co]):

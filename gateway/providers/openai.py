@@ -17,7 +17,7 @@ import orjson
 
 from gateway.config import OpenAIBackend
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
-from gateway.providers.base import batches, parsed
+from gateway.providers.base import batches, parsed, shorten
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -286,7 +286,11 @@ class OpenAIProvider:
                 f"the backend at {self.backend.base_url} answered /embeddings without 'data'"
             )
         ordered = sorted(data, key=lambda item: int(item.get("index", 0)))
-        return Embeddings([item["embedding"] for item in ordered], usage(answer.get("usage")).prompt_tokens)
+        vectors = [item["embedding"] for item in ordered]
+        if request.dimensions is not None:  # llama.cpp's server, and models that cannot shorten, ignore it
+            where = f"'{model}' on the backend at {self.backend.base_url}"
+            vectors = [shorten(vector, request.dimensions, where) for vector in vectors]
+        return Embeddings(vectors, usage(answer.get("usage")).prompt_tokens)
 
     async def list_models(self) -> list[ModelInfo]:
         body = await self._http.request("GET", "/models")

@@ -1109,7 +1109,10 @@ async def test_embed_sends_a_batch_naming_the_model_in_each_request(
     result = await provider.embed(
         EmbeddingRequest(model="e", input=["first", "second"], dimensions=2), "gemini-embedding-001"
     )
-    assert (result.vectors, result.prompt_tokens) == ([[0.1, 0.2], [0.3, 0.4]], 0)
+    # Gemini cuts to outputDimensionality but does not rescale: the client gets unit vectors, as
+    # from OpenAI's text-embedding-3 with `dimensions`
+    assert result.vectors == [pytest.approx([0.4472136, 0.8944272]), pytest.approx([0.6, 0.8])]
+    assert result.prompt_tokens == 0
     sent = assert_keyed(httpx_mock.get_request())
     assert orjson.loads(sent.content) == {
         "requests": [

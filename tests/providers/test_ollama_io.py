@@ -162,7 +162,7 @@ async def test_embed_vectors_that_cannot_be_cut_to_dimensions_are_the_backends_f
     httpx_mock: HTTPXMock, provider: OllamaProvider, vector: object
 ) -> None:
     httpx_mock.add_response(url=URL + "/api/embed", json={"embeddings": [vector]})
-    with pytest.raises(UpstreamProtocol, match=f"'e' on the Ollama server at {URL} answered /api/embed"):
+    with pytest.raises(UpstreamProtocol, match=f"'e' on the Ollama server at {URL} answered with"):
         await provider.embed(EmbeddingRequest(model="e", input="a", dimensions=2), "e")
 
 

@@ -1,4 +1,4 @@
-"""OpenAIProvider's stream against pytest-httpx: when a stream that ends counts as whole."""
+"""OpenAIProvider against pytest-httpx: when a stream that ends counts as whole, and embeddings."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from pytest_httpx import HTTPXMock
 
 from gateway.config import OpenAIBackend
-from gateway.errors import UpstreamProtocol, UpstreamRejected
+from gateway.errors import InvalidRequest, UpstreamProtocol, UpstreamRejected
 from gateway.providers.openai import OpenAIProvider
-from gateway.schemas import ChatRequest
+from gateway.schemas import ChatRequest, EmbeddingRequest
 from tests.providers.streams import httpx_stream
 
 pytestmark = pytest.mark.anyio
@@ -85,3 +85,22 @@ async def test_an_error_event_ends_the_stream_with_the_backends_message(
     request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(UpstreamRejected, match="reported an error mid-stream: model crashed"):
         _ = [chunk async for chunks in provider.stream(request, "m") for chunk in chunks]
+
+
+async def test_embeddings_from_a_server_that_ignores_dimensions_get_the_dimensions_asked_for(
+    httpx_mock: HTTPXMock, provider: OpenAIProvider
+) -> None:
+    full = {
+        "data": [{"index": 1, "embedding": [0.0, 0.0, 0.6, 0.8]}, {"index": 0, "embedding": [3.0, 4.0, 9.0]}]
+    }
+    httpx_mock.add_response(url=URL + "/embeddings", json=full)
+    result = await provider.embed(EmbeddingRequest(model="e", input=["a", "b"], dimensions=2), "m")
+    assert result.vectors == [pytest.approx([0.6, 0.8]), [0.0, 0.0]]  # cut, at unit length, in order
+    sent = httpx_mock.get_request()
+    assert sent is not None and orjson.loads(sent.content)["dimensions"] == 2  # still asked for
+
+    httpx_mock.add_response(url=URL + "/embeddings", json={"data": [{"index": 0, "embedding": [0.6, 0.8]}]})
+    with pytest.raises(InvalidRequest) as refused:
+        await provider.embed(EmbeddingRequest(model="e", input="a", dimensions=8), "m")
+    assert refused.value.param == "dimensions"
+    assert "makes 2-dimensional embeddings" in refused.value.message

@@ -39,7 +39,7 @@ import orjson
 from gateway.config import GeminiBackend
 from gateway.errors import InvalidRequest, UpstreamProtocol
 from gateway.images import NO_IMAGES, Image, ImageFetcher
-from gateway.providers.base import batches, parsed
+from gateway.providers.base import batches, parsed, shorten
 from gateway.providers.gemini.request import build_request
 from gateway.providers.gemini.response import (
     StreamState,
@@ -131,6 +131,9 @@ class GeminiProvider:
                 f"Gemini at {self.backend.base_url} answered batchEmbedContents without one vector per input"
             )
         vectors = [list(e.get("values") or []) if isinstance(e, dict) else [] for e in found]
+        if request.dimensions is not None:  # outputDimensionality cuts, and leaves the rescaling to us
+            where = f"'{model}' on Gemini"
+            vectors = [shorten(vector, request.dimensions, where, rescale=True) for vector in vectors]
         return Embeddings(vectors, usage(answer.get("usageMetadata")).prompt_tokens)
 
     async def list_models(self) -> list[ModelInfo]:

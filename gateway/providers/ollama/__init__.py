@@ -23,7 +23,6 @@ Translation choices (contracts/ollama.md §8):
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from gateway.config import OllamaBackend
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.images import NO_IMAGES, Image, ImageFetcher
 from gateway.ndjson import NDJSONDecoder
-from gateway.providers.base import batches, parsed
+from gateway.providers.base import batches, parsed, shorten
 from gateway.providers.ollama.request import build_request, needs_capabilities
 from gateway.providers.ollama.response import (
     StreamState,
@@ -64,28 +63,6 @@ __all__ = [
 PROMPT_TRUNCATED = "prompt_truncated"  # notice key; its value is the context size in tokens
 NUM_CTX = re.compile(r"^num_ctx\s+(\d+)", re.MULTILINE)
 CONTEXT_WAIT = 1.0  # seconds a finished stream waits for its model's context size, if still unknown
-
-
-def shorten(vector: Any, dimensions: int, where: str) -> list[float]:
-    """`vector` with exactly `dimensions` values. Servers older than Ollama's `dimensions` support
-    (0.5.4 among them) ignore the field and answer full-length vectors: those are cut and scaled back
-    to unit length, as newer servers do themselves (normalize(embedding[:dimensions]))."""
-    if not isinstance(vector, list) or not vector:
-        raise UpstreamProtocol(f"{where} answered /api/embed with an empty or malformed vector")
-    if len(vector) == dimensions:  # the server applied `dimensions` itself
-        return vector
-    if len(vector) < dimensions:
-        raise InvalidRequest(
-            f"{where} makes {len(vector)}-dimensional embeddings; 'dimensions' must be at most {len(vector)}",
-            param="dimensions",
-        )
-    head = vector[:dimensions]
-    try:
-        norm = math.sqrt(math.fsum(value * value for value in head))
-    except TypeError:
-        raise UpstreamProtocol(f"{where} answered /api/embed with a vector of non-numbers") from None
-    scale = 1 / max(norm, 1e-12)  # Ollama's guard: a zero vector stays zero
-    return [value * scale for value in head]
 
 
 @dataclass(frozen=True, slots=True)
