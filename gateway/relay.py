@@ -28,6 +28,12 @@ from gateway.sse import DONE
 def tool_call_dict(call: ToolCallDelta) -> dict[str, Any]:
     """A whole call, or a call's first fragment. OpenAI requires its id: a call from a backend
     that sent none gets one made here (the client sends it back with the call's result)."""
+    if call.custom:
+        return {
+            "id": call.id or random_id("call_"),
+            "type": "custom",
+            "custom": {"name": call.name or "", "input": call.arguments},
+        }
     return {
         "id": call.id or random_id("call_"),
         "type": "function",
@@ -259,6 +265,8 @@ class ChunkEncoder:
         join fragments by concatenation), even from a backend that repeats them in every one; a
         call's first fragment is the first with its index, with an id or not."""
         if (index, call.index) in self._calls:
+            if call.custom:
+                return {"index": call.index, "custom": {"input": call.arguments}}
             return {"index": call.index, "function": {"arguments": call.arguments}}
         self._calls.add((index, call.index))
         return {"index": call.index, **tool_call_dict(call)}

@@ -78,17 +78,35 @@ LOGPROBS: Schema = {
 }
 
 TOOL_CALL: Schema = {
-    "type": "object",
-    "required": ["id", "type", "function"],
-    "properties": {
-        "id": STRING,
-        "type": {"const": "function"},
-        "function": {
+    "anyOf": [
+        {
             "type": "object",
-            "required": ["name", "arguments"],
-            "properties": {"name": STRING, "arguments": STRING},
+            "required": ["id", "type", "function"],
+            "properties": {
+                "id": STRING,
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "required": ["name", "arguments"],
+                    "properties": {"name": STRING, "arguments": STRING},
+                },
+            },
         },
-    },
+        {
+            "type": "object",
+            "description": "A custom tool's call (from OpenAI backends): free text input.",
+            "required": ["id", "type", "custom"],
+            "properties": {
+                "id": STRING,
+                "type": {"const": "custom"},
+                "custom": {
+                    "type": "object",
+                    "required": ["name", "input"],
+                    "properties": {"name": STRING, "input": STRING},
+                },
+            },
+        },
+    ]
 }
 
 CHAT_COMPLETION: Schema = {
@@ -131,17 +149,17 @@ CHAT_COMPLETION: Schema = {
 
 TOOL_CALL_DELTA: Schema = {
     "type": "object",
-    "description": "A tool call's first fragment carries id, type and name; later ones only arguments.",
-    "required": ["index", "function"],
+    "description": (
+        "A tool call's first fragment carries id, type and name; later ones only arguments (a custom"
+        " tool's: input)."
+    ),
+    "required": ["index"],
     "properties": {
         "index": INTEGER,
         "id": STRING,
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "required": ["arguments"],
-            "properties": {"name": STRING, "arguments": STRING},
-        },
+        "type": {"enum": ["function", "custom"]},
+        "function": {"type": "object", "properties": {"name": STRING, "arguments": STRING}},
+        "custom": {"type": "object", "properties": {"name": STRING, "input": STRING}},
     },
 }
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
@@ -81,11 +81,36 @@ class ToolCall(Wire):
     function: FunctionCall
 
 
+class CustomInput(Wire):
+    name: str
+    input: str = ""
+
+
+class CustomToolCall(Wire):
+    """A call to a custom tool (OpenAI's freeform tools): served by OpenAI backends only."""
+
+    id: str
+    type: Literal["custom"]
+    custom: CustomInput
+
+
+def _kind(value: Any) -> str:
+    """A tool call's type; `function` when left out, as clients have done."""
+    return str(
+        value.get("type", "function") if isinstance(value, dict) else getattr(value, "type", "function")
+    )
+
+
+AnyToolCall = Annotated[
+    Annotated[ToolCall, Tag("function")] | Annotated[CustomToolCall, Tag("custom")], Discriminator(_kind)
+]
+
+
 class Message(Wire):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[AnyToolCall] | None = None
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
@@ -131,6 +156,22 @@ class Tool(Wire):
     function: FunctionDef
 
 
+class CustomDef(Wire):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    format: dict[str, Any] | None = None  # free text, or a grammar the input must follow
+
+
+class CustomTool(Wire):
+    """OpenAI's custom tool: the model calls it with free text rather than JSON arguments."""
+
+    type: Literal["custom"]
+    custom: CustomDef
+
+
+AnyTool = Annotated[Tool | CustomTool, Field(discriminator="type")]
+
+
 class JSONSchemaFormat(Wire):
     name: str
     description: str | None = None
@@ -168,7 +209,7 @@ class ChatRequest(Wire):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: list[AnyTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
@@ -205,7 +246,7 @@ class ChatRequest(Wire):
         for message in self.messages:
             yield message.text()
             for call in message.tool_calls or ():
-                yield call.function.arguments
+                yield call.function.arguments if isinstance(call, ToolCall) else call.custom.input
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -302,7 +343,8 @@ class ToolCallDelta:
     index: int
     id: str | None = None
     name: str | None = None
-    arguments: str = ""
+    arguments: str = ""  # a custom tool's input
+    custom: bool = False  # a call to a custom tool (OpenAI backends only)
 
 
 @dataclass(slots=True)

@@ -13,7 +13,18 @@ import orjson
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.ndjson import LineTooLong
-from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo
+from gateway.schemas import (
+    ChatRequest,
+    Chunk,
+    Completion,
+    CustomTool,
+    CustomToolCall,
+    EmbeddingRequest,
+    Embeddings,
+    ModelInfo,
+    Tool,
+    ToolCall,
+)
 
 BackendConfig = OllamaBackend | OpenAIBackend | GeminiBackend
 
@@ -29,6 +40,25 @@ def random_id(prefix: str, length: int = 24) -> str:
 T = TypeVar("T")
 R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
+
+
+def function_tool(tool: Tool | CustomTool, backend: str, i: int) -> Tool:
+    """`tool`, a function tool: custom tools exist at OpenAI only (contracts/openai.md 2.4)."""
+    if isinstance(tool, CustomTool):
+        raise InvalidRequest(
+            f"{backend} backends take function tools only; custom tools are OpenAI's", param=f"tools[{i}]"
+        )
+    return tool
+
+
+def function_call(call: ToolCall | CustomToolCall, backend: str, i: int, j: int) -> ToolCall:
+    """`call`, a function call: a custom tool's call in the history cannot be given to `backend`."""
+    if isinstance(call, CustomToolCall):
+        raise InvalidRequest(
+            f"{backend} backends take function calls only; custom tools are OpenAI's",
+            param=f"messages[{i}].tool_calls[{j}]",
+        )
+    return call
 
 
 def shorten(vector: Any, dimensions: int, where: str, *, rescale: bool = False) -> list[float]:

@@ -98,6 +98,17 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
 def _tool_calls(calls: Any) -> list[ToolCallDelta]:
     deltas = []
     for position, call in enumerate(calls or []):
+        if isinstance(custom := call.get("custom"), dict):  # a custom tool's call: free text input
+            deltas.append(
+                ToolCallDelta(
+                    index=int(call.get("index", position)),
+                    id=call.get("id"),
+                    name=custom.get("name"),
+                    arguments=custom.get("input") or "",
+                    custom=True,
+                )
+            )
+            continue
         function = call.get("function") or {}
         deltas.append(
             ToolCallDelta(

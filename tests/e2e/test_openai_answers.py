@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -46,6 +47,14 @@ def answer(scenario: str) -> dict[str, Any]:
     """A whole answer, as OpenAI's API sends one."""
     if scenario == "refusal":
         message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    elif scenario == "custom_tool":
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_c1", "type": "custom", "custom": {"name": "grep", "input": "foo.*bar"}}
+            ],
+        }
     elif scenario == "tool_call_without_id":  # as some OpenAI-compatible servers send them
         message = {
             "role": "assistant",
@@ -79,6 +88,22 @@ def events(scenario: str) -> list[dict[str, Any]]:
 
     if scenario == "refusal":
         middle = [choice({"refusal": "I can't "}), choice({"refusal": "help with that."})]
+    elif scenario == "custom_tool":
+        middle = [
+            choice(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_c1",
+                            "type": "custom",
+                            "custom": {"name": "grep", "input": "foo"},
+                        }
+                    ]
+                }
+            ),
+            choice({"tool_calls": [{"index": 0, "custom": {"input": ".*bar"}}]}),
+        ]
     elif scenario == "tool_call_without_id":
         middle = [
             choice({"tool_calls": [{"index": 0, "function": {"name": "lookup", "arguments": '{"q":'}}]}),
@@ -94,8 +119,12 @@ def events(scenario: str) -> list[dict[str, Any]]:
     ]
 
 
+RECEIVED: list[dict[str, Any]] = []
+
+
 async def chat(request: Request) -> Response:
     body = orjson.loads(await request.body())
+    RECEIVED.append(body)
     scenario = body["messages"][-1]["content"]
     if not body.get("stream"):
         return Response(orjson.dumps(answer(scenario)), media_type="application/json")
@@ -185,3 +214,44 @@ def test_a_tool_call_the_backend_sent_without_an_id_gets_one(api: openai.OpenAI)
     [call] = final.choices[0].message.tool_calls or []
     assert call.id.startswith("call_") and len(call.id) > len("call_")
     assert (call.type, call.function.name, call.function.arguments) == ("function", "lookup", '{"q":"x"}')
+
+
+CUSTOM_TOOL = {
+    "type": "custom",
+    "custom": {"name": "grep", "description": "a pattern", "format": {"type": "text"}},
+}
+
+
+def test_a_custom_tool_goes_to_an_openai_backend_and_its_call_comes_back(api: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "custom_tool"}]
+    completion = api.chat.completions.create(model="chat", messages=messages, tools=[CUSTOM_TOOL])
+    assert RECEIVED[-1]["tools"] == [CUSTOM_TOOL]
+    [call] = completion.choices[0].message.tool_calls or []
+    assert call.type == "custom"
+    assert (call.id, call.custom.name, call.custom.input) == ("call_c1", "grep", "foo.*bar")
+
+    # streamed (the SDK's chunk types know only function calls: read the events as they come)
+    url = str(api.base_url) + "chat/completions"
+    body = {"model": "chat", "messages": messages, "tools": [CUSTOM_TOOL], "stream": True}
+    events = [
+        orjson.loads(line.removeprefix("data: "))
+        for line in httpx.post(url, json=body, timeout=10).text.splitlines()
+        if line.startswith("data: {")
+    ]
+    deltas = [c for e in events for choice in e["choices"] for c in choice["delta"].get("tool_calls") or ()]
+    assert deltas == [
+        {"index": 0, "id": "call_c1", "type": "custom", "custom": {"name": "grep", "input": "foo"}},
+        {"index": 0, "custom": {"input": ".*bar"}},
+    ]
+
+    # the call in the history, with its result, goes back as it came
+    history: Any = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": "call_c1", "content": "3 matches"},
+        {"role": "user", "content": "text"},
+    ]
+    api.chat.completions.create(model="chat", messages=history, tools=[CUSTOM_TOOL])
+    assert RECEIVED[-1]["messages"][1]["tool_calls"] == [
+        {"id": "call_c1", "type": "custom", "custom": {"name": "grep", "input": "foo.*bar"}}
+    ]

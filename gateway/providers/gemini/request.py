@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway.errors import InvalidRequest
 from gateway.images import NO_IMAGES, Image
+from gateway.providers.base import function_call, function_tool
 from gateway.schemas import (
     AudioPart,
     ChatRequest,
@@ -57,7 +58,9 @@ def build_request(
     if config:
         body["generationConfig"] = config
     if request.tools:
-        declarations = [_declaration(tool.function) for tool in request.tools]
+        declarations = [
+            _declaration(function_tool(tool, "Gemini", i).function) for i, tool in enumerate(request.tools)
+        ]
         body["tools"] = [{"functionDeclarations": declarations}]
         if request.tool_choice is not None:
             names = {d["name"] for d in declarations}
@@ -95,7 +98,10 @@ def _turns(
             yield "user", _function_responses(messages, results)
             results = []
         parts = _parts(message, i, fetched)
-        parts += [_function_call(call, i, j) for j, call in enumerate(message.tool_calls or ())]
+        parts += [
+            _function_call(function_call(call, "Gemini", i, j), i, j)
+            for j, call in enumerate(message.tool_calls or ())
+        ]
         yield role, parts
     if results:
         yield "user", _function_responses(messages, results)
@@ -115,7 +121,7 @@ def _turn_calls(history: list[Message]) -> list[ToolCall]:
     calls: list[ToolCall] = []
     for message in reversed(history):
         if message.role == "assistant":
-            calls[:0] = message.tool_calls or ()
+            calls[:0] = [call for call in message.tool_calls or () if isinstance(call, ToolCall)]
         elif message.role not in ("system", "developer"):
             break
     return calls
@@ -204,7 +210,7 @@ def _inline(mime: str, data: Any, what: str, param: str) -> dict[str, Any]:
     return {"inlineData": {"mimeType": mime, "data": data}}
 
 
-def _function_call(call: Any, i: int, j: int) -> dict[str, Any]:
+def _function_call(call: ToolCall, i: int, j: int) -> dict[str, Any]:
     args = json_or_none((call.function.arguments or "{}").encode())
     if not isinstance(args, dict):
         raise InvalidRequest(
@@ -248,7 +254,7 @@ def _tool_name(history: list[Message], call_id: str | None) -> str | None:
     """The function a tool result answers, found through its call id (last match wins)."""
     for message in reversed(history):
         for call in message.tool_calls or ():
-            if call.id == call_id:
+            if call.id == call_id and isinstance(call, ToolCall):
                 return call.function.name
     return None
 

@@ -11,7 +11,8 @@ import orjson
 
 from gateway.errors import InvalidRequest
 from gateway.images import NO_IMAGES, Image
-from gateway.schemas import AudioPart, ChatRequest, FilePart, ImagePart, Message
+from gateway.providers.base import function_call, function_tool
+from gateway.schemas import AudioPart, ChatRequest, FilePart, ImagePart, Message, ToolCall
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # OpenAI field -> Ollama option, for values that mean the same thing on both sides.
@@ -87,7 +88,10 @@ def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dic
         if images:
             native["images"] = images
         if message.tool_calls:
-            native["tool_calls"] = [_tool_call(call, i, j) for j, call in enumerate(message.tool_calls)]
+            native["tool_calls"] = [
+                _tool_call(function_call(call, "Ollama", i, j), i, j)
+                for j, call in enumerate(message.tool_calls)
+            ]
         extra = message.model_extra or {}
         reasoning = extra.get("reasoning_content") or extra.get("reasoning")
         if role == "assistant" and isinstance(reasoning, str):
@@ -160,7 +164,7 @@ def _image(url: str, param: str, fetched: Mapping[str, Image]) -> str:
     return data
 
 
-def _tool_call(call: Any, i: int, j: int) -> dict[str, Any]:
+def _tool_call(call: ToolCall, i: int, j: int) -> dict[str, Any]:
     arguments = call.function.arguments or "{}"
     try:
         parsed = orjson.loads(arguments)
@@ -178,7 +182,7 @@ def _tool_name(history: list[Message], call_id: str | None) -> str | None:
     """The function a tool result answers, found through its call id (last match wins)."""
     for message in reversed(history):
         for call in message.tool_calls or ():
-            if call.id == call_id:
+            if call.id == call_id and isinstance(call, ToolCall):
                 return call.function.name
     return None
 
@@ -210,7 +214,9 @@ def _format(request: ChatRequest) -> str | dict[str, Any] | None:
 def _tools(request: ChatRequest) -> list[dict[str, Any]]:
     if not request.tools or request.tool_choice == "none":
         return []
-    tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+    tools = [
+        function_tool(tool, "Ollama", i).model_dump(exclude_none=True) for i, tool in enumerate(request.tools)
+    ]
     allowed = _allowed_tools(request.tool_choice)
     if allowed is None:
         return tools
