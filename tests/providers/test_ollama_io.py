@@ -286,3 +286,21 @@ async def test_a_slow_context_size_lookup_does_not_hold_up_a_streams_end(
     second = await asyncio.wait_for(stream(), 5)
     assert second[-1].notices == {"prompt_truncated": "4096"}
     assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 1
+
+
+async def test_a_failed_show_is_asked_again_after_a_while_for_the_truncation_notice(
+    httpx_mock: HTTPXMock, provider: OllamaProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(ollama.time, "monotonic", lambda: now[0])
+    answer = {"message": {"content": "yo"}, "done": True, "prompt_eval_count": 2048, "eval_count": 1}
+    httpx_mock.add_response(url=URL + "/api/chat", json=answer, is_reusable=True)
+    httpx_mock.add_response(url=URL + "/api/show", status_code=500, json={"error": "starting"})
+    assert (await provider.complete(CHAT, "m")).notices == {}  # the context size is not known
+    now[0] += ollama.FACTS_RETRY / 2
+    assert (await provider.complete(CHAT, "m")).notices == {}  # not asked again so soon
+    assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 1
+    httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx 2048"})
+    now[0] += ollama.FACTS_RETRY
+    assert (await provider.complete(CHAT, "m")).notices == {"prompt_truncated": "2048"}  # asked again
+    assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +64,7 @@ __all__ = [
 PROMPT_TRUNCATED = "prompt_truncated"  # notice key; its value is the context size in tokens
 NUM_CTX = re.compile(r"^num_ctx\s+(\d+)", re.MULTILINE)
 CONTEXT_WAIT = 1.0  # seconds a finished stream waits for its model's context size, if still unknown
+FACTS_RETRY = 30.0  # seconds before a model's failed /api/show is asked again
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,7 @@ class ModelFacts:
 
     context_size: int | None = None
     capabilities: frozenset[str] | None = None  # None: not reported (older servers, 0.5.4 too)
+    failed_at: float | None = None  # monotonic time the lookup failed: asked again after FACTS_RETRY
 
 
 def model_facts(show: Any) -> ModelFacts:
@@ -124,10 +127,16 @@ class OllamaProvider:
         return completion
 
     def _facts_of(self, model: str) -> asyncio.Task[ModelFacts]:
-        """The lookup of the model's /api/show (asked once per model, shared by every request)."""
-        if model not in self._facts:
-            self._facts[model] = asyncio.create_task(self._show(model))
-        return self._facts[model]
+        """The lookup of the model's /api/show (asked once per model, shared by every request; asked
+        again FACTS_RETRY seconds after one that failed, as the server may only have been starting)."""
+        lookup = self._facts.get(model)
+        if lookup is None or (
+            lookup.done()
+            and (failed_at := lookup.result().failed_at) is not None
+            and time.monotonic() - failed_at >= FACTS_RETRY
+        ):
+            lookup = self._facts[model] = asyncio.create_task(self._show(model))
+        return lookup
 
     async def _capabilities(self, model: str) -> frozenset[str] | None:
         facts = self._facts_of(model)
@@ -164,7 +173,7 @@ class OllamaProvider:
         try:
             return model_facts(await self._http.request("POST", "/api/show", {"model": model}, model))
         except GatewayError:
-            return ModelFacts()
+            return ModelFacts(failed_at=time.monotonic())
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
