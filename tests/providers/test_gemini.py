@@ -728,7 +728,12 @@ def test_blocked_prompt_is_one_content_filter_choice() -> None:
         {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 5}}
     )
     assert len(completion.choices) == 1
-    assert (completion.choices[0].content, completion.choices[0].finish_reason) == ("", "content_filter")
+    choice = completion.choices[0]
+    assert (choice.content, choice.refusal, choice.finish_reason) == (
+        None,
+        "blocked: SAFETY",
+        "content_filter",
+    )
     assert completion.usage.prompt_tokens == 5
 
 
@@ -881,7 +886,10 @@ def test_stream_with_no_candidate_at_all_is_a_protocol_error() -> None:
 def test_stream_blocked_prompt_finishes_with_content_filter() -> None:
     chunks, state = run([{"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}])
     assert state.done
-    assert [(c.index, c.finish_reason) for c in chunks] == [(0, "content_filter")]
+    assert [(c.index, c.refusal, c.finish_reason) for c in chunks] == [
+        (0, "blocked: PROHIBITED_CONTENT", None),
+        (0, "", "content_filter"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ Translation choices (contracts/gemini.md §9-§11):
 - http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
   sent as `inlineData` with the image host's content type, not as `fileData.fileUri`: only newer
   models fetch URLs themselves, and the gateway's limits then hold for every backend alike.
-- A blocked prompt (`promptFeedback.blockReason`) is a 200 with one empty `content_filter` choice.
+- A blocked prompt (`promptFeedback.blockReason`) is a 200 with one `content_filter` choice whose
+  refusal says `blocked: <reason>` (contracts/gemini.md §10.1).
 - When a stream's body ends, the choices that got no `finishReason` are finished as if with STOP
   (`stop`, or `tool_calls` after a call; contracts/gemini.md §10.2), as SSE has no end marker and
   the body's end is the answer's. A body cut off by the connection is an error all the same (the

@@ -96,19 +96,21 @@ def _token(candidate: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _blocked(body: dict[str, Any]) -> bool:
+def _blocked(body: dict[str, Any]) -> str | None:
+    """The refusal for a blocked prompt (`promptFeedback.blockReason`), or None."""
     feedback = body.get("promptFeedback")
-    return isinstance(feedback, dict) and bool(feedback.get("blockReason"))
+    reason = feedback.get("blockReason") if isinstance(feedback, dict) else None
+    return f"blocked: {reason}" if reason else None
 
 
 def parse_response(body: Any) -> Completion:
     if not isinstance(body, dict):
         raise UpstreamProtocol("Gemini answered with something other than a JSON object")
     candidates = _candidates(body)
-    if not candidates and _blocked(body):
+    if not candidates and (refusal := _blocked(body)):
         metadata = body.get("usageMetadata")
         return Completion(
-            [Choice(content="", finish_reason="content_filter")],
+            [Choice(content=None, refusal=refusal, finish_reason="content_filter")],
             usage(metadata),
             counted=isinstance(metadata, dict),
         )
@@ -161,10 +163,10 @@ class StreamState:
         if "usageMetadata" in data:
             self.usage, self.usage_sent = usage(data["usageMetadata"]), False
         candidates = _candidates(data)
-        if not candidates and _blocked(data):
+        if not candidates and (refusal := _blocked(data)):
             self.done = True
             self.finished.add(0)
-            return [self._finish(Chunk(finish_reason="content_filter"))]
+            return [Chunk(refusal=refusal), self._finish(Chunk(finish_reason="content_filter"))]
         chunks: list[Chunk] = []
         for index, parts, reason, logprobs_of_event in candidates:
             calls = self.tool_calls.setdefault(index, 0)
