@@ -21,6 +21,7 @@ from gateway.schemas import (
     CustomToolCall,
     EmbeddingRequest,
     Embeddings,
+    Message,
     ModelInfo,
     Tool,
     ToolCall,
@@ -59,6 +60,16 @@ def function_call(call: ToolCall | CustomToolCall, backend: str, i: int, j: int)
             param=f"messages[{i}].tool_calls[{j}]",
         )
     return call
+
+
+def tool_name(history: list[Message], call_id: str | None) -> str | None:
+    """The function a tool result answers, found through its call id among the calls before it
+    (last match wins), for backends that name a result's function (Ollama, Gemini)."""
+    for message in reversed(history):
+        for call in message.tool_calls or ():
+            if call.id == call_id and isinstance(call, ToolCall):
+                return call.function.name
+    return None
 
 
 def shorten(vector: Any, dimensions: int, where: str, *, rescale: bool = False) -> list[float]:

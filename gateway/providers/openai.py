@@ -98,24 +98,15 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
 def _tool_calls(calls: Any) -> list[ToolCallDelta]:
     deltas = []
     for position, call in enumerate(calls or []):
-        if isinstance(custom := call.get("custom"), dict):  # a custom tool's call: free text input
-            deltas.append(
-                ToolCallDelta(
-                    index=int(call.get("index", position)),
-                    id=call.get("id"),
-                    name=custom.get("name"),
-                    arguments=custom.get("input") or "",
-                    custom=True,
-                )
-            )
-            continue
-        function = call.get("function") or {}
+        custom = isinstance(call.get("custom"), dict)  # a custom tool's call: free text input
+        called = (call["custom"] if custom else call.get("function")) or {}
         deltas.append(
             ToolCallDelta(
                 index=int(call.get("index", position)),
                 id=call.get("id"),
-                name=function.get("name"),
-                arguments=function.get("arguments") or "",
+                name=called.get("name"),
+                arguments=called.get("input" if custom else "arguments") or "",
+                custom=custom,
             )
         )
     return deltas

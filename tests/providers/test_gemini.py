@@ -1248,21 +1248,3 @@ def test_top_logprobs_out_of_openais_range_is_refused_naming_it() -> None:
     with pytest.raises(ValidationError) as refused:
         request(logprobs=True, top_logprobs=21)
     assert refused.value.errors()[0]["loc"] == ("top_logprobs",)
-
-
-CUSTOM_TOOL = {"type": "custom", "custom": {"name": "grep"}}
-CUSTOM_CALL = {"id": "call_c1", "type": "custom", "custom": {"name": "grep", "input": "foo"}}
-
-
-def test_custom_tools_and_their_calls_are_refused_naming_them() -> None:
-    function = {"type": "function", "function": {"name": "f"}}
-    with pytest.raises(InvalidRequest) as refused:
-        build(tools=[function, CUSTOM_TOOL])
-    assert (refused.value.param, "custom tools are OpenAI's" in refused.value.message) == ("tools[1]", True)
-    history = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]},
-    ]
-    with pytest.raises(InvalidRequest) as refused:
-        build(messages=history)
-    assert refused.value.param == "messages[1].tool_calls[0]"

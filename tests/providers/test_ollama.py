@@ -511,20 +511,3 @@ def test_log_probabilities_are_asked_for_and_come_back_as_openais_entries() -> N
         {"message": {"content": "Hi"}, "logprobs": [entry], "done": False}
     )
     assert (chunk.content, chunk.logprobs) == ("Hi", [entry])
-
-
-CUSTOM_TOOL = {"type": "custom", "custom": {"name": "grep"}}
-CUSTOM_CALL = {"id": "call_c1", "type": "custom", "custom": {"name": "grep", "input": "foo"}}
-
-
-def test_custom_tools_and_their_calls_are_refused_naming_them() -> None:
-    with pytest.raises(InvalidRequest) as refused:
-        build(tools=[TOOL, CUSTOM_TOOL])
-    assert (refused.value.param, "custom tools are OpenAI's" in refused.value.message) == ("tools[1]", True)
-    history = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]},
-    ]
-    with pytest.raises(InvalidRequest) as refused:
-        build(messages=history)
-    assert refused.value.param == "messages[1].tool_calls[0]"

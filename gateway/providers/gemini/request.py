@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.errors import InvalidRequest
 from gateway.images import NO_IMAGES, Image
-from gateway.providers.base import function_call, function_tool
+from gateway.providers.base import function_call, function_tool, tool_name
 from gateway.schemas import (
     AudioPart,
     ChatRequest,
@@ -225,7 +225,7 @@ def _function_call(call: ToolCall, i: int, j: int) -> dict[str, Any]:
 
 
 def _function_response(message: Message, history: list[Message], i: int) -> dict[str, Any]:
-    name = _tool_name(history, message.tool_call_id) or message.name
+    name = tool_name(history, message.tool_call_id) or message.name
     if not name:
         raise InvalidRequest(
             "this tool result answers no earlier assistant tool call; Gemini needs the function's name",
@@ -248,15 +248,6 @@ def _carried(call_id: str | None) -> tuple[str, str]:
     head, _, native = (call_id or "").partition(GEMINI_ID)
     _, _, signature = head.partition(SIGNATURE)
     return signature, native
-
-
-def _tool_name(history: list[Message], call_id: str | None) -> str | None:
-    """The function a tool result answers, found through its call id (last match wins)."""
-    for message in reversed(history):
-        for call in message.tool_calls or ():
-            if call.id == call_id and isinstance(call, ToolCall):
-                return call.function.name
-    return None
 
 
 def _generation_config(request: ChatRequest) -> dict[str, Any]:

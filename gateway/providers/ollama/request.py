@@ -11,7 +11,7 @@ import orjson
 
 from gateway.errors import InvalidRequest
 from gateway.images import NO_IMAGES, Image
-from gateway.providers.base import function_call, function_tool
+from gateway.providers.base import function_call, function_tool, tool_name
 from gateway.schemas import AudioPart, ChatRequest, FilePart, ImagePart, Message, ToolCall
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -97,7 +97,7 @@ def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dic
         if role == "assistant" and isinstance(reasoning, str):
             native["thinking"] = reasoning
         if role == "tool":
-            name = message.name or _tool_name(messages[:i], message.tool_call_id)
+            name = message.name or tool_name(messages[:i], message.tool_call_id)
             if name is None:
                 # No placeholder name (contracts/openai.md 9.6 allows either): the model would read a
                 # result of a function never called; OpenAI itself refuses such a history with 400.
@@ -176,15 +176,6 @@ def _tool_call(call: ToolCall, i: int, j: int) -> dict[str, Any]:
             param=f"messages[{i}].tool_calls[{j}].function.arguments",
         )
     return {"id": call.id, "function": {"name": call.function.name, "arguments": parsed}}
-
-
-def _tool_name(history: list[Message], call_id: str | None) -> str | None:
-    """The function a tool result answers, found through its call id (last match wins)."""
-    for message in reversed(history):
-        for call in message.tool_calls or ():
-            if call.id == call_id and isinstance(call, ToolCall):
-                return call.function.name
-    return None
 
 
 def _options(request: ChatRequest) -> dict[str, Any]:
