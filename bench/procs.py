@@ -250,11 +250,14 @@ def wrk_report(output: str, returncode: int, url: str) -> tuple[dict[str, Any], 
     return data, {name: int(data[name]) for name in WRK_ERRORS if data[name]}
 
 
-def one_mock_config(mock_port: int) -> str:
-    """A gateway config: the model "bench" on the mock Ollama at `mock_port`."""
-    return (
-        "backends:\n"
-        f'  - {{name: mock-ollama, type: ollama, base_url: "http://127.0.0.1:{mock_port}"}}\n'
-        "models:\n"
-        '  - {name: bench, deployments: [{backend: mock-ollama, model: "llama3.2:latest"}]}\n'
-    )
+def one_mock_config(mock_port: int, openai: bool = False) -> str:
+    """A gateway config: the model "bench" on the mock at `mock_port`, as an Ollama (native API)
+    or, with `openai`, as an OpenAI-compatible server (its /v1)."""
+    if openai:
+        backend = f'{{name: mock, type: openai, base_url: "http://127.0.0.1:{mock_port}/v1"}}'
+        model = "gpt-mock"
+    else:
+        backend = f'{{name: mock, type: ollama, base_url: "http://127.0.0.1:{mock_port}"}}'
+        model = "llama3.2:latest"
+    route = f'{{name: bench, deployments: [{{backend: mock, model: "{model}"}}]}}'
+    return f"backends:\n  - {backend}\nmodels:\n  - {route}\n"

@@ -11,6 +11,7 @@ and is not counted. The same checkout against itself gives 0.99-1.00 (a bias of 
 
     .venv/bin/python bench/side_by_side.py ../before .          # B/A below 1: B is cheaper
     .venv/bin/python bench/side_by_side.py ../before . --stream --rounds 8
+    .venv/bin/python bench/side_by_side.py ../before . --stream --openai   # the OpenAI-compatible path
     .venv/bin/python bench/side_by_side.py . . --python-b /path/to/other-venv/bin/python
 
 The last compares interpreters rather than code: `--python-a` and `--python-b` run a gateway with
@@ -77,6 +78,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
     parser.add_argument("--connections", type=int, default=64, help="per gateway (default 64)")
     parser.add_argument("--stream", action="store_true", help="20-chunk streams instead of JSON answers")
+    parser.add_argument(
+        "--openai", action="store_true", help="an OpenAI-compatible backend, not Ollama's API"
+    )
     for side in ("a", "b"):
         what = f"the interpreter of {side.upper()} (default: this one)"
         parser.add_argument(f"--python-{side}", default=sys.executable, help=what)
@@ -122,12 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             mock = procs.start("mock", mock_command, LOAD_CPU)
             wait_http(mock, f"http://127.0.0.1:{mock_port}/api/version", 20)
             config = workdir / "gateway.yaml"
-            config.write_text(one_mock_config(mock_port))
+            config.write_text(one_mock_config(mock_port, openai=args.openai))
             gateways = [
                 start_gateway(procs, "a", args.a, args.python_a, config),
                 start_gateway(procs, "b", args.b, args.python_b, config),
             ]
-            what = "20-chunk streams" if args.stream else "JSON answers"
+            what = ("20-chunk streams" if args.stream else "JSON answers") + (
+                " from an OpenAI-compatible backend" if args.openai else " from Ollama"
+            )
             print(f"A: {args.a} ({args.python_a})\nB: {args.b} ({args.python_b})")
             print(f"{what}, {args.connections} connections each, both gateways on core {GATEWAY_CPU}")
             print("\n| round | A requests | A µs CPU/request | B requests | B µs CPU/request | B/A |")
