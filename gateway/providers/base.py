@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import string
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -41,6 +43,80 @@ def random_id(prefix: str, length: int = 24) -> str:
 T = TypeVar("T")
 R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
+
+
+AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg"}  # input_audio.format (contracts/openai.md 2.2)
+
+
+def checked_base64(data: Any, what: str, param: str) -> str:
+    """`data`, when it is base64 (a 400 naming `param` otherwise): backends take it as it is."""
+    if not isinstance(data, str) or not data:
+        raise InvalidRequest(f"{what} must be a base64 string", param=param)
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise InvalidRequest(f"{what} is not valid base64", param=param) from None
+    return data
+
+
+def data_url(url: str, what: str, param: str) -> tuple[str, str]:
+    """(MIME type, checked base64 data) of a `data:<mime>;base64,<data>` URL; the type may be ""."""
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise InvalidRequest(f"{what} must be base64-encoded", param=param)
+    return header.removeprefix("data:").removesuffix(";base64"), checked_base64(data, what, param)
+
+
+def audio_data(audio: dict[str, Any], param: str) -> tuple[str, str]:
+    """(MIME type, checked base64 data) of an `input_audio` part's object."""
+    mime = AUDIO_TYPES.get(str(audio.get("format")))
+    if mime is None:
+        raise InvalidRequest(
+            f"input_audio format must be 'wav' or 'mp3', not {audio.get('format')!r}", param=param + ".format"
+        )
+    return mime, checked_base64(audio.get("data"), "input_audio data", param + ".data")
+
+
+def chosen_functions(choice: dict[str, Any], known: Collection[str], backend: str) -> tuple[bool, list[str]]:
+    """A `tool_choice` object as (whether a call is required, the functions it may call): a named
+    function is required; `allowed_tools` lists them with mode `auto` or `required`. Anything else,
+    or a function the request's tools lack, is a 400 naming tool_choice."""
+    kind = choice.get("type")
+    entries: Any
+    if kind == "function":
+        required, entries = True, [choice]
+    elif kind == "allowed_tools" and isinstance(allowed := choice.get("allowed_tools"), dict):
+        if allowed.get("mode") not in ("auto", "required"):
+            raise InvalidRequest(
+                "tool_choice.allowed_tools.mode must be 'auto' or 'required'", param="tool_choice"
+            )
+        required, entries = allowed["mode"] == "required", allowed.get("tools")
+    else:
+        raise InvalidRequest(
+            f"{backend} backends take a tool_choice of 'none', 'auto', 'required', or of type 'function'"
+            " or 'allowed_tools'",
+            param="tool_choice",
+        )
+    if not isinstance(entries, list) or not entries:
+        raise InvalidRequest(
+            "tool_choice.allowed_tools.tools must list at least one function", param="tool_choice"
+        )
+    names = [_function_name(entry) for entry in entries]
+    if None in names:
+        raise InvalidRequest(
+            "tool_choice must name functions as {type: function, function: {name}}", param="tool_choice"
+        )
+    for name in names:
+        if name not in known:
+            raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
+    return required, [name for name in names if name is not None]
+
+
+def _function_name(entry: Any) -> str | None:
+    """X in `{"type": "function", "function": {"name": X}}`; None when the shape is another."""
+    function = entry.get("function") if isinstance(entry, dict) and entry.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def function_tool(tool: Tool | CustomTool, backend: str, i: int) -> Tool:

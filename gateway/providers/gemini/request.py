@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gateway.errors import InvalidRequest
 from gateway.images import NO_IMAGES, Image
-from gateway.providers.base import function_call, function_tool, tool_name
+from gateway.providers.base import (
+    audio_data,
+    chosen_functions,
+    data_url,
+    function_call,
+    function_tool,
+    tool_name,
+)
 from gateway.schemas import (
     AudioPart,
     ChatRequest,
@@ -24,7 +29,6 @@ from gateway.upstream import json_or_none
 
 ROLES = {"user": "user", "assistant": "model", "tool": "user", "function": "user"}
 RESULT_ROLES = ("tool", "function")  # messages that become functionResponse parts
-AUDIO = {"wav": "audio/wav", "mp3": "audio/mpeg"}  # input_audio.format -> mimeType
 # OpenAI field -> generationConfig key, for values that mean the same thing on both sides.
 CONFIG = {
     "temperature": "temperature",
@@ -34,8 +38,6 @@ CONFIG = {
     "frequency_penalty": "frequencyPenalty",
 }
 MODES = {"none": "NONE", "auto": "AUTO", "required": "ANY"}
-# tool_choice allowed_tools.mode -> functionCallingConfig.mode; VALIDATED: call one of them, or answer
-ALLOWED_MODES = {"auto": "VALIDATED", "required": "ANY"}
 # The keywords `responseJsonSchema` accepts (contracts/gemini.md §2.3); the rest are dropped.
 SCHEMA_KEYS = {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum",
                "items", "prefixItems", "minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf",
@@ -141,7 +143,7 @@ def _parts(message: Message, i: int, fetched: Mapping[str, Image]) -> list[dict[
         elif isinstance(part, ImagePart):
             parts.append(_image(part.url, f"messages[{i}].content", fetched))
         elif isinstance(part, AudioPart):
-            parts.append(_audio(part.input_audio, field + ".input_audio"))
+            parts.append(_inline(*audio_data(part.input_audio, field + ".input_audio")))
         elif isinstance(part, FilePart):
             parts.append(_file(part.file, field + ".file"))
         else:  # a kind of part this translation does not know: never dropped without a word
@@ -157,19 +159,8 @@ def _image(url: str, param: str, fetched: Mapping[str, Image]) -> dict[str, Any]
             "Gemini backends need images inline: send a base64 data URL (data:image/png;base64,...)",
             param=param,
         )
-    mime, data = _data_url(url, "image data URLs", param)
-    return _inline(mime or "image/png", data, "image data URL", param)
-
-
-def _audio(audio: dict[str, Any], param: str) -> dict[str, Any]:
-    native = audio.get("format")
-    mime = AUDIO.get(str(native))
-    if mime is None:
-        raise InvalidRequest(
-            f"Gemini backends take input_audio as {' or '.join(AUDIO)}, not {native!r}",
-            param=param + ".format",
-        )
-    return _inline(mime, audio.get("data"), "input_audio data", param + ".data")
+    mime, data = data_url(url, "an image data URL", param)
+    return _inline(mime or "image/png", data)
 
 
 def _file(file: dict[str, Any], param: str) -> dict[str, Any]:
@@ -184,29 +175,15 @@ def _file(file: dict[str, Any], param: str) -> dict[str, Any]:
         raise InvalidRequest(
             "file_data must be a base64 data URL (data:application/pdf;base64,...)", param=field
         )
-    mime, data = _data_url(url, "file_data URLs", field)
+    mime, data = data_url(url, "file_data", field)
     if not mime:
         raise InvalidRequest(
             "file_data must name its MIME type (data:application/pdf;base64,...)", param=field
         )
-    return _inline(mime, data, "file_data", field)
+    return _inline(mime, data)
 
 
-def _data_url(url: str, what: str, param: str) -> tuple[str, str]:
-    """(MIME type, base64 data) of a `data:<mime>;base64,<data>` URL."""
-    header, _, data = url.partition(",")
-    if not header.endswith(";base64"):
-        raise InvalidRequest(f"{what} must be base64-encoded", param=param)
-    return header.removeprefix("data:").removesuffix(";base64"), data
-
-
-def _inline(mime: str, data: Any, what: str, param: str) -> dict[str, Any]:
-    if not isinstance(data, str):
-        raise InvalidRequest(f"{what} must be a base64 string", param=param)
-    try:
-        base64.b64decode(data, validate=True)
-    except binascii.Error:
-        raise InvalidRequest(f"{what} is not valid base64", param=param) from None
+def _inline(mime: str, data: str) -> dict[str, Any]:
     return {"inlineData": {"mimeType": mime, "data": data}}
 
 
@@ -309,31 +286,6 @@ def _declaration(function: Any) -> dict[str, Any]:
 def _calling_config(choice: str | dict[str, Any], names: set[str]) -> dict[str, Any]:
     if isinstance(choice, str):
         return {"mode": MODES[choice]}
-    mode: str | None
-    tools: Any
-    kind = choice.get("type")
-    if kind == "function":
-        mode, tools = "ANY", [choice]
-    elif kind == "allowed_tools" and isinstance(allowed := choice.get("allowed_tools"), dict):
-        mode, tools = ALLOWED_MODES.get(str(allowed.get("mode"))), allowed.get("tools")
-    else:
-        raise InvalidRequest(
-            "Gemini backends take a tool_choice of 'none', 'auto', 'required', type 'function'"
-            " or type 'allowed_tools'",
-            param="tool_choice",
-        )
-    if mode is None:
-        raise InvalidRequest("allowed_tools.mode must be 'auto' or 'required'", param="tool_choice")
-    if not isinstance(tools, list) or not tools:
-        raise InvalidRequest("allowed_tools.tools must list at least one function", param="tool_choice")
-    chosen = [_function_name(tool) for tool in tools]
-    for name in chosen:
-        if name not in names:
-            raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
-    return {"mode": mode, "allowedFunctionNames": chosen}
-
-
-def _function_name(tool: Any) -> Any:
-    """X in `{"type": "function", "function": {"name": X}}`; None when the shape is another."""
-    function = tool.get("function") if isinstance(tool, dict) else None
-    return function.get("name") if isinstance(function, dict) else None
+    required, chosen = chosen_functions(choice, names, "Gemini")
+    # VALIDATED: the model may call one of them, or answer
+    return {"mode": "ANY" if required else "VALIDATED", "allowedFunctionNames": chosen}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +9,14 @@ import orjson
 
 from gateway.errors import InvalidRequest
 from gateway.images import NO_IMAGES, Image
-from gateway.providers.base import function_call, function_tool, tool_name
+from gateway.providers.base import (
+    audio_data,
+    chosen_functions,
+    data_url,
+    function_call,
+    function_tool,
+    tool_name,
+)
 from gateway.schemas import AudioPart, ChatRequest, FilePart, ImagePart, Message, ToolCall
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -26,7 +31,6 @@ OPTIONS = {
 THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
          "max": "max", "xhigh": "max", "ultra": "max"}  # fmt: skip
 EXTENSIONS = ("keep_alive", "think")
-AUDIO_FORMATS = ("wav", "mp3")  # what OpenAI's input_audio.format allows (contracts/openai.md 2.2)
 
 
 def build_request(
@@ -124,26 +128,13 @@ def _media(message: Message, i: int, fetched: Mapping[str, Image]) -> list[str]:
         if isinstance(part, ImagePart):
             media.append(_image(part.url, f"messages[{i}].content", fetched))
         elif isinstance(part, AudioPart):
-            media.append(_audio(part.input_audio, f"messages[{i}].content[{j}].input_audio"))
+            media.append(audio_data(part.input_audio, f"messages[{i}].content[{j}].input_audio")[1])
         elif isinstance(part, FilePart):
             raise InvalidRequest(
                 "Ollama backends cannot take file parts; send the file's text as a text part",
                 param=f"messages[{i}].content[{j}]",
             )
     return media
-
-
-def _audio(audio: dict[str, Any], param: str) -> str:
-    if audio.get("format") not in AUDIO_FORMATS:
-        raise InvalidRequest("input_audio format must be 'wav' or 'mp3'", param=param + ".format")
-    data = audio.get("data")
-    if not isinstance(data, str) or not data:
-        raise InvalidRequest("input_audio data must be a base64 string", param=param + ".data")
-    try:
-        base64.b64decode(data, validate=True)
-    except binascii.Error:
-        raise InvalidRequest("input_audio data is not valid base64", param=param + ".data") from None
-    return data
 
 
 def _image(url: str, param: str, fetched: Mapping[str, Image]) -> str:
@@ -154,14 +145,7 @@ def _image(url: str, param: str, fetched: Mapping[str, Image]) -> str:
             "Ollama backends need images inline: send a base64 data URL (data:image/png;base64,...)",
             param=param,
         )
-    header, _, data = url.partition(",")
-    if not header.endswith(";base64"):
-        raise InvalidRequest("image data URLs must be base64-encoded", param=param)
-    try:
-        base64.b64decode(data, validate=True)
-    except binascii.Error:
-        raise InvalidRequest("image data URL is not valid base64", param=param) from None
-    return data
+    return data_url(url, "an image data URL", param)[1]
 
 
 def _tool_call(call: ToolCall, i: int, j: int) -> dict[str, Any]:
@@ -208,49 +192,8 @@ def _tools(request: ChatRequest) -> list[dict[str, Any]]:
     tools = [
         function_tool(tool, "Ollama", i).model_dump(exclude_none=True) for i, tool in enumerate(request.tools)
     ]
-    allowed = _allowed_tools(request.tool_choice)
-    if allowed is None:
+    if not isinstance(request.tool_choice, dict):  # "auto", "required": Ollama cannot force a call
         return tools
-    known = {tool["function"]["name"] for tool in tools}
-    for name in allowed:
-        if name not in known:
-            raise InvalidRequest(f"tool_choice names unknown function {name!r}", param="tool_choice")
+    # A named function or `allowed_tools` (either mode) sends only those tools.
+    _, allowed = chosen_functions(request.tool_choice, {tool["function"]["name"] for tool in tools}, "Ollama")
     return [tool for tool in tools if tool["function"]["name"] in allowed]
-
-
-def _allowed_tools(choice: str | dict[str, Any] | None) -> list[str] | None:
-    """The function names `tool_choice` limits the tools to, or None for all of them. Ollama cannot
-    force a call, so a named function or `allowed_tools` (either mode) sends only those tools."""
-    if not isinstance(choice, dict):
-        return None  # "auto", "required"
-    kind = choice.get("type")
-    if kind == "function":
-        name = (choice.get("function") or {}).get("name")
-        if not isinstance(name, str):
-            raise InvalidRequest("tool_choice needs 'function.name'", param="tool_choice")
-        return [name]
-    if kind == "allowed_tools":
-        spec = choice.get("allowed_tools")
-        entries = spec.get("tools") if isinstance(spec, dict) else None
-        if not isinstance(spec, dict) or spec.get("mode", "auto") not in ("auto", "required"):
-            raise InvalidRequest(
-                "tool_choice.allowed_tools needs 'mode' 'auto' or 'required'", param="tool_choice"
-            )
-        names = [_function_name(entry) for entry in entries] if isinstance(entries, list) else []
-        if not names or None in names:
-            raise InvalidRequest(
-                "tool_choice.allowed_tools.tools must list functions as {type: function, function: {name}}",
-                param="tool_choice",
-            )
-        return [name for name in names if name is not None]
-    raise InvalidRequest(
-        "tool_choice must be 'none', 'auto', 'required', or of type 'function' or 'allowed_tools'"
-        " for Ollama backends",
-        param="tool_choice",
-    )
-
-
-def _function_name(entry: Any) -> str | None:
-    function = entry.get("function") if isinstance(entry, dict) and entry.get("type") == "function" else None
-    name = function.get("name") if isinstance(function, dict) else None
-    return name if isinstance(name, str) else None
