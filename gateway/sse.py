@@ -47,6 +47,14 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes | str) -> list[Event]:
         text = self._utf8.decode(chunk) if isinstance(chunk, bytes) else chunk
+        if (
+            text.endswith("\n\n")
+            and not self._pending
+            and not self._data
+            and not self._event
+            and "\r" not in text
+        ):  # whole events, as servers write them: no line to hold back, nothing left from before
+            return self._whole(text)
         waiting_for_lf = bool(self._pending) and self._pending[-1].endswith("\r")
         if "\n" not in text and "\r" not in text and not waiting_for_lf:
             self._pending.append(text)
@@ -77,6 +85,22 @@ class SSEDecoder:
         self._pending = [rest] if rest else []
         self._size = len(rest)
         self._check()
+        return events
+
+    def _whole(self, text: str) -> list[Event]:
+        """Events ending with this read: the most common, one `data:` line each, taken whole; any
+        other goes through the line rules (`_line`), with the same result."""
+        events: list[Event] = []
+        for block in text[:-2].split("\n\n"):
+            if block.startswith("data:") and "\n" not in block:
+                value = block[6:] if block.startswith("data: ") else block[5:]
+                if len(value) + 1 > self._max_line:
+                    raise LineTooLong(f"event longer than {self._max_line} characters")
+                events.append(Event(value, "message", self._id, self._retry))
+                continue
+            for line in [*block.split("\n"), ""]:  # the blank line that ended the block dispatches it
+                if (event := self._line(line)) is not None:
+                    events.append(event)
         return events
 
     def _check(self) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from gateway.ndjson import LineTooLong
@@ -78,3 +80,40 @@ def test_an_event_of_endless_short_data_lines_is_cut_at_the_limit() -> None:
     for _ in range(10):  # events under the limit, each dispatched, never add up
         events = again.feed(b"data: " + b"x" * 90 + b"\n" + b"data: " + b"y" * 90 + b"\n\n")
         assert [event.data for event in events] == ["x" * 90 + "\n" + "y" * 90]
+
+
+STREAM = (
+    ": keep-alive\n\n"
+    'data: {"a": 1}\n\n'
+    "data:no space\n\n"
+    "event: error\ndata: first\ndata: second\n\n"
+    "id: 7\nretry: 1500\ndata: with id\n\n"
+    "data: after id\n\n"
+    "event: ping\n\n"  # no data: not dispatched
+    "\n\n"
+    "data\n\n"  # a field name alone: empty data
+    "data: caf\u00e9 \u2603\n\n"
+)
+
+
+def events_of(decoder: SSEDecoder, reads: list[bytes]) -> list[Event]:
+    return [event for read in reads for event in decoder.feed(read)] + decoder.flush()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_whole_events_in_one_read_decode_as_they_do_a_byte_at_a_time(seed: int) -> None:
+    raw = STREAM.encode()
+    one_by_one = events_of(SSEDecoder(), [raw[i : i + 1] for i in range(len(raw))])
+    assert [e.data for e in one_by_one] == [
+        '{"a": 1}',
+        "no space",
+        "first\nsecond",
+        "with id",
+        "after id",
+        "",
+        "caf\u00e9 \u2603",
+    ]
+    cuts = sorted(random.Random(seed).sample(range(1, len(raw)), 3))  # some reads end between events
+    reads = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    assert events_of(SSEDecoder(), reads) == one_by_one
+    assert events_of(SSEDecoder(), [raw]) == one_by_one
