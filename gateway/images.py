@@ -40,7 +40,7 @@ from yarl import URL
 
 from gateway.config import Images
 from gateway.errors import InvalidRequest
-from gateway.schemas import ChatRequest, Message
+from gateway.schemas import ChatRequest, ImagePart, Message
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -118,9 +118,9 @@ def remote_urls(messages: Sequence[Message]) -> dict[str, str]:
     field that holds it first."""
     found: dict[str, str] = {}
     for i, message in enumerate(messages):
-        for url in message.image_urls():
-            if url.split(":", 1)[0].lower() in SCHEMES:
-                found.setdefault(url, f"messages[{i}].content")
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if isinstance(part, ImagePart) and part.url.split(":", 1)[0].lower() in SCHEMES:
+                found.setdefault(part.url, f"messages[{i}].content[{j}].{part.url_field}")
     return found
 
 

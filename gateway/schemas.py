@@ -49,6 +49,11 @@ class ImagePart(Wire):
     def url(self) -> str:
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
+    @property
+    def url_field(self) -> str:
+        """Where the part holds its URL, for an error to name: `image_url.url`, or `image_url`."""
+        return "image_url" if isinstance(self.image_url, str) else "image_url.url"
+
 
 class AudioPart(Wire):
     type: Literal["input_audio"]

@@ -117,9 +117,9 @@ def test_remote_urls_are_the_distinct_http_urls_with_their_first_field() -> None
         _message("user", "ftp://img.example/c.png", "HTTPS://img.example/d.png", "file:///etc/passwd"),
     ]
     assert remote_urls(messages) == {
-        "https://img.example/a.png": "messages[0].content",
-        "http://img.example/b.png": "messages[1].content",
-        "HTTPS://img.example/d.png": "messages[2].content",
+        "https://img.example/a.png": "messages[0].content[1].image_url.url",
+        "http://img.example/b.png": "messages[1].content[1].image_url.url",
+        "HTTPS://img.example/d.png": "messages[2].content[2].image_url.url",
     }
 
 
@@ -153,7 +153,7 @@ async def test_ip_literals_are_refused_before_any_connection(url: str, words: st
         await ImageFetcher(Images()).fetch(
             [_message("user", "https://img.example/ok.png"), _message("user", url)]
         )
-    assert caught.value.param == "messages[1].content"
+    assert caught.value.param == "messages[1].content[1].image_url.url"
     assert "allow_private_networks" in caught.value.message
 
 
@@ -204,4 +204,4 @@ def test_gemini_sends_fetched_images_as_inline_data_with_the_hosts_content_type(
 def test_an_image_url_that_was_not_fetched_is_refused(build: Any) -> None:
     with pytest.raises(InvalidRequest, match="base64 data URL") as caught:
         build(_request(messages=[_message("user", URL)]))
-    assert caught.value.param == "messages[0].content"
+    assert caught.value.param == "messages[0].content[1].image_url.url"

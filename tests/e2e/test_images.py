@@ -133,7 +133,7 @@ class Rig:
         assert response.headers["content-type"] == "application/json"
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error"
-        assert error["param"] == "messages[0].content"
+        assert error["param"] == "messages[0].content[1].image_url.url"
         for word in words:
             assert word in error["message"]
         assert SECRET not in response.text

@@ -295,7 +295,7 @@ def test_unusable_image_urls_are_refused_with_the_field_named(url: str, words: s
     ]
     with pytest.raises(InvalidRequest, match=words) as caught:
         build(messages=messages)
-    assert caught.value.param == "messages[2].content"
+    assert caught.value.param == "messages[2].content[0].image_url.url"
 
 
 @pytest.mark.parametrize("arguments", ["{not json", "[1, 2]", '"text"'])

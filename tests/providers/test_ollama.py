@@ -61,8 +61,12 @@ def test_http_image_urls_are_refused_with_the_field_named() -> None:
     parts = [{"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}]
     with pytest.raises(InvalidRequest) as caught:
         build(messages=[{"role": "user", "content": parts}])
-    assert caught.value.param == "messages[0].content"
+    assert caught.value.param == "messages[0].content[0].image_url.url"
     assert "base64 data URL" in caught.value.message
+    short = [{"type": "image_url", "image_url": "https://example.org/cat.png"}]  # the non-spec short form
+    with pytest.raises(InvalidRequest) as caught:
+        build(messages=[{"role": "user", "content": short}])
+    assert caught.value.param == "messages[0].content[0].image_url"
 
 
 def test_broken_base64_image_is_refused() -> None:

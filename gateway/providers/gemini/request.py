@@ -141,7 +141,7 @@ def _parts(message: Message, i: int, fetched: Mapping[str, Image]) -> list[dict[
             text = part.text if isinstance(part, TextPart) else part.refusal
             parts += [{"text": text}] if text else []
         elif isinstance(part, ImagePart):
-            parts.append(_image(part.url, f"messages[{i}].content", fetched))
+            parts.append(_image(part.url, f"{field}.{part.url_field}", fetched))
         elif isinstance(part, AudioPart):
             parts.append(_inline(*audio_data(part.input_audio, field + ".input_audio")))
         elif isinstance(part, FilePart):

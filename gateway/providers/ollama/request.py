@@ -126,7 +126,7 @@ def _media(message: Message, i: int, fetched: Mapping[str, Image]) -> list[str]:
     media = []
     for j, part in enumerate(message.content):
         if isinstance(part, ImagePart):
-            media.append(_image(part.url, f"messages[{i}].content", fetched))
+            media.append(_image(part.url, f"messages[{i}].content[{j}].{part.url_field}", fetched))
         elif isinstance(part, AudioPart):
             media.append(audio_data(part.input_audio, f"messages[{i}].content[{j}].input_audio")[1])
         elif isinstance(part, FilePart):
