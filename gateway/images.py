@@ -124,6 +124,13 @@ def remote_urls(messages: Sequence[Message]) -> dict[str, str]:
     return found
 
 
+async def images_for(fetcher: ImageFetcher | None, request: ChatRequest) -> Mapping[str, Image]:
+    """The request's fetched images, for a provider that takes them inline (None: it fetches none).
+    When the dispatcher prepared the request (`Provider.prepare`), they are all known already."""
+    fetching = None if fetcher is None else fetcher.for_request(request)
+    return NO_IMAGES if fetching is None else await fetching
+
+
 class Refused(Exception):
     """A host that resolves to an address the gateway does not connect to."""
 

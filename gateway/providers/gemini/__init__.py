@@ -39,7 +39,7 @@ import orjson
 
 from gateway.config import GeminiBackend
 from gateway.errors import InvalidRequest, UpstreamProtocol
-from gateway.images import NO_IMAGES, Image, ImageFetcher
+from gateway.images import Image, ImageFetcher, images_for
 from gateway.providers.base import batches, parsed, shorten
 from gateway.providers.gemini.request import build_request
 from gateway.providers.gemini.response import (
@@ -89,13 +89,8 @@ class GeminiProvider:
     def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
         return None if self._images is None else self._images.for_request(request)
 
-    async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
-        # when the dispatcher prepared the request, they are all known already
-        fetching = self.prepare(request)
-        return NO_IMAGES if fetching is None else await fetching
-
     async def complete(self, request: ChatRequest, model: str) -> Completion:
-        images = await self._fetch_images(request)
+        images = await images_for(self._images, request)
         body, path = build_request(request, model, images=images), f"/{_resource(model)}:generateContent"
         answer = await self._http.request("POST", path, body, model)
         return parsed(parse_response, answer, "Gemini")
@@ -104,7 +99,7 @@ class GeminiProvider:
         state = StreamState()
         decoder = SSEDecoder()
         path = f"/{_resource(model)}:streamGenerateContent?alt=sse"
-        payload = build_request(request, model, images=await self._fetch_images(request))
+        payload = build_request(request, model, images=await images_for(self._images, request))
 
         def parse(event: Event) -> list[Chunk]:
             return state.parse_chunk(orjson.loads(event.data))

@@ -34,7 +34,7 @@ import httpx
 
 from gateway.config import OllamaBackend
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
-from gateway.images import NO_IMAGES, Image, ImageFetcher
+from gateway.images import Image, ImageFetcher, images_for
 from gateway.ndjson import NDJSONDecoder
 from gateway.providers.base import batches, parsed, shorten
 from gateway.providers.ollama.request import build_request, needs_capabilities
@@ -112,13 +112,8 @@ class OllamaProvider:
     def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
         return None if self._images is None else self._images.for_request(request)
 
-    async def _fetch_images(self, request: ChatRequest) -> Mapping[str, Image]:
-        # when the dispatcher prepared the request, they are all known already
-        fetching = self.prepare(request)
-        return NO_IMAGES if fetching is None else await fetching
-
     async def complete(self, request: ChatRequest, model: str) -> Completion:
-        images = await self._fetch_images(request)
+        images = await images_for(self._images, request)
         capabilities = await self._capabilities(model) if needs_capabilities(request) else None
         body = build_request(request, model, stream=False, images=images, capabilities=capabilities)
         answer = await self._http.request("POST", "/api/chat", body, model)
@@ -178,7 +173,7 @@ class OllamaProvider:
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
         decoder = NDJSONDecoder()
-        images = await self._fetch_images(request)
+        images = await images_for(self._images, request)
         capabilities = await self._capabilities(model) if needs_capabilities(request) else None
         payload = build_request(request, model, stream=True, images=images, capabilities=capabilities)
         begun = False
