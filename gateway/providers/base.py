@@ -7,7 +7,7 @@ import binascii
 import math
 import os
 import string
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -117,6 +117,11 @@ def _function_name(entry: Any) -> str | None:
     function = entry.get("function") if isinstance(entry, dict) and entry.get("type") == "function" else None
     name = function.get("name") if isinstance(function, dict) else None
     return name if isinstance(name, str) else None
+
+
+def present(request: ChatRequest, table: Mapping[str, str]) -> dict[str, Any]:
+    """The request's fields of `table` that are set, under the backend's names `table` gives them."""
+    return {name: value for field, name in table.items() if (value := getattr(request, field)) is not None}
 
 
 def function_tool(tool: Tool | CustomTool, backend: str, i: int) -> Tool:

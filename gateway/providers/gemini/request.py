@@ -13,6 +13,7 @@ from gateway.providers.base import (
     data_url,
     function_call,
     function_tool,
+    present,
     tool_name,
 )
 from gateway.schemas import (
@@ -228,11 +229,7 @@ def _carried(call_id: str | None) -> tuple[str, str]:
 
 
 def _generation_config(request: ChatRequest) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    for field, key in CONFIG.items():
-        value = getattr(request, field)
-        if value is not None:
-            config[key] = value
+    config = present(request, CONFIG)
     if request.max_output_tokens is not None:
         config["maxOutputTokens"] = request.max_output_tokens
     if request.stop_list is not None:

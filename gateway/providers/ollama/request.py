@@ -15,6 +15,7 @@ from gateway.providers.base import (
     data_url,
     function_call,
     function_tool,
+    present,
     tool_name,
 )
 from gateway.schemas import AudioPart, ChatRequest, FilePart, ImagePart, Message, ToolCall
@@ -166,10 +167,7 @@ def _options(request: ChatRequest) -> dict[str, Any]:
     extra = request.model_extra or {}
     supplied = extra.get("options")
     options: dict[str, Any] = dict(supplied) if isinstance(supplied, dict) else {}
-    for field, option in OPTIONS.items():
-        value = getattr(request, field)
-        if value is not None:
-            options[option] = value
+    options.update(present(request, OPTIONS))
     if request.max_output_tokens is not None:
         options["num_predict"] = request.max_output_tokens
     if request.stop_list is not None:
