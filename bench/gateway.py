@@ -931,13 +931,15 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
                 row += [f"{rps:,.0f}", f"{rps / median([r.rps for r in first]):.2f}", f"{cpu_us(runs):.0f}"]
             w(("| " + " | ".join(row) + " |\n").replace("nan", "-"))
         w(
-            "\nA worker's CPU per request grows as its own load falls (fewer requests share each turn of "
-            "its loop; compare c=1 and the fixed rates with c=64 above), and 64 connections over more "
-            f"workers load each less. The second also shares core {LOAD_CPU} with wrk and the mock.\n\n"
+            "\nA worker's CPU per request grows as its own load falls (the same instructions run slower "
+            'on a core that waits between requests; see "What a p99 under 10 ms at 64 connections asks '
+            'for" in bench/README.md, and compare c=1 and the fixed rates with c=64 above), and 64 '
+            f"connections over more workers load each less. The second also shares core {LOAD_CPU} with "
+            "wrk and the mock.\n\n"
         )
 
     if results.memory:
-        first, warm, last = soak_points(results.memory)
+        start, warm, last = soak_points(results.memory)
         peak = max(kb for _, _, kb in results.memory)
         w(
             f"Memory soak: {last[0]:,} requests in {last[1]:.0f} s (non-streaming and streaming segments "
@@ -945,9 +947,9 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
         )
         w("| RSS at start MB | warm MB | peak MB | at end MB | growth since start | growth since warm |\n")
         w("|---:|---:|---:|---:|---:|---:|\n")
-        since_start, since_warm = (last[2] / first[2] - 1) * 100, (last[2] / warm[2] - 1) * 100
+        since_start, since_warm = (last[2] / start[2] - 1) * 100, (last[2] / warm[2] - 1) * 100
         w(
-            f"| {first[2] / 1024:.1f} | {warm[2] / 1024:.1f} ({warm[0]:,} requests) | {peak / 1024:.1f} "
+            f"| {start[2] / 1024:.1f} | {warm[2] / 1024:.1f} ({warm[0]:,} requests) | {peak / 1024:.1f} "
             f"| {last[2] / 1024:.1f} | {since_start:+.1f}% | {since_warm:+.1f}% |\n\n"
         )
 
@@ -1004,9 +1006,9 @@ def rate_table(bench: Bench, out: IO[str]) -> None:
             out.write("| " + " | ".join(row).replace("nan", "-") + " |\n")
     out.write("\nThe highest of the loads offered at which the p99 stayed under 10 ms, under 1% late:\n\n")
     for e in bench.endpoints:
-        runs = {rate: results.runs(rate_scenario(rate), e.key) for rate in rates}
-        if any(runs.values()):
-            best = max((rate for rate, done in runs.items() if done and holds(done)), default=0)
+        by_rate = {rate: results.runs(rate_scenario(rate), e.key) for rate in rates}
+        if any(by_rate.values()):
+            best = max((rate for rate, done in by_rate.items() if done and holds(done)), default=0)
             out.write(f"- {e.label}: {f'{best:,} req/s' if best else f'none of {offered}'}\n")
     out.write("\n")
 
