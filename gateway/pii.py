@@ -17,6 +17,10 @@ It runs on every request, so each search starts from a character that must be th
   made atomic with `(?>...)` rather than possessive with `*+`: CPython before 3.11.5 matched the
   latter wrongly (gh-106052) and missed a quarter of international phone numbers.
 
+Text is read as a person reads it: digits, spaces and dashes written with other characters
+(full-width digits, non-breaking spaces, en dashes, an invisible zero-width space) count as the
+ASCII ones they look like.
+
 `self_check` runs the detector on texts made to hold each kind: where the regex engine matches
 differently, the gateway refuses to start rather than let personal data through unseen.
 """
@@ -24,6 +28,7 @@ differently, the gateway refuses to start rather than let personal data through 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -326,11 +331,36 @@ def _is_labelled(text: str, folded: bytes, label: _Label) -> bool:
     return False
 
 
+# --- look-alike characters ---------------------------------------------------------------------------
+
+# Text pasted from a word processor, a PDF or a page formatted for a locale writes numbers with
+# characters the patterns do not know: non-breaking and narrow spaces, en dashes and non-breaking
+# hyphens, full-width digits, an invisible zero-width space inside an address. NFKC makes most of
+# them the ASCII characters they stand for (full-width forms, compatibility spaces); what it leaves
+# is mapped here: dashes to '-', the one space it keeps to ' ', format characters to nothing.
+_LOOK_ALIKES = {
+    **dict.fromkeys([*range(0x2010, 0x2016), 0x2212, 0x2E3A, 0x2E3B, 0xFE58], "-"),
+    0x1680: " ",
+    **dict.fromkeys([0x00AD, 0x180E, *range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2065),
+                     *range(0x2066, 0x206A), 0xFEFF], None),
+}  # fmt: skip
+_OTHER_DIGIT = re.compile(r"(?![0-9])\d")  # a decimal digit of another script (Arabic-Indic, ...)
+
+
+def _plain(text: str) -> str:
+    """`text` with look-alike characters made the ones they look like (the same text when ASCII)."""
+    if text.isascii():
+        return text
+    text = unicodedata.normalize("NFKC", text).translate(_LOOK_ALIKES)
+    return _OTHER_DIGIT.sub(lambda digit: str(unicodedata.decimal(digit[0])), text)
+
+
 # --- scanning ----------------------------------------------------------------------------------------
 
 
 def scan(text: str) -> frozenset[str]:
-    """The kinds of personal data in `text`."""
+    """The kinds of personal data in `text`, however its digits, spaces and dashes are written."""
+    text = _plain(text)
     found: set[str] = set()
     if "@" in text and _has_email(text):
         found.add("email")
@@ -372,6 +402,8 @@ _SELF_CHECK = (
     ("nie", "NIE: Y-1234567-X"),
     ("mrn", "Historia clínica nº 2023-004567"),
     ("mrn", "patient ID P-0048213"),
+    ("card", "Tarjeta 4111\u00a01111\u00a01111\u00a01111, caduca 09/27."),
+    ("ssn", "SSN \uff15\uff13\uff16\u201322\u20131234"),
 )
 
 

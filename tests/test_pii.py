@@ -153,6 +153,36 @@ def test_personal_data_is_found(text: str, kinds: set[str]) -> None:
     assert scan(text) == kinds
 
 
+# The same values as pasted from a word processor, a PDF, a locale-formatted page or an IME.
+WRITTEN_OTHERWISE = [
+    pytest.param("Bill card 4111\u00a01111\u00a01111\u00a01111 please", {"card"}, id="card-nbsp"),
+    pytest.param("Bill card 4111\u202f1111\u202f1111\u202f1111 please", {"card"}, id="card-narrow-nbsp"),
+    pytest.param("card \uff14\uff11\uff11\uff11 1111 1111 1111", {"card"}, id="card-full-width-digits"),
+    pytest.param("card 4111\u200b1111\u200b1111\u200b1111", {"card"}, id="card-zero-width-space"),
+    pytest.param("Patient 536\u201322\u20131234 admitted", {"ssn"}, id="ssn-en-dash"),
+    pytest.param("Patient 536\u201122\u20111234 admitted", {"ssn"}, id="ssn-non-breaking-hyphen"),
+    pytest.param("Patient 536\u221222\u22121234 admitted", {"ssn"}, id="ssn-minus-sign"),
+    pytest.param("SSN \u0665\u0663\u0666-22-1234", {"ssn"}, id="ssn-arabic-indic-digits"),
+    pytest.param("Call her on +34\u00a0612\u00a034\u00a056\u00a078", {"phone"}, id="phone-nbsp"),
+    pytest.param("Call her on \uff0b34 612 34 56 78", {"phone"}, id="phone-full-width-plus"),
+    pytest.param("IBAN:\u00a0DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000", {"iban"}, id="iban-nbsp"),
+    pytest.param("MRN:\u00a000482913", {"mrn"}, id="mrn-nbsp"),
+    pytest.param("Mi DNI es 12.345.678\u2011Z.", {"dni_es"}, id="dni-es-non-breaking-hyphen"),
+    pytest.param("ana.lopez\u200b@example.org", {"email"}, id="email-zero-width-space"),
+    pytest.param("ana.lopez\uff20example.org", {"email"}, id="email-full-width-at"),
+    pytest.param("ana.lopez@example\u00ad.org", {"email"}, id="email-soft-hyphen"),
+]
+
+
+@pytest.mark.parametrize(("text", "kinds"), WRITTEN_OTHERWISE)
+def test_personal_data_is_found_however_its_characters_are_written(text: str, kinds: set[str]) -> None:
+    assert scan(text) == kinds
+
+
+def test_text_in_other_scripts_is_not_personal_data_by_itself() -> None:
+    assert scan("Llámame mañana — 東京で会いましょう\u00a0🙂 ٣ أيام") == frozenset()
+
+
 NOT_FOUND = [
     pytest.param("Order #123456789012 ships on 2024-01-15.", id="order-number-and-date"),
     pytest.param("El pedido 1234567890 llegó el 15/01/2024.", id="pedido-and-date-es"),
