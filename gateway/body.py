@@ -31,6 +31,43 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return True
 
 
+# Content parts whose payload is an attachment's bytes, not text: the part's key, the payload's.
+_PAYLOADS = {"image_url": "url", "input_audio": "data", "file": "file_data"}
+
+
+def written(data: Any) -> list[str]:
+    """Every string in a JSON body, for the PII detector. Whatever the client sends may reach a
+    backend (an OpenAI-compatible one gets unknown fields too), so any of it may hold personal
+    data: `user`, a message's `name`, a tool's description, `prediction`, an image's URL. Left out
+    are attachments' bytes (a data URL, base64 audio, a file's data), which the detector cannot
+    read; `privacy.attachments` decides for them."""
+    out: list[str] = []
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                payload = _PAYLOADS.get(key)
+                if payload is None:
+                    pending.append(item)
+                elif isinstance(item, dict):
+                    pending.extend(
+                        field for name, field in item.items() if not _attached(name, payload, field)
+                    )
+                elif not _attached("url", payload, item):  # {"image_url": "data:..."}, a short form
+                    pending.append(item)
+    return out
+
+
+def _attached(name: str, payload: str, value: Any) -> bool:
+    """Whether `value`, the field `name` of a content part whose bytes are in `payload`, is them."""
+    return name == payload and isinstance(value, str) and (name != "url" or value[:5].lower() == "data:")
+
+
 async def _body(request: Incoming, limit: int) -> bytes:
     """The whole body, from as many ASGI messages as it came in."""
     chunks: list[bytes] = []

@@ -247,7 +247,8 @@ class ChatRequest(Wire):
         )
 
     def texts(self) -> Iterator[str]:
-        """Everything a person may have written into the conversation, for the PII detector."""
+        """The conversation's text, for the estimate of its tokens (the PII detector reads every
+        string in the body: `body.written`)."""
         for message in self.messages:
             yield message.text()
             for call in message.tool_calls or ():

@@ -1,5 +1,5 @@
 """How a request body that does not fit OpenAI's schema is refused: the field named as the client
-would name it, and what is wrong with it."""
+would name it, and what is wrong with it. And which of a body's strings the PII detector reads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.body import validate
+from gateway.body import validate, written
 from gateway.errors import InvalidRequest
 from gateway.schemas import ChatRequest
 
@@ -64,3 +64,30 @@ def test_a_refused_body_names_the_field_that_is_wrong(body: dict[str, Any], para
     assert refused.value.param == param
     assert says in refused.value.message
     assert f"'{param}'" in refused.value.message
+
+
+def test_the_detector_reads_every_string_a_client_wrote() -> None:
+    body = chat(
+        user="u@example.org",
+        stop=["STOP"],
+        metadata={"ticket": "T-1"},
+        prediction={"type": "content", "content": "draft"},
+        tools=[{"type": "function", "function": {"name": "f", "description": "tool text"}}],
+        messages=[
+            {"role": "user", "name": "Ana", "content": [{"type": "text", "text": "look"}], "extra": ["x", 7]},
+        ],
+    )
+    assert set(written(body)) >= {"u@example.org", "STOP", "T-1", "draft", "tool text", "Ana", "look", "x"}
+
+
+def test_the_detector_skips_attachments_bytes_but_not_what_names_them() -> None:
+    parts = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD", "detail": "low"}},
+        {"type": "image_url", "image_url": "DATA:image/png;base64,REVG"},  # the short form
+        {"type": "image_url", "image_url": {"url": "https://img.example/scan.png?patient=ana"}},
+        {"type": "input_audio", "input_audio": {"data": "R0hJ", "format": "wav"}},
+        {"type": "file", "file": {"file_data": "SktM", "filename": "ana-lopez.pdf"}},
+    ]
+    found = written(chat(messages=[{"role": "user", "content": parts}]))
+    assert not {"QUJD", "REVG", "R0hJ", "SktM"} & {text.rsplit(",", 1)[-1] for text in found}
+    assert {"https://img.example/scan.png?patient=ana", "ana-lopez.pdf", "low", "wav"} <= set(found)

@@ -6,7 +6,7 @@ import asyncio
 
 from starlette.responses import Response
 
-from gateway.body import read_json, validate
+from gateway.body import read_json, validate, written
 from gateway.errors import GatewayError
 from gateway.eventstream import EventStream
 from gateway.incoming import Incoming
@@ -20,7 +20,8 @@ async def chat_completions(request: Incoming) -> Response:
     exchange = state.begin(request.request_id, "chat")
     try:
         key = state.authenticate(request.headers, exchange)
-        chat = validate(ChatRequest, await read_json(request, state.config.server.max_body_bytes))
+        data = await read_json(request, state.config.server.max_body_bytes)
+        chat = validate(ChatRequest, data)
         exchange.stream = bool(chat.stream)
         if state.config.routing.affinity == "prefix":
             exchange.affinity = f"{exchange.key_name}|{chat.conversation()}"
@@ -30,7 +31,7 @@ async def chat_completions(request: Incoming) -> Response:
             key=key,
             model=chat.model,
             metadata=chat.metadata,
-            texts=chat.texts,
+            texts=lambda: written(data),
             attachments=chat.has_attachments,
         )
         await state.admit(exchange, key, chat.texts(), chat.max_output_tokens)

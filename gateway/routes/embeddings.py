@@ -8,7 +8,7 @@ import struct
 
 from starlette.responses import Response
 
-from gateway.body import read_json, validate
+from gateway.body import read_json, validate, written
 from gateway.errors import GatewayError, UpstreamProtocol
 from gateway.incoming import Incoming
 from gateway.schemas import EmbeddingRequest, Usage
@@ -24,9 +24,15 @@ async def embeddings(request: Incoming) -> Response:
     exchange = state.begin(request.request_id, "embeddings")
     try:
         key = state.authenticate(request.headers, exchange)
-        embed = validate(EmbeddingRequest, await read_json(request, state.config.server.max_body_bytes))
+        data = await read_json(request, state.config.server.max_body_bytes)
+        embed = validate(EmbeddingRequest, data)
         plans = await state.plans(
-            request.headers, exchange, key=key, model=embed.model, metadata=embed.metadata, texts=embed.texts
+            request.headers,
+            exchange,
+            key=key,
+            model=embed.model,
+            metadata=embed.metadata,
+            texts=lambda: written(data),
         )
         await state.admit(exchange, key, embed.texts(), embed.token_ids())
         result = await state.dispatcher.embed(plans, embed, exchange)

@@ -222,6 +222,61 @@ def test_embeddings_with_personal_data_stay_local(rig: Rig) -> None:
     assert rig.cloud_calls() == before
 
 
+EMAIL = "ana.lopez@example.org"
+TOOL = {"type": "function", "function": {"name": "notify", "parameters": {"type": "object"}}}
+# Personal data outside the messages' text, in fields an OpenAI-compatible backend would receive.
+ELSEWHERE = {
+    "user": {"user": EMAIL},
+    "safety_identifier": {"safety_identifier": EMAIL},
+    "metadata": {"metadata": {"patient": EMAIL}},
+    "message name": {"messages": [{"role": "user", "name": EMAIL, "content": "Summarise the notes."}]},
+    "prediction": {"prediction": {"type": "content", "content": f"Dear Ms Lopez ({EMAIL}),"}},
+    "stop": {"stop": [EMAIL]},
+    "tool description": {"tools": [{**TOOL, "function": {**TOOL["function"], "description": EMAIL}}]},
+    "response_format": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "letter", "schema": {"type": "object", "description": f"to {EMAIL}"}},
+        }
+    },
+    "unknown message field": {
+        "messages": [{"role": "user", "content": "Go on.", "reasoning_content": f"write to {EMAIL}"}]
+    },
+}
+
+
+@pytest.mark.parametrize("where", ELSEWHERE)
+def test_personal_data_anywhere_in_the_body_keeps_it_local(rig: Rig, where: str) -> None:
+    body = {
+        "model": "chat",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Summarise the notes."}],
+    }
+    body.update(ELSEWHERE[where])
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {APP_KEY}"},
+        timeout=10,
+    )
+    assert rig.cloud_calls() == before, "a cloud backend received personal data"
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email", answer.text
+    assert answer.headers.get("x-phoenix-backend") == "ollama-1"
+
+
+def test_an_embedding_request_s_user_is_read_for_personal_data(rig: Rig) -> None:
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/embeddings",
+        json={"model": "embed", "input": "fine", "user": EMAIL},
+        headers={"authorization": f"Bearer {APP_KEY}"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email"
+    assert rig.cloud_calls() == before
+
+
 @pytest.mark.parametrize(
     ("header", "body_extra", "param"),
     [
