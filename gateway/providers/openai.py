@@ -40,7 +40,7 @@ FINISH_REASONS: dict[str, FinishReason] = {
     "function_call": "tool_calls",
     "content_filter": "content_filter",
 }
-# Gateway-only fields that no upstream should see.
+# Fields that go upstream only as `_metadata` keeps them (embeddings have none).
 GATEWAY_FIELDS = ("metadata",)
 # Top-level answer fields passed on to the client as they came.
 PASSED_ON = ("system_fingerprint", "service_tier")
@@ -51,8 +51,7 @@ PASSED_ON = ("system_fingerprint", "service_tier")
 
 def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
     body = request.model_dump(exclude_unset=True, by_alias=True)
-    for field in GATEWAY_FIELDS:
-        body.pop(field, None)
+    _metadata(body)
     body["model"] = model
     body["stream"] = stream
     if stream:
@@ -60,6 +59,15 @@ def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str
     else:
         body.pop("stream_options", None)
     return body
+
+
+def _metadata(body: dict[str, Any]) -> None:
+    """`metadata` goes upstream without the gateway's own `privacy` key, and only with
+    `store: true`: OpenAI refuses it otherwise ("only allowed when 'store' is enabled")."""
+    metadata = body.pop("metadata", None)
+    kept = {key: value for key, value in (metadata or {}).items() if key != "privacy"}
+    if kept and body.get("store") is True:
+        body["metadata"] = kept
 
 
 # ---- response ----

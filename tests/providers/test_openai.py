@@ -47,8 +47,20 @@ def test_streams_always_ask_for_usage_and_keep_other_stream_options() -> None:
     assert body["stream_options"] == {"include_obfuscation": False, "include_usage": True}
 
 
-def test_gateway_metadata_never_reaches_the_backend() -> None:
-    assert "metadata" not in openai.build_request(request(metadata={"privacy": "private"}), "m", stream=False)
+@pytest.mark.parametrize(
+    ("fields", "sent"),
+    [
+        ({"metadata": {"privacy": "private"}}, None),
+        ({"metadata": {"privacy": "public", "team": "radiology"}}, None),  # OpenAI refuses it without store
+        ({"metadata": {"privacy": "public", "team": "radiology"}, "store": True}, {"team": "radiology"}),
+        ({"metadata": {"privacy": "public"}, "store": True}, None),
+        ({"metadata": {"team": "radiology"}, "store": False}, None),
+    ],
+)
+def test_metadata_goes_upstream_with_store_and_without_the_gateway_s_privacy_key(
+    fields: dict[str, Any], sent: dict[str, str] | None
+) -> None:
+    assert openai.build_request(request(**fields), "m", stream=False).get("metadata") == sent
 
 
 def test_response_with_tool_calls_and_null_content() -> None:
