@@ -227,7 +227,14 @@ class State:
         exchange.privacy, exchange.privacy_reason = decision.label, decision.reason
         self.metrics.child(self.metrics.privacy, decision.label, decision.reason).inc()
         if not decision.private:
-            return [plan, *(self.router.plan(name) for name in plan.fallbacks)]
+            plans = [plan]
+            for name in plan.fallbacks:
+                fallback = self.router.plan(name)
+                if fallback.privacy != "private":
+                    plans.append(fallback)
+                elif (local := await self._local_fallback(fallback)) is not None:
+                    plans.append(local)
+            return plans
         local = await self._local_plan(plan)
         substitute = self.config.privacy.local_model
         if local is None and substitute is not None and substitute != plan.route:
@@ -252,6 +259,14 @@ class State:
             name = key.name if key is not None else ANONYMOUS
             cost = estimate(list(texts), extra_tokens) if limits.tpm else 0
             exchange.reservation = await self.limiter.admit(name, limits, cost)
+
+    async def _local_fallback(self, plan: Plan) -> Plan | None:
+        """A model whose own policy is private, as a public request's fallback: it keeps its
+        promise and lends only its local deployments (None when none can serve now)."""
+        try:
+            return await self._local_plan(plan)
+        except GatewayError:
+            return None
 
     async def _local_plan(self, plan: Plan) -> Plan | None:
         ollamas = {t.backend for t in plan.targets if self.config.backend(t.backend).type == "ollama"}

@@ -51,6 +51,7 @@ def config(ollama_url: str, openai_url: str, gemini_url: str, *, slow: bool, loc
                 {"name": "ollama-1", "type": "ollama", "base_url": ollama_url, "timeouts": timeouts},
                 {"name": "openai", "type": "openai", "base_url": openai_url, "api_key_env": "OPENAI_KEY"},
                 {"name": "gemini", "type": "gemini", "base_url": gemini_url, "api_key_env": "GEMINI_KEY"},
+                {"name": "gone", "type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
             ],
             "models": [
                 {"name": "chat", "deployments": CLOUD + LOCAL},
@@ -58,6 +59,17 @@ def config(ollama_url: str, openai_url: str, gemini_url: str, *, slow: bool, loc
                 {"name": "gpt", "deployments": CLOUD},
                 {"name": "gpt-strict", "deployments": CLOUD, "privacy": "private"},
                 {"name": "chat-local", "deployments": LOCAL},
+                # public models whose one backend is down, falling back to a model kept private
+                {
+                    "name": "flaky",
+                    "deployments": [{"backend": "gone", "model": "m"}],
+                    "fallbacks": ["chat-strict"],
+                },
+                {
+                    "name": "flaky-2",
+                    "deployments": [{"backend": "gone", "model": "m"}],
+                    "fallbacks": ["gpt-strict"],
+                },
                 {
                     "name": "embed",
                     "deployments": [
@@ -274,6 +286,34 @@ def test_an_embedding_request_s_user_is_read_for_personal_data(rig: Rig) -> None
     )
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email"
+    assert rig.cloud_calls() == before
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_private_model_lends_a_public_request_only_its_local_deployments(rig: Rig, stream: bool) -> None:
+    # `flaky` fails over to `chat-strict`, whose policy is private: every request for it stays local.
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/chat/completions",
+        json={"model": "flaky", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {APP_KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-phoenix-backend"] == "ollama-1"
+    assert rig.cloud_calls() == before
+
+
+def test_a_private_model_without_a_local_deployment_is_no_fallback(rig: Rig) -> None:
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/chat/completions",
+        json={"model": "flaky-2", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {APP_KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 503, answer.text  # the primary's own failure
+    assert answer.json()["error"]["message"].startswith("Cannot connect")
     assert rig.cloud_calls() == before
 
 
