@@ -20,7 +20,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from gateway.balancer import Balancer
 from gateway.deadlines import Deadlines
-from gateway.errors import GatewayError, UpstreamError, UpstreamProtocol, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
 from gateway.exchange import Exchange
 from gateway.metrics import Metrics
 from gateway.policy import Plan, Target, is_cloud_name
@@ -39,6 +39,18 @@ def _answer_deadline(provider: Provider) -> float:
 
 def _retryable(error: BaseException) -> bool:
     return isinstance(error, GatewayError) and error.retryable
+
+
+def _failed_closed(error: GatewayError, tried: list[Target], exchange: Exchange) -> UpstreamError:
+    """A private request's last failure, told as what it is: every local deployment tried has
+    failed, and no cloud backend will be. 503, or 504 when the last one ran out of time."""
+    backends = ", ".join(dict.fromkeys(target.backend for target in tried))
+    message = (
+        f"No local backend could serve this private request (reason: {exchange.privacy_reason});"
+        f" tried {backends}, and the last said: {error.message.rstrip('.')}. Private requests are never"
+        " sent to a cloud backend."
+    )
+    return UpstreamTimeout(message) if isinstance(error, UpstreamTimeout) else UpstreamUnavailable(message)
 
 
 @dataclass(slots=True)
@@ -74,7 +86,11 @@ class Dispatcher:
                     self.metrics.child(self.metrics.retries, targets[0].backend).inc()
                 return await self._retry(targets, attempts, exchange, attempt_one)
             except GatewayError as error:
-                if not error.retryable or index == last:
+                if not error.retryable:
+                    raise
+                if exchange.privacy == "private":  # one plan, all local: say why it ends here
+                    raise _failed_closed(error, targets[:attempts], exchange) from error
+                if index == last:
                     raise
         raise AssertionError("unreachable: the last plan's failure is raised")
 

@@ -354,3 +354,52 @@ def test_a_privacy_header_sent_twice_is_private_if_either_says_so(rig: Rig, line
     assert answer.status_code == 403, answer.text
     assert answer.json()["error"]["code"] == "privacy_violation"
     assert rig.cloud_calls() == before
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_private_request_whose_local_backends_all_fail_says_it_failed_closed(stream: bool) -> None:
+    broken = FakeOllama(models=["llama3.2"])
+    broken.default = Reply(status=500, error_text="model runner has unexpectedly stopped")
+    cloud = FakeOpenAI(api_key="sk-upstream")
+    with serve(broken.app) as first, serve(broken.app) as second, serve(cloud.app) as openai_server:
+        settings = parse_config(
+            {
+                "backends": [
+                    {"name": "ollama-a", "type": "ollama", "base_url": first.url},
+                    {"name": "ollama-b", "type": "ollama", "base_url": second.url},
+                    {
+                        "name": "openai",
+                        "type": "openai",
+                        "base_url": openai_server.url + "/v1",
+                        "api_key_env": "K",
+                    },
+                ],
+                "models": [
+                    {
+                        "name": "chat",
+                        "deployments": [
+                            {"backend": "openai", "model": "gpt-4o-mini"},
+                            {"backend": "ollama-a", "model": "llama3.2"},
+                            {"backend": "ollama-b", "model": "llama3.2"},
+                        ],
+                    }
+                ],
+            },
+            "test",
+        )
+        gateway = ServerThread(create_app(settings, environ={"K": "sk-upstream"})).start()
+        try:
+            answer = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"x-privacy": "private"},
+                timeout=10,
+            )
+        finally:
+            gateway.stop()
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith("No local backend could serve this private request (reason: header)")
+    assert "ollama-a" in message and "ollama-b" in message and "model runner" in message
+    assert "never sent to a cloud backend" in message
+    assert [path for path, *_ in cloud.requests if path != "/v1/models"] == []
