@@ -56,6 +56,11 @@ def _header_level(value: str | None, name: str) -> str | None:
     return "private" if "private" in levels else "public"
 
 
+def states_private(header: str) -> bool:
+    """Whether a privacy header says `private`, read leniently (`classify` is strict about it)."""
+    return any(part.strip().lower() == "private" for part in header.split(","))
+
+
 def classify(
     settings: Privacy,
     headers: Mapping[str, str],

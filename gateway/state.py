@@ -193,9 +193,16 @@ class State:
                 self.limiter.settle(reservation, used)
 
     def authenticate(self, headers: Mapping[str, str], exchange: Exchange) -> ApiKey | None:
+        """The request's key. The privacy its key or header states is noted already, so that a
+        request refused before its privacy is decided is not answered and audited as public."""
+        tag = headers.get(self.config.privacy.header)
+        if tag is not None and privacy.states_private(tag):
+            exchange.privacy, exchange.privacy_reason = "private", "header"
         key = self.keys.identify(headers.get("authorization"))
         if key is not None:
             exchange.key_name = key.name
+            if key.privacy == "private" and exchange.privacy != "private":
+                exchange.privacy, exchange.privacy_reason = "private", "key"
         return key
 
     async def plans(

@@ -403,3 +403,26 @@ def test_a_private_request_whose_local_backends_all_fail_says_it_failed_closed(s
     assert "ollama-a" in message and "ollama-b" in message and "model runner" in message
     assert "never sent to a cloud backend" in message
     assert [path for path, *_ in cloud.requests if path != "/v1/models"] == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "recorded"),
+    [
+        ({"x-privacy": "private"}, {"model": "no-such-model"}, 404, "private;reason=header"),
+        ({"x-privacy": "private, x"}, {}, 400, "private;reason=header"),  # the tag itself is refused
+        ({"x-privacy": "private", "authorization": "Bearer sk-wrong"}, {}, 401, "private;reason=header"),
+        ({"authorization": f"Bearer {CLINIC_KEY}"}, {"messages": []}, 400, "private;reason=key"),
+        ({"authorization": f"Bearer {CLINIC_KEY}"}, {"model": "no-such-model"}, 404, "private;reason=key"),
+        ({}, {"model": "no-such-model"}, 404, "public"),
+    ],
+)
+def test_a_request_refused_before_its_privacy_is_decided_keeps_the_privacy_it_stated(
+    rig: Rig, headers: dict[str, str], body: dict[str, Any], status: int, recorded: str
+) -> None:
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], **body},
+        headers={"authorization": f"Bearer {APP_KEY}", **headers},
+    )
+    assert answer.status_code == status, answer.text
+    assert answer.headers["x-phoenix-privacy"] == recorded
