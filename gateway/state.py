@@ -182,6 +182,9 @@ class State:
     def finish(self, exchange: Exchange, status: int) -> None:
         if not exchange.finished:
             self.active -= 1
+            if exchange.local and (provider := self.dispatcher.providers.get(exchange.backend)) is not None:
+                # an Ollama cloud model is found out by its answer (a reload may have removed it since)
+                exchange.local = not provider.forwards(exchange.served_model)
             exchange.finish(status, self.metrics, self.log, self.audit)
             if (reservation := exchange.reservation) is not None:
                 usage = exchange.usage

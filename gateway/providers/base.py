@@ -285,3 +285,8 @@ class Provider(Protocol):
     async def loaded_models(self) -> list[str] | None:
         """Models in memory right now; None when the backend has no such notion."""
         ...
+
+    def forwards(self, model: str) -> bool:
+        """Whether the backend is known to pass `model`'s requests on to a service elsewhere (an
+        Ollama cloud model), as far as it has learnt without asking."""
+        ...

@@ -318,5 +318,8 @@ class OpenAIProvider:
     async def loaded_models(self) -> list[str] | None:
         return None
 
+    def forwards(self, model: str) -> bool:
+        return False
+
     async def probe(self) -> None:
         await self._http.request("GET", "/models")

@@ -263,6 +263,33 @@ def test_private_traffic_never_reaches_an_ollama_cloud_model(
     assert [body["model"] for body in fake.chat_bodies()] == ["llama3.2", "house-model"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_the_audit_file_says_an_ollama_cloud_alias_is_not_local(
+    start_gateway: Callable[..., ServerThread], tmp_path: Path, stream: bool
+) -> None:
+    fake = FakeOllama(models=["llama3.2:latest"], cloud=["house-model:latest"])  # an alias only Ollama knows
+    audit = tmp_path / "audit.jsonl"
+    with serve(fake.app) as server:
+        gateway = start_gateway(
+            parse_config(
+                {
+                    "backends": [{"name": "ollama-1", "type": "ollama", "base_url": server.url}],
+                    "models": [{"name": "*", "deployments": [{"backend": "ollama-1"}]}],
+                    "privacy": {"audit_log": str(audit)},
+                },
+                "test",
+            )
+        )
+        for model in ("house-model", "llama3.2"):
+            answer = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json={"model": model, "messages": HELLO, "stream": stream},
+            )
+            assert answer.status_code == 200, answer.text
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["served_model"], r["local"]) for r in records] == [("house-model", False), ("llama3.2", True)]
+
+
 # ---- the audit file ----
 
 

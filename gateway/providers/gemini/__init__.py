@@ -146,6 +146,9 @@ class GeminiProvider:
     async def loaded_models(self) -> list[str] | None:
         return None
 
+    def forwards(self, model: str) -> bool:
+        return False
+
     async def probe(self) -> None:
         await self._http.request("GET", "/models?pageSize=1")
 

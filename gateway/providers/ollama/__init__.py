@@ -73,6 +73,7 @@ class ModelFacts:
 
     context_size: int | None = None
     capabilities: frozenset[str] | None = None  # None: not reported (older servers, 0.5.4 too)
+    remote: bool = False  # a cloud model: Ollama forwards it to its hosted service
     failed_at: float | None = None  # monotonic time the lookup failed: asked again after FACTS_RETRY
 
 
@@ -85,6 +86,7 @@ def model_facts(show: Any) -> ModelFacts:
     return ModelFacts(
         context_size=int(match.group(1)) if match else None,
         capabilities=frozenset(map(str, listed)) if isinstance(listed, list) else None,
+        remote=bool(show.get("remote_host") or show.get("remote_model")),
     )
 
 
@@ -214,6 +216,11 @@ class OllamaProvider:
         body = await self._http.request("GET", "/api/tags")
         models = body.get("models") if isinstance(body, dict) else None
         return [model_info(entry) for entry in models or [] if isinstance(entry, dict)]
+
+    def forwards(self, model: str) -> bool:
+        """Known from the model's /api/show, which every answer with a prompt count has asked."""
+        lookup = self._facts.get(model)
+        return lookup is not None and lookup.done() and lookup.result().remote
 
     async def loaded_models(self) -> list[str] | None:
         body = await self._http.request("GET", "/api/ps")
