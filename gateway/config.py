@@ -80,6 +80,17 @@ class OllamaBackend(_Backend):
     base_url: str = OLLAMA_DEFAULT_URL
     local: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hosted_is_not_local(cls, data: Any) -> Any:
+        """Ollama's hosted API (ollama.com) speaks the same protocol, but off the premises: there
+        `local` is false unless the config says otherwise."""
+        if isinstance(data, dict) and "local" not in data and isinstance(data.get("base_url"), str):
+            host = (urlsplit(data["base_url"]).hostname or "").lower()
+            if host == "ollama.com" or host.endswith(".ollama.com"):
+                return {**data, "local": False}
+        return data
+
 
 class OpenAIBackend(_Backend):
     type: Literal["openai"]

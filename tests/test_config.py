@@ -169,3 +169,26 @@ def test_check_config_command_prints_table_or_error(
     bad.write_text("backends: []\nmodels: []\n")
     assert main(["check-config", str(bad)]) == 1
     assert f"error: {bad}: backends: List should have at least 1 item" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("backend", "local"),
+    [
+        ({"base_url": "http://10.0.0.5:11434"}, True),
+        ({"base_url": "https://ollama.com"}, False),  # Ollama's hosted API: off the premises
+        ({"base_url": "https://API.Ollama.com/"}, False),
+        ({"base_url": "https://ollama.com", "local": True}, True),  # the operator's word stands
+        ({"base_url": "https://notollama.com"}, True),
+    ],
+)
+def test_an_ollama_backend_is_local_unless_it_is_ollama_s_hosted_api(
+    backend: dict[str, Any], local: bool
+) -> None:
+    config = parse_config(
+        {
+            "backends": [{"name": "o", "type": "ollama", **backend}],
+            "models": [{"name": "m", "deployments": [{"backend": "o"}]}],
+        },
+        "test",
+    )
+    assert config.backends[0].local is local
