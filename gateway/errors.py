@@ -53,6 +53,11 @@ class GatewayError(Exception):
         return self.status
 
     @property
+    def type(self) -> str:
+        """The OpenAI error type: what the client gets, and what the logs and the audit record say."""
+        return self.error_type
+
+    @property
     def retryable(self) -> bool:
         """Upstream failures are retried on another instance; client errors never are."""
         return False
@@ -61,7 +66,7 @@ class GatewayError(Exception):
         return {
             "error": {
                 "message": self.message,
-                "type": self.error_type,
+                "type": self.type,
                 "param": self.param,
                 "code": self.code,
             }
@@ -201,14 +206,14 @@ class UpstreamRejected(UpstreamError):
         return 502
 
     @property
-    def retryable(self) -> bool:
-        return self.upstream_status == 429 or self.upstream_status >= 500
-
-    def body(self) -> dict[str, Any]:
-        body = super().body()
+    def type(self) -> str:
         status = self.http_status
         if status == 400:
-            body["error"]["type"] = "invalid_request_error"
-        elif status == 429:
-            body["error"]["type"] = "rate_limit_error"
-        return body
+            return "invalid_request_error"
+        if status == 429:
+            return "rate_limit_error"
+        return self.error_type
+
+    @property
+    def retryable(self) -> bool:
+        return self.upstream_status == 429 or self.upstream_status >= 500

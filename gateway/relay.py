@@ -318,7 +318,7 @@ class StreamRelay:
         if self._gone or stalled or task is None or not task.cancelling():
             return CANCELLED
         cut = ShuttingDown()
-        self._exchange.error_type = cut.error_type
+        self._exchange.error_type = cut.type
         return cut.http_status
 
     def _watch(self) -> _Watchdog:
@@ -387,7 +387,7 @@ class StreamRelay:
             yield DONE
         except GatewayError as error:
             status = error.http_status
-            exchange.error_type = error.error_type
+            exchange.error_type = error.type
             if isinstance(error, UpstreamError):
                 exchange.notes["upstream_error"] = error.reason
             yield error_event(error)

@@ -302,9 +302,9 @@ class State:
         """The error answer, recorded. `unread`: the request's body has not all come in (refused
         for its size, its type or its key first); the connection then closes after the answer,
         rather than reading through the rest, or taking its bytes for the next request."""
-        exchange.error_type = error.error_type
+        exchange.error_type = error.type
         log = getattr(self.log, error.log_level)
-        log("request failed", error=error.error_type, status=error.http_status, message=error.message)
+        log("request failed", error=error.type, status=error.http_status, message=error.message)
         self.finish(exchange, error.http_status)
         headers = {**self.headers(exchange), **error.headers}
         if unread:

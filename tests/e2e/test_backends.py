@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +14,7 @@ import openai
 import pytest
 
 from gateway.config import Config, parse_config
-from tests.e2e.conftest import sample, scrape
+from tests.e2e.conftest import sample, scrape, wait_for
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -33,12 +34,16 @@ class Rig:
     fake: Any
     gateway: ServerThread
     api: openai.OpenAI
+    audit: Path
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
     def upstream_bodies(self) -> list[dict[str, Any]]:
         return self.fake.chat_bodies()  # type: ignore[no-any-return]
 
 
-def _config(kind: str, url: str) -> Config:
+def _config(kind: str, url: str, audit: Path | None = None) -> Config:
     if kind == "ollama":
         backend = {"name": "b", "type": "ollama", "base_url": url}
         chat, embed = "llama3.2:latest", "nomic-embed-text:latest"
@@ -58,7 +63,8 @@ def _config(kind: str, url: str) -> Config:
         {"name": "chat", "deployments": [{"backend": "b", "model": chat}]},
         {"name": "embed", "deployments": [{"backend": "b", "model": embed}]},
     ]
-    return parse_config({"backends": [backend], "models": models}, "test")
+    privacy = {"audit_log": str(audit)} if audit else {}
+    return parse_config({"backends": [backend], "models": models, "privacy": privacy}, "test")
 
 
 def _fake(kind: str) -> FakeOllama | FakeOpenAI | FakeGemini:
@@ -68,13 +74,16 @@ def _fake(kind: str) -> FakeOllama | FakeOpenAI | FakeGemini:
 
 
 @pytest.fixture(params=["ollama", "openai", "gemini"])
-def rig(request: pytest.FixtureRequest, start_gateway: Callable[..., ServerThread]) -> Iterator[Rig]:
+def rig(
+    request: pytest.FixtureRequest, start_gateway: Callable[..., ServerThread], tmp_path: Path
+) -> Iterator[Rig]:
     kind = request.param
     fake = _fake(kind)
+    audit = tmp_path / "audit.jsonl"
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(_config(kind, upstream.url, audit), environ={"FAKE_KEY": KEY})
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
-            yield Rig(kind, fake, gateway, api)
+            yield Rig(kind, fake, gateway, api, audit)
 
 
 def test_plain_completion(rig: Rig) -> None:
@@ -218,8 +227,12 @@ def test_embeddings(rig: Rig) -> None:
 
 def test_upstream_429_keeps_its_meaning(rig: Rig) -> None:
     rig.fake.queue(Reply(status=429, error_text="slow down"))
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as caught:
         rig.api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.type == "rate_limit_error"
+    # The audit record (and the log line) name the error type the client got.
+    wait_for(lambda: rig.audit.exists() and rig.audit_records())
+    assert [(r["status"], r["error"]) for r in rig.audit_records()] == [(429, "rate_limit_error")]
 
 
 def test_upstream_500_is_502(rig: Rig) -> None:
