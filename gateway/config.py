@@ -49,10 +49,12 @@ class _Backend(_Strict):
     @field_validator("base_url", check_fields=False)
     @classmethod
     def _http_url(cls, value: str) -> str:
+        # The URL is in error messages and logs; never echo it here: without its scheme,
+        # `user:password@host` does not even parse as carrying credentials.
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"must be an http(s) URL, got {value!r}")
-        if "@" in parts.netloc:  # the URL is in error messages and logs; never echo it here
+            raise ValueError("must be an http(s) URL: http:// or https://, then the host")
+        if "@" in parts.netloc:
             raise ValueError(
                 "must not carry credentials (user:password@): give them in `headers` or `api_key_env`,"
                 " which stay out of logs and error messages"

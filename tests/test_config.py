@@ -76,6 +76,14 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
             {"backends": [{"name": "o", "type": "ollama", "base_url": "http://ops:s3cret@gpu-1:11434"}]},
             "backends.0.ollama.base_url: must not carry credentials",
         ),
+        (  # the scheme forgotten: refused without the value
+            {"backends": [{"name": "o", "type": "ollama", "base_url": "ops:s3cret@gpu-1:11434"}]},
+            "backends.0.ollama.base_url: must be an http(s) URL",
+        ),
+        (
+            {"backends": [{"name": "o", "type": "openai", "base_url": "https//gpu-1/v1?api_key=s3cret"}]},
+            "backends.0.openai.base_url: must be an http(s) URL",
+        ),
         (
             {"backends": [{"name": "o", "type": "ollama", "headers": {"Content-Length": "0"}}]},
             "backends.0.ollama.headers: 'Content-Length' is set by the gateway",
@@ -137,6 +145,12 @@ def test_llm_provider_picks_the_backend_for_bare_names() -> None:
 def test_llm_provider_without_its_key_is_an_error() -> None:
     with pytest.raises(ConfigError, match="GEMINI_API_KEY is not set"):
         config_from_env({"LLM_PROVIDER": "gemini"})
+
+
+def test_a_base_url_without_its_scheme_in_the_environment_is_not_echoed() -> None:
+    with pytest.raises(ConfigError, match="base_url: must be an http") as caught:
+        config_from_env({"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "ops:s3cret@gpu-1/v1"})
+    assert "s3cret" not in str(caught.value)
 
 
 def test_phoenix_config_is_used_only_when_named(tmp_path: Path) -> None:
