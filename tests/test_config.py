@@ -115,6 +115,14 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_file_that_is_not_utf8_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# configuración\nbackends: []\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: not UTF-8 text (byte 13)"
+
+
 def test_environment_default_is_ollama_on_localhost() -> None:
     config = config_from_env({})
     assert [(b.name, b.base_url, b.local) for b in config.backends] == [
