@@ -28,6 +28,7 @@ from gateway.protocol import GatewayHttpProtocol
 from gateway.state import State
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def routing_table(config: Config) -> str:
@@ -62,10 +63,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _env_log_level() -> str | None:
+    """PHOENIX_LOG_LEVEL, checked as `--log-level` and `server.log_level` are."""
+    level = os.environ.get("PHOENIX_LOG_LEVEL")
+    if not level:
+        return None
+    if level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"environment: PHOENIX_LOG_LEVEL: expected debug, info, warning or error, got {level!r}"
+        )
+    return level.lower()
+
+
 def app_factory() -> object:
     """Entry point for uvicorn workers: each builds its app from PHOENIX_CONFIG or the environment."""
     config = resolve_config(None)
-    configure(os.environ.get("PHOENIX_LOG_LEVEL", config.server.log_level))
+    configure(_env_log_level() or config.server.log_level)
     app = create_app(config, load=lambda: resolve_config(None))
     # What start-up made (modules, config, pools) lives as long as the process: move it out of the
     # collector's sight, and let the young generation grow before a collection, since a request
@@ -80,7 +93,7 @@ def serve(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     Keys(config.auth, os.environ)  # a key whose variable is unset stops the start, with its name
     require_working_detector(config.privacy)
-    level = args.log_level or os.environ.get("PHOENIX_LOG_LEVEL") or config.server.log_level
+    level = args.log_level or _env_log_level() or config.server.log_level
     configure(level)
     host = args.host or config.server.host
     port = args.port or config.server.port
@@ -189,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="port to listen on (default 8080)")
     run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=LOG_LEVELS)
     run.set_defaults(func=serve)
     check = sub.add_parser("check-config", help="validate a config file and print its routing table")
     check.add_argument("path")

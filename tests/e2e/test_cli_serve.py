@@ -91,6 +91,23 @@ def test_a_pii_detector_that_misses_what_it_must_find_stops_the_start(
     assert serve_dry({"privacy": {"detect_pii": False}}, [], tmp_path, monkeypatch)["port"]
 
 
+def test_an_unknown_log_level_in_the_environment_stops_serve_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(MINIMAL))
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    monkeypatch.setattr(os, "environ", {**os.environ, "PHOENIX_LOG_LEVEL": "verbose"})
+    assert main(["serve", "--config", str(path)]) == 1
+    assert started == []
+    expected = "error: environment: PHOENIX_LOG_LEVEL: expected debug, info, warning or error, got 'verbose'"
+    assert capsys.readouterr().err.strip() == expected
+    monkeypatch.setattr(os, "environ", {**os.environ, "PHOENIX_LOG_LEVEL": "WARNING"})
+    assert main(["serve", "--config", str(path)]) == 0  # as before, in any case
+    assert os.environ["PHOENIX_LOG_LEVEL"] == "warning"
+
+
 @pytest.mark.parametrize(
     ("host", "keys", "warned"),
     [("10.1.2.3", False, True), ("10.1.2.3", True, False), ("127.0.0.1", False, False)],
