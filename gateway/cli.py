@@ -12,8 +12,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 
 import uvicorn
 
@@ -96,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
     level = args.log_level or _env_log_level() or config.server.log_level
     configure(level)
     host = args.host or config.server.host
-    port = args.port or config.server.port
+    port = config.server.port if args.port is None else args.port
     log = get_logger()
     if not config.auth.keys and not _is_loopback(host):
         log.warning(
@@ -194,14 +194,28 @@ def audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: a whole number from `low` to `high` (inclusive)."""
+
+    def parse(text: str) -> int:
+        with suppress(ValueError):
+            number = int(text)
+            if number >= low and (high is None or number <= high):
+                return number
+        span = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="phoenix-gateway", description="OpenAI-compatible LLM gateway.")
     sub = top.add_subparsers(dest="command")
     run = sub.add_parser("serve", help="serve the OpenAI-compatible API (the default)")
     run.add_argument("--config", help="YAML config file (default: $PHOENIX_CONFIG, else the environment)")
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    run.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument("--port", type=_whole_number(1, 65535), help="port to listen on (default 8080)")
+    run.add_argument("--workers", type=_whole_number(1), default=1, help="worker processes (default 1)")
     run.add_argument("--log-level", choices=LOG_LEVELS)
     run.set_defaults(func=serve)
     check = sub.add_parser("check-config", help="validate a config file and print its routing table")

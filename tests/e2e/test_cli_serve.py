@@ -149,6 +149,26 @@ def test_per_worker_rate_limits_are_warned_about(
     assert ("rate limits are kept per worker" in capsys.readouterr().err) is warned
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["--port", "70000"], ["--port", "0"], ["--port", "http"], ["--workers", "0"], ["--workers", "-1"]],
+)
+def test_a_port_or_worker_count_out_of_range_is_refused(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", *args])
+    assert exited.value.code == 2
+    assert started == []
+    assert f"argument {args[0]}: expected a whole number" in capsys.readouterr().err
+
+
+def test_the_highest_port_is_taken_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert serve_dry({}, ["--port", "65535"], tmp_path, monkeypatch)["port"] == 65535
+
+
 def test_a_port_in_use_stops_serve_with_the_address_named() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "PHOENIX_"))}
     with socket.socket() as taken:
