@@ -249,7 +249,7 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(name)
 
 
-def _format_errors(source: str, error: ValidationError) -> str:
+def format_errors(source: str, error: ValidationError) -> str:
     lines = []
     for item in error.errors(include_url=False):
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -266,7 +266,7 @@ def parse_config(data: Any, source: str) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_errors(source, error)) from None
+        raise ConfigError(format_errors(source, error)) from None
 
 
 def load_config(path: str | Path) -> Config:

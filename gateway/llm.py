@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
+
 from gateway.config import (
     GEMINI_DEFAULT_URL,
     OLLAMA_DEFAULT_URL,
@@ -26,6 +28,7 @@ from gateway.config import (
     OllamaBackend,
     OpenAIBackend,
     Timeouts,
+    format_errors,
 )
 from gateway.errors import GatewayError
 from gateway.providers import build_provider
@@ -158,10 +161,23 @@ class LLMProvider:
         return model in names or f"{model}:latest" in names
 
 
-def _timeouts(timeout: float | None) -> Timeouts:
+def _timeouts(timeout: object) -> Timeouts:
     if timeout is None:
         return Timeouts()
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout: expected a number of seconds above 0, got {timeout!r}")
     return Timeouts(connect=min(timeout, 5.0), first_token=timeout, idle=timeout, total=timeout)
+
+
+def _backend(name: str, config: Mapping[str, Any]) -> BackendConfig:
+    settings: dict[str, Any] = {"name": name, "type": name, "timeouts": _timeouts(config.get("timeout"))}
+    if name == "ollama":
+        return OllamaBackend(**settings, base_url=config.get("base_url") or OLLAMA_DEFAULT_URL)
+    if name == "openai":
+        url = config.get("base_url") or OPENAI_DEFAULT_URL
+        return OpenAIBackend(**settings, base_url=url, api_key_env="OPENAI_API_KEY")
+    url = config.get("base_url") or GEMINI_DEFAULT_URL
+    return GeminiBackend(**settings, base_url=url, api_key_env="GEMINI_API_KEY")
 
 
 class LLMProviderFactory:
@@ -178,17 +194,12 @@ class LLMProviderFactory:
         api_key = config.get("api_key")
         if name != "ollama" and not api_key:
             raise LLMError(f"the {name} provider needs an api_key")
-        settings: dict[str, Any] = {"name": name, "type": name, "timeouts": _timeouts(config.get("timeout"))}
-        if name == "ollama":
-            backend: BackendConfig = OllamaBackend(
-                **settings, base_url=config.get("base_url") or OLLAMA_DEFAULT_URL
-            )
-        elif name == "openai":
-            url = config.get("base_url") or OPENAI_DEFAULT_URL
-            backend = OpenAIBackend(**settings, base_url=url, api_key_env="OPENAI_API_KEY")
-        else:
-            url = config.get("base_url") or GEMINI_DEFAULT_URL
-            backend = GeminiBackend(**settings, base_url=url, api_key_env="GEMINI_API_KEY")
+        try:
+            backend = _backend(name, config)
+        except ValidationError as error:
+            raise LLMError(format_errors(f"invalid {name} config", error)) from None
+        except ValueError as error:
+            raise LLMError(f"invalid {name} config: {error}") from None
         model = config.get("model") or DEFAULT_MODELS[name]
         return LLMProvider(name, backend, model, config.get("temperature"), api_key)
 

@@ -72,6 +72,21 @@ def test_unknown_provider_is_refused() -> None:
         LLMProviderFactory.create("cohere")
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"base_url": "localhost:11434"}, "invalid ollama config: base_url: must be an http(s) URL"),
+        ({"base_url": 11434}, "invalid ollama config: base_url: Input should be a valid string"),
+        ({"timeout": 0}, "invalid ollama config: timeout: expected a number of seconds above 0, got 0"),
+        ({"timeout": "10"}, "invalid ollama config: timeout: expected a number of seconds above 0, got '10'"),
+    ],
+)
+def test_a_bad_config_is_an_llm_error_naming_the_setting(config: dict[str, object], message: str) -> None:
+    with pytest.raises(LLMError) as caught:
+        LLMProviderFactory.create("ollama", config)
+    assert str(caught.value).startswith(message)
+
+
 async def test_openai_provider_from_env_against_an_openai_compatible_server() -> None:
     fake = FakeOpenAI(api_key="sk-lib")
     fake.queue(Reply(content="Hi from OpenAI", prompt_eval_count=3, eval_count=4), Reply(pieces=["a", "b"]))
