@@ -12,6 +12,7 @@ It runs without the server: no routing, no metrics, one backend. Every failure i
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,10 +116,14 @@ class LLMProvider:
         **params: Any,
     ) -> LLMResponse:
         request = self._request(messages, False, temperature=temperature, max_tokens=max_tokens, **params)
+        seconds, which = _first_token_deadline(self._timeouts)  # here it comes with the whole answer
         try:
-            completion = await self._provider.complete(request, request.model)
+            async with asyncio.timeout(seconds):
+                completion = await self._provider.complete(request, request.model)
         except GatewayError as error:
             raise LLMError(error.message) from None
+        except TimeoutError:
+            raise self._timed_out(which, seconds) from None
         choice = completion.choices[0]
         return LLMResponse(
             content=choice.content or "",
@@ -136,18 +141,40 @@ class LLMProvider:
         max_tokens: int | None = None,
         **params: Any,
     ) -> AsyncIterator[str]:
-        """The answer's text, piece by piece as the backend produces it."""
+        """The answer's text, piece by piece as the backend produces it. The first chunk must come
+        within the first-token timeout, each next one within the idle timeout, all within the total."""
         request = self._request(messages, True, temperature=temperature, max_tokens=max_tokens, **params)
+        timeouts = self._timeouts
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeouts.total
+        seconds, which = _first_token_deadline(timeouts)
+        due = loop.time() + seconds
         stream = self._provider.stream(request, request.model)
         try:
-            async for chunks in stream:
+            while True:
+                try:  # not across the yield: the caller's time with a piece is not the backend's
+                    async with asyncio.timeout_at(due):
+                        chunks = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise self._timed_out(which, seconds) from None
                 for chunk in chunks:
                     if chunk.content:
                         yield chunk.content
+                seconds, which, due = timeouts.idle, "idle", loop.time() + timeouts.idle
+                if due >= end:
+                    seconds, which, due = timeouts.total, "total", end
         except GatewayError as error:
             raise LLMError(error.message) from None
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    def _timed_out(self, which: str, seconds: float) -> LLMError:
+        return LLMError(
+            f"Timed out waiting for the {self.name} backend at {self._provider.backend.base_url}:"
+            f" its {which} timeout ({seconds:g} s) ran out"
+        )
 
     async def list_available_models(self) -> list[str]:
         try:
@@ -159,6 +186,13 @@ class LLMProvider:
         model = model or self.model
         names = await self.list_available_models()
         return model in names or f"{model}:latest" in names
+
+
+def _first_token_deadline(timeouts: Timeouts) -> tuple[float, str]:
+    """Seconds for the first token, within the total, and the name of the one that applies."""
+    if timeouts.first_token <= timeouts.total:
+        return timeouts.first_token, "first-token"
+    return timeouts.total, "total"
 
 
 def _timeouts(timeout: object) -> Timeouts:

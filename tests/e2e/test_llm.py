@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
-from gateway.llm import LLMError, LLMMessage, LLMProviderFactory, LLMRole
+from gateway.config import OllamaBackend, Timeouts
+from gateway.llm import LLMError, LLMMessage, LLMProvider, LLMProviderFactory, LLMRole
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -85,6 +87,41 @@ def test_a_bad_config_is_an_llm_error_naming_the_setting(config: dict[str, objec
     with pytest.raises(LLMError) as caught:
         LLMProviderFactory.create("ollama", config)
     assert str(caught.value).startswith(message)
+
+
+async def test_a_backend_slower_than_the_timeout_is_an_llm_error(fake_ollama: FakeServer) -> None:
+    fake, server = fake_ollama
+    fake.queue(Reply(content="late", delay_first=1.5), Reply(content="late", delay_first=1.5))
+    prompt = [LLMMessage(LLMRole.USER, "hi")]
+    with anyio.fail_after(10):
+        async with LLMProviderFactory.create("ollama", {"base_url": server.url, "timeout": 0.5}) as llm:
+            with pytest.raises(LLMError, match=r"ollama backend at .*: its first-token timeout \(0.5 s\)"):
+                await llm.generate(prompt)
+            with pytest.raises(LLMError, match=r"its first-token timeout \(0.5 s\) ran out"):
+                [text async for text in llm.generate_stream(prompt)]
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "reply", "expected"),
+    [
+        (Timeouts(idle=0.5), Reply(pieces=["a", "b"], delay_between=2), r"its idle timeout \(0.5 s\)"),
+        (Timeouts(total=1), Reply(pieces=["a"] * 20, delay_between=0.25), r"its total timeout \(1 s\)"),
+    ],
+    ids=["idle", "total"],
+)
+async def test_a_stream_that_stalls_or_runs_too_long_is_an_llm_error(
+    fake_ollama: FakeServer, timeouts: Timeouts, reply: Reply, expected: str
+) -> None:
+    fake, server = fake_ollama
+    fake.queue(reply)
+    backend = OllamaBackend(name="ollama", type="ollama", base_url=server.url, timeouts=timeouts)
+    pieces: list[str] = []
+    with anyio.fail_after(10):
+        async with LLMProvider("ollama", backend, "llama3.2") as llm:
+            with pytest.raises(LLMError, match=expected):
+                async for text in llm.generate_stream([LLMMessage(LLMRole.USER, "hi")]):
+                    pieces.append(text)
+    assert pieces[0] == "a" and len(pieces) < len(reply.stream_pieces())
 
 
 async def test_openai_provider_from_env_against_an_openai_compatible_server() -> None:
