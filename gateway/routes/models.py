@@ -13,6 +13,7 @@ from starlette.responses import Response
 from gateway.auth import allows
 from gateway.config import ApiKey
 from gateway.errors import GatewayError, ModelNotFound
+from gateway.policy import listed_name
 from gateway.state import State, json_response
 
 
@@ -53,8 +54,9 @@ async def get_model(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     try:
         objects = await model_objects(state, state.keys.identify(request.headers.get("authorization")))
-        if model_id not in objects:
+        name = listed_name(objects.keys(), model_id)  # Ollama's `llama3.2` is `llama3.2:latest`, as in chat
+        if name is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist on this gateway.")
-        return json_response(objects[model_id])
+        return json_response({**objects[name], "id": model_id})
     except GatewayError as error:
         return json_response(error.body(), error.http_status)

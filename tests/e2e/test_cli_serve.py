@@ -51,6 +51,14 @@ def test_zero_file_default_serves_ollama_models_by_bare_name(
     assert [b["model"] for b in fake.chat_bodies()] == ["qwen2.5:0.5b", "llama3.2"]
 
 
+def test_zero_file_default_retrieves_an_ollama_model_by_the_names_chat_takes(served: str) -> None:
+    with openai.OpenAI(base_url=served + "/v1", api_key="x", max_retries=0) as api:
+        for name in ("llama3.2", "llama3.2:latest", "ollama/llama3.2", "ollama/llama3.2:latest"):
+            assert api.models.retrieve(name).id == name
+        with pytest.raises(openai.NotFoundError):
+            api.models.retrieve("qwen2.5")  # only qwen2.5:0.5b is there
+
+
 MINIMAL: dict[str, Any] = {
     "backends": [{"name": "ollama-1", "type": "ollama"}],
     "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama-1"}]}],
