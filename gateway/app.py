@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from gateway.audit import AuditError
 from gateway.config import Config, ConfigError
+from gateway.errors import NoRoute
 from gateway.incoming import Incoming
 from gateway.metrics import worker_exited
 from gateway.middleware import ASGIApp, Receive, RequestId, Scope, Send
@@ -75,8 +76,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
         404: f"Unknown endpoint {request.method} {request.url.path}.",
         405: f"Method {request.method} is not allowed on {request.url.path}.",
     }.get(exc.status_code, str(exc.detail))
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": kind}}
-    return json_response(body, exc.status_code, exc.headers)
+    error = NoRoute(message, status=exc.status_code, code=kind, headers=dict(exc.headers or {}))
+    state: State = request.app.state.gateway
+    # Recorded as any request; the label is one value, whatever the path (no new series per path).
+    state.record_failure(state.begin(request.state.request_id, "other"), error)
+    return json_response(error.body(), error.http_status, error.headers)
 
 
 class Reloader:

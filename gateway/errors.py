@@ -5,6 +5,7 @@
     │   ├── BodyTooLarge              413
     │   ├── UnsupportedEncoding       415 a compressed body (Content-Encoding other than identity)
     │   ├── BodyTimeout               408 code=request_timeout: the body stopped arriving
+    │   ├── NoRoute                   404 no endpoint at the path, 405 not with the method
     │   └── ClientGone                499 the client left before the answer began
     ├── AuthenticationFailed          401 invalid_request_error   code=invalid_api_key
     ├── PermissionDenied              403 permission_error
@@ -92,6 +93,20 @@ class BodyTimeout(InvalidRequest):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="request_timeout")
+
+
+class NoRoute(InvalidRequest):
+    """The router found no endpoint for the request: 404 for the path, 405 for its method."""
+
+    def __init__(
+        self, message: str, *, status: int, code: str | None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.route_status = status
+
+    @property
+    def http_status(self) -> int:
+        return self.route_status
 
 
 class ClientGone(InvalidRequest):

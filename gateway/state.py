@@ -302,14 +302,18 @@ class State:
         """The error answer, recorded. `unread`: the request's body has not all come in (refused
         for its size, its type or its key first); the connection then closes after the answer,
         rather than reading through the rest, or taking its bytes for the next request."""
-        exchange.error_type = error.type
-        log = getattr(self.log, error.log_level)
-        log("request failed", error=error.type, status=error.http_status, message=error.message)
-        self.finish(exchange, error.http_status)
+        self.record_failure(exchange, error)
         headers = {**self.headers(exchange), **error.headers}
         if unread:
             headers["connection"] = "close"
         return json_response(error.body(), error.http_status, headers)
+
+    def record_failure(self, exchange: Exchange, error: GatewayError) -> None:
+        """A failed request's log line, metrics and record; the answer is the caller's."""
+        exchange.error_type = error.type
+        log = getattr(self.log, error.log_level)
+        log("request failed", error=error.type, status=error.http_status, message=error.message)
+        self.finish(exchange, error.http_status)
 
     def cancelled(self, exchange: Exchange, request: Incoming) -> Response:
         """The request's task was cancelled before its answer began: by its body's timeout or its

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from gateway.auth import allows
 from gateway.config import ApiKey
 from gateway.errors import GatewayError, ModelNotFound
+from gateway.exchange import Exchange
 from gateway.policy import listed_name
 from gateway.state import State, json_response
 
@@ -41,22 +42,33 @@ async def model_objects(state: State, key: ApiKey | None) -> dict[str, dict[str,
 
 async def list_models(request: Request) -> Response:
     state: State = request.app.state.gateway
+    exchange = state.begin(request.state.request_id, "models")
     try:
-        key = state.keys.identify(request.headers.get("authorization"))
-    except GatewayError as error:
-        return json_response(error.body(), error.http_status)
-    objects = await model_objects(state, key)
-    return json_response({"object": "list", "data": list(objects.values())})
+        objects = await model_objects(state, state.authenticate(request.headers, exchange))
+    except Exception as error:
+        return _failed(state, exchange, error)
+    body = {"object": "list", "data": list(objects.values())}
+    return json_response(body, after=lambda: state.finish(exchange, 200))
 
 
 async def get_model(request: Request) -> Response:
     state: State = request.app.state.gateway
-    model_id = request.path_params["model_id"]
+    exchange = state.begin(request.state.request_id, "models")
+    exchange.requested_model = model_id = request.path_params["model_id"]
     try:
-        objects = await model_objects(state, state.keys.identify(request.headers.get("authorization")))
+        objects = await model_objects(state, state.authenticate(request.headers, exchange))
         name = listed_name(objects.keys(), model_id)  # Ollama's `llama3.2` is `llama3.2:latest`, as in chat
         if name is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist on this gateway.")
-        return json_response({**objects[name], "id": model_id})
-    except GatewayError as error:
-        return json_response(error.body(), error.http_status)
+    except Exception as error:
+        return _failed(state, exchange, error)
+    return json_response({**objects[name], "id": model_id}, after=lambda: state.finish(exchange, 200))
+
+
+def _failed(state: State, exchange: Exchange, error: Exception) -> Response:
+    """The error answer, recorded as the hot routes record theirs (RequestId adds the request id)."""
+    if not isinstance(error, GatewayError):  # our own bug: logged where it happened
+        state.unexpected(error)
+        error = GatewayError(f"Internal error in the gateway (request {exchange.request_id}).")
+    state.record_failure(exchange, error)
+    return json_response(error.body(), error.http_status, error.headers)

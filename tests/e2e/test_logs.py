@@ -15,6 +15,7 @@ import structlog
 import yaml
 
 from gateway.logs import configure, get_logger
+from tests.e2e.conftest import scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
 
@@ -78,6 +79,47 @@ def test_every_line_of_a_request_carries_its_id_and_nothing_secret(
     assert "request" not in unbound and "request failed" not in unbound
     text = "\n".join(lines)
     assert SECRET_KEY not in text and "Zebulon" not in text and "Quixote" not in text
+
+
+# Requests that no backend serves: every one is recorded as a chat request is (id -> call, status, endpoint).
+UNROUTED = {
+    "models-guess": ("GET", "/v1/models", "Bearer guess", 401, "models"),
+    "model-guess": ("GET", "/v1/models/llama3.2", "Bearer guess", 401, "models"),
+    "models": ("GET", "/v1/models", f"Bearer {SECRET_KEY}", 200, "models"),
+    "model-unknown": ("GET", "/v1/models/nope", f"Bearer {SECRET_KEY}", 404, "models"),
+    "wrong-method": ("DELETE", "/v1/chat/completions", f"Bearer {SECRET_KEY}", 405, "other"),
+    "unknown-path": ("POST", "/v1/completions", f"Bearer {SECRET_KEY}", 404, "other"),
+}
+
+
+def test_models_unknown_paths_and_wrong_methods_get_their_request_line_and_metrics(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    _, server = fake_ollama
+    counted: dict[str, float] = {}
+
+    def unrouted(url: str) -> None:
+        for request_id, (method, path, key, status, _) in UNROUTED.items():
+            headers = {"authorization": key, "x-request-id": request_id}
+            response = httpx.request(method, url + path, headers=headers)
+            assert response.status_code == status
+            assert response.headers.get_list("x-request-id") == [request_id]
+
+        def requests_total() -> dict[str, float]:
+            return {
+                f"{dict(labels)['endpoint']} {dict(labels)['status']}": value
+                for (name, labels), value in scrape(url).items()
+                if name == "gateway_requests_total"
+            }
+
+        wait_for(lambda: sum(requests_total().values()) >= len(UNROUTED))
+        counted.update(requests_total())
+
+    events = [json.loads(line) for line in run_gateway(tmp_path, server.url, "info", unrouted)]
+    recorded = {e["request_id"]: (e["endpoint"], e["status"]) for e in events if e["event"] == "request"}
+    assert recorded == {request_id: (call[4], call[3]) for request_id, call in UNROUTED.items()}
+    assert sum(e["event"] == "request" for e in events) == len(UNROUTED)  # one line each
+    assert counted == {"models 401": 2, "models 200": 1, "models 404": 1, "other 405": 1, "other 404": 1}
 
 
 def test_the_level_comes_from_the_environment(
