@@ -35,37 +35,49 @@ def _deeper_than(value: Any, limit: int) -> bool:
 _PAYLOADS = {"image_url": "url", "input_audio": "data", "file": "file_data"}
 
 
-def written(data: Any) -> list[str]:
+def written(data: dict[str, Any]) -> list[str]:
     """Every string in a JSON body, for the PII detector. Whatever the client sends may reach a
     backend (an OpenAI-compatible one gets unknown fields too), so any of it may hold personal
     data: `user`, a message's `name`, a tool's description, `prediction`, an image's URL. Left out
     are attachments' bytes (a data URL, base64 audio, a file's data), which the detector cannot
     read; `privacy.attachments` decides for them."""
     out: list[str] = []
-    pending = [data]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, str):
-            out.append(value)
-        elif isinstance(value, list):
-            pending.extend(value)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                payload = _PAYLOADS.get(key)
-                if payload is None:
-                    pending.append(item)
-                elif isinstance(item, dict):
-                    pending.extend(
-                        field for name, field in item.items() if not _attached(name, payload, field)
-                    )
-                elif not _attached("url", payload, item):  # {"image_url": "data:..."}, a short form
-                    pending.append(item)
+    _from_object(data, out)
     return out
 
 
-def _attached(name: str, payload: str, value: Any) -> bool:
-    """Whether `value`, the field `name` of a content part whose bytes are in `payload`, is them."""
-    return name == payload and isinstance(value, str) and (name != "url" or value[:5].lower() == "data:")
+# Recursive and by exact type (what orjson makes), which keeps the walk of an ordinary request
+# short; read_json has bounded the nesting.
+def _from_object(value: dict[str, Any], out: list[str]) -> None:
+    for key, item in value.items():
+        kind = type(item)
+        if kind is str:
+            if key != "image_url" or not _is_bytes("url", item):  # {"image_url": "data:..."}, short
+                out.append(item)
+        elif kind is list:
+            _from_array(item, out)
+        elif kind is dict:
+            payload = _PAYLOADS.get(key)
+            if payload is None or not _is_bytes(payload, item.get(payload)):
+                _from_object(item, out)
+            else:  # a content part's attachment: what names it, not its bytes
+                _from_object({name: field for name, field in item.items() if name != payload}, out)
+
+
+def _from_array(value: list[Any], out: list[str]) -> None:
+    for item in value:
+        kind = type(item)
+        if kind is str:
+            out.append(item)
+        elif kind is dict:
+            _from_object(item, out)
+        elif kind is list:
+            _from_array(item, out)
+
+
+def _is_bytes(field: str, value: Any) -> bool:
+    """Whether `value`, a content part's payload field, holds the bytes (a URL only as data:)."""
+    return type(value) is str and (field != "url" or value[:5].lower() == "data:")
 
 
 async def _body(request: Incoming, limit: int) -> bytes:
