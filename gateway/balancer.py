@@ -28,6 +28,8 @@ The ranking, from most to least important:
 
 One balancer lives as long as the app: a config reload (`reconfigure`) adds and removes instances
 and keeps what is known about those that stay, including the leases of requests still in flight.
+Requests of the previous config may still name a removed instance: what they report about it is
+ignored, `order` leaves it out, and `acquire` refuses it as unavailable, so a retry moves on.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from prometheus_client import Gauge
 
 from gateway.config import Config
-from gateway.errors import RateLimited
+from gateway.errors import RateLimited, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.policy import Target, listed_name
 
@@ -175,12 +177,16 @@ class Balancer:
         instance.loaded = None if loaded is None else frozenset(loaded)
 
     def observe_latency(self, backend: str, seconds: float) -> None:
-        instance = self.instances[backend]
+        instance = self.instances.get(backend)
+        if instance is None:  # removed by a reload while the request ran
+            return
         previous = instance.latency
         instance.latency = seconds if previous is None else previous + EWMA_WEIGHT * (seconds - previous)
 
     def succeeded(self, backend: str) -> None:
-        instance = self.instances[backend]
+        instance = self.instances.get(backend)
+        if instance is None:
+            return
         instance.failures = 0
         instance.trial = False
         if instance.ejected_until:
@@ -188,7 +194,9 @@ class Balancer:
             instance.up_gauge.set(1)
 
     def failed(self, backend: str) -> None:
-        instance = self.instances[backend]
+        instance = self.instances.get(backend)
+        if instance is None:
+            return
         instance.failures += 1
         if instance.trial or instance.failures >= self._unhealthy_after:
             instance.trial = False
@@ -214,6 +222,11 @@ class Balancer:
     def order(self, targets: Sequence[Target], affinity: str | None = None) -> list[Target]:
         if len(targets) < 2:
             return list(targets)
+        present = [t for t in targets if t.backend in self.instances]
+        if len(present) < len(targets):  # a reload removed some since the plan was made
+            if len(present) < 2:
+                return present or list(targets)  # none left: `acquire` says so
+            targets = present
         now = self._clock()
         with_model = [t for t in targets if self.instances[t.backend].has(t.model) is not False]
         candidates = with_model or list(targets)
@@ -310,7 +323,9 @@ class Balancer:
     # ---- leases ----
 
     async def acquire(self, backend: str) -> Lease:
-        instance = self.instances[backend]
+        instance = self.instances.get(backend)
+        if instance is None:
+            raise _removed(backend)
         if instance.saturated:
             self._waiting += 1
             try:
@@ -324,12 +339,16 @@ class Balancer:
                 ) from None
             finally:
                 self._waiting -= 1
+            if self.instances.get(backend) is not instance:
+                raise _removed(backend)
         if instance.ejected_until:
             instance.trial = True
-        return self.lease(backend)
+        return self._lease(backend, instance)
 
     def lease(self, backend: str) -> Lease:
-        instance = self.instances[backend]
+        return self._lease(backend, self.instances[backend])
+
+    def _lease(self, backend: str, instance: Instance) -> Lease:
         instance.inflight += 1
         instance.inflight_gauge.inc()
         return Lease(self, backend, instance)
@@ -348,3 +367,9 @@ class Balancer:
     async def _wake(self) -> None:
         async with self._room:
             self._room.notify_all()
+
+
+def _removed(backend: str) -> UpstreamUnavailable:
+    """A request of the previous config reached for an instance a reload has removed; retryable,
+    so the request moves on to one that stays."""
+    return UpstreamUnavailable(f"backend {backend} was removed from the gateway's config; retry the request")

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.balancer import Balancer
 from gateway.config import parse_config
-from gateway.errors import RateLimited
+from gateway.errors import RateLimited, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.policy import Target
 
@@ -315,6 +315,35 @@ def test_a_reload_keeps_what_is_known_about_the_instances_that_stay() -> None:
     assert 'gateway_backend_up{backend="d"} 1.0' in exported
     assert 'gateway_backend_up{backend="a"} 0.0' in exported
     assert 'backend="c"' not in exported
+
+
+@pytest.mark.anyio
+async def test_a_request_on_an_instance_a_reload_removed_finishes_and_its_retry_moves_on() -> None:
+    b = Balancer(pool_config({"a": "http://h1:1", "b": "http://h2:1", "c": "http://h3:1"}), Metrics())
+    targets = [Target(name, MODEL) for name in ("a", "b", "c")]
+    lease = await b.acquire("a")
+    b.reconfigure(pool_config({"b": "http://h2:1", "c": "http://h3:1"}))
+    # what the request still running on `a` reports is ignored
+    b.observe_latency("a", 1.0)
+    b.failed("a")
+    b.succeeded("a")
+    lease.release()
+    assert {t.backend for t in b.order(targets)} == {"b", "c"}
+    with pytest.raises(UpstreamUnavailable, match="backend a was removed") as caught:
+        await b.acquire("a")  # a retry ranked before the reload
+    assert caught.value.retryable
+
+
+@pytest.mark.anyio
+async def test_a_request_waiting_for_room_on_an_instance_a_reload_removes_moves_on() -> None:
+    b = Balancer(pool_config({"a": "http://h1:1", "b": "http://h2:1"}, max_inflight=1), Metrics())
+    held = b.lease("a")
+    waiting = asyncio.create_task(b.acquire("a"))
+    await asyncio.sleep(0.05)
+    b.reconfigure(pool_config({"b": "http://h2:1"}, max_inflight=1))
+    held.release()
+    with pytest.raises(UpstreamUnavailable):
+        await asyncio.wait_for(waiting, 1)
 
 
 def test_a_reload_that_points_a_name_at_another_server_forgets_the_old_one() -> None:

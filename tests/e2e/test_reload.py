@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,49 @@ def test_a_broken_config_is_refused_and_the_running_one_stays(served: Served) ->
     served.write_config(["a", "b", "c"])  # a good config after the bad one is taken
     served.hangup()
     served.wait_for_backends({"a", "b", "c"})
+
+
+def test_requests_in_flight_on_a_removed_instance_finish_there(served: Served) -> None:
+    for name in ("a", "b"):
+        served.fakes[name].default = Reply(content=f"from {name}", delay_first=1.5)
+    with ThreadPoolExecutor(1) as pool:
+        unary = pool.submit(httpx.post, served.url + "/v1/chat/completions", json=CHAT, timeout=20)
+        wait_for(lambda: sum(len(served.fakes[n].chat_bodies()) for n in ("a", "b")) == 1)
+        stream = StreamInBackground(served.url, CHAT)
+        wait_for(lambda: all(served.fakes[n].chat_bodies() for n in ("a", "b")))
+        assert all(served.fakes[n].chat_bodies() for n in ("a", "b")), "a request is not in flight"
+        served.write_config(["c"])  # both instances go while their answers are on the way
+        served.hangup()
+        served.wait_for_backends({"c"})
+        assert stream.running() and not unary.done(), "the answers came before the reload"
+        answer = unary.result(timeout=20)
+    stream.join(20)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == f"from {answer.headers['x-phoenix-backend']}"
+    assert stream.events[-1] == "[DONE]"
+    assert stream.text() == f"from {stream.backend}"
+    assert {answer.headers["x-phoenix-backend"], stream.backend} == {"a", "b"}
+    assert not [e for e in served.log_events() if e.get("event") == "internal error"]
+
+
+def test_a_request_failing_on_a_removed_instance_is_retried_on_one_that_stays(served: Served) -> None:
+    served.fakes["a"].default = Reply(status=500, delay_first=1.5)
+    served.fakes["b"].default = Reply(content="from b")
+    with ThreadPoolExecutor(1) as pool:
+        for _ in range(3):  # round robin: the first or the second goes to a
+            pending = pool.submit(httpx.post, served.url + "/v1/chat/completions", json=CHAT, timeout=20)
+            wait_for(lambda: pending.done() or bool(served.fakes["a"].chat_bodies()))  # noqa: B023
+            if not pending.done():
+                break
+        assert served.fakes["a"].chat_bodies() and not pending.done(), "no request in flight on a"
+        served.write_config(["b"])
+        served.hangup()
+        served.wait_for_backends({"b"})
+        chats_on_b = len(served.fakes["b"].chat_bodies())
+        answer = pending.result(timeout=20)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-phoenix-backend"] == "b"
+    assert len(served.fakes["b"].chat_bodies()) == chats_on_b + 1
+    assert not [e for e in served.log_events() if e.get("event") == "internal error"]
