@@ -134,7 +134,6 @@ class Dispatcher:
             else:  # it answered, if only to refuse: the instance itself is fine
                 self.balancer.succeeded(target.backend)
             raise
-        self.balancer.succeeded(target.backend)
         return result
 
     async def _unary(
@@ -155,6 +154,7 @@ class Dispatcher:
         try:
             result = await call()
             self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
+            self.balancer.succeeded(target.backend)
             return result
         except asyncio.CancelledError:
             if deadline.timed_out():
@@ -230,10 +230,20 @@ class Dispatcher:
             raise
         finally:
             exchange.upstream_seconds += time.perf_counter() - waited
+
+        def closed(failure: UpstreamError | None) -> None:
+            """A stream's outcome counts for its instance's health at its end, not at its first
+            chunk: an instance that breaks streams mid-way is ejected as one that fails before."""
+            lease.release()
+            if failure is not None and failure.retryable:
+                self.balancer.failed(target.backend)
+            else:  # a client that leaves is no fault of the instance's
+                self.balancer.succeeded(target.backend)
+
         return StreamSource(
             first=first,
             rest=stream,
             idle_timeout=timeouts.idle,
             deadline=waited + timeouts.total,
-            on_close=lease.release,
+            on_close=closed,
         )

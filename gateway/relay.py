@@ -102,7 +102,9 @@ class StreamSource:
     rest: AsyncIterator[list[Chunk]]
     idle_timeout: float
     deadline: float  # perf_counter() value after which the stream is cut
-    on_close: Callable[[], None]  # releases the backend lease
+    # Releases the backend lease and reports how the stream ended: the upstream failure that cut
+    # it, or None (it ended, the client left, or the gateway failed).
+    on_close: Callable[[UpstreamError | None], None]
 
 
 TIMED_OUT = "the backend stopped sending within its idle or total deadline"
@@ -368,6 +370,7 @@ class StreamRelay:
     async def body(self) -> AsyncIterator[bytes]:
         exchange = self._exchange
         status = 200
+        failure: UpstreamError | None = None
         try:
             watchdog = self._watch()
             chunks: list[Chunk] | None = self._source.first
@@ -390,6 +393,7 @@ class StreamRelay:
             exchange.error_type = error.type
             if isinstance(error, UpstreamError):
                 exchange.notes["upstream_error"] = error.reason
+                failure = error
             yield error_event(error)
         except (asyncio.CancelledError, GeneratorExit):
             status = self._stopped()
@@ -404,7 +408,7 @@ class StreamRelay:
             try:
                 await _close(self._source.rest)
             finally:
-                self._source.on_close()
+                self._source.on_close(failure)
                 self._close_books(status)
 
     def _close_books(self, status: int) -> None:

@@ -33,7 +33,7 @@ async def test_one_write_per_upstream_read_with_every_event_in_order() -> None:
         rest=reads([[Chunk(content="c")], [Chunk(finish_reason="stop", usage=Usage(3, 2)), NOTICE]]),
         idle_timeout=5,
         deadline=time.perf_counter() + 5,
-        on_close=lambda: None,
+        on_close=lambda _: None,
     )
     relay = StreamRelay(
         source, exchange, model="m", include_usage=True, finish=finished.append, on_unexpected=lambda e: None
@@ -133,7 +133,7 @@ def relayed(
         rest=rest or endless(),
         idle_timeout=5,
         deadline=time.perf_counter() + 5,
-        on_close=lambda: closed.append("upstream"),
+        on_close=lambda _: closed.append("upstream"),
     )
     relay = StreamRelay(
         source, exchange, model="m", include_usage=False, finish=finished.append, on_unexpected=lambda e: None

@@ -31,7 +31,7 @@ def paced_relay(gaps: list[float], finished: list[int], *, idle: float, total: f
         rest=paced(gaps),
         idle_timeout=idle,
         deadline=time.perf_counter() + total,
-        on_close=lambda: None,
+        on_close=lambda _: None,
     )
     return StreamRelay(
         source,

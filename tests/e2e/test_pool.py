@@ -218,3 +218,71 @@ def test_two_openai_compatible_servers_are_balanced_the_same_way(
         assert [chat(gateway, "qwen", stream=i % 2 == 0).status_code for i in range(6)] == [200] * 6
         assert len(fakes[1].chat_bodies()) == 11  # the failed attempt was retried there
         wait_for(lambda: not httpx.get(gateway.url + "/readyz").json()["backends"]["vllm-0"]["up"], timeout=2)
+
+
+def stream_outcome(gateway: ServerThread, model: str) -> tuple[str, str]:
+    """A streamed chat read to its end: (backend, "done" or "error")."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    return response.headers["x-phoenix-backend"], "done" if events[-1] == "data: [DONE]" else "error"
+
+
+def two_warm_instances(pool: Pool) -> Pool:
+    for fake in pool.fakes:
+        fake.loaded = ["llama3.2:latest"]
+    return Pool(pool.fakes[1:], pool.servers[1:])
+
+
+def probed_once(pool: Pool) -> None:
+    """Until each instance's first probe has been taken in: it would reset their failure counts."""
+    wait_for(lambda: all(any(path == "/api/ps" for path, _ in f.requests) for f in pool.fakes))
+    assert all(any(path == "/api/ps" for path, _ in f.requests) for f in pool.fakes)
+
+
+def test_an_instance_that_breaks_every_stream_mid_way_is_ejected(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    pair = two_warm_instances(pool)
+    pair.fakes[0].default = Reply(content="one two three four", error_after=2)  # Ollama's error line
+    health = {"interval": 60, "unhealthy_after": 3, "cooldown": 60}
+    gateway = start_gateway(pair.config(["llama3.2"], strategy="round_robin", health=health))
+    probed_once(pair)
+
+    outcomes = [stream_outcome(gateway, "llama3.2") for _ in range(10)]
+
+    assert Counter(outcomes) == {("ollama-0", "error"): 3, ("ollama-1", "done"): 7}
+    ready = httpx.get(gateway.url + "/readyz").json()
+    assert ready["backends"]["ollama-0"]["up"] is False
+    assert 'gateway_backend_up{backend="ollama-0"} 0.0' in httpx.get(gateway.url + "/metrics").text
+
+
+def test_a_client_leaving_mid_stream_does_not_count_against_the_instance(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    pair = two_warm_instances(pool)
+    for fake in pair.fakes:
+        fake.default = Reply(content=" ".join(f"w{i}" for i in range(50)), delay_between=0.05)
+    health = {"interval": 60, "unhealthy_after": 1, "cooldown": 60}
+    gateway = start_gateway(pair.config(["llama3.2"], strategy="round_robin", health=health))
+    probed_once(pair)
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    for _ in range(4):  # each instance twice; one failure would eject it
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+        # the client has gone: wait until the gateway has closed the stream upstream
+    wait_for(lambda: sum(f.cancelled for f in pair.fakes) == 4)
+    assert sum(f.cancelled for f in pair.fakes) == 4
+
+    ready = httpx.get(gateway.url + "/readyz").json()
+    assert {name: entry["up"] for name, entry in ready["backends"].items()} == {
+        "ollama-0": True,
+        "ollama-1": True,
+    }
+    for fake in pair.fakes:
+        fake.default = Reply(content="short")
+    assert {stream_outcome(gateway, "llama3.2") for _ in range(4)} == {
+        ("ollama-0", "done"),
+        ("ollama-1", "done"),
+    }
