@@ -151,11 +151,15 @@ class Dispatcher:
         waited = time.perf_counter()
         lease = await self.balancer.acquire(target.backend)
         deadline = self.deadlines.start(total)
+        sent = True
         try:
             result = await call()
             self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
             self.balancer.succeeded(target.backend)
             return result
+        except UpstreamUnavailable:
+            sent = False  # refused, or closed before answering: the backend did no work for it
+            raise
         except asyncio.CancelledError:
             if deadline.timed_out():
                 raise UpstreamTimeout(
@@ -166,6 +170,8 @@ class Dispatcher:
             deadline.end()
             exchange.upstream_seconds += time.perf_counter() - waited
             lease.release()
+            if sent:
+                exchange.reached = True
 
     def complete(self, plans: list[Plan], request: ChatRequest, exchange: Exchange) -> Awaitable[Completion]:
         """Awaited by the caller; not a coroutine itself, so not one more layer (`_first_success`)."""
@@ -215,7 +221,10 @@ class Dispatcher:
             finally:
                 deadline.end()
             self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
+            exchange.reached = True
         except BaseException as error:
+            if not isinstance(error, UpstreamUnavailable):
+                exchange.reached = True
             timed_out = isinstance(error, asyncio.CancelledError) and deadline.timed_out()
             await stream.aclose()
             lease.release()

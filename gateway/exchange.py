@@ -32,6 +32,7 @@ class Exchange:
     # the client-facing model that answered: the requested one, a fallback, or privacy.local_model
     answered_as: str = ""
     backend: str = ""
+    reached: bool = False  # a backend got the request: it answered, or failed or was left after that
     local: bool | None = None  # whether `backend` keeps the data on the premises
     affinity: str | None = None  # conversation key for instance affinity
     key_name: str = ""

@@ -192,7 +192,7 @@ class State:
                 if usage is not None:
                     used = usage.prompt_tokens + usage.completion_tokens
                 else:
-                    used = reservation.cost if exchange.backend else 0
+                    used = reservation.cost if exchange.reached else 0
                 self.limiter.settle(reservation, used)
 
     def authenticate(self, headers: Mapping[str, str], exchange: Exchange) -> ApiKey | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ import openai
 import pytest
 import yaml
 
-from gateway.config import Config
-from tests.e2e.conftest import ollama_config, sample, scrape
+from gateway.config import Config, parse_config
+from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, gateway_process, redis_server
+from tests.servers import ServerThread, free_port, gateway_process, redis_server
 
 pytestmark = pytest.mark.e2e
 SECRETS = {"CLINIC_KEY": "sk-clinic", "SCHOOL_KEY": "sk-school"}
@@ -121,6 +122,54 @@ def test_tokens_per_minute_are_charged_what_the_backend_counted(
     assert "it may use 501 tokens" in too_large.value.message
     assert too_large.value.response.headers["x-should-retry"] == "false"
     assert len(fake.chat_bodies()) == 3
+
+
+def test_requests_that_reach_no_backend_cost_no_tokens(
+    fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[..., ServerThread]
+) -> None:
+    fake, server = fake_ollama
+    config = parse_config(
+        {
+            "backends": [
+                {"name": "ollama-1", "type": "ollama", "base_url": server.url, "max_inflight": 1},
+                {"name": "down", "type": "ollama", "base_url": f"http://127.0.0.1:{free_port()}"},
+            ],
+            "models": [
+                {"name": "llama3.2", "deployments": [{"backend": "ollama-1", "model": "llama3.2:latest"}]},
+                {"name": "elsewhere", "deployments": [{"backend": "down", "model": "llama3.2:latest"}]},
+            ],
+            "routing": {"max_wait": 0.2},
+            "auth": keys(clinic={"tpm": 1000}),
+        },
+        "test",
+    )
+    gateway = start_gateway(config, SECRETS)
+    headers = {"authorization": "Bearer sk-clinic"}
+
+    def post(model: str, max_tokens: int, **extra: Any) -> httpx.Response:
+        body = {"model": model, "messages": HI, "max_tokens": max_tokens, **extra}
+        return httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=10)
+
+    fake.default = Reply(delay_first=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        holding = pool.submit(post, "llama3.2", 1)  # takes ollama-1's only slot
+        wait_for(lambda: len(fake.chat_bodies()) == 1)
+        capped = post("llama3.2", 400)  # the pool's own 429 after max_wait
+        refused = [post("elsewhere", 400), post("elsewhere", 400, stream=True)]  # connection refused
+        assert holding.result(timeout=10).status_code == 200
+    assert capped.status_code == 429 and capped.json()["error"]["message"].startswith("backend ollama-1")
+    assert [r.status_code for r in refused] == [503, 503]
+
+    # three estimates of 401 tokens would have spent the budget; none was kept
+    fake.default = Reply(content="fine")
+    after = post("llama3.2", 10)
+    assert after.status_code == 200
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) > 900
+
+    fake.default = Reply(status=500)  # it reached the backend, which failed: the estimate stays
+    assert post("llama3.2", 400).status_code == 502
+    fake.default = Reply(content="fine")
+    assert int(post("llama3.2", 10).headers["x-ratelimit-remaining-tokens"]) < 700
 
 
 def test_an_open_gateway_limits_its_anonymous_callers_together(
