@@ -24,7 +24,9 @@ The ranking, from most to least important:
    bench/pool.py compares them on a simulated pool.
 
 `acquire` takes a lease on an instance, waiting up to `routing.max_wait` seconds for room under its
-`max_inflight` cap, then 429 with `retry-after`.
+`max_inflight` cap, then 429 with `retry-after`. When every instance of a pool is at its cap,
+`room` waits instead for the first of them to have room, so that a request is not kept waiting on
+the instance it was ranked onto while another one is free.
 
 One balancer lives as long as the app: a config reload (`reconfigure`) adds and removes instances
 and keeps what is known about those that stay, including the leases of requests still in flight.
@@ -322,28 +324,53 @@ class Balancer:
 
     # ---- leases ----
 
+    def saturated(self, backend: str) -> bool:
+        instance = self.instances.get(backend)
+        return instance is not None and instance.saturated
+
+    async def room(self, targets: Sequence[Target], affinity: str | None = None) -> list[Target]:
+        """`targets` ranked again once one of those the ranking would use (with the model, not
+        ejected) has room under its cap: for a request that found them all full. 429 when none has
+        had room for `max_wait` seconds."""
+        now = self._clock()
+        present = [(t, self.instances[t.backend]) for t in targets if t.backend in self.instances]
+        fit = [i for t, i in present if i.has(t.model) is not False and self._usable(i, now)]
+        watched = fit or [i for _, i in present]
+        names = ", ".join(t.backend for t, _ in present)
+        await self._wait_for(
+            lambda: not all(instance.saturated for instance in watched),
+            f"backends {names} are all at their limits of requests in flight",
+        )
+        return self.order(targets, affinity)
+
     async def acquire(self, backend: str) -> Lease:
         instance = self.instances.get(backend)
         if instance is None:
             raise _removed(backend)
         if instance.saturated:
-            self._waiting += 1
-            try:
-                async with asyncio.timeout(self.max_wait), self._room:
-                    await self._room.wait_for(lambda: not instance.saturated)
-            except TimeoutError:
-                raise RateLimited(
-                    f"backend {backend} is at its limit of {instance.max_inflight} requests in flight;"
-                    f" retry after a few seconds",
-                    headers={"retry-after": str(max(1, math.ceil(self.max_wait)))},
-                ) from None
-            finally:
-                self._waiting -= 1
+            await self._wait_for(
+                lambda: not instance.saturated,
+                f"backend {backend} is at its limit of {instance.max_inflight} requests in flight",
+            )
             if self.instances.get(backend) is not instance:
                 raise _removed(backend)
         if instance.ejected_until:
             instance.trial = True
         return self._lease(backend, instance)
+
+    async def _wait_for(self, room: Callable[[], bool], full: str) -> None:
+        """Until `room()`, for up to `max_wait` seconds; then 429, saying what was `full`."""
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.max_wait), self._room:
+                await self._room.wait_for(room)
+        except TimeoutError:
+            raise RateLimited(
+                f"{full}; retry after a few seconds",
+                headers={"retry-after": str(max(1, math.ceil(self.max_wait)))},
+            ) from None
+        finally:
+            self._waiting -= 1
 
     def lease(self, backend: str) -> Lease:
         return self._lease(backend, self.instances[backend])

@@ -76,6 +76,8 @@ class Dispatcher:
                 exchange.notes["fallback_from"] = plans[0].label
             exchange.answered_as = plan.requested
             targets = self.balancer.order(plan.targets, exchange.affinity)
+            if len(targets) > 1 and self.balancer.saturated(targets[0].backend):  # so are the others
+                targets = await self.balancer.room(targets, exchange.affinity)
             attempts = min(self.retries + 1, len(targets))
             try:
                 try:

@@ -277,6 +277,31 @@ async def test_past_the_cap_a_request_waits_then_gets_a_429() -> None:
     second.release()
 
 
+@pytest.mark.anyio
+async def test_when_every_instance_is_full_a_request_gets_the_first_that_frees_up() -> None:
+    b, targets = balancer(3, caps=[1, 1, 1], max_wait=5)
+    held = {t.backend: b.lease(t.backend) for t in targets}
+    waiting = asyncio.create_task(b.room(b.order(targets)))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    held["o2"].release()  # whichever the request was ranked onto
+    ranked = await asyncio.wait_for(waiting, 1)
+    assert ranked[0].backend == "o2"
+    held["o0"].release()
+    held["o1"].release()
+
+
+@pytest.mark.anyio
+async def test_when_no_instance_frees_up_in_time_the_request_gets_a_429() -> None:
+    b, targets = balancer(2, caps=[1, 1], max_wait=0.2)
+    held = [b.lease(t.backend) for t in targets]
+    with pytest.raises(RateLimited, match="backends o0, o1 are all at their limits") as caught:
+        await b.room(b.order(targets))
+    assert caught.value.headers["retry-after"] == "1"
+    for lease in held:
+        lease.release()
+
+
 def pool_config(urls: dict[str, str], **backend: Any) -> Any:
     return parse_config(
         {

@@ -192,6 +192,25 @@ def test_past_max_inflight_a_request_waits_then_gets_429(
     assert limited.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_when_every_instance_is_at_its_cap_a_request_takes_the_first_that_frees_up(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    pair = two_warm_instances(pool)
+    pair.fakes[0].default = Reply(content="slow", delay_first=5.0)
+    pair.fakes[1].default = Reply(content="quick", delay_first=0.5)
+    # round robin ranks the third request onto ollama-0, which stays busy past max_wait
+    gateway = start_gateway(pair.config(["llama3.2"], strategy="round_robin", caps=[1, 1], max_wait=4))
+    with concurrent.futures.ThreadPoolExecutor(2) as workers:
+        busy = [workers.submit(chat, gateway, "llama3.2") for _ in range(2)]
+        wait_for(lambda: all(f.chat_bodies() for f in pair.fakes))
+        assert all(f.chat_bodies() for f in pair.fakes), "both instances should be busy"
+        third = chat(gateway, "llama3.2")
+        first, second = (future.result(timeout=10) for future in busy)
+    assert third.status_code == 200, third.text
+    assert third.headers["x-phoenix-backend"] == "ollama-1"
+    assert sorted(a.headers["x-phoenix-backend"] for a in (first, second)) == ["ollama-0", "ollama-1"]
+
+
 def test_two_openai_compatible_servers_are_balanced_the_same_way(
     start_gateway: Callable[..., ServerThread],
 ) -> None:
