@@ -90,7 +90,9 @@ class Dispatcher:
             except GatewayError as error:
                 if not error.retryable:
                     raise
-                if exchange.privacy == "private":  # one plan, all local: say why it ends here
+                if exchange.privacy == "private" and isinstance(error, UpstreamError):
+                    # one plan, all local, and they failed: say why it ends here (a model missing on
+                    # every one stays Ollama's 404, with its pull hint)
                     raise _failed_closed(error, targets[:attempts], exchange) from error
                 if index == last:
                     raise

@@ -11,6 +11,7 @@
     ├── PermissionDenied              403 permission_error
     │   └── PrivacyViolation          403 code=privacy_violation
     ├── ModelNotFound                 404 invalid_request_error   code=model_not_found
+    │   └── ModelMissing              one Ollama instance lacks it: retried on the others
     ├── RateLimited                   429 rate_limit_error        (retry_after seconds)
     ├── Unavailable                   503 the gateway itself cannot serve (rate-limit store down)
     │   └── ShuttingDown              503 cut at the shutdown deadline
@@ -142,6 +143,16 @@ class ModelNotFound(GatewayError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, param="model", code="model_not_found")
+
+
+class ModelMissing(ModelNotFound):
+    """One instance lacks the model (Ollama's 404, its pull hint in the message). Its inventory may
+    be out of date, or unknown: another instance of the pool may have the model, so the request
+    moves on, and the client gets this only when every instance it tried answered it."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
 
 
 class RateLimited(GatewayError):

@@ -211,6 +211,25 @@ def test_when_every_instance_is_at_its_cap_a_request_takes_the_first_that_frees_
     assert sorted(a.headers["x-phoenix-backend"] for a in (first, second)) == ["ollama-0", "ollama-1"]
 
 
+def test_an_instance_that_lost_the_model_since_its_inventory_passes_the_request_on(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    pair = two_warm_instances(pool)
+    health = {"interval": 60, "unhealthy_after": 3, "cooldown": 60}
+    gateway = start_gateway(pair.config(["llama3.2"], strategy="round_robin", health=health))
+    probed_once(pair)
+    pair.fakes[0].models = []  # `ollama rm llama3.2` there; the gateway's inventory still lists it
+
+    answers = [chat(gateway, "llama3.2", stream=stream) for stream in (False, True, False, True)]
+
+    assert [(a.status_code, a.headers["x-phoenix-backend"]) for a in answers] == [(200, "ollama-1")] * 4
+    assert pair.fakes[0].chat_bodies(), "no request was ranked onto the instance without the model"
+    pair.fakes[1].models = []  # now no instance has it: Ollama's own 404 reaches the client
+    missing = chat(gateway, "llama3.2")
+    assert missing.status_code == 404
+    assert "run `ollama pull llama3.2` there" in missing.json()["error"]["message"]
+
+
 def test_two_openai_compatible_servers_are_balanced_the_same_way(
     start_gateway: Callable[..., ServerThread],
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import parse_config
-from tests.e2e.conftest import sample, scrape
+from tests.e2e.conftest import sample, scrape, wait_for
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -403,6 +403,44 @@ def test_a_private_request_whose_local_backends_all_fail_says_it_failed_closed(s
     assert "ollama-a" in message and "ollama-b" in message and "model runner" in message
     assert "never sent to a cloud backend" in message
     assert [path for path, *_ in cloud.requests if path != "/v1/models"] == []
+
+
+def test_a_private_request_for_a_model_every_local_instance_lost_gets_ollamas_404() -> None:
+    fakes = [FakeOllama(models=["llama3.2"]) for _ in range(2)]
+    with serve(fakes[0].app) as first, serve(fakes[1].app) as second:
+        settings = parse_config(
+            {
+                "backends": [
+                    {"name": "ollama-a", "type": "ollama", "base_url": first.url},
+                    {"name": "ollama-b", "type": "ollama", "base_url": second.url},
+                ],
+                "models": [
+                    {
+                        "name": "chat",
+                        "deployments": [
+                            {"backend": "ollama-a", "model": "llama3.2"},
+                            {"backend": "ollama-b", "model": "llama3.2"},
+                        ],
+                    }
+                ],
+            },
+            "test",
+        )
+        gateway = ServerThread(create_app(settings, environ={})).start()
+        try:
+            wait_for(lambda: all(any(path == "/api/tags" for path, _ in f.requests) for f in fakes))
+            for fake in fakes:
+                fake.models = []  # `ollama rm` on both, after the gateway read their lists
+            answer = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"x-privacy": "private"},
+                timeout=10,
+            )
+        finally:
+            gateway.stop()
+    assert answer.status_code == 404, answer.text
+    assert "ollama pull llama3.2" in answer.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,19 @@ def test_fallbacks_serve_public_traffic_when_every_deployment_fails(
     assert sample(scrape(gateway.url), "gateway_fallbacks_total", from_model="big", to_model="small") == 2
 
 
+def test_a_model_missing_on_every_deployment_falls_back(
+    two_ollamas: tuple[FakeOllama, ServerThread, FakeOllama, ServerThread],
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    first, one, spare, two = two_ollamas
+    first.models = []  # removed from the primary
+    gateway = start_gateway(fallback_config(one.url, two.url))
+    answer = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "big", "messages": HELLO})
+    assert answer.status_code == 200
+    assert answer.json()["model"] == "small"
+    assert len(first.chat_bodies()) == 1 and len(spare.chat_bodies()) == 1
+
+
 def test_a_client_error_does_not_fall_back(
     two_ollamas: tuple[FakeOllama, ServerThread, FakeOllama, ServerThread],
     start_gateway: Callable[..., ServerThread],

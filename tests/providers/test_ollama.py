@@ -468,6 +468,7 @@ def test_404_says_to_pull_the_model() -> None:
     assert isinstance(error, ModelNotFound)
     assert "ollama pull x" in error.message
     assert error.http_status == 404
+    assert error.retryable  # another instance of the pool may have it
 
 
 def test_400_keeps_ollamas_reason_and_names_the_param() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
+from gateway.errors import GatewayError, InvalidRequest, ModelMissing, UpstreamProtocol, UpstreamRejected
 from gateway.providers.base import random_id
 from gateway.schemas import Choice, Chunk, Completion, FinishReason, ToolCallDelta, Usage
 from gateway.upstream import json_or_none
@@ -112,7 +112,7 @@ def error_from(
     text = body.get("error") if isinstance(body, dict) else None
     text = str(text) if text else content[:200].decode("utf-8", errors="replace")
     if status == 404:
-        return ModelNotFound(
+        return ModelMissing(
             f"The model '{model}' is not available on the Ollama server;"
             f" run `ollama pull {model}` there to install it."
         )
