@@ -72,6 +72,7 @@ class Instance:
     latency: float | None = None  # EWMA of time to first token, seconds
     available: frozenset[str] | None = None  # models it has; None: not known
     loaded: frozenset[str] | None = None  # models in memory now; None: not known
+    answering: bool | None = None  # whether the latest probe was answered; None: none yet
 
     @property
     def saturated(self) -> bool:
@@ -86,7 +87,7 @@ class Instance:
     def forget(self) -> None:
         """Everything learnt about the server, when a reload points the name at another one."""
         self.failures, self.ejected_until, self.trial = 0, 0.0, False
-        self.latency = self.available = self.loaded = None
+        self.latency = self.available = self.loaded = self.answering = None
         self.up_gauge.set(1)
 
 
@@ -171,6 +172,12 @@ class Balancer:
     def healthy(self, backend: str) -> bool:
         return self.instances[backend].ejected_until == 0.0
 
+    def up(self, backend: str) -> bool:
+        """Readiness: the instance answered its latest probe and is not ejected. False until its
+        first probe has answered."""
+        instance = self.instances[backend]
+        return instance.answering is True and instance.ejected_until == 0.0
+
     def set_models(
         self, backend: str, available: Iterable[str] | None, loaded: Iterable[str] | None = None
     ) -> None:
@@ -208,7 +215,10 @@ class Balancer:
     def probed(self, backend: str, ok: bool) -> None:
         """An active probe's result: a failure counts like a failed request; success after the
         cool-down brings an ejected instance back."""
-        instance = self.instances[backend]
+        instance = self.instances.get(backend)
+        if instance is None:  # removed by a reload while it was probed
+            return
+        instance.answering = ok
         if not ok:
             self.failed(backend)
         elif not instance.ejected_until or self._clock() >= instance.ejected_until:

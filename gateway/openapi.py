@@ -251,12 +251,14 @@ def document(config: Config) -> dict[str, Any]:
         },
         "/readyz": {
             "get": {
-                "summary": "Readiness: at least one backend is healthy",
+                "summary": "Readiness: at least one backend answered its latest probe and is not ejected",
                 "operationId": "readyz",
                 **ops,
                 "responses": {
                     "200": json_body(ref("Readiness"), "Ready."),
-                    "503": json_body(ref("Readiness"), "No backend is healthy."),
+                    "503": json_body(
+                        ref("Readiness"), "No backend answered its latest probe, or all are ejected."
+                    ),
                 },
             }
         },

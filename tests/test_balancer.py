@@ -248,6 +248,23 @@ async def test_a_half_open_instance_gets_one_trial_and_a_failed_trial_ejects_it_
     assert b.healthy("o0")
 
 
+def test_an_instance_is_up_for_readiness_once_its_latest_probe_answered_and_while_not_ejected() -> None:
+    clock = Clock()
+    b, _ = balancer(1, clock, health={"unhealthy_after": 2, "cooldown": 10})
+    assert not b.up("o0")  # no probe yet
+    b.probed("o0", ok=True)
+    assert b.up("o0")
+    b.probed("o0", ok=False)
+    assert not b.up("o0") and b.healthy("o0")  # one failure does not eject, but it did not answer
+    b.probed("o0", ok=True)
+    b.failed("o0")
+    b.failed("o0")
+    assert not b.up("o0")  # ejected by its requests, though its probe answers
+    clock.now += 10
+    b.probed("o0", ok=True)
+    assert b.up("o0")
+
+
 def test_a_probe_inside_the_cooldown_does_not_end_it() -> None:
     clock = Clock()
     b, _ = balancer(clock=clock, health={"unhealthy_after": 1, "cooldown": 30})

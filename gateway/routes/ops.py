@@ -1,4 +1,4 @@
-"""Operator endpoints: /healthz (process alive), /readyz (a backend is healthy), /metrics."""
+"""Operator endpoints: /healthz (process alive), /readyz (a backend answers), /metrics."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when at least one backend is healthy, as the background probes and the requests'
-    own outcomes have found (see `balancer`)."""
+    """Ready when at least one backend answered its latest probe and is not ejected (see
+    `balancer`). It reads what the background probes found, every `routing.health.interval`
+    seconds (the first at start): no backend is asked here, and none is up before its first probe
+    has answered."""
     state: State = request.app.state.gateway
     backends = {
         backend.name: {
             "type": backend.type,
             "local": backend.local,
-            "up": state.balancer.healthy(backend.name),
+            "up": state.balancer.up(backend.name),
         }
         for backend in state.config.backends
     }

@@ -22,7 +22,7 @@ from gateway.config import Config
 from gateway.schemas import MAX_EMBEDDING_INPUTS
 from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, free_port, serve
 
 pytestmark = pytest.mark.e2e
 
@@ -430,6 +430,7 @@ def test_prefix_route_passes_the_upstream_name(fake_ollama: FakeServer, gateway:
 
 def test_health_and_readiness(fake_ollama: FakeServer, gateway: ServerThread) -> None:
     assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+    wait_for(lambda: httpx.get(gateway.url + "/readyz").status_code == 200)  # the first probe, at start
     ready = httpx.get(gateway.url + "/readyz")
     assert ready.status_code == 200
     assert ready.json()["backends"]["ollama-1"] == {"type": "ollama", "local": True, "up": True}
@@ -463,6 +464,39 @@ def test_ollama_down_is_503_naming_the_url(start_gateway: Callable[[Config], Ser
     assert streamed.status_code == 503
     assert error_of(streamed)["type"] == "server_error"
     assert httpx.get(gateway.url + "/readyz").status_code == 503
+
+
+def test_not_ready_while_no_backend_answers_its_probe(
+    start_gateway: Callable[[Config], ServerThread],
+) -> None:
+    port = free_port()
+    config = ollama_config(
+        f"http://127.0.0.1:{port}",
+        backends=[
+            {"name": "ollama-1", "type": "ollama", "base_url": f"http://127.0.0.1:{port}"},
+            {"name": "ollama-2", "type": "ollama", "base_url": f"http://127.0.0.1:{free_port()}"},
+        ],
+        routing={"health": {"interval": 0.2, "unhealthy_after": 1000}},  # never ejected
+    )
+    gateway = start_gateway(config)
+    wait_for(lambda: httpx.get(gateway.url + "/readyz").status_code == 503)
+    ready = httpx.get(gateway.url + "/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "status": "unavailable",
+        "backends": {
+            name: {"type": "ollama", "local": True, "up": False} for name in ("ollama-1", "ollama-2")
+        },
+    }
+
+    with serve(FakeOllama().app, port=port):  # ollama-1 comes up: the next probe finds it
+        wait_for(lambda: httpx.get(gateway.url + "/readyz").status_code == 200)
+        ready = httpx.get(gateway.url + "/readyz")
+        assert ready.status_code == 200
+        assert {name: entry["up"] for name, entry in ready.json()["backends"].items()} == {
+            "ollama-1": True,
+            "ollama-2": False,
+        }
 
 
 def test_model_missing_on_ollama_says_to_pull_it(fake_ollama: FakeServer, gateway: ServerThread) -> None:
