@@ -139,6 +139,24 @@ class RateLimits(_Strict):
     redis_prefix: str = "phoenix:rl:"
     fail_open: bool = True  # Redis unreachable: let requests through (logged), or refuse them with 503
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """Read as Redis will read it when the store is built, so that check-config, serve and a
+        reload all refuse it here, naming the key. The URL may hold a password: never echoed."""
+        if value is None:
+            return None
+        from redis.connection import parse_url  # noqa: PLC0415 only configs that name Redis import it
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as error:
+            reason = str(error).rstrip(".")
+            if "scheme" in reason:
+                reason = "no redis://, rediss:// or unix:// scheme"
+            raise ValueError(f"not a Redis URL such as redis://host:6379/0 ({reason})") from None
+        return value
+
 
 class ApiKey(_Strict):
     name: str = Field(pattern=NAME_PATTERN)

@@ -92,6 +92,14 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
             {"backends": [{"name": "o", "type": "ollama", "headers": {"x-team": "a\r\nx-evil: 1"}}]},
             "backends.0.ollama.headers: header 'x-team' is not a valid header line",
         ),
+        (
+            {"rate_limits": {"redis_url": "127.0.0.1:6379"}},
+            "rate_limits.redis_url: not a Redis URL such as redis://host:6379/0 (no redis://, rediss://",
+        ),
+        (
+            {"rate_limits": {"redis_url": "redis://:s3cret@cache:port/0"}},
+            "rate_limits.redis_url: not a Redis URL such as redis://host:6379/0 (Port could not be cast",
+        ),
     ],
 )
 def test_bad_values_are_errors_that_name_the_key(change: dict[str, Any], expected: str) -> None:
