@@ -304,3 +304,29 @@ async def test_a_failed_show_is_asked_again_after_a_while_for_the_truncation_not
     now[0] += ollama.FACTS_RETRY
     assert (await provider.complete(CHAT, "m")).notices == {"prompt_truncated": "2048"}  # asked again
     assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 2
+
+
+async def test_a_show_left_unanswered_holds_up_no_answer_and_is_asked_again_later(
+    httpx_mock: HTTPXMock, provider: OllamaProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ollama, "CONTEXT_WAIT", 0.05)
+    monkeypatch.setattr(ollama, "FACTS_TIMEOUT", 0.1)
+    monkeypatch.setattr(ollama, "FACTS_RETRY", 0.2)
+    answer = {"message": {"content": "yo"}, "done": True, "prompt_eval_count": 2048, "eval_count": 1}
+    httpx_mock.add_response(url=URL + "/api/chat", json=answer, is_reusable=True)
+    never = asyncio.Event()
+
+    async def stuck_show(request: httpx.Request) -> httpx.Response:
+        await never.wait()  # the connection stays open and nothing comes
+        return httpx.Response(200, json={})
+
+    httpx_mock.add_callback(stuck_show, url=URL + "/api/show")
+    # the answer waits CONTEXT_WAIT for the lookup, not for the lookup's end
+    assert (await asyncio.wait_for(provider.complete(CHAT, "m"), 5)).notices == {}
+    assert (await asyncio.wait_for(provider.complete(CHAT, "m"), 5)).notices == {}
+    httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx 2048"})
+    await asyncio.sleep(0.1 + 0.2)  # past FACTS_TIMEOUT the stuck lookup has failed; past FACTS_RETRY...
+    monkeypatch.setattr(ollama, "CONTEXT_WAIT", 5.0)
+    completion = await asyncio.wait_for(provider.complete(CHAT, "m"), 5)
+    assert completion.notices == {"prompt_truncated": "2048"}  # ...it is asked again
+    assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 2

@@ -63,7 +63,8 @@ __all__ = [
 
 PROMPT_TRUNCATED = "prompt_truncated"  # notice key; its value is the context size in tokens
 NUM_CTX = re.compile(r"^num_ctx\s+(\d+)", re.MULTILINE)
-CONTEXT_WAIT = 1.0  # seconds a finished stream waits for its model's context size, if still unknown
+CONTEXT_WAIT = 1.0  # seconds a finished answer waits for its model's context size, if still unknown
+FACTS_TIMEOUT = 10.0  # seconds an /api/show may take: a lookup still unanswered then has failed
 FACTS_RETRY = 30.0  # seconds before a model's failed /api/show is asked again
 
 
@@ -145,12 +146,10 @@ class OllamaProvider:
         size = (body.get("options") or {}).get("num_ctx")
         return size if isinstance(size, int) else self._facts_of(model)
 
-    async def _truncation(
-        self, model: str, body: dict[str, Any], used: Usage, wait: float | None = None
-    ) -> dict[str, str]:
+    async def _truncation(self, model: str, body: dict[str, Any], used: Usage) -> dict[str, str]:
         """Ollama cuts a prompt longer than the context without an error (HTTP 200); the only trace is
         a prompt count equal to the context size. Say so, when the context size can be known
-        (within `wait` seconds of the answer's end, for a stream: its end is not held up longer)."""
+        within CONTEXT_WAIT seconds of the answer's end: the answer is not held up longer."""
         if not used.prompt_tokens:
             return {}
         size: int | asyncio.Task[ModelFacts] | None = self._context_size_of(model, body)
@@ -159,7 +158,7 @@ class OllamaProvider:
                 size = size.result().context_size
             else:
                 try:
-                    size = (await asyncio.wait_for(asyncio.shield(size), wait)).context_size
+                    size = (await asyncio.wait_for(asyncio.shield(size), CONTEXT_WAIT)).context_size
                 except TimeoutError:
                     return {}  # the lookup goes on, for the next answer
         if size is None or used.prompt_tokens < size:
@@ -167,9 +166,12 @@ class OllamaProvider:
         return {PROMPT_TRUNCATED: str(size)}
 
     async def _show(self, model: str) -> ModelFacts:
+        """The model's facts; a lookup that fails, or that the backend leaves unanswered (the
+        transport bounds only the connect), has failed: it is asked again after FACTS_RETRY."""
         try:
-            return model_facts(await self._http.request("POST", "/api/show", {"model": model}, model))
-        except GatewayError:
+            async with asyncio.timeout(FACTS_TIMEOUT):
+                return model_facts(await self._http.request("POST", "/api/show", {"model": model}, model))
+        except (GatewayError, TimeoutError):
             return ModelFacts(failed_at=time.monotonic())
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
@@ -186,7 +188,7 @@ class OllamaProvider:
                     self._context_size_of(model, payload)
                 yield chunks
         used = state.usage
-        if used is not None and (notices := await self._truncation(model, payload, used, CONTEXT_WAIT)):
+        if used is not None and (notices := await self._truncation(model, payload, used)):
             yield [Chunk(notices=notices)]
         if not state.done:
             raise UpstreamProtocol(
