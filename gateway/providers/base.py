@@ -7,7 +7,16 @@ import binascii
 import math
 import os
 import string
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -208,7 +217,7 @@ def parsed(parse: Callable[[Any], R], answer: Any, who: str) -> R:
 
 async def batches(
     body: AsyncIterator[bytes], decoder: Decoder[T], parse: Callable[[T], list[Chunk]], who: str
-) -> AsyncIterator[list[Chunk]]:
+) -> AsyncGenerator[list[Chunk], None]:
     """A streamed body as `Provider.stream` yields it: the chunks of each read, as one list,
     except that the very first chunks go out on their own, ahead of whatever else their read
     carried (the first token's latency does not wait for the rest to be decoded). A malformed

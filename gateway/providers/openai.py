@@ -10,6 +10,7 @@ sees the gateway's ids and one consistent stream shape.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -274,11 +275,14 @@ class OpenAIProvider:
                 raise _stream_error(data.get("error", data) if isinstance(data, dict) else event.data)
             return state.parse_chunk(event.data)
 
-        async with self._http.stream(
-            "/chat/completions", build_request(request, model, stream=True), model
-        ) as body:
-            async for chunks in batches(body, decoder, parse, "the OpenAI-compatible server"):
+        async with (
+            self._http.stream("/chat/completions", build_request(request, model, stream=True), model) as body,
+            aclosing(batches(body, decoder, parse, "the OpenAI-compatible server")) as reads,
+        ):
+            async for chunks in reads:
                 yield chunks
+                if state.done:  # [DONE]: the answer is whole; a body not ended yet closes its connection
+                    break
         if not state.complete(request.n or 1):
             raise UpstreamProtocol(
                 f"the backend at {self.backend.base_url} ended the stream before finishing;"

@@ -43,7 +43,8 @@ class Rig:
         return self.fake.chat_bodies()  # type: ignore[no-any-return]
 
 
-def _config(kind: str, url: str, audit: Path | None = None) -> Config:
+def _config(kind: str, url: str, audit: Path | None = None, **extra: Any) -> Config:
+    """`extra`: more of the backend's settings."""
     if kind == "ollama":
         backend = {"name": "b", "type": "ollama", "base_url": url}
         chat, embed = "llama3.2:latest", "nomic-embed-text:latest"
@@ -59,6 +60,7 @@ def _config(kind: str, url: str, audit: Path | None = None) -> Config:
     else:
         backend = {"name": "b", "type": "gemini", "base_url": url + "/v1beta", "api_key_env": "FAKE_KEY"}
         chat, embed = "gemini-2.5-flash", "gemini-embedding-001"
+    backend.update(extra)
     models = [
         {"name": "chat", "deployments": [{"backend": "b", "model": chat}]},
         {"name": "embed", "deployments": [{"backend": "b", "model": embed}]},
@@ -186,6 +188,38 @@ def test_a_gemini_stream_whose_body_ends_without_finish_reason_ends_with_stop(
     ]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.prompt_tokens == 4
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+def test_a_stream_is_whole_at_its_end_marker_though_the_backend_holds_its_body_open(
+    start_gateway: Callable[..., ServerThread], kind: str
+) -> None:
+    # A proxy that holds back the last chunk: `done` (Ollama) or `[DONE]` (OpenAI) has come, the
+    # HTTP body has not ended. The client's stream ends there, not at the idle deadline with an error.
+    fake = _fake(kind)
+    fake.queue(Reply(pieces=["Hel", "lo"], prompt_eval_count=4, eval_count=2, held_open=5.0))
+    timeouts = {"idle": 1.0, "total": 30.0}
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config(kind, upstream.url, timeouts=timeouts), environ={"FAKE_KEY": KEY})
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0, timeout=10) as api:
+            chunks = list(
+                api.chat.completions.create(
+                    model="chat",
+                    messages=[{"role": "user", "content": "x"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            "stop"
+        ]
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.total_tokens == 6
+        samples = scrape(gateway.url)
+        labels = {"endpoint": "chat", "model": "chat", "backend": "b"}
+        assert sample(samples, "gateway_requests_total", **labels, status="200") == 1
+        assert sample(samples, "gateway_upstream_errors_total", backend="b", reason="timeout") == 0
 
 
 def test_json_schema(rig: Rig) -> None:

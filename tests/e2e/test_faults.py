@@ -301,6 +301,26 @@ def test_fault_after_the_first_byte_is_an_sse_error_and_no_done(rig: Callable[..
     assert_nothing_left(setup)
 
 
+def test_a_stream_ends_at_the_done_line_and_closes_a_body_the_backend_holds_open(
+    rig: Callable[..., Rig],
+) -> None:
+    setup = rig(1)
+    setup.fakes[0].queue([head(), chunk(line("a ")), chunk(line(done=True)), hang()])
+    body = {"model": "llama", "messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", setup.gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"  # at once, not an error event at the idle deadline
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 2
+    assert all("error" not in json.loads(event) for event in events[:-1])
+    wait_for(lambda: requests_total(setup, "ollama-1", 200) == 1, 3)
+    assert requests_total(setup, "ollama-1", 200) == 1
+    assert upstream_errors(setup, "ollama-1", "timeout") == 0
+    # its body was not read to the end: the connection is closed, not reused
+    wait_for(setup.fakes[0].peer_closes, 3)
+    assert len(setup.fakes[0].peer_closes()) == 1
+    assert_nothing_left(setup)
+
+
 # ---- the client goes away ----
 
 

@@ -42,6 +42,7 @@ class Reply:
     id_missing: bool = False
     garbage: bool = False  # answer 200 with a body that is not the protocol
     usage_missing: bool = False  # OpenAI-compatible: no usage at all (a server that ignores stream_options)
+    held_open: float = 0.0  # stream: seconds the body stays open after its end marker (done, [DONE])
 
     def stream_pieces(self) -> list[str]:
         if self.pieces is not None:
@@ -208,6 +209,8 @@ class FakeOllama:
                 final = line({"content": ""})
                 yield orjson.dumps({**orjson.loads(final), **self._final(reply)}) + b"\n"
             self.completed_streams += 1
+            if reply.held_open:
+                await asyncio.sleep(reply.held_open)
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise

@@ -158,6 +158,8 @@ class FakeOpenAI:
             if (body.get("stream_options") or {}).get("include_usage") and not reply.usage_missing:
                 yield b"data: " + orjson.dumps({**head, "choices": [], "usage": self._usage(reply)}) + b"\n\n"
             yield b"data: [DONE]\n\n"
+            if reply.held_open:
+                await asyncio.sleep(reply.held_open)
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise

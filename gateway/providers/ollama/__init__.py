@@ -26,6 +26,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -181,12 +182,17 @@ class OllamaProvider:
         capabilities = await self._capabilities(model) if needs_capabilities(request) else None
         payload = build_request(request, model, stream=True, images=images, capabilities=capabilities)
         begun = False
-        async with self._http.stream("/api/chat", payload, model) as body:
-            async for chunks in batches(body, decoder, state.parse_chunk, "Ollama"):
+        async with (
+            self._http.stream("/api/chat", payload, model) as body,
+            aclosing(batches(body, decoder, state.parse_chunk, "Ollama")) as reads,
+        ):
+            async for chunks in reads:
                 if not begun:  # the answer has begun: the model's context size is looked up meanwhile
                     begun = True
                     self._context_size_of(model, payload)
                 yield chunks
+                if state.done:  # the answer is whole; a body not ended yet closes its connection
+                    break
         used = state.usage
         if used is not None and (notices := await self._truncation(model, payload, used)):
             yield [Chunk(notices=notices)]
