@@ -149,10 +149,11 @@ def parse_response(body: Any) -> Completion:
 class StreamState:
     """Turns SSE events into chunks; remembers which choices finished and whether [DONE] came."""
 
-    __slots__ = ("done", "finished", "tool_calls", "usage")
+    __slots__ = ("answered", "done", "finished", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.done = False
+        self.answered: set[int] = set()  # choices that sent output
         self.finished: set[int] = set()
         self.tool_calls: set[int] = set()
         self.usage = False  # a usage event came (the gateway always asks for one)
@@ -165,7 +166,7 @@ class StreamState:
     def parse_chunk(self, data: str) -> list[Chunk]:
         if data.strip() == "[DONE]":
             self.done = True
-            return []
+            return self._close()
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -193,12 +194,22 @@ class StreamState:
             )
             if reason:
                 self.finished.add(index)
-            if chunk.has_output or chunk.finish_reason:
+            if chunk.has_output:
+                self.answered.add(index)
+                chunks.append(chunk)
+            elif chunk.finish_reason:
                 chunks.append(chunk)
         if event.get("usage"):
             self.usage = True
             chunks.append(Chunk(usage=usage(event["usage"])))
         return chunks
+
+    def _close(self) -> list[Chunk]:
+        """At [DONE]: a choice that answered and was never finished ends with `stop` (`tool_calls`
+        after a call), as a Gemini body that ends without a finishReason does."""
+        open_choices = sorted(self.answered - self.finished)
+        self.finished.update(open_choices)
+        return [Chunk(finish_reason=finish_reason(None, i in self.tool_calls), index=i) for i in open_choices]
 
 
 def parse_chunk(data: str, state: StreamState) -> list[Chunk]:

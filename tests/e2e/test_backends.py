@@ -222,6 +222,31 @@ def test_a_stream_is_whole_at_its_end_marker_though_the_backend_holds_its_body_o
         assert sample(samples, "gateway_upstream_errors_total", backend="b", reason="timeout") == 0
 
 
+def test_an_openai_stream_whose_done_comes_without_finish_reason_ends_with_stop(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    # The same stream shape as from Ollama and Gemini: one finish_reason, then usage, then [DONE].
+    fake = FakeOpenAI(api_key=KEY)
+    fake.queue(Reply(pieces=["All of ", "the answer."], finish_missing=True, prompt_eval_count=4))
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
+            chunks = list(
+                api.chat.completions.create(
+                    model="chat",
+                    messages=[{"role": "user", "content": "x"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "All of the answer."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == 4
+
+
 def test_json_schema(rig: Rig) -> None:
     rig.fake.queue(Reply(content='{"city": "Oslo"}'))
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

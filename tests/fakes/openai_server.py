@@ -154,7 +154,8 @@ class FakeOpenAI:
                     yield event({"tool_calls": [{"index": i, "function": {"arguments": part}}]})
             if reply.omit_done:
                 return
-            yield event({}, self._finish(reply))
+            if not reply.finish_missing:
+                yield event({}, self._finish(reply))
             if (body.get("stream_options") or {}).get("include_usage") and not reply.usage_missing:
                 yield b"data: " + orjson.dumps({**head, "choices": [], "usage": self._usage(reply)}) + b"\n\n"
             yield b"data: [DONE]\n\n"

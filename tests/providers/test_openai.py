@@ -175,6 +175,21 @@ def test_done_sentinel_and_error_events() -> None:
         openai.StreamState().parse_chunk("not json")
 
 
+def test_done_finishes_the_choices_left_open_with_stop_or_tool_calls() -> None:
+    state = openai.StreamState()
+    call = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    state.parse_chunk(event({"role": "assistant", "content": "hi"}))
+    state.parse_chunk(event({"tool_calls": [call]}, index=1))
+    state.parse_chunk(event({"content": "done"}, "length", index=2))
+    state.parse_chunk(event({"role": "assistant"}, index=3))  # no output: not an answer to finish
+    closing = state.parse_chunk("[DONE]")
+    assert [(c.index, c.finish_reason, c.has_output) for c in closing] == [
+        (0, "stop", False),
+        (1, "tool_calls", False),
+    ]
+    assert state.parse_chunk("[DONE]") == []  # a second one finishes nothing twice
+
+
 def test_reasoning_content_is_kept_apart() -> None:
     [chunk] = openai.StreamState().parse_chunk(event({"reasoning_content": "think"}))
     assert (chunk.reasoning, chunk.content) == ("think", "")
