@@ -30,7 +30,18 @@ class Event:
 
 
 class SSEDecoder:
-    __slots__ = ("_data", "_data_size", "_event", "_id", "_max_line", "_pending", "_retry", "_size", "_utf8")
+    __slots__ = (
+        "_data",
+        "_data_size",
+        "_event",
+        "_id",
+        "_max_line",
+        "_pending",
+        "_retry",
+        "_size",
+        "_utf8",
+        "cut",
+    )
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
         # The partial line, in pieces joined only once a line ends (a long line costs linear time).
@@ -44,6 +55,7 @@ class SSEDecoder:
         self._id: str | None = None
         self._retry: int | None = None
         self._max_line = max_line
+        self.cut = False  # set by `flush`: the stream ended in the middle of an event
 
     def feed(self, chunk: bytes | str) -> list[Event]:
         text = self._utf8.decode(chunk) if isinstance(chunk, bytes) else chunk
@@ -108,7 +120,8 @@ class SSEDecoder:
             raise LineTooLong(f"line longer than {self._max_line} characters")
 
     def flush(self) -> list[Event]:
-        """End of stream: a trailing line without terminator counts; an undispatched event is dropped."""
+        """End of stream: a trailing line without terminator counts; an event no blank line
+        dispatched is dropped, as the spec says, and `cut` is set: the stream ended inside it."""
         events: list[Event] = []
         pending = "".join(self._pending) + self._utf8.decode(b"", final=True)
         self._pending, self._size = [], 0
@@ -116,6 +129,7 @@ class SSEDecoder:
             event = self._line(pending.rstrip("\r"))
             if event is not None:
                 events.append(event)
+        self.cut = bool(self._data)
         return events
 
     def _line(self, line: str) -> Event | None:

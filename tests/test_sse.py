@@ -42,6 +42,24 @@ def test_flush_reads_a_last_unterminated_line_but_does_not_dispatch_it() -> None
     decoder = SSEDecoder()
     decoder.feed("data: x\n\ndata: tail")
     assert decoder.flush() == []
+    assert decoder.cut  # and says the stream ended inside an event
+
+
+@pytest.mark.parametrize(
+    ("text", "cut"),
+    [
+        ('data: {"a": 1}\r\n\r\n', False),
+        ('data: {"a": 1}\n\n: bye', False),  # a comment is no event
+        ('data: {"a": 1}\n\nevent: end\n', False),  # nor a type without data
+        ('data: {"a": 1}\r\n\r\ndata: {"b', True),
+        ('data: {"a": 1}\n\ndata: {"b": 2}\n', True),  # no blank line dispatched it
+        ('data: {"a": 1}\r\n\r\ndata: {"b": 2}\r', True),
+    ],
+)
+def test_flush_says_whether_the_stream_ended_inside_an_event(text: str, cut: bool) -> None:
+    decoder = SSEDecoder()
+    assert [event.data for event in decoder.feed(text) + decoder.flush()] == ['{"a": 1}']
+    assert decoder.cut is cut
 
 
 def test_an_endless_line_is_cut_off() -> None:

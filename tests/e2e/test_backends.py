@@ -247,6 +247,28 @@ def test_an_openai_stream_whose_done_comes_without_finish_reason_ends_with_stop(
     assert chunks[-1].usage.prompt_tokens == 4
 
 
+def test_a_gemini_stream_whose_body_ends_inside_an_event_is_an_error_not_a_stop(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    # The framing is whole (the last chunk, then the chunked body's end), the last event is not:
+    # its text is lost, and the client is told so rather than given a clean `stop`.
+    fake = FakeGemini(api_key=KEY)
+    fake.queue(Reply(pieces=["hi ", "world"], cut_last=True))
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        samples = scrape(gateway.url)
+    assert "[DONE]" not in events
+    *chunks, last = [json.loads(event) for event in events]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "hi "
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert last["error"]["code"] == "upstream_incomplete"
+    labels = {"endpoint": "chat", "model": "chat", "backend": "b"}
+    assert sample(samples, "gateway_requests_total", **labels, status="502") == 1
+
+
 def test_json_schema(rig: Rig) -> None:
     rig.fake.queue(Reply(content='{"city": "Oslo"}'))
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

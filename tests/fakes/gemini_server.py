@@ -153,7 +153,11 @@ class FakeGemini:
                     return
                 if i and reply.delay_between:
                     await asyncio.sleep(reply.delay_between)
-                yield event(self._response(model, [{"text": piece}], reply, final=False))
+                data = event(self._response(model, [{"text": piece}], reply, final=False))
+                if reply.cut_last and i == len(pieces) - 1:
+                    yield data[: len(data) // 2]
+                    return
+                yield data
             if reply.omit_done:
                 return
             yield event(self._response(model, self._calls(reply), reply, final=True))

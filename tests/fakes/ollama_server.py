@@ -43,6 +43,7 @@ class Reply:
     garbage: bool = False  # answer 200 with a body that is not the protocol
     usage_missing: bool = False  # OpenAI-compatible: no usage at all (a server that ignores stream_options)
     finish_missing: bool = False  # OpenAI-compatible stream: [DONE] comes with no finish_reason before it
+    cut_last: bool = False  # Gemini stream: the body ends cleanly half-way through its last event
     held_open: float = 0.0  # stream: seconds the body stays open after its end marker (done, [DONE])
 
     def stream_pieces(self) -> list[str]:

@@ -26,7 +26,8 @@ Translation choices (contracts/gemini.md §9-§11):
 - When a stream's body ends, the choices that got no `finishReason` are finished as if with STOP
   (`stop`, or `tool_calls` after a call; contracts/gemini.md §10.2), as SSE has no end marker and
   the body's end is the answer's. A body cut off by the connection is an error all the same (the
-  transport raises it), and one without any candidate too. Usage is the last `usageMetadata` seen.
+  transport raises it), as is one that ends inside an event (`upstream_incomplete`), and one
+  without any candidate too. Usage is the last `usageMetadata` seen.
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ class GeminiProvider:
         async with self._http.stream(path, payload, model) as body:
             async for chunks in batches(body, decoder, parse, "Gemini"):
                 yield chunks
+        if decoder.cut:  # framed well, but its last event had not ended: what it held is lost
+            raise UpstreamProtocol(
+                f"Gemini at {self.backend.base_url} ended the stream in the middle of an event;"
+                " the answer may be incomplete",
+                code="upstream_incomplete",
+            )
         closing = state.close()  # the body ended cleanly: one cut off raised above
         if closing:
             yield closing
