@@ -53,7 +53,9 @@ def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exc
     if isinstance(error, GatewayError):
         return error
     label = LABELS.get(kind, kind)
-    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+    if isinstance(error, httpx.ConnectTimeout):  # a deadline like the others: 504 (README, Routing)
+        return UpstreamTimeout(f"Timed out connecting to {label} server at {base_url}")
+    if isinstance(error, httpx.ConnectError):
         return UpstreamUnavailable(f"Cannot connect to {label} server at {base_url}")
     if isinstance(error, httpx.PoolTimeout):
         return UpstreamUnavailable(f"No free connection to {label} server at {base_url}")

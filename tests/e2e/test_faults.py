@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,20 +88,45 @@ def settled_task_count(gateway: ServerThread, limit: float = 3.0) -> int:
     return last
 
 
+@contextmanager
+def unaccepting_address() -> Iterator[str]:
+    """The URL of a listener whose accept queue is full, so a connection attempt gets no answer
+    (its SYN is dropped), as from a firewalled or frozen host."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(4)]
+    try:
+        for filler in fillers:  # never accepted
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
 @pytest.fixture
 def rig(start_gateway: Callable[..., ServerThread]) -> Iterator[Callable[[int, int], Rig]]:
-    """`rig(servers, refused)`: a gateway whose model `llama` has `servers` faulty instances and then
-    `refused` addresses where nothing listens, all with short timeouts."""
+    """`rig(servers, refused, unanswered)`: a gateway whose model `llama` has `servers` faulty
+    instances, then `refused` addresses where nothing listens, then `unanswered` ones where
+    connecting gets no answer, all with short timeouts (`timeouts` overrides some)."""
     opened: list[Any] = []
 
-    def make(servers: int, refused: int = 0) -> Rig:
+    def make(servers: int, refused: int = 0, unanswered: int = 0, **timeouts: float) -> Rig:
         context = faulty_servers(servers)
         fakes = context.__enter__()
         opened.append(context)
         urls = [fake.url for fake in fakes] + [f"http://127.0.0.1:{free_port()}" for _ in range(refused)]
+        for _ in range(unanswered):
+            silent = unaccepting_address()
+            urls.append(silent.__enter__())
+            opened.append(silent)
         names = [f"ollama-{i}" for i in range(1, len(urls) + 1)]
         backends = [
-            {"name": name, "type": "ollama", "base_url": url, "timeouts": TIMEOUTS}
+            {"name": name, "type": "ollama", "base_url": url, "timeouts": {**TIMEOUTS, **timeouts}}
             for name, url in zip(names, urls, strict=True)
         ]
         deployments = [{"backend": name, "model": "llama3.2:latest"} for name in names]
@@ -169,6 +196,20 @@ def test_connection_refused_is_503(rig: Callable[..., Rig], stream: bool) -> Non
     assert "Cannot connect to Ollama server at http://127.0.0.1:" in error["message"]
     assert upstream_errors(setup, "ollama-1", "connect") == 1
     assert requests_total(setup, "ollama-1", 503) == 1
+    assert_nothing_left(setup)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_connect_timeout_is_504(rig: Callable[..., Rig], stream: bool) -> None:
+    setup = rig(0, 0, 1, connect=0.5)
+    response = setup.post(stream)
+    assert response.status_code == 504  # README: when a backend's timeout runs out the answer is 504
+    error = error_of(response)
+    assert error["type"] == "server_error"
+    assert "Timed out connecting to Ollama server at http://127.0.0.1:" in error["message"]
+    assert upstream_errors(setup, "ollama-1", "timeout") == 1
+    assert upstream_errors(setup, "ollama-1", "connect") == 0
+    assert requests_total(setup, "ollama-1", 504) == 1
     assert_nothing_left(setup)
 
 
