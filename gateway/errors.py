@@ -13,7 +13,8 @@
     ├── ModelNotFound                 404 invalid_request_error   code=model_not_found
     │   └── ModelMissing              one Ollama instance lacks it: retried on the others
     ├── RateLimited                   429 rate_limit_error        (retry_after seconds)
-    ├── Unavailable                   503 the gateway itself cannot serve (rate-limit store down)
+    ├── Unavailable                   503 the gateway itself cannot serve (rate-limit store down,
+    │   │                                 out of file descriptors)
     │   └── ShuttingDown              503 cut at the shutdown deadline
     └── UpstreamError                 502 server_error            (the backend failed us)
         ├── UpstreamUnavailable       503 connection refused / DNS / reset before a byte

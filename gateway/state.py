@@ -21,7 +21,7 @@ from gateway.auth import Keys, check_model
 from gateway.balancer import Balancer
 from gateway.config import ApiKey, Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError, PrivacyViolation, ShuttingDown
+from gateway.errors import GatewayError, PrivacyViolation, ShuttingDown, Unavailable
 from gateway.exchange import Exchange
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -378,6 +378,8 @@ class State:
             try:
                 async with asyncio.timeout(INVENTORY_TIMEOUT):
                     await provider.probe()
+            except Unavailable:  # the gateway's own trouble (out of descriptors): no word on the backend
+                return
             except (GatewayError, TimeoutError):
                 self.balancer.probed(name, ok=False)
                 return

@@ -6,7 +6,9 @@ httpx's transport interface. Both speak httpx's exception vocabulary."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
@@ -15,13 +17,15 @@ import httpx
 import orjson
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
-from gateway.errors import GatewayError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, Unavailable, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
 from gateway.http1 import Pool, Target, encode_headers
 from gateway.ndjson import LineTooLong
 from gateway.transport import AiohttpTransport
 
 # What a backend type is called in messages: "Cannot connect to Ollama server at URL".
 LABELS = {"ollama": "Ollama", "openai": "OpenAI-compatible", "gemini": "Gemini"}
+# OS errors in connecting that are the gateway's own trouble, not the backend's.
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class GatewayTransport(AiohttpTransport):
@@ -56,6 +60,12 @@ def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exc
     if isinstance(error, httpx.ConnectTimeout):  # a deadline like the others: 504 (README, Routing)
         return UpstreamTimeout(f"Timed out connecting to {label} server at {base_url}")
     if isinstance(error, httpx.ConnectError):
+        if (code := _os_errno(error)) in OUT_OF_DESCRIPTORS:
+            return Unavailable(
+                f"The gateway is out of file descriptors and cannot open a connection to {label} server"
+                f" at {base_url} ({errno.errorcode[code]}: {os.strerror(code)}); its open-file limit"
+                " (ulimit -n) is too low for the load. Retry the request."
+            )
         return UpstreamUnavailable(f"Cannot connect to {label} server at {base_url}")
     if isinstance(error, httpx.PoolTimeout):
         return UpstreamUnavailable(f"No free connection to {label} server at {base_url}")
@@ -72,6 +82,16 @@ def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exc
     if isinstance(error, httpx.HTTPError):
         return UpstreamProtocol(f"{label} server at {base_url} failed: {type(error).__name__}")
     return error
+
+
+def _os_errno(error: BaseException) -> int | None:
+    """The errno of the OS error behind a transport failure (each client wraps it in its own)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        cause = cause.__cause__
+    return None
 
 
 class MappedErrors:

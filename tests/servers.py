@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -160,3 +162,17 @@ def redis_server(directory: Path, limit: float = 10) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=limit)
+
+
+@contextmanager
+def no_free_descriptors() -> Iterator[None]:
+    """Until the block ends, this process can open no file descriptor (EMFILE), as a gateway that
+    has run out of them: the soft RLIMIT_NOFILE is lowered to the lowest one free."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest = os.dup(0)
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

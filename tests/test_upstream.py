@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Unavailable
 from gateway.transport import AiohttpTransport
 from gateway.upstream import GatewayTransport, Upstream
-from tests.servers import ServerThread, serve
+from tests.servers import ServerThread, no_free_descriptors, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -63,3 +63,19 @@ async def test_a_content_type_from_the_backends_config_stands(backend: ServerThr
         calls = upstream(backend.url, client, {"Content-Type": "application/json; charset=utf-8"})
         seen = await calls.request("POST", "/echo", {"a": 1})
     assert seen["content_type"] == "application/json; charset=utf-8"
+
+
+@pytest.mark.parametrize("transport", [GatewayTransport, AiohttpTransport], ids=["http1", "aiohttp"])
+async def test_running_out_of_file_descriptors_is_the_gateways_503_not_the_backends(
+    backend: ServerThread, transport: type[httpx.AsyncBaseTransport]
+) -> None:
+    async with transport() as client:
+        calls = upstream(backend.url, client, {})
+        with no_free_descriptors(), pytest.raises(GatewayError) as caught:
+            await calls.request("GET", "/echo")
+        assert await calls.request("GET", "/echo") == {"content_type": None, "body": ""}  # and after it
+    error = caught.value
+    assert type(error) is Unavailable  # not an UpstreamError: the backend did nothing wrong
+    assert error.http_status == 503
+    assert "The gateway is out of file descriptors" in error.message
+    assert "(EMFILE: Too many open files)" in error.message  # the OS error, for the log line

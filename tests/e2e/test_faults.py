@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway import http1
 from gateway.config import parse_config
 from tests.e2e.conftest import sample, scrape, wait_for
 from tests.fakes.faulty_server import (
@@ -39,7 +40,7 @@ from tests.fakes.faulty_server import (
     sleep,
     wait,
 )
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, free_port, no_free_descriptors
 
 pytestmark = pytest.mark.e2e
 
@@ -210,6 +211,33 @@ def test_a_connect_timeout_is_504(rig: Callable[..., Rig], stream: bool) -> None
     assert upstream_errors(setup, "ollama-1", "timeout") == 1
     assert upstream_errors(setup, "ollama-1", "connect") == 0
     assert requests_total(setup, "ollama-1", 504) == 1
+    assert_nothing_left(setup)
+
+
+def test_running_out_of_file_descriptors_is_the_gateways_503_and_no_fault_of_the_backend(
+    rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http1, "IDLE_PER_HOST", 0)  # each request needs a new upstream connection
+    setup = rig(1)
+    with httpx.Client(timeout=10) as client:  # one client connection, open before the limit
+        body = {"model": "llama", "messages": HELLO, "stream": False}
+        url = setup.gateway.url + "/v1/chat/completions"
+        assert client.post(url, json=body).status_code == 200
+        wait_for(lambda: all(conn.closed_at for conn in setup.fakes[0].connections), 3)
+        state = setup.gateway.server.config.app.app.state.gateway
+        assert setup.gateway.loop is not None
+        with no_free_descriptors():
+            answers = [client.post(url, json=body) for _ in range(3)]  # unhealthy_after: 3
+            for _ in range(3):  # and as many rounds of health probes
+                asyncio.run_coroutine_threadsafe(state.refresh(), setup.gateway.loop).result(timeout=5)
+        assert [answer.status_code for answer in answers] == [503] * 3
+        error = error_of(answers[0])
+        assert error["message"].startswith("The gateway is out of file descriptors")
+        assert "(EMFILE: Too many open files)" in error["message"]
+        assert upstream_errors(setup, "ollama-1", "connect") == 0  # not counted against the backend
+        assert sample(scrape(setup.gateway.url), "gateway_backend_up", backend="ollama-1") == 1  # nor ejected
+        assert client.post(url, json=body).status_code == 200  # and it recovers
+    assert requests_total(setup, "ollama-1", 503) == 3
     assert_nothing_left(setup)
 
 
