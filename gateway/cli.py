@@ -21,7 +21,7 @@ from gateway.app import create_app
 from gateway.audit import AuditError, format_report, verify
 from gateway.auth import Keys
 from gateway.config import Config, ConfigError, resolve_config
-from gateway.logs import configure, get_logger
+from gateway.logs import configure, get_logger, stdlib_log_config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.privacy import require_working_detector
 from gateway.protocol import GatewayHttpProtocol
@@ -126,6 +126,7 @@ def serve(args: argparse.Namespace) -> int:
             loop=event_loop(),
             http=GatewayHttpProtocol,
             log_level="warning",
+            log_config=stdlib_log_config(),  # uvicorn's lines are JSON too
             timeout_graceful_shutdown=config.server.shutdown_timeout,
         )
     return 0

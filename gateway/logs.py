@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -12,6 +13,9 @@ import orjson
 import structlog
 
 AUDIT_EVENT = "request"
+# Messages of uvicorn's that are expected, documented events, and the level they deserve: the
+# shutdown deadline cutting requests (README, Operations) is no error of the gateway's.
+DEMOTED = {"Cancel %s running task(s), timeout graceful shutdown exceeded": logging.WARNING}
 # The request being served in this task: RequestId sets it, every log line of the request carries it.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("phoenix_request_id", default=None)
 
@@ -61,3 +65,31 @@ def get_logger(name: str = "gateway") -> Any:
     """A logger bound to the configuration in force now. (structlog's own `get_logger` gives a
     proxy that binds a new logger on every call, which showed in the profile of every request.)"""
     return structlog.get_logger(name).bind()
+
+
+class StdlibHandler(logging.Handler):
+    """Records of the standard library's loggers (uvicorn's: a start-up failure, the shutdown
+    deadline; asyncio's) written as the gateway's own lines: JSON, at the gateway's level, and
+    with an exception's type, never its stack trace. In a worker process uvicorn starts, a record
+    may come before the app has set up the logs: they are set up then, as the app would."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not structlog.is_configured():
+            configure(os.environ.get("PHOENIX_LOG_LEVEL", "info"))
+        level = min(record.levelno, DEMOTED.get(str(record.msg), record.levelno))
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = type(record.exc_info[1]).__name__
+        get_logger(record.name).log(level, record.getMessage(), **fields)
+
+
+def stdlib_log_config() -> dict[str, Any]:
+    """`logging.config.dictConfig` for uvicorn's `log_config`: its loggers and the root one (at
+    warning and above; uvicorn sets its own levels after this) write through StdlibHandler."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"gateway": {"class": "gateway.logs.StdlibHandler"}},
+        "loggers": {"uvicorn": {"handlers": ["gateway"], "level": "WARNING", "propagate": False}},
+        "root": {"handlers": ["gateway"], "level": "WARNING"},
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 import structlog
 import yaml
 
-from gateway.logs import configure, get_logger
+from gateway.logs import StdlibHandler, configure, get_logger
 from tests.e2e.conftest import scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
@@ -149,3 +150,34 @@ def test_a_terminal_gets_console_lines_and_a_pipe_gets_json() -> None:
         structlog.configure(**before)
     assert "hello" in terminal.getvalue() and not terminal.getvalue().lstrip().startswith("{")
     assert json.loads(pipe.getvalue())["where"] == "pipe"
+
+
+def test_uvicorns_records_become_json_lines_without_a_stack_trace() -> None:
+    pipe = io.StringIO()
+    before = structlog.get_config()
+    logger = logging.getLogger("uvicorn.error.test")
+    handler = StdlibHandler()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        configure("info", stream=pipe)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("Exception in ASGI application")
+        logger.error("Cancel %s running task(s), timeout graceful shutdown exceeded", 2)
+    finally:
+        logger.removeHandler(handler)
+        structlog.configure(**before)
+    failure, cut = (json.loads(line) for line in pipe.getvalue().splitlines())
+    assert (failure["event"], failure["level"], failure["error"]) == (
+        "Exception in ASGI application",
+        "error",
+        "ValueError",
+    )
+    assert "Traceback" not in pipe.getvalue()
+    # the documented shutdown deadline is no error of the gateway's
+    assert (cut["event"], cut["level"]) == (
+        "Cancel 2 running task(s), timeout graceful shutdown exceeded",
+        "warning",
+    )

@@ -108,3 +108,7 @@ def test_requests_longer_than_the_shutdown_timeout_are_cut_with_a_503_and_their_
         (False, 503, "server_error"),
         (True, 503, "server_error"),
     ]
+    lines = (tmp_path / "stderr.log").read_text().splitlines()
+    assert [line for line in lines if not line.startswith("{")] == []  # uvicorn's lines are JSON too
+    [cut] = [e for e in events if "timeout graceful shutdown exceeded" in e["event"]]
+    assert (cut["level"], cut["logger"]) == ("warning", "uvicorn.error")  # documented: not an error
