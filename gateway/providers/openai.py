@@ -18,7 +18,7 @@ import orjson
 
 from gateway.config import OpenAIBackend
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
-from gateway.providers.base import batches, parsed, shorten
+from gateway.providers.base import batches, end_of, parsed, shorten
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -292,7 +292,8 @@ class OpenAIProvider:
         ):
             async for chunks in reads:
                 yield chunks
-                if state.done:  # [DONE]: the answer is whole; a body not ended yet closes its connection
+                if state.done:  # [DONE]: the answer is whole, whether or not its body ends soon
+                    await end_of(reads)
                     break
         if not state.complete(request.n or 1):
             raise UpstreamProtocol(

@@ -390,6 +390,22 @@ def test_a_stream_ends_at_the_done_line_and_closes_a_body_the_backend_holds_open
     assert_nothing_left(setup)
 
 
+def test_a_body_that_ends_just_after_its_done_line_keeps_its_connection(rig: Callable[..., Rig]) -> None:
+    # as a real server does: the end marker, then the body's end in a write of its own
+    setup = rig(1)
+    paced_end = [head(), chunk(line("a ")), chunk(line(done=True)), sleep(0.005), end()]
+    setup.fakes[0].queue(paced_end, paced_end)
+    body = {"model": "llama", "messages": HELLO, "stream": True}
+    for _ in range(2):
+        answer = httpx.post(setup.gateway.url + "/v1/chat/completions", json=body, timeout=10)
+        assert answer.status_code == 200 and answer.text.rstrip().endswith("data: [DONE]"), answer.text
+    # no connection was cut: each answer's body was read to its end, and its connection kept
+    assert [(conn.closed_at, conn.peer_closed_at) for conn in setup.fakes[0].connections] == [
+        (None, None)
+    ] * len(setup.fakes[0].connections)
+    assert_nothing_left(setup)
+
+
 # ---- the client goes away ----
 
 

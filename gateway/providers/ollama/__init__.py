@@ -37,7 +37,7 @@ from gateway.config import OllamaBackend
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.images import Image, ImageFetcher, images_for
 from gateway.ndjson import NDJSONDecoder
-from gateway.providers.base import batches, parsed, shorten
+from gateway.providers.base import batches, end_of, parsed, shorten
 from gateway.providers.ollama.request import build_request, needs_capabilities
 from gateway.providers.ollama.response import (
     StreamState,
@@ -191,7 +191,8 @@ class OllamaProvider:
                     begun = True
                     self._context_size_of(model, payload)
                 yield chunks
-                if state.done:  # the answer is whole; a body not ended yet closes its connection
+                if state.done:  # the answer is whole, whether or not its body ends soon
+                    await end_of(reads)
                     break
         used = state.usage
         if used is not None and (notices := await self._truncation(model, payload, used)):
