@@ -20,7 +20,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from gateway.balancer import Balancer
 from gateway.deadlines import Deadlines
-from gateway.errors import GatewayError, UpstreamError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    NOT_SENT,
+    GatewayError,
+    UpstreamError,
+    UpstreamProtocol,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.exchange import Exchange
 from gateway.metrics import Metrics
 from gateway.policy import Plan, Target, is_cloud_name
@@ -161,8 +168,8 @@ class Dispatcher:
             self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
             self.balancer.succeeded(target.backend)
             return result
-        except UpstreamUnavailable:
-            sent = False  # refused, or closed before answering: the backend did no work for it
+        except NOT_SENT:
+            sent = False  # refused, not taken in time, or closed before answering: no work done
             raise
         except asyncio.CancelledError:
             if deadline.timed_out():
@@ -227,7 +234,7 @@ class Dispatcher:
             self.balancer.observe_latency(target.backend, time.perf_counter() - waited)
             exchange.reached = True
         except BaseException as error:
-            if not isinstance(error, UpstreamUnavailable):
+            if not isinstance(error, NOT_SENT):
                 exchange.reached = True
             timed_out = isinstance(error, asyncio.CancelledError) and deadline.timed_out()
             await stream.aclose()

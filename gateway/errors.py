@@ -19,6 +19,7 @@
     └── UpstreamError                 502 server_error            (the backend failed us)
         ├── UpstreamUnavailable       503 connection refused / DNS / reset before a byte
         ├── UpstreamTimeout           504 connect, first token, idle or total deadline
+        │   └── UpstreamConnectTimeout    the connect deadline: the request was never sent
         ├── UpstreamRejected          the backend's own 4xx/429/5xx, status mapped per class
         └── UpstreamProtocol          502 the backend answered something we cannot parse
 
@@ -195,6 +196,14 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     reason = "timeout"
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The backend did not take the connection in time: it never got the request."""
+
+
+# Failures that leave the request unsent: the backend did no work for it.
+NOT_SENT = (UpstreamUnavailable, UpstreamConnectTimeout)
 
 
 class UpstreamProtocol(UpstreamError):

@@ -17,7 +17,14 @@ import httpx
 import orjson
 
 from gateway.config import GeminiBackend, OllamaBackend, OpenAIBackend
-from gateway.errors import GatewayError, Unavailable, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    GatewayError,
+    Unavailable,
+    UpstreamConnectTimeout,
+    UpstreamProtocol,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.http1 import Pool, Target, encode_headers
 from gateway.ndjson import LineTooLong
 from gateway.transport import AiohttpTransport
@@ -58,7 +65,7 @@ def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exc
         return error
     label = LABELS.get(kind, kind)
     if isinstance(error, httpx.ConnectTimeout):  # a deadline like the others: 504 (README, Routing)
-        return UpstreamTimeout(f"Timed out connecting to {label} server at {base_url}")
+        return UpstreamConnectTimeout(f"Timed out connecting to {label} server at {base_url}")
     if isinstance(error, httpx.ConnectError):
         if (code := _os_errno(error)) in OUT_OF_DESCRIPTORS:
             return Unavailable(

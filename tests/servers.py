@@ -176,3 +176,23 @@ def no_free_descriptors() -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextmanager
+def unaccepting_address() -> Iterator[str]:
+    """The URL of a listener whose accept queue is full, so a connection attempt gets no answer
+    (its SYN is dropped), as from a firewalled or frozen host."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(4)]
+    try:
+        for filler in fillers:  # never accepted
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +38,7 @@ from tests.fakes.faulty_server import (
     sleep,
     wait,
 )
-from tests.servers import ServerThread, free_port, no_free_descriptors
+from tests.servers import ServerThread, free_port, no_free_descriptors, unaccepting_address
 
 pytestmark = pytest.mark.e2e
 
@@ -87,26 +85,6 @@ def settled_task_count(gateway: ServerThread, limit: float = 3.0) -> int:
         elif time.monotonic() - same_since >= 0.15:
             break
     return last
-
-
-@contextmanager
-def unaccepting_address() -> Iterator[str]:
-    """The URL of a listener whose accept queue is full, so a connection attempt gets no answer
-    (its SYN is dropped), as from a firewalled or frozen host."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = [socket.socket() for _ in range(4)]
-    try:
-        for filler in fillers:  # never accepted
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
 
 
 @pytest.fixture

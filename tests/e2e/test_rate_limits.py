@@ -18,7 +18,7 @@ import yaml
 from gateway.config import Config, parse_config
 from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, free_port, gateway_process, redis_server
+from tests.servers import ServerThread, free_port, gateway_process, redis_server, unaccepting_address
 
 pytestmark = pytest.mark.e2e
 SECRETS = {"CLINIC_KEY": "sk-clinic", "SCHOOL_KEY": "sk-school"}
@@ -124,8 +124,15 @@ def test_tokens_per_minute_are_charged_what_the_backend_counted(
     assert len(fake.chat_bodies()) == 3
 
 
+@pytest.fixture
+def frozen() -> Iterator[str]:
+    """A backend address that never accepts a connection."""
+    with unaccepting_address() as url:
+        yield url
+
+
 def test_requests_that_reach_no_backend_cost_no_tokens(
-    fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[..., ServerThread]
+    fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[..., ServerThread], frozen: str
 ) -> None:
     fake, server = fake_ollama
     config = parse_config(
@@ -133,10 +140,12 @@ def test_requests_that_reach_no_backend_cost_no_tokens(
             "backends": [
                 {"name": "ollama-1", "type": "ollama", "base_url": server.url, "max_inflight": 1},
                 {"name": "down", "type": "ollama", "base_url": f"http://127.0.0.1:{free_port()}"},
+                {"name": "frozen", "type": "ollama", "base_url": frozen, "timeouts": {"connect": 0.2}},
             ],
             "models": [
                 {"name": "llama3.2", "deployments": [{"backend": "ollama-1", "model": "llama3.2:latest"}]},
                 {"name": "elsewhere", "deployments": [{"backend": "down", "model": "llama3.2:latest"}]},
+                {"name": "far", "deployments": [{"backend": "frozen", "model": "llama3.2:latest"}]},
             ],
             "routing": {"max_wait": 0.2},
             "auth": keys(clinic={"tpm": 1000}),
@@ -156,11 +165,13 @@ def test_requests_that_reach_no_backend_cost_no_tokens(
         wait_for(lambda: len(fake.chat_bodies()) == 1)
         capped = post("llama3.2", 400)  # the pool's own 429 after max_wait
         refused = [post("elsewhere", 400), post("elsewhere", 400, stream=True)]  # connection refused
+        untaken = [post("far", 400), post("far", 400, stream=True)]  # the connection was never accepted
         assert holding.result(timeout=10).status_code == 200
     assert capped.status_code == 429 and capped.json()["error"]["message"].startswith("backend ollama-1")
     assert [r.status_code for r in refused] == [503, 503]
+    assert [r.status_code for r in untaken] == [504, 504]
 
-    # three estimates of 401 tokens would have spent the budget; none was kept
+    # five estimates of 401 tokens would have spent the budget; none was kept
     fake.default = Reply(content="fine")
     after = post("llama3.2", 10)
     assert after.status_code == 200
