@@ -126,6 +126,11 @@ class Response:
         self._closed = True
         self._connection.finish()
 
+    def let_end(self, seconds: float) -> None:
+        """The caller has the whole answer: once closed, a body that has not ended yet may end
+        within `seconds`, what comes meanwhile dropped, and the connection go back to the pool."""
+        self._connection.grace = seconds
+
     async def aclose(self) -> None:
         self.close()
 
@@ -159,6 +164,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._busy = False
         self._bodiless = False  # the answer to a HEAD: its Content-Length describes a body not sent
+        self.grace = 0.0  # seconds a body unended at `finish` may take to end (Response.let_end)
+        self._ending: asyncio.TimerHandle | None = None  # that wait, while it lasts
 
     # ---- asyncio.Protocol ----
 
@@ -185,6 +192,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
         self.pool.closed(self)
+        if self._ending is not None:
+            self._ending.cancel()
+            self._ending, self._busy = None, False
         if self._busy and not self._complete:
             if self._head is not None and not self._head.done():
                 self._fail(httpx.RemoteProtocolError("closed the connection before answering"))
@@ -256,6 +266,8 @@ class _Connection(asyncio.Protocol):
         self._complete = True
         if not self._parser.should_keep_alive():
             self.alive = False
+        if self._ending is not None:
+            self._ended()
         self._wake()
 
     # ---- one exchange ----
@@ -307,11 +319,34 @@ class _Connection(asyncio.Protocol):
         closed otherwise (the backend sees the disconnect)."""
         if not self._busy:
             return
-        self._busy = False
         if self._complete and not self._chunks and self.alive and self._error is None:
+            self._busy = False
+            self.pool.release(self)
+        elif self.grace and not self._complete and self.alive and self._error is None:
+            self._chunks.clear()  # nobody's: the caller has the whole answer
+            self._buffered = 0
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+            self._ending = self._loop.call_later(self.grace, self._not_ended)
+        else:
+            self._busy = False
+            self._close()
+
+    def _ended(self) -> None:
+        """The body ended within its grace: the connection serves the next request."""
+        assert self._ending is not None
+        self._ending.cancel()
+        self._ending, self._busy = None, False
+        self._chunks.clear()
+        if self.alive and self._error is None:
             self.pool.release(self)
         else:
             self._close()
+
+    def _not_ended(self) -> None:
+        self._ending, self._busy = None, False
+        self._close()
 
     def _fail(self, error: Exception) -> None:
         self.alive = False

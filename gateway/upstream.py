@@ -25,12 +25,14 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.http1 import Pool, Target, encode_headers
+from gateway.http1 import Pool, Response, Target, encode_headers
 from gateway.ndjson import LineTooLong
 from gateway.transport import AiohttpTransport
 
 # What a backend type is called in messages: "Cannot connect to Ollama server at URL".
 LABELS = {"ollama": "Ollama", "openai": "OpenAI-compatible", "gemini": "Gemini"}
+# Seconds a whole answer's body may take to end once the caller is done with it (see `let_end`).
+END_GRACE = 0.05
 # OS errors in connecting that are the gateway's own trouble, not the backend's.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
@@ -316,3 +318,12 @@ class Upstream:
                 yield response.iter_bytes()
         finally:
             await response.aclose()
+
+
+def let_end(body: AsyncIterator[bytes]) -> None:
+    """The answer in `body` is whole (its end marker came): if the body has not ended yet, it may
+    still end within END_GRACE seconds of being closed, and its connection then serves the next
+    request, as a server that writes the marker and ends its body in two writes needs; held open
+    longer, the connection is closed. For the plain-http client; the others close it at once."""
+    if isinstance(body, Response):
+        body.let_end(END_GRACE)

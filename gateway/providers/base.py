@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import math
@@ -18,7 +17,6 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from contextlib import suppress
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -215,20 +213,6 @@ def parsed(parse: Callable[[Any], R], answer: Any, who: str) -> R:
         if not _wrong_shape(error):
             raise
         raise UpstreamProtocol(f"{who} answered with JSON of an unexpected shape") from None
-
-
-# Seconds a whole answer's body may take to end after its end marker (Ollama's `done` line, an
-# OpenAI [DONE]): ended, its connection serves the next request; held open longer, it is closed.
-END_GRACE = 0.05
-
-
-async def end_of(reads: AsyncIterator[object]) -> None:
-    """The rest of a body whose answer is whole (what a backend sends after its end marker is
-    nobody's), read for at most END_GRACE seconds."""
-    with suppress(TimeoutError, GatewayError):
-        async with asyncio.timeout(END_GRACE):
-            async for _ in reads:
-                pass
 
 
 async def batches(

@@ -18,7 +18,7 @@ import orjson
 
 from gateway.config import OpenAIBackend
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
-from gateway.providers.base import batches, end_of, parsed, shorten
+from gateway.providers.base import batches, parsed, shorten
 from gateway.schemas import (
     ChatRequest,
     Choice,
@@ -32,7 +32,7 @@ from gateway.schemas import (
     Usage,
 )
 from gateway.sse import Event, SSEDecoder
-from gateway.upstream import Upstream, json_or_none
+from gateway.upstream import Upstream, json_or_none, let_end
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
@@ -293,7 +293,7 @@ class OpenAIProvider:
             async for chunks in reads:
                 yield chunks
                 if state.done:  # [DONE]: the answer is whole, whether or not its body ends soon
-                    await end_of(reads)
+                    let_end(body)
                     break
         if not state.complete(request.n or 1):
             raise UpstreamProtocol(

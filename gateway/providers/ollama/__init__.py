@@ -37,7 +37,7 @@ from gateway.config import OllamaBackend
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.images import Image, ImageFetcher, images_for
 from gateway.ndjson import NDJSONDecoder
-from gateway.providers.base import batches, end_of, parsed, shorten
+from gateway.providers.base import batches, parsed, shorten
 from gateway.providers.ollama.request import build_request, needs_capabilities
 from gateway.providers.ollama.response import (
     StreamState,
@@ -48,7 +48,7 @@ from gateway.providers.ollama.response import (
     usage,
 )
 from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo, Usage
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, let_end
 
 __all__ = [
     "OllamaProvider",
@@ -192,7 +192,7 @@ class OllamaProvider:
                     self._context_size_of(model, payload)
                 yield chunks
                 if state.done:  # the answer is whole, whether or not its body ends soon
-                    await end_of(reads)
+                    let_end(body)
                     break
         used = state.usage
         if used is not None and (notices := await self._truncation(model, payload, used)):
