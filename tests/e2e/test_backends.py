@@ -164,16 +164,17 @@ def test_streamed_tool_calls_merge_into_one_call(rig: Rig) -> None:
     assert calls[0].id.startswith("call_") and calls[0].id.count("call_") == 1
 
 
-def test_a_gemini_stream_whose_body_ends_without_finish_reason_ends_with_stop(
+def _streamed(
+    kind: str,
+    fake: FakeOllama | FakeOpenAI | FakeGemini,
     start_gateway: Callable[..., ServerThread],
-) -> None:
-    # SSE has no end marker: a body that ends cleanly is the end of the answer (contracts/gemini.md
-    # 10.2), so the text already sent is not lost to an error event.
-    fake = FakeGemini(api_key=KEY)
-    fake.queue(Reply(pieces=["All of ", "the answer."], omit_done=True, prompt_eval_count=4))
+    **backend: Any,
+) -> tuple[list[Any], str]:
+    """One answer from `fake`, streamed through a gateway with usage asked for: its chunks, as the
+    official SDK reads them, and the gateway's URL (still serving, for its metrics)."""
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
-        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
+        gateway = start_gateway(_config(kind, upstream.url, **backend), environ={"FAKE_KEY": KEY})
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0, timeout=10) as api:
             chunks = list(
                 api.chat.completions.create(
                     model="chat",
@@ -182,11 +183,35 @@ def test_a_gemini_stream_whose_body_ends_without_finish_reason_ends_with_stop(
                     stream_options={"include_usage": True},
                 )
             )
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "All of the answer."
+    return chunks, gateway.url
+
+
+def _assert_ended_with_stop(chunks: list[Any], text: str) -> None:
+    """The stream shape every backend gives: the text, one `stop`, then the usage chunk."""
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "stop"
     ]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
+
+
+@pytest.mark.parametrize(
+    ("kind", "unfinished"),
+    [
+        # SSE has no end marker: a body that ends cleanly is the end of the answer (contracts/gemini.md
+        # 10.2), so the text already sent is not lost to an error event.
+        ("gemini", {"omit_done": True}),
+        # [DONE] without a finish_reason: the same stream shape as from Ollama and Gemini.
+        ("openai", {"finish_missing": True}),
+    ],
+)
+def test_a_stream_that_ends_cleanly_without_finish_reason_ends_with_stop(
+    start_gateway: Callable[..., ServerThread], kind: str, unfinished: dict[str, bool]
+) -> None:
+    fake = _fake(kind)
+    fake.queue(Reply(pieces=["All of ", "the answer."], prompt_eval_count=4, **unfinished))
+    chunks, _ = _streamed(kind, fake, start_gateway)
+    _assert_ended_with_stop(chunks, "All of the answer.")
     assert chunks[-1].usage.prompt_tokens == 4
 
 
@@ -198,53 +223,13 @@ def test_a_stream_is_whole_at_its_end_marker_though_the_backend_holds_its_body_o
     # HTTP body has not ended. The client's stream ends there, not at the idle deadline with an error.
     fake = _fake(kind)
     fake.queue(Reply(pieces=["Hel", "lo"], prompt_eval_count=4, eval_count=2, held_open=5.0))
-    timeouts = {"idle": 1.0, "total": 30.0}
-    with serve(fake.app) as upstream:
-        gateway = start_gateway(_config(kind, upstream.url, timeouts=timeouts), environ={"FAKE_KEY": KEY})
-        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0, timeout=10) as api:
-            chunks = list(
-                api.chat.completions.create(
-                    model="chat",
-                    messages=[{"role": "user", "content": "x"}],
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-            )
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
-        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-            "stop"
-        ]
-        assert chunks[-1].choices == [] and chunks[-1].usage is not None
-        assert chunks[-1].usage.total_tokens == 6
-        samples = scrape(gateway.url)
-        labels = {"endpoint": "chat", "model": "chat", "backend": "b"}
-        assert sample(samples, "gateway_requests_total", **labels, status="200") == 1
-        assert sample(samples, "gateway_upstream_errors_total", backend="b", reason="timeout") == 0
-
-
-def test_an_openai_stream_whose_done_comes_without_finish_reason_ends_with_stop(
-    start_gateway: Callable[..., ServerThread],
-) -> None:
-    # The same stream shape as from Ollama and Gemini: one finish_reason, then usage, then [DONE].
-    fake = FakeOpenAI(api_key=KEY)
-    fake.queue(Reply(pieces=["All of ", "the answer."], finish_missing=True, prompt_eval_count=4))
-    with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
-        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
-            chunks = list(
-                api.chat.completions.create(
-                    model="chat",
-                    messages=[{"role": "user", "content": "x"}],
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-            )
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "All of the answer."
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-        "stop"
-    ]
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.prompt_tokens == 4
+    chunks, url = _streamed(kind, fake, start_gateway, timeouts={"idle": 1.0, "total": 30.0})
+    _assert_ended_with_stop(chunks, "Hello")
+    assert chunks[-1].usage.total_tokens == 6
+    samples = scrape(url)
+    labels = {"endpoint": "chat", "model": "chat", "backend": "b"}
+    assert sample(samples, "gateway_requests_total", **labels, status="200") == 1
+    assert sample(samples, "gateway_upstream_errors_total", backend="b", reason="timeout") == 0
 
 
 def test_a_gemini_stream_whose_body_ends_inside_an_event_is_an_error_not_a_stop(

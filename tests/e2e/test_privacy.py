@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -356,47 +357,45 @@ def test_a_privacy_header_sent_twice_is_private_if_either_says_so(rig: Rig, line
     assert rig.cloud_calls() == before
 
 
+@contextmanager
+def pool_gateway(ollamas: list[FakeOllama], cloud: FakeOpenAI | None = None) -> Iterator[str]:
+    """A gateway whose model `chat` has two local instances, `ollamas` (ollama-a, ollama-b), and
+    `cloud` first when given: its URL while it serves."""
+    with ExitStack() as stack:
+        urls = [stack.enter_context(serve(fake.app)).url for fake in ollamas]
+        backends: list[dict[str, Any]] = [
+            {"name": f"ollama-{name}", "type": "ollama", "base_url": url}
+            for name, url in zip("ab", urls, strict=True)
+        ]
+        deployments = [{"backend": f"ollama-{name}", "model": "llama3.2"} for name in "ab"]
+        if cloud is not None:
+            cloud_url = stack.enter_context(serve(cloud.app)).url + "/v1"
+            backends.append({"name": "openai", "type": "openai", "base_url": cloud_url, "api_key_env": "K"})
+            deployments.insert(0, {"backend": "openai", "model": "gpt-4o-mini"})
+        settings = parse_config(
+            {"backends": backends, "models": [{"name": "chat", "deployments": deployments}]}, "test"
+        )
+        gateway = ServerThread(create_app(settings, environ={"K": "sk-upstream"})).start()
+        stack.callback(gateway.stop)
+        yield gateway.url
+
+
+def private_chat(url: str, stream: bool = False) -> httpx.Response:
+    return httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-privacy": "private"},
+        timeout=10,
+    )
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_a_private_request_whose_local_backends_all_fail_says_it_failed_closed(stream: bool) -> None:
     broken = FakeOllama(models=["llama3.2"])
     broken.default = Reply(status=500, error_text="model runner has unexpectedly stopped")
     cloud = FakeOpenAI(api_key="sk-upstream")
-    with serve(broken.app) as first, serve(broken.app) as second, serve(cloud.app) as openai_server:
-        settings = parse_config(
-            {
-                "backends": [
-                    {"name": "ollama-a", "type": "ollama", "base_url": first.url},
-                    {"name": "ollama-b", "type": "ollama", "base_url": second.url},
-                    {
-                        "name": "openai",
-                        "type": "openai",
-                        "base_url": openai_server.url + "/v1",
-                        "api_key_env": "K",
-                    },
-                ],
-                "models": [
-                    {
-                        "name": "chat",
-                        "deployments": [
-                            {"backend": "openai", "model": "gpt-4o-mini"},
-                            {"backend": "ollama-a", "model": "llama3.2"},
-                            {"backend": "ollama-b", "model": "llama3.2"},
-                        ],
-                    }
-                ],
-            },
-            "test",
-        )
-        gateway = ServerThread(create_app(settings, environ={"K": "sk-upstream"})).start()
-        try:
-            answer = httpx.post(
-                gateway.url + "/v1/chat/completions",
-                json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
-                headers={"x-privacy": "private"},
-                timeout=10,
-            )
-        finally:
-            gateway.stop()
+    with pool_gateway([broken, broken], cloud) as url:
+        answer = private_chat(url, stream)
     assert answer.status_code == 503, answer.text
     message = answer.json()["error"]["message"]
     assert message.startswith("No local backend could serve this private request (reason: header)")
@@ -407,38 +406,11 @@ def test_a_private_request_whose_local_backends_all_fail_says_it_failed_closed(s
 
 def test_a_private_request_for_a_model_every_local_instance_lost_gets_ollamas_404() -> None:
     fakes = [FakeOllama(models=["llama3.2"]) for _ in range(2)]
-    with serve(fakes[0].app) as first, serve(fakes[1].app) as second:
-        settings = parse_config(
-            {
-                "backends": [
-                    {"name": "ollama-a", "type": "ollama", "base_url": first.url},
-                    {"name": "ollama-b", "type": "ollama", "base_url": second.url},
-                ],
-                "models": [
-                    {
-                        "name": "chat",
-                        "deployments": [
-                            {"backend": "ollama-a", "model": "llama3.2"},
-                            {"backend": "ollama-b", "model": "llama3.2"},
-                        ],
-                    }
-                ],
-            },
-            "test",
-        )
-        gateway = ServerThread(create_app(settings, environ={})).start()
-        try:
-            wait_for(lambda: all(any(path == "/api/tags" for path, _ in f.requests) for f in fakes))
-            for fake in fakes:
-                fake.models = []  # `ollama rm` on both, after the gateway read their lists
-            answer = httpx.post(
-                gateway.url + "/v1/chat/completions",
-                json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
-                headers={"x-privacy": "private"},
-                timeout=10,
-            )
-        finally:
-            gateway.stop()
+    with pool_gateway(fakes) as url:
+        wait_for(lambda: all(any(path == "/api/tags" for path, _ in f.requests) for f in fakes))
+        for fake in fakes:
+            fake.models = []  # `ollama rm` on both, after the gateway read their lists
+        answer = private_chat(url)
     assert answer.status_code == 404, answer.text
     assert "ollama pull llama3.2" in answer.json()["error"]["message"]
 
