@@ -539,3 +539,37 @@ async def test_a_body_that_has_all_come_is_taken_at_once_and_one_still_coming_is
         half.close()
         assert server.connections == 1  # taking the first answer left its connection reusable
     await pool.aclose()
+
+
+@pytest.mark.parametrize(("ends_after", "reused"), [(0.01, True), (None, False)], ids=["soon", "never"])
+async def test_a_whole_answer_s_unended_body_keeps_its_connection_only_if_it_ends_within_the_grace(
+    ends_after: float | None, reused: bool
+) -> None:
+    async def marker_then_end(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nwhole\r\n")
+        await writer.drain()
+        if ends_after is None:
+            await asyncio.sleep(5)  # held open; the client closes it first
+            return False
+        await asyncio.sleep(ends_after)
+        writer.write(b"3\r\n...\r\n0\r\n\r\n")  # more nobody reads, then the body's end
+        await writer.drain()
+        return True
+
+    pool = Pool()
+    async with scripted(marker_then_end) as server:
+        response = await send(pool, server.url)
+        assert await anext(response.iter_bytes()) == b"whole"
+        response.let_end(0.2)
+        response.close()
+        assert pool.open_connections == 1  # neither back in the pool nor closed yet
+        await asyncio.sleep(0.4)
+        assert pool.open_connections == (1 if reused else 0)
+        if reused:
+            again = await send(pool, server.url)
+            assert await anext(again.iter_bytes()) == b"whole"
+            again.close()
+            assert server.connections == 1
+    await pool.aclose()
