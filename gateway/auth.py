@@ -58,7 +58,17 @@ class Keys:
 
 
 def allows(key: ApiKey | None, model: str) -> bool:
-    return key is None or any(fnmatchcase(model, pattern) for pattern in key.models)
+    """Whether the key's globs take `model`. Ollama's `llama3.2` and `llama3.2:latest` are one
+    model, so either name stands for both (`/v1/models` lists the tagged one)."""
+    if key is None or any(fnmatchcase(model, pattern) for pattern in key.models):
+        return True
+    if model.endswith(":latest"):
+        other = model.removesuffix(":latest")
+    elif ":" not in model:
+        other = f"{model}:latest"
+    else:
+        return False
+    return any(fnmatchcase(other, pattern) for pattern in key.models)
 
 
 def check_model(key: ApiKey | None, model: str) -> None:

@@ -83,6 +83,22 @@ def test_model_allow_lists_are_globs() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("allowed", "asked", "taken"),
+    [
+        ("llama3.2", "llama3.2:latest", True),  # as /v1/models lists it
+        ("llama3.2:latest", "llama3.2", True),  # as a client may ask for it
+        ("llama3.2", "llama3.2:1b", False),  # another tag is another model
+        ("llama3.2:1b", "llama3.2", False),
+        ("gpt-4o", "gpt-4o-mini", False),
+    ],
+)
+def test_an_allowed_ollama_name_and_its_latest_tag_are_one_model(
+    allowed: str, asked: str, taken: bool
+) -> None:
+    assert allows(key("app", "s", models=[allowed]), asked) is taken
+
+
 # ---- privacy classification ----
 
 
