@@ -216,13 +216,18 @@ def parsed(parse: Callable[[Any], R], answer: Any, who: str) -> R:
 
 
 async def batches(
-    body: AsyncIterator[bytes], decoder: Decoder[T], parse: Callable[[T], list[Chunk]], who: str
+    body: AsyncIterator[bytes],
+    decoder: Decoder[T],
+    parse: Callable[[T], list[Chunk]],
+    who: str,
+    ended: Callable[[], bool],
 ) -> AsyncGenerator[list[Chunk], None]:
     """A streamed body as `Provider.stream` yields it: the chunks of each read, as one list,
     except that the very first chunks go out on their own, ahead of whatever else their read
     carried (the first token's latency does not wait for the rest to be decoded). A malformed
     line or event raises its error after the chunks before it have been yielded; `who` (the
-    backend's kind) is named when one is of the wrong shape."""
+    backend's kind) is named when one is of the wrong shape. It stops after the read in which
+    `ended()` turns true (the answer's end marker came), whether or not the body goes on."""
     first = True
     async for data in body:
         items = iter(decoder.feed(data))
@@ -238,6 +243,8 @@ async def batches(
             yield chunks
         if error is not None:
             raise error
+        if ended():
+            return
     chunks, error = _decoded(iter(decoder.flush()), parse, who)
     if chunks:
         yield chunks

@@ -288,13 +288,14 @@ class OpenAIProvider:
 
         async with (
             self._http.stream("/chat/completions", build_request(request, model, stream=True), model) as body,
-            aclosing(batches(body, decoder, parse, "the OpenAI-compatible server")) as reads,
+            aclosing(
+                batches(body, decoder, parse, "the OpenAI-compatible server", lambda: state.done)
+            ) as reads,
         ):
             async for chunks in reads:
                 yield chunks
-                if state.done:  # [DONE]: the answer is whole, whether or not its body ends soon
-                    let_end(body)
-                    break
+            if state.done:  # [DONE]: the answer is whole, whether or not its body has ended
+                let_end(body)
         if not state.complete(request.n or 1):
             raise UpstreamProtocol(
                 f"the backend at {self.backend.base_url} ended the stream before finishing;"

@@ -215,14 +215,27 @@ def test_a_stream_that_ends_cleanly_without_finish_reason_ends_with_stop(
     assert chunks[-1].usage.prompt_tokens == 4
 
 
-@pytest.mark.parametrize("kind", ["ollama", "openai"])
+@pytest.mark.parametrize(
+    ("kind", "marker_alone"),
+    [("ollama", False), ("openai", False), ("openai", True)],
+    ids=["ollama", "openai", "openai-done-alone"],
+)
 def test_a_stream_is_whole_at_its_end_marker_though_the_backend_holds_its_body_open(
-    start_gateway: Callable[..., ServerThread], kind: str
+    start_gateway: Callable[..., ServerThread], kind: str, marker_alone: bool
 ) -> None:
     # A proxy that holds back the last chunk: `done` (Ollama) or `[DONE]` (OpenAI) has come, the
-    # HTTP body has not ended. The client's stream ends there, not at the idle deadline with an error.
+    # HTTP body has not ended. The client's stream ends there, not at the idle deadline with an
+    # error; also when [DONE] comes in a read of its own, bringing no chunk with it.
     fake = _fake(kind)
-    fake.queue(Reply(pieces=["Hel", "lo"], prompt_eval_count=4, eval_count=2, held_open=5.0))
+    fake.queue(
+        Reply(
+            pieces=["Hel", "lo"],
+            prompt_eval_count=4,
+            eval_count=2,
+            held_open=5.0,
+            delay_done=0.2 if marker_alone else 0.0,
+        )
+    )
     chunks, url = _streamed(kind, fake, start_gateway, timeouts={"idle": 1.0, "total": 30.0})
     _assert_ended_with_stop(chunks, "Hello")
     assert chunks[-1].usage.total_tokens == 6

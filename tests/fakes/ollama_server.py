@@ -45,6 +45,7 @@ class Reply:
     finish_missing: bool = False  # OpenAI-compatible stream: [DONE] comes with no finish_reason before it
     cut_last: bool = False  # Gemini stream: the body ends cleanly half-way through its last event
     held_open: float = 0.0  # stream: seconds the body stays open after its end marker (done, [DONE])
+    delay_done: float = 0.0  # OpenAI stream: seconds before [DONE], so that it comes in a read of its own
 
     def stream_pieces(self) -> list[str]:
         if self.pieces is not None:

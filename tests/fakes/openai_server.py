@@ -158,6 +158,8 @@ class FakeOpenAI:
                 yield event({}, self._finish(reply))
             if (body.get("stream_options") or {}).get("include_usage") and not reply.usage_missing:
                 yield b"data: " + orjson.dumps({**head, "choices": [], "usage": self._usage(reply)}) + b"\n\n"
+            if reply.delay_done:
+                await asyncio.sleep(reply.delay_done)
             yield b"data: [DONE]\n\n"
             if reply.held_open:
                 await asyncio.sleep(reply.held_open)

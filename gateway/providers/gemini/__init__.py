@@ -106,7 +106,9 @@ class GeminiProvider:
             return state.parse_chunk(orjson.loads(event.data))
 
         async with self._http.stream(path, payload, model) as body:
-            async for chunks in batches(body, decoder, parse, "Gemini"):
+            async for chunks in batches(
+                body, decoder, parse, "Gemini", ended=lambda: False
+            ):  # SSE: no marker
                 yield chunks
         if decoder.cut:  # framed well, but its last event had not ended: what it held is lost
             raise UpstreamProtocol(

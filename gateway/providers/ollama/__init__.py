@@ -184,16 +184,15 @@ class OllamaProvider:
         begun = False
         async with (
             self._http.stream("/api/chat", payload, model) as body,
-            aclosing(batches(body, decoder, state.parse_chunk, "Ollama")) as reads,
+            aclosing(batches(body, decoder, state.parse_chunk, "Ollama", lambda: state.done)) as reads,
         ):
             async for chunks in reads:
                 if not begun:  # the answer has begun: the model's context size is looked up meanwhile
                     begun = True
                     self._context_size_of(model, payload)
                 yield chunks
-                if state.done:  # the answer is whole, whether or not its body ends soon
-                    let_end(body)
-                    break
+            if state.done:  # the answer is whole, whether or not its body has ended
+                let_end(body)
         used = state.usage
         if used is not None and (notices := await self._truncation(model, payload, used)):
             yield [Chunk(notices=notices)]
