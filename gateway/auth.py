@@ -30,6 +30,10 @@ class Keys:
                 digest = hashlib.sha256(secret.encode()).digest()
             else:
                 digest = bytes.fromhex(key.key_sha256 or "")
+            if any(digest == other for other, _ in self._keys):
+                raise ConfigError(
+                    f"auth.keys: key {key.name!r} has the same secret as another key; each key needs its own"
+                )
             self._keys.append((digest, key))
 
     @property

@@ -240,6 +240,10 @@ class Config(_Strict):
         backends = [backend.name for backend in self.backends]
         _unique(backends, "backend name")
         _unique([name for route in self.models for name in (route.name, *route.aliases)], "model name")
+        _unique([key.name for key in self.auth.keys], "auth key name")
+        # the same secret twice: whichever came last would decide its privacy policy and limits
+        _unique([key.key_sha256.lower() for key in self.auth.keys if key.key_sha256], "auth key_sha256")
+        _unique([key.key_env for key in self.auth.keys if key.key_env], "auth key_env")
         names = {name for route in self.models for name in (route.name, *route.aliases)}
         for route in self.models:
             for deployment in route.deployments:

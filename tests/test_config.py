@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from gateway.auth import Keys
 from gateway.cli import main, routing_table
 from gateway.config import ConfigError, config_from_env, load_config, parse_config, resolve_config
 
@@ -114,6 +115,37 @@ def test_duplicate_backend_names_are_refused() -> None:
     backends = MINIMAL["backends"] * 2
     with pytest.raises(ConfigError, match="duplicate backend name 'ollama-1'"):
         parse_config({**MINIMAL, "backends": backends}, "t")
+
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        (
+            [{"name": "app", "key_sha256": SHA_A}, {"name": "app", "key_sha256": SHA_B}],
+            "duplicate auth key name 'app'",
+        ),
+        (
+            [{"name": "app", "key_sha256": SHA_A}, {"name": "clinic", "key_sha256": SHA_A.upper()}],
+            "duplicate auth key_sha256",
+        ),
+        ([{"name": "app", "key_env": "K"}, {"name": "clinic", "key_env": "K"}], "duplicate auth key_env 'K'"),
+    ],
+)
+def test_two_keys_with_one_name_or_secret_are_refused(keys: list[dict[str, str]], says: str) -> None:
+    # whichever came last would decide the shared secret's privacy policy and limits
+    with pytest.raises(ConfigError, match=says):
+        parse_config({**MINIMAL, "auth": {"keys": keys}}, "t")
+
+
+def test_two_key_variables_holding_one_secret_are_refused() -> None:
+    auth = parse_config(
+        {**MINIMAL, "auth": {"keys": [{"name": "a", "key_env": "K"}, {"name": "b", "key_env": "L"}]}}, "t"
+    ).auth
+    with pytest.raises(ConfigError, match="key 'b' has the same secret as another key"):
+        Keys(auth, {"K": "sk-same", "L": "sk-same"})
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
