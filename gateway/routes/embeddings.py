@@ -45,7 +45,8 @@ async def embeddings(request: Incoming) -> Response:
             raise UpstreamProtocol(
                 f"backend {exchange.backend} returned {len(result.vectors)} vectors for {expected} inputs"
             )
-        exchange.usage = Usage(prompt_tokens=result.prompt_tokens)
+        if result.prompt_tokens:  # Gemini counts no embedding tokens: the estimate stands for them
+            exchange.usage = Usage(prompt_tokens=result.prompt_tokens)
         data = [
             {
                 "object": "embedding",

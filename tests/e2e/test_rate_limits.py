@@ -17,8 +17,9 @@ import yaml
 
 from gateway.config import Config, parse_config
 from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
+from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import ServerThread, free_port, gateway_process, redis_server, unaccepting_address
+from tests.servers import ServerThread, free_port, gateway_process, redis_server, serve, unaccepting_address
 
 pytestmark = pytest.mark.e2e
 SECRETS = {"CLINIC_KEY": "sk-clinic", "SCHOOL_KEY": "sk-school"}
@@ -181,6 +182,43 @@ def test_requests_that_reach_no_backend_cost_no_tokens(
     assert post("llama3.2", 400).status_code == 502
     fake.default = Reply(content="fine")
     assert int(post("llama3.2", 10).headers["x-ratelimit-remaining-tokens"]) < 700
+
+
+def test_embeddings_a_backend_does_not_count_keep_their_estimate(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    gemini = FakeGemini(api_key="gm-upstream")  # batchEmbedContents reports no token count
+    with serve(gemini.app) as upstream:
+        config = parse_config(
+            {
+                "backends": [
+                    {
+                        "name": "gemini",
+                        "type": "gemini",
+                        "base_url": upstream.url + "/v1beta",
+                        "api_key_env": "GM",
+                    }
+                ],
+                "models": [
+                    {"name": "embed", "deployments": [{"backend": "gemini", "model": "gemini-embedding-001"}]}
+                ],
+                "auth": keys(clinic={"tpm": 100}),
+            },
+            "test",
+        )
+        gateway = start_gateway(config, {**SECRETS, "GM": "gm-upstream"})
+        text = "a sentence of forty bytes, more or less. " * 6  # about 60 tokens by the estimate
+        answers = [
+            httpx.post(
+                gateway.url + "/v1/embeddings",
+                json={"model": "embed", "input": text},
+                headers={"authorization": "Bearer sk-clinic"},
+                timeout=10,
+            )
+            for _ in range(3)
+        ]
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[-1].status_code == 429, answers[-1].text  # 180 tokens' worth against 100 a minute
 
 
 def test_an_open_gateway_limits_its_anonymous_callers_together(
