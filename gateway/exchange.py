@@ -33,6 +33,8 @@ class Exchange:
     answered_as: str = ""
     backend: str = ""
     reached: bool = False  # a backend got the request: it answered, or failed or was left after that
+    prompt_estimate: int = 0  # the rate limiter's estimate of the prompt's tokens
+    relayed: int = 0  # a stream's chunks of output sent to the client: about a token each
     local: bool | None = None  # whether `backend` keeps the data on the premises
     affinity: str | None = None  # conversation key for instance affinity
     key_name: str = ""

@@ -352,19 +352,22 @@ class StreamRelay:
         """One read's chunks as one write (they arrived together: one time for all of them)."""
         encode = self._encoder.encode
         out = []
-        output = False
+        outputs = 0
         for chunk in chunks:
             if chunk.notices:
                 self._exchange.notes.update(chunk.notices)
                 out.append(notice_comments(chunk.notices))
             if chunk.usage is not None:
                 self._usage = chunk.usage
-            output = output or chunk.has_output
+            if chunk.has_output:
+                outputs += 1
             out.append(encode(chunk))
-        if output:
+        if outputs:
+            exchange = self._exchange
+            exchange.relayed += outputs
             self._last_output = time.perf_counter()
-            if self._exchange.first_token_at is None:
-                self._exchange.first_token_at = self._last_output
+            if exchange.first_token_at is None:
+                exchange.first_token_at = self._last_output
         return b"".join(out)
 
     async def body(self) -> AsyncIterator[bytes]:

@@ -188,11 +188,15 @@ class State:
             exchange.finish(status, self.metrics, self.log, self.audit)
             if (reservation := exchange.reservation) is not None:
                 usage = exchange.usage
-                # Without a count from the backend, a request that reached one keeps its estimate.
+                # Without a count from the backend (a stream cut or broken before it came, a backend
+                # that counts nothing), a request that reached one keeps its estimate, or more when
+                # the prompt's and the output relayed come to more.
                 if usage is not None:
                     used = usage.prompt_tokens + usage.completion_tokens
+                elif exchange.reached:
+                    used = max(reservation.cost, exchange.prompt_estimate + exchange.relayed)
                 else:
-                    used = reservation.cost if exchange.reached else 0
+                    used = 0
                 self.limiter.settle(reservation, used)
 
     def authenticate(self, headers: Mapping[str, str], exchange: Exchange) -> ApiKey | None:
@@ -267,7 +271,8 @@ class State:
         limits = self.limiter.limits(key.limits if key is not None else None)
         if limits is not None:
             name = key.name if key is not None else ANONYMOUS
-            cost = estimate(list(texts), extra_tokens) if limits.tpm else 0
+            exchange.prompt_estimate = estimate(list(texts), 0) if limits.tpm else 0
+            cost = exchange.prompt_estimate + (extra_tokens or 0)
             exchange.reservation = await self.limiter.admit(name, limits, cost)
 
     async def _local_fallback(self, plan: Plan) -> Plan | None:

@@ -184,6 +184,40 @@ def test_requests_that_reach_no_backend_cost_no_tokens(
     assert int(post("llama3.2", 10).headers["x-ratelimit-remaining-tokens"]) < 700
 
 
+@pytest.mark.parametrize("end", ["client cuts it", "backend breaks it"])
+def test_a_stream_ended_before_its_count_is_charged_what_it_relayed(
+    fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread], end: str
+) -> None:
+    # No max_tokens, as chat UIs send: the estimate is the prompt's few tokens; the count that
+    # would settle it comes last, and never does.
+    fake = fake_ollama[0]
+    gateway = limited(auth=keys(clinic={"tpm": 100}))
+    broken = end == "backend breaks it"
+    fake.default = Reply(pieces=["tok "] * 300, error_after=150 if broken else None, delay_between=0.001)
+    body = {"model": "llama3.2", "messages": HI, "stream": True}
+    headers = {"authorization": "Bearer sk-clinic"}
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=10
+    ) as answer:
+        assert answer.status_code == 200
+        read = 0
+        for line in answer.iter_lines():
+            read += line.startswith('data: {"id"')
+            if read == 150 and not broken:
+                break  # "stop generating"
+    labels = {
+        "endpoint": "chat",
+        "model": "llama3.2",
+        "backend": "ollama-1",
+        "status": "502" if broken else "499",
+    }
+    wait_for(lambda: sample(scrape(gateway.url), "gateway_requests_total", **labels) == 1, 5)  # settled
+    after = httpx.post(
+        gateway.url + "/v1/chat/completions", json={"model": "llama3.2", "messages": HI}, headers=headers
+    )
+    assert after.status_code == 429, after.text  # about 150 tokens relayed against 100 a minute
+
+
 def test_embeddings_a_backend_does_not_count_keep_their_estimate(
     start_gateway: Callable[..., ServerThread],
 ) -> None:
