@@ -65,12 +65,16 @@ class Verdict:
 
 
 def duration(seconds: float) -> str:
-    """A span the way OpenAI writes it in `x-ratelimit-reset-*` (Go's notation): 120ms, 1.5s, 6m0s."""
+    """A span the way OpenAI writes it in `x-ratelimit-reset-*` (Go's notation): 120ms, 1.5s, 6m0s,
+    1h40m6.962s."""
     if seconds < 1:
         return f"{math.ceil(seconds * 1000)}ms"
     minutes, rest = divmod(round(seconds, 3), 60)
+    hours, minutes = divmod(int(minutes), 60)
     text = f"{rest:.3f}".rstrip("0").rstrip(".")
-    return f"{int(minutes)}m{text}s" if minutes else f"{text}s"
+    if hours:
+        return f"{hours}h{minutes}m{text}s"
+    return f"{minutes}m{text}s" if minutes else f"{text}s"
 
 
 def estimate(texts: list[str], extra: int | None) -> int:

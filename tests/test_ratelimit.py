@@ -34,7 +34,7 @@ def limiter(limits: Limits, clock: Clock) -> RateLimiter:
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(0.0, "0ms"), (0.0201, "21ms"), (1.0, "1s"), (1.5, "1.5s"), (59.9, "59.9s"), (60.0, "1m0s"),
-     (360.0, "6m0s"), (90.25, "1m30.25s")],
+     (360.0, "6m0s"), (90.25, "1m30.25s"), (3600.0, "1h0m0s"), (6006.962, "1h40m6.962s")],
 )  # fmt: skip
 def test_reset_durations_read_as_openai_writes_them(seconds: float, text: str) -> None:
     assert duration(seconds) == text
