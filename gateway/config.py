@@ -213,7 +213,7 @@ class Images(_Strict):
     timeout: float = Field(default=10.0, gt=0)
     content_types: list[str] = ["image/png", "image/jpeg", "image/webp", "image/gif"]
     allow_private_networks: bool = False  # loopback, link-local and private ranges (SSRF) stay refused
-    max_per_request: int = Field(default=16, ge=1)  # distinct URLs: what one request may hold in memory
+    max_per_request: int = Field(default=16, ge=1)  # URL parts, repeats too: what one request may hold
 
 
 class Server(_Strict):

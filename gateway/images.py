@@ -113,15 +113,17 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def remote_urls(messages: Sequence[Message]) -> dict[str, str]:
+def remote_urls(messages: Sequence[Message]) -> tuple[dict[str, str], int]:
     """Each distinct http(s) image URL of the messages (only a user's may hold images), with the
-    field that holds it first."""
+    field that holds it first; and how many parts hold one, a URL repeated counting each time."""
     found: dict[str, str] = {}
+    parts = 0
     for i, message in enumerate(messages):
         for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
             if isinstance(part, ImagePart) and part.url.split(":", 1)[0].lower() in SCHEMES:
                 found.setdefault(part.url, f"messages[{i}].content[{j}].{part.url_field}")
-    return found
+                parts += 1
+    return found, parts
 
 
 async def images_for(fetcher: ImageFetcher | None, request: ChatRequest) -> Mapping[str, Image]:
@@ -167,13 +169,15 @@ class ImageFetcher:
         known: Mapping[str, Image] = NO_IMAGES,
     ) -> Mapping[str, Image]:
         """url -> image for every http(s) image URL in the messages that is not `known` already;
-        {} when fetching is off (the provider then refuses such URLs as before). More distinct
-        URLs than `max_per_request`, or the first failure, fail the request."""
-        wanted = remote_urls(messages)
-        if len(wanted) > self.config.max_per_request:
+        {} when fetching is off (the provider then refuses such URLs as before). More image URLs
+        than `max_per_request`, or the first failure, fail the request. A URL is fetched once, but
+        each part that repeats it carries the image to the backend again: repeats count."""
+        wanted, parts = remote_urls(messages)
+        if parts > self.config.max_per_request:
             raise InvalidRequest(
-                f"the request holds {len(wanted)} distinct image URLs; the gateway fetches at most"
-                f" {self.config.max_per_request} per request (images.max_per_request)",
+                f"the request holds {parts} image URLs ({len(wanted)} distinct); the gateway takes at"
+                f" most {self.config.max_per_request} per request (images.max_per_request), a URL"
+                " repeated counting each time, as each goes to the backend",
                 param="messages",
             )
         return await self._fetch_all({url: param for url, param in wanted.items() if url not in known})

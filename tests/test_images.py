@@ -110,17 +110,20 @@ def _message(role: str, *urls: str) -> Message:
     return Message.model_validate({"role": role, "content": [{"type": "text", "text": "look"}, *parts]})
 
 
-def test_remote_urls_are_the_distinct_http_urls_with_their_first_field() -> None:
+def test_remote_urls_are_the_distinct_http_urls_with_their_first_field_and_the_parts_holding_one() -> None:
     messages = [
         _message("user", "https://img.example/a.png", f"data:image/png;base64,{PNG}"),
         _message("user", "http://img.example/b.png", "https://img.example/a.png"),
         _message("user", "ftp://img.example/c.png", "HTTPS://img.example/d.png", "file:///etc/passwd"),
     ]
-    assert remote_urls(messages) == {
-        "https://img.example/a.png": "messages[0].content[1].image_url.url",
-        "http://img.example/b.png": "messages[1].content[1].image_url.url",
-        "HTTPS://img.example/d.png": "messages[2].content[2].image_url.url",
-    }
+    assert remote_urls(messages) == (
+        {
+            "https://img.example/a.png": "messages[0].content[1].image_url.url",
+            "http://img.example/b.png": "messages[1].content[1].image_url.url",
+            "HTTPS://img.example/d.png": "messages[2].content[2].image_url.url",
+        },
+        4,
+    )
 
 
 @pytest.mark.anyio

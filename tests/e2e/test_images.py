@@ -400,17 +400,18 @@ def test_a_retry_reuses_the_fetched_image_and_the_fetch_is_outside_the_backends_
     assert host.paths == ["/slow.png", "/slow.png"]  # once per request, not once per attempt
 
 
-def test_more_distinct_image_urls_than_allowed_are_refused_before_any_fetch(
+def test_more_image_urls_than_allowed_are_refused_before_any_fetch_repeats_counted(
     rig_for: Callable[..., Rig],
 ) -> None:
-    rig = rig_for(**FETCHING, max_per_request=2)
+    rig = rig_for(**FETCHING, max_per_request=3)
     cat, jpg = f"{rig.host.url}/cat.png", f"{rig.host.url}/cat.jpg"
-    assert rig.chat(cat, jpg, cat).status_code == 200  # two distinct URLs, one of them twice
-    response = rig.chat(cat, jpg, f"{rig.host.url}/cat.png?size=2")
+    assert rig.chat(cat, jpg, cat).status_code == 200  # three parts, two distinct URLs
+    # one URL more, or the same again: each part would carry the image to the backend
+    response = rig.chat(cat, jpg, cat, cat)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "messages"
-    assert "3 distinct image URLs" in error["message"]
-    assert "at most 2 per request (images.max_per_request)" in error["message"]
+    assert "4 image URLs (2 distinct)" in error["message"]
+    assert "at most 3 per request (images.max_per_request)" in error["message"]
     assert sorted(rig.host.paths) == ["/cat.jpg", "/cat.png"]  # the refused request fetched nothing
     assert len(rig.fake.chat_bodies()) == 1
