@@ -236,26 +236,27 @@ class ImageFetcher:
                     return await self._follow(session, target, param)
             except TimeoutError:
                 raise InvalidRequest(
-                    f"the image at {target.host} did not arrive within {self.config.timeout:g} s", param=param
+                    f"the image at {target.raw_host} did not arrive within {self.config.timeout:g} s",
+                    param=param,
                 ) from None
 
     async def _follow(self, session: aiohttp.ClientSession, target: URL, param: str) -> Image:
         for _ in range(MAX_REDIRECTS + 1):
             self._check(target, param)
-            with _reasons(str(target.host), param):
+            with _reasons(target.raw_host or "", param):
                 async with session.get(target, allow_redirects=False) as response:
                     if response.status not in REDIRECTS:
-                        return await self._read(response, str(target.host), param)
+                        return await self._read(response, target.raw_host or "", param)
                     location = response.headers.get("location")
                     if not location:
                         raise InvalidRequest(
-                            f"the image host {target.host} redirected without a Location", param=param
+                            f"the image host {target.raw_host} redirected without a Location", param=param
                         )
                     try:
                         target = response.url.join(URL(location))
                     except ValueError:
                         raise InvalidRequest(
-                            f"the image host {target.host} redirected to an invalid URL", param=param
+                            f"the image host {target.raw_host} redirected to an invalid URL", param=param
                         ) from None
         raise InvalidRequest(f"the image URL redirected more than {MAX_REDIRECTS} times", param=param)
 
@@ -316,7 +317,7 @@ def _reasons(host: str, param: str) -> Iterator[None]:
         raise InvalidRequest(f"the image host {host} has no valid TLS certificate", param=param) from None
     except aiohttp.ClientConnectorError:
         raise InvalidRequest(f"the image host {host} could not be reached", param=param) from None
-    except aiohttp.InvalidURL:
+    except (aiohttp.InvalidURL, UnicodeError):  # UnicodeError: a host name IDNA cannot encode (a..b)
         raise InvalidRequest("the image URL is not a valid http(s) URL", param=param) from None
     except (aiohttp.ClientError, OSError):
         raise InvalidRequest(f"the image host {host} broke off or garbled its answer", param=param) from None

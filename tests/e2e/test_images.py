@@ -415,3 +415,26 @@ def test_more_image_urls_than_allowed_are_refused_before_any_fetch_repeats_count
     assert "at most 3 per request (images.max_per_request)" in error["message"]
     assert sorted(rig.host.paths) == ["/cat.jpg", "/cat.png"]  # the refused request fetched nothing
     assert len(rig.fake.chat_bodies()) == 1
+
+
+INVALID_URL = "the image URL is not a valid http(s) URL"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://a..b/x.png", INVALID_URL),  # a name IDNA cannot encode for the resolver
+        (f"http://{'a' * 64}.example/x.png", INVALID_URL),
+        ("http://xn--zz/x.png", "the image host xn--zz could not be resolved"),  # asked as written
+    ],
+    ids=["empty-label", "label-over-63", "bad-punycode"],
+)
+def test_a_malformed_host_name_is_a_400_naming_the_part(
+    rig_for: Callable[..., Rig], url: str, message: str
+) -> None:
+    rig = rig_for(**FETCHING)
+    response = rig.chat(url)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[1].image_url.url"
+    assert error["message"] == message
