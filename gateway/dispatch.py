@@ -44,6 +44,16 @@ def _answer_deadline(provider: Provider) -> float:
     return min(timeouts.first_token, timeouts.total)
 
 
+async def _waited_for(preparing: Awaitable[object], exchange: Exchange) -> None:
+    """A provider's preparation (fetching image URLs): a wait on other servers, as the backend's
+    is, so not the gateway's own time (`gateway_overhead_seconds`)."""
+    started = time.perf_counter()
+    try:
+        await preparing
+    finally:
+        exchange.upstream_seconds += time.perf_counter() - started
+
+
 def _retryable(error: BaseException) -> bool:
     return isinstance(error, GatewayError) and error.retryable
 
@@ -158,7 +168,7 @@ class Dispatcher:
         """`preparing`: the provider's preparation (`Provider.prepare`), awaited first: outside the
         lease and the deadline."""
         if preparing is not None:
-            await preparing
+            await _waited_for(preparing, exchange)
         waited = time.perf_counter()
         lease = await self.balancer.acquire(target.backend)
         deadline = self.deadlines.start(total)
@@ -220,7 +230,7 @@ class Dispatcher:
         self, target: Target, provider: Provider, request: ChatRequest, exchange: Exchange
     ) -> StreamSource:
         if (preparing := provider.prepare(request)) is not None:  # outside the lease and deadline
-            await preparing
+            await _waited_for(preparing, exchange)
         timeouts = provider.backend.timeouts
         waited = time.perf_counter()
         lease = await self.balancer.acquire(target.backend)

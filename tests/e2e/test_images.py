@@ -23,7 +23,7 @@ from yarl import URL
 
 from gateway.config import parse_config
 from gateway.images import ImageFetcher
-from tests.e2e.conftest import ollama_config
+from tests.e2e.conftest import ollama_config, sample, scrape
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -438,3 +438,15 @@ def test_a_malformed_host_name_is_a_400_naming_the_part(
     error = response.json()["error"]
     assert error["param"] == "messages[0].content[1].image_url.url"
     assert error["message"] == message
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_time_spent_fetching_an_image_is_not_the_gateway_s_overhead(
+    rig_for: Callable[..., Rig], stream: bool
+) -> None:
+    rig = rig_for(**FETCHING)
+    assert rig.chat(f"{rig.host.url}/slow.png", stream=stream).status_code == 200  # its host takes 1.2 s
+    samples = scrape(rig.gateway.url)
+    assert sample(samples, "gateway_overhead_seconds_count", endpoint="chat") == 1
+    # less than the fetch alone took (1.2 s): it is a wait on another server, as the backend's is
+    assert sample(samples, "gateway_overhead_seconds_sum", endpoint="chat") < 1.0
