@@ -27,7 +27,7 @@ from gateway.audit import AuditError
 from gateway.config import Config, ConfigError
 from gateway.errors import NoRoute
 from gateway.incoming import Incoming
-from gateway.metrics import worker_exited
+from gateway.metrics import forget_dead_workers, worker_exited
 from gateway.middleware import ASGIApp, Receive, RequestId, Scope, Send
 from gateway.openapi import openapi_json
 from gateway.routes.chat import chat_completions
@@ -193,6 +193,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        forget_dead_workers()
         reloader.start()
         hangup = load is not None and _handle_hangup(reloader.on_hangup)
         try:

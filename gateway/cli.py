@@ -141,12 +141,12 @@ def event_loop() -> str:
 @contextmanager
 def metrics_directory(workers: int) -> Iterator[None]:
     """With several workers, the directory where each records its metrics: the operator's
-    `PROMETHEUS_MULTIPROC_DIR` (emptied of a previous run's files), else a temporary one that is
-    removed at exit."""
-    if workers < 2:
+    `PROMETHEUS_MULTIPROC_DIR` (emptied of a previous run's files, with one worker too), else a
+    temporary one that is removed at exit."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if workers < 2 and not given:
         yield
         return
-    given = os.environ.get(MULTIPROC_ENV)
     directory = given or tempfile.mkdtemp(prefix="phoenix-metrics-")
     os.makedirs(directory, exist_ok=True)
     for stale in glob.glob(os.path.join(directory, "*.db")):

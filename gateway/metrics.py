@@ -9,6 +9,7 @@ instance name), so no request can create new series.
 
 from __future__ import annotations
 
+import glob
 import os
 from bisect import bisect_left
 from typing import Any
@@ -194,3 +195,26 @@ def worker_exited(pid: int) -> None:
     """Drop a finished worker's live gauges (in-flight, up) from the merged view."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def forget_dead_workers() -> None:
+    """Drop the live gauges of workers that died without finishing (killed, crashed): a dead
+    worker's in-flight requests and backends up would stay in the merged view for good. Each
+    worker does it as it starts, as uvicorn starts one in a dead one's place."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = path.removesuffix(".db").rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
