@@ -18,7 +18,7 @@ from contextlib import contextmanager, suppress
 import uvicorn
 
 from gateway.app import create_app
-from gateway.audit import AuditError, format_report, verify
+from gateway.audit import AuditError, AuditLog, format_report, verify
 from gateway.auth import Keys
 from gateway.config import Config, ConfigError, resolve_config
 from gateway.logs import configure, get_logger, stdlib_log_config
@@ -93,6 +93,8 @@ def serve(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     Keys(config.auth, os.environ)  # a key whose variable is unset stops the start, with its name
     require_working_detector(config.privacy)
+    if config.privacy.audit_log:  # one it cannot open stops the start here, named, not in a worker
+        AuditLog(config.privacy.audit_log).close()
     level = args.log_level or _env_log_level() or config.server.log_level
     configure(level)
     host = args.host or config.server.host
@@ -240,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         result: int = args.func(args)
-    except ConfigError as error:
+    except (ConfigError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return result

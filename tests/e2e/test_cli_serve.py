@@ -116,6 +116,20 @@ def test_an_unknown_log_level_in_the_environment_stops_serve_with_a_clear_error(
     assert os.environ["PHOENIX_LOG_LEVEL"] == "warning"
 
 
+def test_an_audit_file_it_cannot_open_stops_serve_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit = tmp_path / "no-such-directory" / "audit.jsonl"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps({**MINIMAL, "privacy": {"audit_log": str(audit)}}))
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    assert main(["serve", "--config", str(path)]) == 1
+    assert started == []  # not left to each worker to fail, and be started again, for ever
+    expected = f"error: cannot open audit log {audit}: No such file or directory"
+    assert capsys.readouterr().err.strip() == expected
+
+
 @pytest.mark.parametrize(
     ("host", "keys", "warned"),
     [("10.1.2.3", False, True), ("10.1.2.3", True, False), ("127.0.0.1", False, False)],
