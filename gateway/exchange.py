@@ -66,6 +66,7 @@ class Exchange:
             try:
                 audit.append(fields)
             except AuditError as error:  # the answer has gone; say loudly that its record did not
+                metrics.audit_failures.inc()
                 log.error("audit write failed", error=str(error))
 
     def _record(self, metrics: Metrics, elapsed: float) -> None:

@@ -157,6 +157,11 @@ class Metrics:
             ["privacy", "reason"],
             registry=r,
         )
+        self.audit_failures = Counter(
+            "gateway_audit_write_failures_total",
+            "Requests whose audit record could not be written (privacy.audit_log).",
+            registry=r,
+        )
         self.overhead = Histogram(
             "gateway_overhead_seconds", "Time spent in the gateway itself, upstream waits excluded.",
             ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=r,

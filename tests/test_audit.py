@@ -11,6 +11,9 @@ import pytest
 
 from gateway.audit import GENESIS, SHOWN, AuditError, AuditLog, AuditReport, format_report, verify
 from gateway.cli import main
+from gateway.exchange import Exchange
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
 
 
 def make_record(n: int, **overrides: Any) -> dict[str, Any]:
@@ -403,3 +406,11 @@ def test_cli_exits_2_when_the_file_cannot_be_read(tmp_path: Path, capsys: pytest
     assert captured.out == ""
     assert captured.err.startswith("error: cannot read audit log")
     assert captured.err.count("\n") == 1
+
+
+def test_a_record_that_cannot_be_written_is_counted_for_the_alert(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit.close()  # as good as a full disk: every append fails
+    metrics = Metrics()
+    Exchange("r-1", "chat").finish(200, metrics, get_logger(), audit)
+    assert metrics.registry.get_sample_value("gateway_audit_write_failures_total") == 1

@@ -41,6 +41,7 @@ def test_metric_names_and_labels() -> None:
         "gateway_fallbacks",
         "gateway_privacy_decisions",
         "gateway_overhead_seconds",
+        "gateway_audit_write_failures",
     }
     labels = {
         "requests": ("endpoint", "model", "backend", "status"),
@@ -55,6 +56,7 @@ def test_metric_names_and_labels() -> None:
         "fallbacks": ("from_model", "to_model"),
         "privacy": ("privacy", "reason"),
         "overhead": ("endpoint",),
+        "audit_failures": (),
     }
     for attribute, names in labels.items():
         assert getattr(metrics, attribute)._labelnames == names, attribute

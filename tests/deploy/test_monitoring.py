@@ -220,6 +220,7 @@ def test_every_alert_has_a_severity_summary_and_description() -> None:
         "GatewayBackendErrorRatioHigh",
         "GatewayTimeToFirstTokenHigh",
         "GatewayPrivacyRejections",
+        "GatewayAuditWriteFailing",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
@@ -324,6 +325,19 @@ def test_alert_rules_fire_on_synthetic_series(tmp_path: Path) -> None:
                     "15m",
                     alerts("GatewayPrivacyRejections", "firing"),
                 )
+            ],
+        },
+        {  # one audit record lost at 3m: the alert fires a minute later, and ends once it is 5m old
+            "interval": "1m",
+            "input_series": [series("gateway_audit_write_failures_total", "0 0 0 1x10")],
+            "promql_expr_test": [
+                check('ALERTS{alertname="GatewayAuditWriteFailing"}', "2m"),
+                check(
+                    'ALERTS{alertname="GatewayAuditWriteFailing"}',
+                    "5m",
+                    alerts("GatewayAuditWriteFailing", "firing"),
+                ),
+                check('ALERTS{alertname="GatewayAuditWriteFailing"}', "10m"),
             ],
         },
         {  # the same 403s with public traffic only: keys refused a model, no privacy alert
