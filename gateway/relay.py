@@ -352,19 +352,18 @@ class StreamRelay:
         """One read's chunks as one write (they arrived together: one time for all of them)."""
         encode = self._encoder.encode
         out = []
-        outputs = 0
+        output = False
         for chunk in chunks:
             if chunk.notices:
                 self._exchange.notes.update(chunk.notices)
                 out.append(notice_comments(chunk.notices))
             if chunk.usage is not None:
                 self._usage = chunk.usage
-            if chunk.has_output:
-                outputs += 1
+            output = output or chunk.has_output
             out.append(encode(chunk))
-        if outputs:
+        if output:
             exchange = self._exchange
-            exchange.relayed += outputs
+            exchange.relayed += len(chunks)  # about a token each (a read's finish or usage chunk too)
             self._last_output = time.perf_counter()
             if exchange.first_token_at is None:
                 exchange.first_token_at = self._last_output
