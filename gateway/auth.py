@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 
 from gateway.config import ApiKey, Auth, ConfigError
 from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.policy import other_name
 
 
 class Keys:
@@ -66,13 +67,8 @@ def allows(key: ApiKey | None, model: str) -> bool:
     model, so either name stands for both (`/v1/models` lists the tagged one)."""
     if key is None or any(fnmatchcase(model, pattern) for pattern in key.models):
         return True
-    if model.endswith(":latest"):
-        other = model.removesuffix(":latest")
-    elif ":" not in model:
-        other = f"{model}:latest"
-    else:
-        return False
-    return any(fnmatchcase(other, pattern) for pattern in key.models)
+    other = other_name(model)
+    return other is not None and any(fnmatchcase(other, pattern) for pattern in key.models)
 
 
 def check_model(key: ApiKey | None, model: str) -> None:

@@ -45,6 +45,14 @@ def is_cloud_name(model: str) -> bool:
     return model.endswith(("-cloud", ":cloud"))
 
 
+def other_name(model: str) -> str | None:
+    """Ollama's other name for the same model: `llama3.2` for `llama3.2:latest`, and the other way
+    round; None for a name with another tag."""
+    if model.endswith(":latest"):
+        return model.removesuffix(":latest")
+    return None if ":" in model else f"{model}:latest"
+
+
 def listed_name(names: AbstractSet[str], model: str) -> str | None:
     """`model` among Ollama's names, where `llama3.2` and `llama3.2:latest` are the same model."""
     if model in names:
