@@ -11,7 +11,7 @@ written down earlier (`verify` prints the current one) can show that.
 
 Several worker processes may append to one file. Each append holds an exclusive `flock` while it
 reads the last line, from the end of the file, and writes its own line in one `write` on an O_APPEND
-descriptor.
+descriptor. On an event loop, an append never waits for the lock: see AuditLog.
 
 A crash can leave a last line without its newline. The next append then starts on a new line and
 chains to the torn line's bytes as they are, so every later line still verifies; `verify` reports
@@ -21,12 +21,15 @@ line that lost only its newline is a whole record, and once followed it verifies
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import fcntl
 import hashlib
 import os
 import threading
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +38,8 @@ import orjson
 
 GENESIS = "0" * 64
 TAIL_CHUNK = 4096
+LOCK_RETRY = (0.001, 0.02)  # seconds between a waiting write's tries for the lock: first, most
+CLOSE_GRACE = 5.0  # seconds close() gives records still waiting for the lock
 SHOWN = 20  # problems and requests listed by format_report before "and N more"
 
 
@@ -51,50 +56,147 @@ class AuditLog:
     """Appends records to the chain at `path`, continuing whatever chain the file already holds.
 
     Safe to share between threads, and between processes that each open the file themselves.
+
+    An append called on an event loop never waits there for another process's lock (a worker's, or
+    a backup job's `flock`): while the lock is taken, the record and every one after it go to a
+    thread that waits for the lock and writes them in order. What that thread cannot write is
+    reported, on the loop, through `on_failure(error, records)`. Without a running loop, an append
+    waits for the lock.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        on_failure: Callable[[AuditError, int], None] | None = None,
+    ) -> None:
         self.path = os.fspath(path)
+        self.on_failure = on_failure
         # Threads sharing this descriptor share its flock, so they need a lock of their own.
         self._lock = threading.Lock()
+        self._waiting: list[dict[str, Any]] | None = None  # records handed to the writer thread
+        self._give_up_at: float | None = None  # set by close() while the writer thread still waits
         try:
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as error:
             raise AuditError(f"cannot open audit log {self.path}: {error.strerror}") from error
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """Write `record` as the next line, with `ts` added if absent. Blocks while another writer appends."""
+        """Write `record` as the next line, with `ts` added if absent, or hand it to the writer
+        thread (see the class). Raises AuditError when it is written here and that fails."""
         entry = dict(record)
         entry.setdefault("ts", _utc_now())
         with self._lock:
-            if self._fd is None:
+            fd = self._fd
+            if fd is None or self._give_up_at is not None:
                 raise AuditError(f"audit log {self.path} is closed")
+            if self._waiting is not None:  # behind records already waiting for the lock, in order
+                self._waiting.append(entry)
+                return
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
                 try:
-                    _write_all(self._fd, _chained(self._fd, entry))
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    loop = _running_loop()
+                    if loop is not None:
+                        self._waiting = [entry]
+                        loop.run_in_executor(None, self._write_waiting).add_done_callback(self._report)
+                        return
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    _write_all(fd, _chained(fd, [entry]))
                 finally:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             except OSError as error:
-                raise AuditError(f"cannot write audit log {self.path}: {error.strerror}") from error
+                raise self._error(error) from error
 
     def close(self) -> None:
+        """Close the file; records still waiting for the lock get CLOSE_GRACE seconds more."""
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            if self._fd is None or self._give_up_at is not None:
+                return
+            if self._waiting is not None:  # the writer thread closes the file when it is done
+                self._give_up_at = time.monotonic() + CLOSE_GRACE
+                return
+            os.close(self._fd)
+            self._fd = None
+
+    def _write_waiting(self) -> list[tuple[AuditError, int]]:
+        """In the writer thread: take the lock, then write what waits, in order, until nothing does."""
+        assert self._fd is not None  # close() leaves the file open while records wait
+        fd = self._fd
+        failures: list[tuple[AuditError, int]] = []
+        try:
+            self._wait_for_lock(fd)
+        except (OSError, TimeoutError) as error:
+            with self._lock:
+                failures.append((self._error(error), len(self._waiting or ())))
+                self._done_waiting()
+            return failures
+        while True:
+            with self._lock:
+                batch = self._waiting
+                if not batch:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    self._done_waiting()
+                    return failures
+                self._waiting = []
+            try:
+                _write_all(fd, _chained(fd, batch))
+            except OSError as error:
+                failures.append((self._error(error), len(batch)))
+
+    def _wait_for_lock(self, fd: int) -> None:
+        pause = LOCK_RETRY[0]
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                    raise TimeoutError(
+                        errno.ETIMEDOUT, "closed while another process held its lock"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, LOCK_RETRY[1])
+
+    def _done_waiting(self) -> None:
+        """With `_lock` held: nothing waits any more; close the file if close() was called meanwhile."""
+        self._waiting = None
+        if self._give_up_at is not None and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _report(self, written: asyncio.Future[list[tuple[AuditError, int]]]) -> None:
+        if self.on_failure is not None:
+            for error, records in written.result():
+                self.on_failure(error, records)
+
+    def _error(self, error: OSError) -> AuditError:
+        return AuditError(f"cannot write audit log {self.path}: {error.strerror}")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _chained(fd: int, entry: dict[str, Any]) -> bytes:
-    """The bytes to append for `entry`: linked to the file's last line, on a line of its own."""
+def _chained(fd: int, entries: list[dict[str, Any]]) -> bytes:
+    """The bytes to append for `entries`: linked to the file's last line and to one another, each
+    on a line of its own."""
     last, terminated = _last_line(fd)
-    entry["prev"] = GENESIS if last is None else line_hash(last)
-    line = orjson.dumps(entry) + b"\n"
-    return line if terminated else b"\n" + line
+    lines = [] if terminated else [b""]
+    for entry in entries:
+        entry["prev"] = GENESIS if last is None else line_hash(last)
+        last = orjson.dumps(entry)
+        lines.append(last)
+    lines.append(b"")
+    return b"\n".join(lines)
 
 
 def _last_line(fd: int) -> tuple[bytes | None, bool]:

@@ -65,9 +65,8 @@ class Exchange:
         if audit is not None:
             try:
                 audit.append(fields)
-            except AuditError as error:  # the answer has gone; say loudly that its record did not
-                metrics.audit_failures.inc()
-                log.error("audit write failed", error=str(error))
+            except AuditError as error:
+                audit_failed(metrics, log, error, 1)
 
     def _record(self, metrics: Metrics, elapsed: float) -> None:
         backend = self.backend
@@ -113,3 +112,9 @@ class Exchange:
             fields["answered_as"] = self.answered_as
         fields.update(self.notes)
         return fields
+
+
+def audit_failed(metrics: Metrics, log: Any, error: AuditError, records: int) -> None:
+    """The answers have gone; say loudly that their records did not (an alert watches the count)."""
+    metrics.audit_failures.inc(records)
+    log.error("audit write failed", error=str(error), records=records)

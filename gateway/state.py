@@ -8,6 +8,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -22,7 +23,7 @@ from gateway.balancer import Balancer
 from gateway.config import ApiKey, Config
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, PrivacyViolation, ShuttingDown, Unavailable
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, audit_failed
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.policy import Plan, Router, Target, local_only, locality
@@ -147,7 +148,9 @@ class State:
         keys = Keys(config.auth, environ)
         providers = {b.name: build_provider(b, transport, environ, config.images) for b in config.backends}
         if audit is None and config.privacy.audit_log:
-            audit = AuditLog(config.privacy.audit_log)
+            audit = AuditLog(
+                config.privacy.audit_log, on_failure=partial(audit_failed, metrics, get_logger())
+            )
         metrics.register_backends([backend.name for backend in config.backends])
         dispatcher = Dispatcher(providers, balancer, metrics, config.routing.retries)
         return cls(

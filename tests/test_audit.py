@@ -1,19 +1,29 @@
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
+import io
 import multiprocessing
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import structlog
 
+from gateway import audit as audit_module
 from gateway.audit import GENESIS, SHOWN, AuditError, AuditLog, AuditReport, format_report, verify
 from gateway.cli import main
+from gateway.config import parse_config
 from gateway.exchange import Exchange
-from gateway.logs import get_logger
+from gateway.logs import configure, get_logger
 from gateway.metrics import Metrics
+from gateway.state import State
 
 
 def make_record(n: int, **overrides: Any) -> dict[str, Any]:
@@ -414,3 +424,108 @@ def test_a_record_that_cannot_be_written_is_counted_for_the_alert(tmp_path: Path
     metrics = Metrics()
     Exchange("r-1", "chat").finish(200, metrics, get_logger(), audit)
     assert metrics.registry.get_sample_value("gateway_audit_write_failures_total") == 1
+
+
+# another process's lock
+
+
+@contextmanager
+def locked_elsewhere(path: Path) -> Iterator[None]:
+    """Hold the file's flock as another process would, through a descriptor of its own, until the
+    block ends or 5 s have passed (so that an append that waits for it does not wait for ever)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held.set()
+            release.wait(5)
+        finally:
+            os.close(fd)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+async def written(path: Path, count: int) -> list[bytes]:
+    for _ in range(500):
+        if len(lines := lines_of(path)) >= count:
+            return lines
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path} still has {len(lines_of(path))} lines, not {count}")
+
+
+def test_on_a_loop_an_append_hands_its_record_over_instead_of_waiting_for_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_public(path, 1)
+
+    async def scenario() -> list[bytes]:
+        log = AuditLog(path)
+        with locked_elsewhere(path):
+            for n in range(1, 4):
+                log.append(make_record(n))  # returns at once, or the lock is never released
+            assert len(lines_of(path)) == 1
+        log.append(make_record(4))  # behind the three, though the lock is free now
+        lines = await written(path, 5)
+        log.close()
+        return lines
+
+    lines = asyncio.run(scenario())
+    assert [orjson.loads(line)["request_id"] for line in lines] == [f"req-{n}" for n in range(5)]
+    report = verify(path)
+    assert (report.problems, report.records) == ([], 5)
+
+
+def test_records_still_waiting_for_the_lock_at_close_are_reported_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "CLOSE_GRACE", 0.05)
+    path = tmp_path / "audit.jsonl"
+    lost: list[tuple[str, int]] = []
+
+    async def scenario() -> None:
+        log = AuditLog(path, on_failure=lambda error, records: lost.append((str(error), records)))
+        with locked_elsewhere(path):
+            log.append(make_record(1))
+            log.append(make_record(2))
+            log.close()
+            with pytest.raises(AuditError, match="closed"):
+                log.append(make_record(3))
+            for _ in range(300):
+                if lost:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert lost == [(f"cannot write audit log {path}: closed while another process held its lock", 2)]
+    assert path.read_bytes() == b""
+
+
+def test_the_gateways_audit_file_counts_and_logs_what_its_writer_thread_lost(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "backends": [{"name": "ollama", "type": "ollama", "base_url": "http://127.0.0.1:9"}],
+            "models": [{"name": "llama3", "deployments": [{"backend": "ollama"}]}],
+            "privacy": {"audit_log": str(tmp_path / "audit.jsonl")},
+        },
+        "test",
+    )
+    lines, before = io.StringIO(), structlog.get_config()
+    try:
+        configure("info", stream=lines)
+        state = State.build(config, {})
+        assert state.audit is not None and state.audit.on_failure is not None
+        state.audit.on_failure(AuditError("cannot write audit log: No space left on device"), 3)
+        state.audit.close()
+    finally:
+        structlog.configure(**before)
+    assert state.metrics.registry.get_sample_value("gateway_audit_write_failures_total") == 3
+    line = orjson.loads(lines.getvalue().splitlines()[-1])
+    assert (line["event"], line["records"]) == ("audit write failed", 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tests.e2e.conftest import sample, scrape
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread, free_port, serve
+from tests.test_audit import locked_elsewhere
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "hello"}]
@@ -365,3 +367,29 @@ def test_the_audit_file_proves_where_private_traffic_went(
     audit.write_text("\n".join(lines) + "\n")
     assert main(["audit", "verify", str(audit)]) == 1
     assert "line 3" in capsys.readouterr().out
+
+
+def test_while_another_process_holds_the_audit_files_lock_the_gateway_keeps_answering(
+    fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    """A backup job's `flock audit.jsonl cp ...` delays the records, not the answers or /healthz."""
+    _, server = fake_ollama
+    audit = tmp_path / "audit.jsonl"
+    config = pool_config(server.url, privacy={"audit_log": str(audit)})
+    gateway = start_gateway(config)
+    chat = {"model": "llama", "messages": HELLO}
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        with locked_elsewhere(audit):
+            assert client.post("/v1/chat/completions", json=chat).status_code == 200
+            assert client.get("/healthz").status_code == 200
+            streamed = client.post("/v1/chat/completions", json={**chat, "stream": True})
+            assert streamed.status_code == 200
+            assert streamed.text.endswith("data: [DONE]\n\n")
+            assert len(audit.read_text().splitlines()) == 1  # the two records wait for the lock
+    for _ in range(500):
+        if len(lines := audit.read_text().splitlines()) == 3:
+            break
+        time.sleep(0.01)
+    assert [json.loads(line)["stream"] for line in lines] == [False, False, True]
+    assert main(["audit", "verify", str(audit)]) == 0
