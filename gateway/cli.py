@@ -21,14 +21,13 @@ from gateway.app import create_app
 from gateway.audit import AuditError, AuditLog, format_report, verify
 from gateway.auth import Keys
 from gateway.config import Config, ConfigError, resolve_config
-from gateway.logs import configure, get_logger, stdlib_log_config
+from gateway.logs import LOG_LEVELS, configure, get_logger, stdlib_log_config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.privacy import require_working_detector
 from gateway.protocol import GatewayHttpProtocol
 from gateway.state import State
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def routing_table(config: Config) -> str:

@@ -13,6 +13,7 @@ import orjson
 import structlog
 
 AUDIT_EVENT = "request"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 # Messages of uvicorn's that are expected, documented events, and the level they deserve: the
 # shutdown deadline cutting requests (README, Operations) is no error of the gateway's.
 DEMOTED = {"Cancel %s running task(s), timeout graceful shutdown exceeded": logging.WARNING}
@@ -75,7 +76,8 @@ class StdlibHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if not structlog.is_configured():
-            configure(os.environ.get("PHOENIX_LOG_LEVEL", "info"))
+            named = os.environ.get("PHOENIX_LOG_LEVEL", "").lower()
+            configure(named if named in LOG_LEVELS else "info")  # the app names a wrong one at its start
         level = min(record.levelno, DEMOTED.get(str(record.msg), record.levelno))
         fields: dict[str, Any] = {"logger": record.name}
         if record.exc_info and record.exc_info[1] is not None:

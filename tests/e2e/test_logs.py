@@ -181,3 +181,24 @@ def test_uvicorns_records_become_json_lines_without_a_stack_trace() -> None:
         "Cancel 2 running task(s), timeout graceful shutdown exceeded",
         "warning",
     )
+
+
+def test_a_record_before_the_logs_are_set_up_is_written_under_an_unknown_env_level(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`uvicorn gateway.cli:app_factory --factory` with PHOENIX_LOG_LEVEL=verbose: uvicorn's first
+    record comes before the app names the wrong level, and must not become a logging traceback."""
+    monkeypatch.setenv("PHOENIX_LOG_LEVEL", "verbose")
+    before = structlog.get_config()
+    logger = logging.getLogger("uvicorn.error.early")
+    logger.addHandler(StdlibHandler())
+    logger.propagate = False
+    structlog.reset_defaults()
+    try:
+        logger.warning("Started server process [%d]", 7)
+    finally:
+        logger.handlers.clear()
+        structlog.configure(**before)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert json.loads(err.splitlines()[-1])["event"] == "Started server process [7]"
