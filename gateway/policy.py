@@ -148,7 +148,7 @@ class Router:
         raise ModelNotFound(self._not_found_message(name))
 
     def _not_found_message(self, name: str) -> str:
-        names = sorted({*self._exact, *self.known})
+        names = sorted(self._routable())
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         message = f"The model '{name}' does not exist on this gateway."
         if close:
@@ -157,6 +157,14 @@ class Router:
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
             message += f" Known models: {shown}."
         return message
+
+    def _routable(self) -> set[str]:
+        """The names a request can use: the exact ones, and what backends list under the patterns."""
+        names = set(self._exact)
+        for route in self._patterns:
+            prefix, _, suffix = route.name.partition("*")
+            names.update(f"{prefix}{upstream}{suffix}" for upstream in self.known)
+        return names
 
     def public_name(self, route: ModelRoute, upstream: str) -> str | None:
         """The client-facing name under which `route` serves `upstream`, or None for exact routes."""

@@ -263,3 +263,21 @@ def test_plans_carry_the_routes_privacy_policy() -> None:
     router = Router(config)
     assert router.plan("notes").privacy == "private"
     assert router.plan("ollama/llama3.2").privacy is None
+
+
+def test_a_404_suggests_only_names_a_request_can_use() -> None:
+    backends = [{"name": "ollama-1", "type": "ollama", "base_url": "http://127.0.0.1:9"}]
+    exact = {"name": "llama3.2", "deployments": [{"backend": "ollama-1", "model": "llama3.2:latest"}]}
+    router = Router(parse_config({"backends": backends, "models": [exact]}, "test"))
+    router.known = {"llama3.2:latest"}  # what the instance lists is not a name of the gateway's
+    with pytest.raises(ModelNotFound) as refused:
+        router.plan("llama3.2:latest")
+    assert refused.value.message.endswith("Did you mean: llama3.2?")
+
+    pattern = {"name": "ollama/*", "deployments": [{"backend": "ollama-1"}]}
+    router = Router(parse_config({"backends": backends, "models": [exact, pattern]}, "test"))
+    router.known = {"llama3.2:latest"}
+    with pytest.raises(ModelNotFound) as refused:
+        router.plan("llama3.2:lates")
+    assert refused.value.message.endswith("Did you mean: ollama/llama3.2:latest, llama3.2?")  # closest first
+    assert router.plan("ollama/llama3.2:latest").targets == (Target("ollama-1", "llama3.2:latest"),)
