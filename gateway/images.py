@@ -27,6 +27,7 @@ import asyncio
 import base64
 import ipaddress
 import socket
+import string
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,6 +50,10 @@ MAX_REDIRECTS = 3
 REDIRECTS = (301, 302, 303, 307, 308)
 FETCHES_AT_ONCE = 8  # per request: a message full of URLs must not become a flood of connections
 USER_AGENT = "phoenix-gateway (image fetch)"
+# What a URI may hold as it is (RFC 3986): a URL of only these goes out as written, its escapes
+# kept (a signed URL's `%2F` stays `%2F`); one with anything else (a space, a letter outside
+# ASCII) is escaped first.
+URI_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~:/?#[]@!$&'()*+,;=%")
 PRIVATE_HINT = "the gateway does not fetch images from private networks (images.allow_private_networks)"
 
 SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT; Python counts it neither way
@@ -227,7 +232,7 @@ class ImageFetcher:
         self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, url: str, param: str
     ) -> Image:
         try:
-            target = URL(url)
+            target = _parsed(url)
         except ValueError:
             raise InvalidRequest("the image URL is not a valid http(s) URL", param=param) from None
         async with slots:  # the deadline starts once the fetch may start
@@ -253,7 +258,7 @@ class ImageFetcher:
                             f"the image host {target.raw_host} redirected without a Location", param=param
                         )
                     try:
-                        target = response.url.join(URL(location))
+                        target = response.url.join(_parsed(location))
                     except ValueError:
                         raise InvalidRequest(
                             f"the image host {target.raw_host} redirected to an invalid URL", param=param
@@ -300,6 +305,10 @@ class ImageFetcher:
                     f"the image at {host} is larger than the limit of {limit} bytes", param=param
                 )
         return Image(mime, base64.b64encode(body).decode("ascii"))
+
+
+def _parsed(url: str) -> URL:
+    return URL(url, encoded=True) if URI_CHARACTERS.issuperset(url) else URL(url)
 
 
 @contextmanager

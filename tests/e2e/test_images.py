@@ -46,6 +46,7 @@ class ImageHost:
     def __init__(self) -> None:
         self.url = ""
         self.paths: list[str] = []
+        self.targets: list[bytes] = []  # the request targets as they came, escapes and all
         self.endless_closed = threading.Event()  # the endless body's generator was closed
         self.hang_left = threading.Event()  # the client of /hang.png went away
         self._pair: asyncio.Event | None = None
@@ -54,6 +55,7 @@ class ImageHost:
 
     async def serve(self, request: Request) -> Response:
         self.paths.append(request.url.path)
+        self.targets.append(request.scope["raw_path"] + b"?" + request.scope["query_string"])
         name = request.path_params["name"]
         if name == "cat.png":
             return Response(PNG, media_type="image/png")
@@ -213,6 +215,22 @@ def test_a_redirect_is_followed_and_checked_again(rig: Rig) -> None:
     assert response.status_code == 200, response.text
     assert rig.fake.chat_bodies()[0]["messages"][0]["images"] == [base64.b64encode(PNG).decode()]
     assert rig.host.paths == ["/redirect", "/cat.png"]
+
+
+def test_an_image_url_is_fetched_as_written_escapes_and_all(rig: Rig) -> None:
+    """A signed URL's signature covers its bytes: `%2F` must not become `/` on the way."""
+    signed = "/cat.png?sig=a%2Fb%2B%3D&exp=%7E1&x=1+2"
+    assert rig.chat(rig.host.url + signed).status_code == 200
+    redirect = "/redirect?to=/cat.png%3Fsig%3Dc%252Fd"  # Location: /cat.png?sig=c%2Fd
+    assert rig.chat(rig.host.url + redirect).status_code == 200
+    spaced = "/cat.png?name=a b&who=\u00e9"  # not a URI as written: escaped first
+    assert rig.chat(rig.host.url + spaced).status_code == 200
+    assert rig.host.targets == [
+        signed.encode(),
+        redirect.encode(),
+        b"/cat.png?sig=c%2Fd",
+        b"/cat.png?name=a+b&who=%C3%A9",  # yarl writes a space in a query as +
+    ]
 
 
 def test_more_than_three_redirects_are_refused(rig: Rig) -> None:
