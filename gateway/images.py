@@ -113,6 +113,11 @@ def refusal(address: IPAddress) -> str | None:
     return next((kind for kind, test in REFUSED if test(address)), None)
 
 
+def not_public(host: str) -> str:
+    """Why a host name is refused, the same whether it resolves to a private address or to none."""
+    return f"the image host {host} does not resolve to a public address"
+
+
 def media_type(content_type: str | None) -> str:
     """`image/PNG; charset=x` -> `image/png`; an absent header -> ``."""
     return (content_type or "").split(";", 1)[0].strip().lower()
@@ -158,7 +163,7 @@ class GuardedResolver(ThreadedResolver):
             for result in results:
                 kind = refusal(ipaddress.ip_address(result["host"]))
                 if kind is not None:
-                    raise Refused(f"the image host {host} resolves to a {kind} address")
+                    raise Refused(not_public(host))
         return results
 
 
@@ -248,7 +253,7 @@ class ImageFetcher:
     async def _follow(self, session: aiohttp.ClientSession, target: URL, param: str) -> Image:
         for _ in range(MAX_REDIRECTS + 1):
             self._check(target, param)
-            with _reasons(target.raw_host or "", param):
+            with _reasons(target.raw_host or "", param, self.config.allow_private_networks):
                 async with session.get(target, allow_redirects=False) as response:
                     if response.status not in REDIRECTS:
                         return await self._read(response, target.raw_host or "", param)
@@ -312,8 +317,10 @@ def _parsed(url: str) -> URL:
 
 
 @contextmanager
-def _reasons(host: str, param: str) -> Iterator[None]:
-    """aiohttp's failures, as what they mean for the client; never a stack trace or the URL."""
+def _reasons(host: str, param: str, allow_private_networks: bool) -> Iterator[None]:
+    """aiohttp's failures, as what they mean for the client; never a stack trace or the URL.
+    Where private networks are refused, a name that does not resolve is refused in the words of
+    one that resolves to a private address, so that clients cannot probe the internal DNS."""
     try:
         yield
     except TimeoutError:
@@ -321,6 +328,8 @@ def _reasons(host: str, param: str) -> Iterator[None]:
     except Refused as refused:
         raise InvalidRequest(f"{refused}; {PRIVATE_HINT}", param=param) from None
     except aiohttp.ClientConnectorDNSError:
+        if not allow_private_networks:
+            raise InvalidRequest(f"{not_public(host)}; {PRIVATE_HINT}", param=param) from None
         raise InvalidRequest(f"the image host {host} could not be resolved", param=param) from None
     except aiohttp.ClientConnectorCertificateError:
         raise InvalidRequest(f"the image host {host} has no valid TLS certificate", param=param) from None

@@ -280,19 +280,24 @@ def test_a_streamed_answer_gets_its_image_too(rig: Rig) -> None:
     assert rig.fake.chat_bodies()[0]["messages"][0]["images"] == [base64.b64encode(PNG).decode()]
 
 
+NOT_PUBLIC = "does not resolve to a public address"  # a name's refusal does not say what it resolves to
+
+
 @pytest.mark.parametrize(
-    "url",
+    ("url", "why"),
     [
-        "http://localhost:{port}/cat.png",  # a name that resolves to loopback
-        "http://127.0.0.1:{port}/cat.png",
-        "http://[::ffff:127.0.0.1]:{port}/cat.png",
-        "http://0x7f.0.0.1:{port}/cat.png",  # resolved by getaddrinfo to 127.0.0.1
+        ("http://localhost:{port}/cat.png", NOT_PUBLIC),  # a name that resolves to loopback
+        ("http://127.0.0.1:{port}/cat.png", "loopback address"),
+        ("http://[::ffff:127.0.0.1]:{port}/cat.png", "loopback address"),
+        ("http://0x7f.0.0.1:{port}/cat.png", NOT_PUBLIC),  # resolved by getaddrinfo to 127.0.0.1
     ],
 )
-def test_loopback_is_refused_by_default_and_never_asked(rig_for: Callable[..., Rig], url: str) -> None:
+def test_loopback_is_refused_by_default_and_never_asked(
+    rig_for: Callable[..., Rig], url: str, why: str
+) -> None:
     rig = rig_for()
     image_url = url.format(port=URL(rig.host.url).port)
-    rig.refused(rig.chat(image_url), "loopback", "allow_private_networks")
+    rig.refused(rig.chat(image_url), why, "allow_private_networks")
     assert rig.host.paths == []
 
 
@@ -305,7 +310,7 @@ def test_fetching_off_keeps_refusing_image_urls(rig_for: Callable[..., Rig]) -> 
 @pytest.mark.parametrize(
     ("to", "words"),
     [
-        ("http://localhost:{port}/cat.png", "resolves to a loopback address"),
+        ("http://localhost:{port}/cat.png", "the image host localhost does not resolve to a public address"),
         ("http://127.0.0.1:{port}/cat.png", "loopback address"),
         ("http://169.254.169.254/latest/meta-data/", "link-local address"),
         ("file:///etc/passwd", "not an http(s) URL"),
@@ -433,6 +438,19 @@ def test_more_image_urls_than_allowed_are_refused_before_any_fetch_repeats_count
     assert "at most 3 per request (images.max_per_request)" in error["message"]
     assert sorted(rig.host.paths) == ["/cat.jpg", "/cat.png"]  # the refused request fetched nothing
     assert len(rig.fake.chat_bodies()) == 1
+
+
+def test_a_name_that_does_not_resolve_and_one_that_resolves_privately_are_refused_alike(
+    rig_for: Callable[..., Rig],
+) -> None:
+    """Clients may not use the refusals to learn which internal names exist."""
+    rig = rig_for()
+    port = URL(rig.host.url).port
+    private = rig.refused(rig.chat(f"http://localhost:{port}/cat.png"))
+    unknown = rig.refused(rig.chat("http://no-such-host.invalid/cat.png"))
+    assert private.replace("localhost", "HOST") == unknown.replace("no-such-host.invalid", "HOST")
+    assert "images.allow_private_networks" in unknown
+    assert rig.host.paths == []
 
 
 INVALID_URL = "the image URL is not a valid http(s) URL"
