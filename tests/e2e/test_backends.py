@@ -445,3 +445,28 @@ def test_unknown_fields_reach_only_backends_that_speak_openai(rig: Rig) -> None:
     # vLLM and llama.cpp read such fields; Ollama's and Gemini's native APIs have no place for them
     assert kept == (extra if rig.kind == "openai" else {})
     assert "vendor_knob" not in str(sent) or rig.kind == "openai"
+
+
+def test_reasoning_effort_reaches_gemini_as_its_thinking_config(
+    start_gateway: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    fake = FakeGemini(api_key=KEY)
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
+            for effort in ("none", "high"):
+                api.chat.completions.create(
+                    model="chat", messages=[{"role": "user", "content": "2+2?"}], reasoning_effort=effort
+                )
+            with pytest.raises(openai.BadRequestError) as refused:
+                api.chat.completions.create(
+                    model="chat",
+                    messages=[{"role": "user", "content": "2+2?"}],
+                    reasoning_effort="bogus",  # type: ignore[arg-type]
+                )
+    assert refused.value.body["param"] == "reasoning_effort"  # type: ignore[index]
+    sent = [body["generationConfig"]["thinkingConfig"] for body in fake.chat_bodies()]
+    assert sent == [
+        {"thinkingBudget": 0, "includeThoughts": False},
+        {"thinkingBudget": 24576, "includeThoughts": True},
+    ]

@@ -22,6 +22,7 @@ from gateway.errors import (
 from gateway.images import Image
 from gateway.providers import gemini
 from gateway.providers.gemini import GeminiProvider, StreamState
+from gateway.providers.ollama.request import THINK
 from gateway.schemas import ChatRequest, Chunk, EmbeddingRequest
 from tests.providers.streams import httpx_stream
 
@@ -1248,3 +1249,31 @@ def test_top_logprobs_out_of_openais_range_is_refused_naming_it() -> None:
     with pytest.raises(ValidationError) as refused:
         request(logprobs=True, top_logprobs=21)
     assert refused.value.errors()[0]["loc"] == ("top_logprobs",)
+
+
+@pytest.mark.parametrize(
+    ("model", "effort", "thinking"),
+    [
+        ("gemini-2.5-flash", "none", {"thinkingBudget": 0, "includeThoughts": False}),
+        ("gemini-2.5-flash", "low", {"thinkingBudget": 1024, "includeThoughts": True}),
+        ("models/gemini-2.5-flash-lite", "high", {"thinkingBudget": 24576, "includeThoughts": True}),
+        ("gemini-2.5-pro", "none", {"thinkingBudget": 128, "includeThoughts": False}),  # its least
+        ("gemini-3-pro-preview", "none", {"thinkingLevel": "MINIMAL", "includeThoughts": False}),
+        ("gemini-3-flash", "medium", {"thinkingLevel": "MEDIUM", "includeThoughts": True}),
+        ("gemini-3.5-flash", "xhigh", {"thinkingLevel": "HIGH", "includeThoughts": True}),
+        ("gemini-2.0-flash", "high", None),  # does not think: thinkingConfig would be a 400
+        ("gemma-3-27b-it", "high", None),
+    ],
+)
+def test_reasoning_effort_becomes_the_models_kind_of_thinking_config(
+    model: str, effort: str, thinking: dict[str, Any] | None
+) -> None:
+    body = gemini.build_request(request(reasoning_effort=effort), model)
+    assert body.get("generationConfig", {}).get("thinkingConfig") == thinking
+
+
+def test_reasoning_effort_takes_the_names_the_ollama_translation_takes() -> None:
+    assert gemini.request.LEVELS.keys() == gemini.request.BUDGETS.keys() == THINK.keys()
+    with pytest.raises(InvalidRequest, match="unknown reasoning_effort 'bogus'") as refused:
+        build(reasoning_effort="bogus")
+    assert refused.value.param == "reasoning_effort"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,6 +40,14 @@ CONFIG = {
     "frequency_penalty": "frequencyPenalty",
 }
 MODES = {"none": "NONE", "auto": "AUTO", "required": "ANY"}
+# reasoning_effort -> thinkingConfig (contracts/gemini.md §9): Gemini 3 and later take a level,
+# Gemini 2.5 a budget in tokens (2.5 Pro cannot stop thinking: 128 is its least). The names are
+# those the Ollama translation takes; older models do not think and get no thinkingConfig.
+LEVELS = {"none": "MINIMAL", "minimal": "MINIMAL", "low": "LOW", "medium": "MEDIUM", "high": "HIGH",
+          "max": "HIGH", "xhigh": "HIGH", "ultra": "HIGH"}  # fmt: skip
+BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576,
+           "max": 24576, "xhigh": 24576, "ultra": 24576}  # fmt: skip
+LEAST_BUDGET = {"gemini-2.5-pro": 128}
 # The keywords `responseJsonSchema` accepts (contracts/gemini.md §2.3); the rest are dropped.
 SCHEMA_KEYS = {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum",
                "items", "prefixItems", "minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf",
@@ -58,6 +67,9 @@ def build_request(
     if system:
         body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
     config = _generation_config(request)
+    thinking = _thinking_config(request, model)
+    if thinking is not None:
+        config["thinkingConfig"] = thinking
     if config:
         body["generationConfig"] = config
     if request.tools:
@@ -251,6 +263,26 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
         if response_format.type == "json_schema" and schema:
             config["responseJsonSchema"] = _schema(schema)
     return config
+
+
+def _thinking_config(request: ChatRequest, model: str) -> dict[str, Any] | None:
+    effort = (request.model_extra or {}).get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in LEVELS:
+        raise InvalidRequest(f"unknown reasoning_effort {effort!r}", param="reasoning_effort")
+    name = model.removeprefix("models/")
+    version = re.match(r"gemini-(\d+)(?:\.(\d+))?", name)
+    if version is None:
+        return None
+    major, minor = int(version[1]), int(version[2] or 0)
+    thoughts = {"includeThoughts": effort != "none"}  # they come back as reasoning_content
+    if major >= 3:
+        return {"thinkingLevel": LEVELS[effort], **thoughts}
+    if (major, minor) == (2, 5):
+        least = next((v for prefix, v in LEAST_BUDGET.items() if name.startswith(prefix)), 0)
+        return {"thinkingBudget": max(BUDGETS[effort], least), **thoughts}
+    return None  # Gemini 2.0 and older do not think: thinkingConfig would be a 400
 
 
 def _schema(schema: Any) -> Any:
