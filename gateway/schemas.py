@@ -118,6 +118,13 @@ class Message(Wire):
     tool_calls: list[AnyToolCall] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _some_parts(cls, content: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        if content == []:  # as OpenAI's schema has it (minItems 1); a string may be empty
+            raise ValueError("a list of parts needs at least one part")
+        return content
+
     @model_validator(mode="after")
     def _content_rules(self) -> Message:
         if self.content is None and self.role not in ("assistant", "function"):

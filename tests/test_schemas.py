@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+from gateway.body import validate
+from gateway.errors import InvalidRequest
 from gateway.schemas import ChatRequest
 
 
@@ -32,3 +36,12 @@ def test_the_detector_reads_function_arguments_and_custom_tool_input() -> None:
         "function",
         "custom",
     ]  # type may be left out
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool"])
+def test_content_as_an_empty_list_of_parts_is_refused_naming_it(role: str) -> None:
+    message = {"role": role, "content": [], "tool_call_id": "call_1"}
+    with pytest.raises(InvalidRequest) as refused:
+        validate(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}, message]})
+    assert refused.value.param == "messages[1].content"
+    assert "at least one part" in refused.value.message

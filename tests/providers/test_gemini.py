@@ -1277,3 +1277,13 @@ def test_reasoning_effort_takes_the_names_the_ollama_translation_takes() -> None
     with pytest.raises(InvalidRequest, match="unknown reasoning_effort 'bogus'") as refused:
         build(reasoning_effort="bogus")
     assert refused.value.param == "reasoning_effort"
+
+
+def test_a_conversation_without_content_for_gemini_is_refused_naming_what_is_empty() -> None:
+    system_only = [{"role": "system", "content": "Be brief."}]
+    with pytest.raises(InvalidRequest, match="at least one user or assistant message") as refused:
+        build(messages=system_only)
+    assert refused.value.param == "messages"
+    with pytest.raises(InvalidRequest, match="no empty message") as refused:
+        build(messages=[*system_only, {"role": "user", "content": ""}])
+    assert refused.value.param == "messages[1].content"

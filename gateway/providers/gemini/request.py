@@ -92,7 +92,14 @@ def _contents(messages: list[Message], fetched: Mapping[str, Image]) -> list[dic
             out[-1]["parts"].extend(parts)
         else:
             out.append({"role": role, "parts": parts})
-    if not out:
+    if not out:  # Gemini refuses empty contents and empty parts (contracts/gemini.md §9)
+        empty = [i for i, m in enumerate(messages) if m.role in ("user", "assistant")]
+        if empty:
+            raise InvalidRequest(
+                "Gemini takes no empty message, and needs at least one user or assistant message with"
+                " content",
+                param=f"messages[{empty[-1]}].content",
+            )
         raise InvalidRequest("Gemini needs at least one user or assistant message", param="messages")
     return out
 
