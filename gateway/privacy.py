@@ -2,9 +2,10 @@
 
 A request is private when any source says so, checked in this order (the first one found is the
 reason reported): the privacy header, the body's `metadata.privacy`, the API key's policy, the
-model's policy, content the detector cannot read (with `privacy.attachments: private`), and the
-PII detector. An explicit "public" never overrides another source. A
-private request may only be served by a local backend; `policy.Router.restrict` enforces that.
+model's policy, content the detector cannot read (attachments with `privacy.attachments: private`;
+token ids whenever the detector is on), and the PII detector. An explicit "public" never overrides
+another source. A private request may only be served by a local backend; `policy.local_only`
+enforces that.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ LEVELS = ("private", "public")
 @dataclass(frozen=True, slots=True)
 class Decision:
     private: bool
-    reason: str  # header | metadata | key | model | pii:<kind>; "default" when public
+    # header | metadata | key | model | attachment | token_ids | pii:<kind>; "default" when public
+    reason: str
 
     @property
     def label(self) -> str:
@@ -70,10 +72,13 @@ def classify(
     model_policy: str | None,
     texts: Callable[[], Iterable[str]],
     attachments: Callable[[], bool] | None = None,
+    token_ids: Callable[[], bool] | None = None,
 ) -> Decision:
     """`texts` is called only when the PII detector has to look (nothing else made it private);
     `attachments`, whether the request carries content the detector cannot read (images, audio,
-    files), only when `privacy.attachments` makes such requests private."""
+    files), only when `privacy.attachments` makes such requests private; `token_ids`, whether its
+    input is pre-tokenized, only when the detector is on: with no tokenizer at hand the detector
+    cannot read ids, so they are private rather than unread (fail closed)."""
     stated = [
         ("header", _header_level(headers.get(settings.header), settings.header)),
         ("metadata", _level((metadata or {}).get("privacy"), "metadata.privacy")),
@@ -86,6 +91,8 @@ def classify(
     if settings.attachments == "private" and attachments is not None and attachments():
         return Decision(True, "attachment")
     if settings.detect_pii:
+        if token_ids is not None and token_ids():
+            return Decision(True, "token_ids")
         found = pii.scan_all(texts())
         if found:
             return Decision(True, f"pii:{found[0]}")

@@ -225,6 +225,7 @@ class State:
         metadata: Mapping[str, Any] | None,
         texts: Callable[[], Iterable[str]],
         attachments: Callable[[], bool] | None = None,
+        token_ids: Callable[[], bool] | None = None,
     ) -> list[Plan]:
         """Where a request may go, in order: route it, check the key, decide its privacy, and for a
         private request keep only local targets (or `privacy.local_model`'s), never a fallback."""
@@ -240,6 +241,7 @@ class State:
             model_policy=plan.privacy,
             texts=texts,
             attachments=attachments,
+            token_ids=token_ids,
         )
         exchange.privacy, exchange.privacy_reason = decision.label, decision.reason
         self.metrics.child(self.metrics.privacy, decision.label, decision.reason).inc()
@@ -260,6 +262,11 @@ class State:
                 exchange.notes["privacy_substitute"] = substitute
         if local is None:
             hint = "" if substitute else " Set privacy.local_model to serve such requests with a local model."
+            if decision.reason == "token_ids":
+                hint = (
+                    " Its input is token ids, which the PII detector cannot read: send the input as text"
+                    " to have it checked (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)."
+                )
             raise PrivacyViolation(
                 f"The model '{model}' has no local deployment, and this request is private"
                 f" (reason: {decision.reason}); it is never sent to a cloud backend.{hint}"

@@ -136,6 +136,19 @@ def test_any_source_makes_a_request_private(kwargs: dict[str, Any], reason: str)
     assert decision.header == f"private;reason={reason}"
 
 
+def test_token_ids_the_detector_cannot_read_make_a_request_private() -> None:
+    def ids(given: bool) -> Any:
+        return lambda: given
+
+    settings = Privacy()
+    kw: dict[str, Any] = {"metadata": None, "key": None, "model_policy": None, "texts": lambda: ["fine"]}
+    assert classify(settings, {}, token_ids=ids(True), **kw).reason == "token_ids"
+    assert not classify(settings, {}, token_ids=ids(False), **kw).private
+    # a source stated before it stays the reason; without the detector, ids are not looked at
+    assert classify(settings, {"x-privacy": "private"}, token_ids=ids(True), **kw).reason == "header"
+    assert not classify(Privacy(detect_pii=False), {}, token_ids=ids(True), **kw).private
+
+
 def test_without_a_source_a_request_is_public() -> None:
     decision = decide(headers={"x-privacy": "public"})
     assert not decision.private

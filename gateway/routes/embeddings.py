@@ -33,6 +33,7 @@ async def embeddings(request: Incoming) -> Response:
             model=embed.model,
             metadata=embed.metadata,
             texts=lambda: written(data),
+            token_ids=lambda: embed.token_ids() > 0,
         )
         await state.admit(exchange, key, embed.texts(), embed.token_ids())
         result = await state.dispatcher.embed(plans, embed, exchange)

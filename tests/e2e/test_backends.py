@@ -304,6 +304,33 @@ def test_embeddings(rig: Rig) -> None:
     assert result.usage.prompt_tokens == (0 if rig.kind == "gemini" else 3)
 
 
+def test_token_id_input(rig: Rig) -> None:
+    # What LangChain's OpenAIEmbeddings sends by default. The PII detector cannot read ids, so the
+    # request is private: this rig's OpenAI backend is local and serves it, Ollama takes text
+    # only, and Gemini is a cloud backend.
+    answer = httpx.post(
+        rig.gateway.url + "/v1/embeddings",
+        json={"model": "embed", "input": [[1, 2, 3], [4, 5]], "encoding_format": "float"},
+        timeout=10,
+    )
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=token_ids"
+    if rig.kind == "openai":
+        assert answer.status_code == 200, answer.text
+        vectors = [item["embedding"] for item in answer.json()["data"]]
+        assert vectors == [rig.fake.vector("1 2 3"), rig.fake.vector("4 5")]
+        assert answer.json()["usage"]["prompt_tokens"] == 5
+        assert [body["input"] for path, body, _ in rig.fake.requests if path == "/v1/embeddings"] == [
+            [[1, 2, 3], [4, 5]]
+        ]
+    elif rig.kind == "ollama":
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == "input"
+    else:
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"]["code"] == "privacy_violation"
+        assert not [path for path, *_ in rig.fake.requests if "embed" in path.lower()]
+
+
 def test_upstream_429_keeps_its_meaning(rig: Rig) -> None:
     rig.fake.queue(Reply(status=429, error_text="slow down"))
     with pytest.raises(openai.RateLimitError) as caught:

@@ -72,6 +72,10 @@ def config(ollama_url: str, openai_url: str, gemini_url: str, *, slow: bool, loc
                     "fallbacks": ["gpt-strict"],
                 },
                 {
+                    "name": "embed-cloud",
+                    "deployments": [{"backend": "openai", "model": "text-embedding-3-small"}],
+                },
+                {
                     "name": "embed",
                     "deployments": [
                         {"backend": "openai", "model": "text-embedding-3-small"},
@@ -232,6 +236,22 @@ def test_embeddings_with_personal_data_stay_local(rig: Rig) -> None:
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:phone"
     assert answer.headers["x-phoenix-backend"] == "ollama-1"
+    assert rig.cloud_calls() == before
+
+
+@pytest.mark.parametrize("ids", [[5, 6, 7], [[5, 6, 7], [8]]], ids=["one", "several"])
+def test_token_ids_the_detector_cannot_read_never_reach_the_cloud(rig: Rig, ids: list[Any]) -> None:
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/embeddings",
+        json={"model": "embed-cloud", "input": ids},
+        headers={"authorization": f"Bearer {APP_KEY}"},
+    )
+    assert answer.status_code == 403, answer.text
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=token_ids"
+    error = answer.json()["error"]
+    assert error["code"] == "privacy_violation"
+    assert "token ids" in error["message"] and "as text" in error["message"]
     assert rig.cloud_calls() == before
 
 

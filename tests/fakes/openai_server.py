@@ -48,6 +48,11 @@ class FakeOpenAI:
     def vector(self, text: str) -> list[float]:
         return self._vectors.vector(text)
 
+    @staticmethod
+    def text_of(item: str | list[int]) -> str:
+        """What a vector is made from: the text, or token ids written out (`1 2 3`)."""
+        return item if isinstance(item, str) else " ".join(map(str, item))
+
     async def _record(self, request: Request) -> Any:
         raw = await request.body()
         body = orjson.loads(raw) if raw else None
@@ -171,12 +176,15 @@ class FakeOpenAI:
         body = await self._record(request)
         if denied := self._denied(request):
             return denied
-        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        given = body["input"]
+        # As OpenAI reads it: a string or a list of token ids is one input, a list of either is many.
+        one = isinstance(given, str) or (bool(given) and isinstance(given[0], int))
+        inputs = [given] if one else given
         data = [
-            {"object": "embedding", "index": i, "embedding": self.vector(text)}
-            for i, text in enumerate(inputs)
+            {"object": "embedding", "index": i, "embedding": self.vector(self.text_of(item))}
+            for i, item in enumerate(inputs)
         ]
-        tokens = sum(len(str(text).split()) for text in inputs)
+        tokens = sum(len(item) if isinstance(item, list) else len(item.split()) for item in inputs)
         return _json({"object": "list", "data": data, "model": body["model"],
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
