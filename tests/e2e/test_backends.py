@@ -304,6 +304,16 @@ def test_embeddings(rig: Rig) -> None:
     assert result.usage.prompt_tokens == (0 if rig.kind == "gemini" else 3)
 
 
+def test_many_inputs_come_back_in_their_order(rig: Rig) -> None:
+    texts = [f"chunk {i}" for i in range(250)]
+    result = rig.api.embeddings.create(model="embed", input=texts, encoding_format="float")
+    assert [d.index for d in result.data] == list(range(250))
+    assert [d.embedding for d in result.data] == [rig.fake.vector(text) for text in texts]
+    if rig.kind == "gemini":  # Google takes at most 100 inputs per batchEmbedContents call
+        sizes = [len(body["requests"]) for path, body, _ in rig.fake.requests if "batchEmbed" in path]
+        assert sizes == [100, 100, 50]
+
+
 def test_token_id_input(rig: Rig) -> None:
     # What LangChain's OpenAIEmbeddings sends by default. The PII detector cannot read ids, so the
     # request is private: this rig's OpenAI backend is local and serves it, Ollama takes text

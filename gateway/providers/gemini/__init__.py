@@ -69,6 +69,11 @@ __all__ = [
 
 METHODS = {"generateContent": "completion", "embedContent": "embedding"}
 
+# Inputs per batchEmbedContents call. Google's API refuses more: 400 INVALID_ARGUMENT "*
+# BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch" (seen in
+# geldata/gel#9032, vercel/ai#16575); contracts/gemini.md does not state it.
+EMBED_BATCH = 100
+
 
 def _resource(model: str) -> str:
     return model if model.startswith(("models/", "tunedModels/")) else "models/" + model
@@ -128,18 +133,24 @@ class GeminiProvider:
         one: dict[str, Any] = {"model": resource}
         if request.dimensions is not None:
             one["outputDimensionality"] = request.dimensions
-        body = {"requests": [{**one, "content": {"parts": [{"text": text}]}} for text in texts]}
-        answer = await self._http.request("POST", f"/{resource}:batchEmbedContents", body, model)
-        found = answer.get("embeddings") if isinstance(answer, dict) else None
-        if not isinstance(found, list) or len(found) != len(texts):
-            raise UpstreamProtocol(
-                f"Gemini at {self.backend.base_url} answered batchEmbedContents without one vector per input"
-            )
-        vectors = [list(e.get("values") or []) if isinstance(e, dict) else [] for e in found]
+        vectors: list[list[float]] = []
+        tokens = 0
+        for start in range(0, len(texts), EMBED_BATCH):  # one call per batch, in order
+            batch = texts[start : start + EMBED_BATCH]
+            body = {"requests": [{**one, "content": {"parts": [{"text": text}]}} for text in batch]}
+            answer = await self._http.request("POST", f"/{resource}:batchEmbedContents", body, model)
+            found = answer.get("embeddings") if isinstance(answer, dict) else None
+            if not isinstance(found, list) or len(found) != len(batch):
+                raise UpstreamProtocol(
+                    f"Gemini at {self.backend.base_url} answered batchEmbedContents without one vector"
+                    " per input"
+                )
+            vectors += [list(e.get("values") or []) if isinstance(e, dict) else [] for e in found]
+            tokens += usage(answer.get("usageMetadata")).prompt_tokens
         if request.dimensions is not None:  # outputDimensionality cuts, and leaves the rescaling to us
             where = f"'{model}' on Gemini"
             vectors = [shorten(vector, request.dimensions, where, rescale=True) for vector in vectors]
-        return Embeddings(vectors, usage(answer.get("usageMetadata")).prompt_tokens)
+        return Embeddings(vectors, tokens)
 
     async def list_models(self) -> list[ModelInfo]:
         models: list[ModelInfo] = []
