@@ -178,6 +178,12 @@ class Balancer:
         instance = self.instances[backend]
         return instance.answering is True and instance.ejected_until == 0.0
 
+    def usable(self, backend: str) -> bool:
+        """Whether requests may go to the instance now: not ejected, or its cool-down is over and
+        no trial is under way. False for an instance a reload has removed."""
+        instance = self.instances.get(backend)
+        return instance is not None and self._usable(instance, self._clock())
+
     def set_models(
         self, backend: str, available: Iterable[str] | None, loaded: Iterable[str] | None = None
     ) -> None:

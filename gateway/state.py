@@ -294,7 +294,14 @@ class State:
             return None
 
     async def _local_plan(self, plan: Plan) -> Plan | None:
-        ollamas = {t.backend for t in plan.targets if self.config.backend(t.backend).type == "ollama"}
+        local = {t.backend for t in plan.targets if self.config.backend(t.backend).local}
+        ollamas = {name for name in local if self.config.backend(name).type == "ollama"}
+        # An instance the balancer has ejected is not asked what it has while another local one
+        # may serve: on a hung host the question costs INVENTORY_TIMEOUT, for every private
+        # request. Unasked, its locality is unknown, so it is no candidate (fail closed).
+        usable = {name for name in local if self.balancer.usable(name)}
+        if usable:
+            ollamas &= usable
         listings = dict(zip(ollamas, await asyncio.gather(*map(self.listing, ollamas)), strict=True))
         verdicts: dict[Target, str] = {
             t: locality(self.config.backend(t.backend), t.model, listings.get(t.backend))
