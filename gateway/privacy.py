@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway import pii
 from gateway.config import ApiKey, ConfigError, Privacy
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, PrivacyViolation
 
 LEVELS = ("private", "public")
 
@@ -97,6 +97,26 @@ def classify(
         if found:
             return Decision(True, f"pii:{found[0]}")
     return PUBLIC
+
+
+def refusal(model: str, decision: Decision, *, chat: bool, substitute: str | None) -> PrivacyViolation:
+    """The 403 for a private request that `model` cannot serve locally, saying what would serve
+    it. `privacy.local_model` is a chat model: it serves no embeddings."""
+    if decision.reason == "token_ids":
+        hint = (
+            " Its input is token ids, which the PII detector cannot read: send the input as text to"
+            " have it checked (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)."
+        )
+    elif not chat:
+        hint = " Give it a local deployment to serve such requests (privacy.local_model serves chat only)."
+    elif substitute is None:
+        hint = " Set privacy.local_model to serve such requests with a local model."
+    else:
+        hint = ""
+    return PrivacyViolation(
+        f"The model '{model}' has no local deployment, and this request is private"
+        f" (reason: {decision.reason}); it is never sent to a cloud backend.{hint}"
+    )
 
 
 def require_working_detector(settings: Privacy) -> None:

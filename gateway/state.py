@@ -22,7 +22,7 @@ from gateway.auth import Keys, check_model
 from gateway.balancer import Balancer
 from gateway.config import ApiKey, Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError, PrivacyViolation, ShuttingDown, Unavailable
+from gateway.errors import GatewayError, ShuttingDown, Unavailable
 from gateway.exchange import Exchange, audit_failed
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -228,7 +228,8 @@ class State:
         token_ids: Callable[[], bool] | None = None,
     ) -> list[Plan]:
         """Where a request may go, in order: route it, check the key, decide its privacy, and for a
-        private request keep only local targets (or `privacy.local_model`'s), never a fallback."""
+        private request keep only local targets (or, for chat, `privacy.local_model`'s), never a
+        fallback."""
         exchange.requested_model = model
         plan = self.router.plan(model)
         exchange.model_label = plan.label
@@ -255,22 +256,15 @@ class State:
                     plans.append(local)
             return plans
         local = await self._local_plan(plan)
-        substitute = self.config.privacy.local_model
+        # A chat model: it would answer an embedding request with an error, or with vectors of
+        # another model, size and space.
+        substitute = self.config.privacy.local_model if exchange.endpoint == "chat" else None
         if local is None and substitute is not None and substitute != plan.route:
             local = await self._local_plan(self.router.plan(substitute))
             if local is not None:
                 exchange.notes["privacy_substitute"] = substitute
         if local is None:
-            hint = "" if substitute else " Set privacy.local_model to serve such requests with a local model."
-            if decision.reason == "token_ids":
-                hint = (
-                    " Its input is token ids, which the PII detector cannot read: send the input as text"
-                    " to have it checked (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)."
-                )
-            raise PrivacyViolation(
-                f"The model '{model}' has no local deployment, and this request is private"
-                f" (reason: {decision.reason}); it is never sent to a cloud backend.{hint}"
-            )
+            raise privacy.refusal(model, decision, chat=exchange.endpoint == "chat", substitute=substitute)
         return [local]
 
     async def admit(

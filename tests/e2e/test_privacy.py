@@ -239,6 +239,25 @@ def test_embeddings_with_personal_data_stay_local(rig: Rig) -> None:
     assert rig.cloud_calls() == before
 
 
+def test_local_model_serves_no_private_embeddings(rig: Rig) -> None:
+    # `chat-local`, the local_model, is a chat model: it has no embeddings for `embed-cloud`.
+    gateway = rig.gateways["cloud-only model, local_model set"]
+    before, embeds = rig.cloud_calls(), len([p for p, *_ in rig.ollama.requests if p == "/api/embed"])
+    answer = httpx.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": "embed-cloud", "input": f"write to {EMAIL}"},
+        headers={"authorization": f"Bearer {APP_KEY}"},
+    )
+    assert answer.status_code == 403, answer.text
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email"
+    assert "x-phoenix-backend" not in answer.headers
+    error = answer.json()["error"]
+    assert error["code"] == "privacy_violation"
+    assert "'embed-cloud' has no local deployment" in error["message"]
+    assert rig.cloud_calls() == before
+    assert len([p for p, *_ in rig.ollama.requests if p == "/api/embed"]) == embeds
+
+
 @pytest.mark.parametrize("ids", [[5, 6, 7], [[5, 6, 7], [8]]], ids=["one", "several"])
 def test_token_ids_the_detector_cannot_read_never_reach_the_cloud(rig: Rig, ids: list[Any]) -> None:
     before = rig.cloud_calls()
