@@ -5,18 +5,49 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+from dataclasses import replace
 
 from starlette.responses import Response
 
 from gateway.body import read_json, validate, written
-from gateway.errors import GatewayError, UpstreamProtocol
+from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.incoming import Incoming
+from gateway.policy import Plan
 from gateway.schemas import EmbeddingRequest, Usage
-from gateway.state import json_response
+from gateway.state import State, json_response
+
+# Backend types whose embedding call takes token ids: Ollama's /api/embed and Gemini's
+# batchEmbedContents take text only.
+TAKE_TOKEN_IDS = frozenset({"openai"})
 
 
 def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def for_token_ids(state: State, plans: list[Plan], model: str) -> list[Plan]:
+    """The plans cut down to the targets that take token ids: the others would refuse them, so
+    trying them would only cost a lease. A 400, before the request is charged, when none does."""
+    kept: list[Plan] = []
+    refusing: dict[str, str] = {}
+    for plan in plans:
+        targets = []
+        for target in plan.targets:
+            kind = state.config.backend(target.backend).type
+            if kind in TAKE_TOKEN_IDS:
+                targets.append(target)
+            else:
+                refusing[target.backend] = kind.capitalize()
+        if targets:
+            kept.append(replace(plan, targets=tuple(targets)))
+    if not kept:
+        where = ", ".join(f"{backend} ({kind})" for backend, kind in refusing.items())
+        raise InvalidRequest(
+            f"The model '{model}' is served by backends that take text input, not token arrays"
+            f" ({where}); send 'input' as text.",
+            param="input",
+        )
+    return kept
 
 
 async def embeddings(request: Incoming) -> Response:
@@ -35,6 +66,8 @@ async def embeddings(request: Incoming) -> Response:
             texts=lambda: written(data),
             token_ids=lambda: embed.token_ids() > 0,
         )
+        if embed.token_ids():
+            plans = for_token_ids(state, plans, embed.model)
         await state.admit(exchange, key, embed.texts(), embed.token_ids())
         result = await state.dispatcher.embed(plans, embed, exchange)
         expected = (

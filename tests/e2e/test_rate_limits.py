@@ -255,6 +255,27 @@ def test_embeddings_a_backend_does_not_count_keep_their_estimate(
     assert answers[-1].status_code == 429, answers[-1].text  # 180 tokens' worth against 100 a minute
 
 
+def test_token_ids_a_backend_would_refuse_cost_nothing(
+    fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread]
+) -> None:
+    gateway = limited(auth=keys(clinic={"tpm": 1000}))
+    answers = [
+        httpx.post(
+            gateway.url + "/v1/embeddings",
+            json={"model": "embed", "input": [[7] * 600]},  # Ollama takes text only
+            headers={"authorization": "Bearer sk-clinic"},
+            timeout=10,
+        )
+        for _ in range(2)
+    ]
+    assert [a.status_code for a in answers] == [400, 400], answers[-1].text  # not 429: nothing kept
+    error = answers[-1].json()["error"]
+    assert error["param"] == "input"
+    assert "'embed'" in error["message"] and "ollama-1 (Ollama)" in error["message"]
+    assert "x-phoenix-backend" not in answers[-1].headers  # none was tried
+    assert not [path for path, _ in fake_ollama[0].requests if path == "/api/embed"]
+
+
 def test_an_open_gateway_limits_its_anonymous_callers_together(
     fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread]
 ) -> None:
