@@ -410,6 +410,7 @@ class Completion:
 class Embeddings:
     vectors: list[list[float]]
     prompt_tokens: int = 0
+    counted: bool = True  # False when the backend reported no count (Completion.counted)
 
 
 @dataclass(frozen=True, slots=True)

@@ -317,7 +317,8 @@ class OpenAIProvider:
         if request.dimensions is not None:  # llama.cpp's server, and models that cannot shorten, ignore it
             where = f"'{model}' on the backend at {self.backend.base_url}"
             vectors = [shorten(vector, request.dimensions, where) for vector in vectors]
-        return Embeddings(vectors, usage(answer.get("usage")).prompt_tokens)
+        counted = isinstance(answer.get("usage"), dict)
+        return Embeddings(vectors, usage(answer.get("usage")).prompt_tokens, counted=counted)
 
     async def list_models(self) -> list[ModelInfo]:
         body = await self._http.request("GET", "/models")

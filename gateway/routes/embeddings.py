@@ -13,6 +13,7 @@ from gateway.body import read_json, validate, written
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.incoming import Incoming
 from gateway.policy import Plan
+from gateway.relay import UNREPORTED, notice_headers
 from gateway.schemas import EmbeddingRequest, Usage
 from gateway.state import State, json_response
 
@@ -79,8 +80,11 @@ async def embeddings(request: Incoming) -> Response:
             raise UpstreamProtocol(
                 f"backend {exchange.backend} returned {len(result.vectors)} vectors for {expected} inputs"
             )
-        if result.prompt_tokens:  # Gemini counts no embedding tokens: the estimate stands for them
+        # Gemini counts no embedding tokens: zeros for the client, the estimate for the books
+        notices = {} if result.counted else {"usage": UNREPORTED}
+        if result.counted:
             exchange.usage = Usage(prompt_tokens=result.prompt_tokens)
+        exchange.notes.update(notices)
         data = [
             {
                 "object": "embedding",
@@ -95,7 +99,8 @@ async def embeddings(request: Incoming) -> Response:
             "model": exchange.answered_as,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
-        return json_response(body, headers=state.headers(exchange), after=lambda: state.finish(exchange, 200))
+        headers = {**state.headers(exchange), **notice_headers(notices)}
+        return json_response(body, headers=headers, after=lambda: state.finish(exchange, 200))
     except GatewayError as error:
         return state.fail(exchange, error, unread=not request.body_read)
     except asyncio.CancelledError:

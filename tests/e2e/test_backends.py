@@ -297,11 +297,31 @@ def test_image_input(rig: Rig) -> None:
 
 def test_embeddings(rig: Rig) -> None:
     # The SDK asks for base64 by default, which carries float32: equal to float32 precision.
-    result = rig.api.embeddings.create(model="embed", input=["one", "two words"])
+    raw = rig.api.embeddings.with_raw_response.create(model="embed", input=["one", "two words"])
+    result = raw.parse()
     expected = [rig.fake.vector("one"), rig.fake.vector("two words")]
     assert [d.embedding for d in result.data] == [pytest.approx(v, rel=1e-6) for v in expected]
-    # Gemini's embedding calls report no token counts (contracts/gemini.md 6.3).
-    assert result.usage.prompt_tokens == (0 if rig.kind == "gemini" else 3)
+    # Gemini's embedding calls report no token counts (contracts/gemini.md 6.3): zeros, said so.
+    unreported = rig.kind == "gemini"
+    assert result.usage.prompt_tokens == (0 if unreported else 3)
+    assert raw.headers.get("x-phoenix-usage") == ("unreported" if unreported else None)
+    wait_for(lambda: rig.audit.exists() and rig.audit_records())
+    assert rig.audit_records()[-1].get("usage") == ("unreported" if unreported else None)
+
+
+def test_an_ollama_embedding_answer_without_a_count_is_marked_unreported(
+    start_gateway: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    fake = FakeOllama(models=["nomic-embed-text"])
+    fake.embed_counts = False  # contracts/ollama.md 4: prompt_eval_count may be missing
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("ollama", upstream.url, tmp_path / "audit.jsonl"))
+        answer = httpx.post(gateway.url + "/v1/embeddings", json={"model": "embed", "input": "one"})
+        samples = scrape(gateway.url)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+    assert answer.headers["x-phoenix-usage"] == "unreported"
+    assert ("gateway_tokens_total", (("backend", "b"), ("model", "embed"), ("type", "prompt"))) not in samples
 
 
 def test_many_inputs_come_back_in_their_order(rig: Rig) -> None:

@@ -87,6 +87,7 @@ class FakeOllama:
         self.cancelled = 0
         self.completed_streams = 0
         self.embed_delay = 0.0  # seconds before each /api/embed answer
+        self.embed_counts = True  # False: /api/embed answers without prompt_eval_count, which may be missing
         self.app = Starlette(
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
@@ -234,9 +235,15 @@ class FakeOllama:
             await asyncio.sleep(self.embed_delay)
         vectors = [self.vector(text) for text in inputs]
         words = sum(len(text.split()) for text in inputs)
-        return _json(
-            {"model": model, "embeddings": vectors, "total_duration": 14143917, "prompt_eval_count": words}
-        )
+        answer = {
+            "model": model,
+            "embeddings": vectors,
+            "total_duration": 14143917,
+            "prompt_eval_count": words,
+        }
+        if not self.embed_counts:
+            del answer["prompt_eval_count"]
+        return _json(answer)
 
     def vector(self, text: str) -> list[float]:
         """The deterministic embedding the fake returns for `text`."""

@@ -96,6 +96,7 @@ async def test_embeddings_from_a_server_that_ignores_dimensions_get_the_dimensio
     httpx_mock.add_response(url=URL + "/embeddings", json=full)
     result = await provider.embed(EmbeddingRequest(model="e", input=["a", "b"], dimensions=2), "m")
     assert result.vectors == [pytest.approx([0.6, 0.8]), [0.0, 0.0]]  # cut, at unit length, in order
+    assert not result.counted  # the answer had no usage: its zeros are no count
     sent = httpx_mock.get_request()
     assert sent is not None and orjson.loads(sent.content)["dimensions"] == 2  # still asked for
 

@@ -134,7 +134,7 @@ class GeminiProvider:
         if request.dimensions is not None:
             one["outputDimensionality"] = request.dimensions
         vectors: list[list[float]] = []
-        tokens = 0
+        tokens, counted = 0, True
         for start in range(0, len(texts), EMBED_BATCH):  # one call per batch, in order
             batch = texts[start : start + EMBED_BATCH]
             body = {"requests": [{**one, "content": {"parts": [{"text": text}]}} for text in batch]}
@@ -147,10 +147,11 @@ class GeminiProvider:
                 )
             vectors += [list(e.get("values") or []) if isinstance(e, dict) else [] for e in found]
             tokens += usage(answer.get("usageMetadata")).prompt_tokens
+            counted = counted and isinstance(answer.get("usageMetadata"), dict)  # as a rule, none
         if request.dimensions is not None:  # outputDimensionality cuts, and leaves the rescaling to us
             where = f"'{model}' on Gemini"
             vectors = [shorten(vector, request.dimensions, where, rescale=True) for vector in vectors]
-        return Embeddings(vectors, tokens)
+        return Embeddings(vectors, tokens, counted=counted)
 
     async def list_models(self) -> list[ModelInfo]:
         models: list[ModelInfo] = []

@@ -218,7 +218,8 @@ class OllamaProvider:
         if request.dimensions is not None:
             where = f"'{model}' on the Ollama server at {self.backend.base_url}"
             vectors = [shorten(vector, request.dimensions, where) for vector in vectors]
-        return Embeddings(vectors, int(answer.get("prompt_eval_count") or 0))
+        count = answer.get("prompt_eval_count")  # may be missing (contracts/ollama.md §4)
+        return Embeddings(vectors, int(count or 0), counted=count is not None)
 
     async def list_models(self) -> list[ModelInfo]:
         body = await self._http.request("GET", "/api/tags")
