@@ -12,6 +12,7 @@ to its hosted service). Fallbacks are for public traffic only.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -102,6 +103,20 @@ def local_only(plan: Plan, verdicts: dict[Target, str]) -> Plan | None:
     return None
 
 
+def not_found(name: str, names: Iterable[str]) -> ModelNotFound:
+    """The 404 for `name`, with the close ones among `names` (what the caller may use), else the
+    first of them."""
+    names = sorted(names)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    message = f"The model '{name}' does not exist on this gateway."
+    if close:
+        message += " Did you mean: " + ", ".join(close) + "?"
+    elif names:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        message += f" Known models: {shown}."
+    return ModelNotFound(message)
+
+
 def _wildcard_part(pattern: str, name: str) -> str:
     prefix, _, suffix = pattern.partition("*")
     return name[len(prefix) : len(name) - len(suffix) if suffix else None]
@@ -133,7 +148,8 @@ class Router:
         targets = tuple(Target(d.backend, d.model or route.name) for d in route.deployments)
         return Plan(name, route.name, route.name, targets, tuple(route.fallbacks), route.privacy)
 
-    def plan(self, name: str) -> Plan:
+    def plan(self, name: str, visible: Callable[[str], bool] | None = None) -> Plan:
+        """`visible`: which names the 404 for an unknown `name` may suggest (the caller's key's)."""
         exact = self._exact_plans.get(name)
         if exact is not None:
             return exact
@@ -145,18 +161,7 @@ class Router:
                 targets = tuple(Target(d.backend, d.model or upstream) for d in route.deployments)
                 label = name if upstream in self.known else route.name
                 return Plan(name, route.name, label, targets, tuple(route.fallbacks), route.privacy)
-        raise ModelNotFound(self._not_found_message(name))
-
-    def _not_found_message(self, name: str) -> str:
-        names = sorted(self._routable())
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        message = f"The model '{name}' does not exist on this gateway."
-        if close:
-            message += " Did you mean: " + ", ".join(close) + "?"
-        elif names:
-            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-            message += f" Known models: {shown}."
-        return message
+        raise not_found(name, filter(visible, self._routable()) if visible else self._routable())
 
     def _routable(self) -> set[str]:
         """The names a request can use: the exact ones, and what backends list under the patterns."""

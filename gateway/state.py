@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import privacy
 from gateway.audit import AuditLog
-from gateway.auth import Keys, check_model
+from gateway.auth import Keys, allows, check_model
 from gateway.balancer import Balancer
 from gateway.config import ApiKey, Config
 from gateway.dispatch import Dispatcher
@@ -231,7 +231,7 @@ class State:
         private request keep only local targets (or, for chat, `privacy.local_model`'s), never a
         fallback."""
         exchange.requested_model = model
-        plan = self.router.plan(model)
+        plan = self.router.plan(model, visible=partial(allows, key))
         exchange.model_label = plan.label
         check_model(key, model)
         decision = privacy.classify(

@@ -12,9 +12,9 @@ from starlette.responses import Response
 
 from gateway.auth import allows
 from gateway.config import ApiKey
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError
 from gateway.exchange import Exchange
-from gateway.policy import listed_name
+from gateway.policy import listed_name, not_found
 from gateway.state import State, json_response
 
 
@@ -59,7 +59,7 @@ async def get_model(request: Request) -> Response:
         objects = await model_objects(state, state.authenticate(request.headers, exchange))
         name = listed_name(objects.keys(), model_id)  # Ollama's `llama3.2` is `llama3.2:latest`, as in chat
         if name is None:
-            raise ModelNotFound(f"The model '{model_id}' does not exist on this gateway.")
+            raise not_found(model_id, objects.keys())
     except Exception as error:
         return _failed(state, exchange, error)
     return json_response({**objects[name], "id": model_id}, after=lambda: state.finish(exchange, 200))

@@ -227,6 +227,30 @@ def test_api_keys_gate_the_api(
     assert httpx.get(gateway.url + "/metrics").status_code == 200
 
 
+def test_a_404_names_only_models_the_key_may_use(
+    fake_ollama: tuple[FakeOllama, ServerThread], start_gateway: Callable[..., ServerThread]
+) -> None:
+    gateway = start_gateway(keyed_config(fake_ollama[1].url), {"OPS_KEY": "sk-ops-77"})
+
+    def message(key: str, method: str, path: str, model: str) -> str:
+        body = {"model": model, "messages": HELLO} if method == "POST" else None
+        answer = httpx.request(
+            method, gateway.url + path, json=body, headers={"authorization": f"Bearer {key}"}
+        )
+        assert answer.status_code == 404, answer.text
+        return str(answer.json()["error"]["message"])
+
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models/qwn")):
+        # the ops key may use every model; the clinic key only llama*, and is shown no other
+        assert message("sk-ops-77", method, path, "qwn").endswith("Did you mean: qwen?")
+        assert message(SECRET, method, path, "qwn") == (
+            "The model 'qwn' does not exist on this gateway. Known models: llama3.2."
+        )
+    assert message(SECRET, "GET", "/v1/models/qwen", "") == (
+        "The model 'qwen' does not exist on this gateway. Known models: llama3.2."
+    )
+
+
 def test_the_cli_refuses_to_start_when_a_key_variable_is_unset(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
