@@ -422,8 +422,9 @@ class State:
                 self.unexpected(error)
             await asyncio.sleep(self.config.routing.health.interval)
 
-    async def inventory(self) -> dict[str, list[ModelInfo]]:
-        """Every backend's model list, fetched concurrently; a down backend lists nothing."""
-        names = list(self.providers)
+    async def inventory(self, backends: Iterable[str] | None = None) -> dict[str, list[ModelInfo]]:
+        """The model list of each of `backends` (default: every one), fetched concurrently; a down
+        backend lists nothing."""
+        names = list(self.providers if backends is None else backends)
         listings = await asyncio.gather(*map(self.listing, names))
         return {name: models or [] for name, models in zip(names, listings, strict=True)}

@@ -9,6 +9,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.errors import UpstreamUnavailable
 from gateway.exchange import Exchange
+from gateway.routes.models import model_objects
 from gateway.schemas import ModelInfo
 from gateway.state import State
 
@@ -115,5 +116,22 @@ async def test_instances_whose_inventory_is_unknown_are_no_candidates() -> None:
     try:
         with pytest.raises(UpstreamUnavailable):
             await private_plan(state)
+    finally:
+        await state.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_model_list_asks_only_the_backends_under_a_pattern() -> None:
+    state = make_state(
+        models=[
+            {"name": "emb", "deployments": [{"backend": "ollama-1", "model": "nomic-embed-text"}]},
+            {"name": "ollama/*", "deployments": [{"backend": "ollama-2"}]},
+        ]
+    )
+    listings = Listings({"ollama-1": None, "ollama-2": [ModelInfo("qwen2.5:0.5b")]})
+    state.listing = listings  # type: ignore[method-assign]
+    try:
+        assert list(await model_objects(state, None)) == ["emb", "ollama/qwen2.5:0.5b"]
+        assert listings.asked == ["ollama-2"]  # a hung ollama-1 would hold up no answer
     finally:
         await state.aclose()

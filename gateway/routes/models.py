@@ -19,7 +19,9 @@ from gateway.state import State, json_response
 
 
 async def model_objects(state: State, key: ApiKey | None) -> dict[str, dict[str, Any]]:
-    inventory = await state.inventory()
+    # Only pattern routes list what backends have: configured names need no backend to answer.
+    listed = {d.backend for route in state.router.routes if route.is_pattern for d in route.deployments}
+    inventory = await state.inventory(listed)
     objects: dict[str, dict[str, Any]] = {}
     for route in state.router.routes:
         if not route.is_pattern:
