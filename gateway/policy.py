@@ -137,6 +137,14 @@ class Router:
         # Upstream names backends are known to serve (filled from their inventories); requests for
         # them get their own metrics label, everything else under a pattern shares the pattern's.
         self.known: set[str] = set()
+        self._listed: dict[str, set[str]] = {}  # the same, by backend: what a 404 may suggest
+
+    def learn(self, backend: str, names: Iterable[str]) -> None:
+        """`backend` serves these upstream names (and, for Ollama's `x:latest`, `x` too)."""
+        listed = self._listed.setdefault(backend, set())
+        for name in names:
+            listed.update((name, name.removesuffix(":latest")))
+        self.known |= listed
 
     @property
     def routes(self) -> list[ModelRoute]:
@@ -168,7 +176,10 @@ class Router:
         names = set(self._exact)
         for route in self._patterns:
             prefix, _, suffix = route.name.partition("*")
-            names.update(f"{prefix}{upstream}{suffix}" for upstream in self.known)
+            for deployment in route.deployments:
+                if deployment.model is None:  # the name's `*` part is what this backend is asked for
+                    listed = self._listed.get(deployment.backend, ())
+                    names.update(f"{prefix}{upstream}{suffix}" for upstream in listed)
         return names
 
     def public_name(self, route: ModelRoute, upstream: str) -> str | None:

@@ -380,10 +380,7 @@ class State:
             self.log.warning("model listing failed", backend=name, error=type(error).__name__)
             models = None
         self._listings[name] = (time.monotonic(), models)
-        for info in models or ():
-            self.router.known.add(info.id)
-            # Ollama's `llama3.2` is `llama3.2:latest`; clients use both.
-            self.router.known.add(info.id.removesuffix(":latest"))
+        self.router.learn(name, (info.id for info in models or ()))  # clients use both llama3.2 forms
         return models
 
     async def refresh(self) -> None:

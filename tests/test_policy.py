@@ -282,15 +282,32 @@ def test_a_404_suggests_only_names_a_request_can_use() -> None:
     backends = [{"name": "ollama-1", "type": "ollama", "base_url": "http://127.0.0.1:9"}]
     exact = {"name": "llama3.2", "deployments": [{"backend": "ollama-1", "model": "llama3.2:latest"}]}
     router = Router(parse_config({"backends": backends, "models": [exact]}, "test"))
-    router.known = {"llama3.2:latest"}  # what the instance lists is not a name of the gateway's
+    router.learn("ollama-1", ["llama3.2:latest"])  # what the instance lists is not a gateway name
     with pytest.raises(ModelNotFound) as refused:
         router.plan("llama3.2:latest")
     assert refused.value.message.endswith("Did you mean: llama3.2?")
 
     pattern = {"name": "ollama/*", "deployments": [{"backend": "ollama-1"}]}
     router = Router(parse_config({"backends": backends, "models": [exact, pattern]}, "test"))
-    router.known = {"llama3.2:latest"}
+    router.learn("ollama-1", ["llama3.2:latest"])
     with pytest.raises(ModelNotFound) as refused:
         router.plan("llama3.2:lates")
-    assert refused.value.message.endswith("Did you mean: ollama/llama3.2:latest, llama3.2?")  # closest first
+    assert refused.value.message.endswith("Did you mean: ollama/llama3.2:latest, llama3.2, ollama/llama3.2?")
     assert router.plan("ollama/llama3.2:latest").targets == (Target("ollama-1", "llama3.2:latest"),)
+
+
+def test_a_404_suggests_a_pattern_only_the_names_its_own_backends_list() -> None:
+    backends = [
+        {"name": "ollama-1", "type": "ollama", "base_url": "http://127.0.0.1:9"},
+        {"name": "gemini", "type": "gemini", "base_url": "http://127.0.0.1:9/v1beta"},
+    ]
+    models = [
+        {"name": "ollama/*", "deployments": [{"backend": "ollama-1"}]},
+        {"name": "gemini/*", "deployments": [{"backend": "gemini"}]},
+    ]
+    router = Router(parse_config({"backends": backends, "models": models}, "test"))
+    router.learn("ollama-1", ["qwen2.5:0.5b"])
+    router.learn("gemini", ["gemini-2.5-flash"])
+    with pytest.raises(ModelNotFound) as refused:
+        router.plan("gemini-2.5-flash")
+    assert refused.value.message.endswith("Did you mean: gemini/gemini-2.5-flash?")
