@@ -32,12 +32,17 @@ from gateway.config import (
     format_errors,
 )
 from gateway.errors import GatewayError
+from gateway.policy import is_cloud_name
+from gateway.privacy import LEVELS
 from gateway.providers import build_provider
 from gateway.providers.base import BackendConfig, Provider
 from gateway.schemas import ChatRequest
 from gateway.upstream import make_transport
 
 DEFAULT_MODELS = {"ollama": "llama3.2", "openai": "gpt-4o-mini", "gemini": "gemini-2.5-flash"}
+# How a private request tells a Phoenix gateway behind an OpenAI-compatible backend (its default
+# `privacy.header`); servers that are not a gateway ignore it.
+PRIVACY_HEADER = "x-privacy"
 
 
 class LLMError(ValueError):
@@ -70,7 +75,12 @@ class LLMResponse:
 
 
 class LLMProvider:
-    """One backend, one default model. Use as an async context manager, or call `aclose`."""
+    """One backend, one default model. Use as an async context manager, or call `aclose`.
+
+    A private request (`privacy="private"`, or `metadata={"privacy": "private"}` as the gateway
+    takes it) goes only to a backend whose config says `local`, and never to an Ollama cloud model
+    (`:cloud`/`-cloud`); else `LLMError`, and nothing is sent. An OpenAI-compatible backend gets
+    it with the `x-privacy: private` header, so that a Phoenix gateway enforces it in turn."""
 
     def __init__(self, name: str, backend: BackendConfig, model: str, temperature: float | None = None,
                  api_key: str | None = None) -> None:  # fmt: skip
@@ -80,6 +90,10 @@ class LLMProvider:
         self._transport = make_transport(max_connections=20)
         environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
         self._provider: Provider = build_provider(backend, self._transport, environ)
+        self._private_provider = self._provider
+        if isinstance(backend, OpenAIBackend):
+            tagged = backend.model_copy(update={"headers": {**backend.headers, PRIVACY_HEADER: "private"}})
+            self._private_provider = build_provider(tagged, self._transport, environ)
         self._timeouts = backend.timeouts
 
     async def __aenter__(self) -> LLMProvider:
@@ -93,7 +107,9 @@ class LLMProvider:
 
     def _request(
         self, messages: Sequence[LLMMessage | Mapping[str, Any]], stream: bool, **params: Any
-    ) -> ChatRequest:
+    ) -> tuple[ChatRequest, Provider]:
+        """The request, and the provider to send it with (the privacy tag's, when it is private)."""
+        private = _stated_private(params.pop("privacy", None), params.get("metadata"))
         body: dict[str, Any] = {
             "model": params.pop("model", None) or self.model,
             "messages": [m.as_dict() if isinstance(m, LLMMessage) else dict(m) for m in messages],
@@ -103,9 +119,25 @@ class LLMProvider:
             params["temperature"] = self.temperature
         body.update({key: value for key, value in params.items() if value is not None})
         try:
-            return ChatRequest.model_validate(body)
+            request = ChatRequest.model_validate(body)
         except ValueError as error:
             raise LLMError(f"invalid request: {error}") from None
+        if not private:
+            return request, self._provider
+        backend = self._provider.backend
+        where = f"the {self.name} backend at {backend.base_url}"
+        if not backend.local:
+            raise LLMError(
+                f"This request is private and {where} is not local, so it was not sent. Private"
+                " requests go only to a backend on the premises: set 'local': True in the config for"
+                " one (a Phoenix gateway in front of local models enforces the tag itself)."
+            )
+        if isinstance(backend, OllamaBackend) and is_cloud_name(request.model):
+            raise LLMError(
+                f"This request is private and the model {request.model!r} on {where} is an Ollama"
+                " cloud model, forwarded to Ollama's hosted service, so it was not sent."
+            )
+        return request, self._private_provider
 
     async def generate(
         self,
@@ -113,13 +145,16 @@ class LLMProvider:
         *,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        privacy: str | None = None,
         **params: Any,
     ) -> LLMResponse:
-        request = self._request(messages, False, temperature=temperature, max_tokens=max_tokens, **params)
+        request, provider = self._request(
+            messages, False, temperature=temperature, max_tokens=max_tokens, privacy=privacy, **params
+        )
         seconds, which = _first_token_deadline(self._timeouts)  # here it comes with the whole answer
         try:
             async with asyncio.timeout(seconds):
-                completion = await self._provider.complete(request, request.model)
+                completion = await provider.complete(request, request.model)
         except GatewayError as error:
             raise LLMError(error.message) from None
         except TimeoutError:
@@ -139,17 +174,20 @@ class LLMProvider:
         *,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        privacy: str | None = None,
         **params: Any,
     ) -> AsyncIterator[str]:
         """The answer's text, piece by piece as the backend produces it. The first chunk must come
         within the first-token timeout, each next one within the idle timeout, all within the total."""
-        request = self._request(messages, True, temperature=temperature, max_tokens=max_tokens, **params)
+        request, provider = self._request(
+            messages, True, temperature=temperature, max_tokens=max_tokens, privacy=privacy, **params
+        )
         timeouts = self._timeouts
         loop = asyncio.get_running_loop()
         end = loop.time() + timeouts.total
         seconds, which = _first_token_deadline(timeouts)
         due = loop.time() + seconds
-        stream = self._provider.stream(request, request.model)
+        stream = provider.stream(request, request.model)
         try:
             while True:
                 try:  # not across the yield: the caller's time with a piece is not the backend's
@@ -188,6 +226,18 @@ class LLMProvider:
         return model in names or f"{model}:latest" in names
 
 
+def _stated_private(privacy: object, metadata: object) -> bool:
+    """Whether the `privacy` argument or `metadata.privacy` says private; each may also say public
+    (which overrides nothing), any other value is an LLMError naming it."""
+    stated = [(privacy, "privacy")]
+    if isinstance(metadata, Mapping):
+        stated.append((metadata.get("privacy"), "metadata.privacy"))
+    for value, name in stated:
+        if value is not None and (not isinstance(value, str) or value.strip().lower() not in LEVELS):
+            raise LLMError(f"invalid request: {name} must be 'private' or 'public', got {value!r}")
+    return any(isinstance(value, str) and value.strip().lower() == "private" for value, _ in stated)
+
+
 def _first_token_deadline(timeouts: Timeouts) -> tuple[float, str]:
     """Seconds for the first token, within the total, and the name of the one that applies."""
     if timeouts.first_token <= timeouts.total:
@@ -205,6 +255,8 @@ def _timeouts(timeout: object) -> Timeouts:
 
 def _backend(name: str, config: Mapping[str, Any]) -> BackendConfig:
     settings: dict[str, Any] = {"name": name, "type": name, "timeouts": _timeouts(config.get("timeout"))}
+    if config.get("local") is not None:
+        settings["local"] = config["local"]
     if name == "ollama":
         return OllamaBackend(**settings, base_url=config.get("base_url") or OLLAMA_DEFAULT_URL)
     if name == "openai":
@@ -219,7 +271,8 @@ class LLMProviderFactory:
 
     @staticmethod
     def create(provider: str, config: Mapping[str, Any] | None = None) -> LLMProvider:
-        """`config`: base_url, model, temperature, timeout (seconds), api_key (openai, gemini)."""
+        """`config`: base_url, model, temperature, timeout (seconds), api_key (openai, gemini), local
+        (whether private requests may go to the backend; by default only to Ollama)."""
         config = dict(config or {})
         name = provider.strip().lower()
         if name not in LLMProviderFactory.PROVIDERS:

@@ -17,7 +17,14 @@ import httpx
 import orjson
 
 from gateway.config import OpenAIBackend
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    PrivacyViolation,
+    UpstreamProtocol,
+    UpstreamRejected,
+)
 from gateway.providers.base import batches, parsed, shorten
 from gateway.schemas import (
     ChatRequest,
@@ -245,6 +252,8 @@ def error_from(
         )
     if status in (400, 413, 422):
         return InvalidRequest(message, param=error.get("param"), code=_code(error))
+    if status == 403 and _code(error) == "privacy_violation":  # a Phoenix gateway keeping it local
+        return PrivacyViolation(f"the OpenAI-compatible backend refused a private request: {message}")
     if status in (401, 403):
         return UpstreamRejected(
             f"the backend refused the gateway's credentials ({status}); check its api_key_env",

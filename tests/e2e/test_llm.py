@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import pytest
 
-from gateway.config import OllamaBackend, Timeouts
+from gateway.config import Config, OllamaBackend, Timeouts, parse_config
 from gateway.llm import LLMError, LLMMessage, LLMProvider, LLMProviderFactory, LLMRole
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
@@ -164,3 +166,75 @@ async def test_gemini_provider_against_the_native_api() -> None:
     assert fake.chat_bodies()[0]["systemInstruction"]["parts"] == [{"text": "Spanish"}]
     assert all(headers["x-goog-api-key"] == "gm-lib" for _, _, headers in fake.requests)
     assert all("gm-lib" not in path for path, _, _ in fake.requests)
+
+
+PRIVATE_TAGS = [{"privacy": "private"}, {"metadata": {"privacy": "private"}}]
+
+
+@pytest.mark.parametrize("tag", PRIVATE_TAGS, ids=["argument", "metadata"])
+async def test_a_private_request_to_a_cloud_backend_is_refused_before_anything_is_sent(
+    tag: dict[str, object],
+) -> None:
+    cloud = FakeOpenAI(api_key="sk-lib")
+    with serve(cloud.app) as server:
+        url = server.url + "/v1"
+        async with LLMProviderFactory.create("openai", {"api_key": "sk-lib", "base_url": url}) as llm:
+            with pytest.raises(LLMError, match=f"private and the openai backend at {url} is not local"):
+                await llm.generate([LLMMessage(LLMRole.USER, "Summarise this patient's file")], **tag)
+            with pytest.raises(LLMError, match="is not local"):
+                [text async for text in llm.generate_stream([LLMMessage(LLMRole.USER, "file")], **tag)]
+            assert (await llm.generate([LLMMessage(LLMRole.USER, "hi")], privacy="public")).content
+    assert [body["messages"][0]["content"] for body in cloud.chat_bodies()] == ["hi"]
+
+
+def test_an_unknown_privacy_value_is_an_llm_error_naming_the_field() -> None:
+    llm = LLMProviderFactory.create("ollama")
+    with pytest.raises(LLMError, match=r"metadata.privacy must be 'private' or 'public', got 'secret'"):
+        llm._request([LLMMessage(LLMRole.USER, "hi")], False, metadata={"privacy": "secret"})
+
+
+async def test_a_private_request_to_an_ollama_cloud_model_is_refused(fake_ollama: FakeServer) -> None:
+    fake, server = fake_ollama
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url, "model": "gpt-oss:cloud"}) as llm:
+        with pytest.raises(LLMError, match=r"'gpt-oss:cloud' .* is an Ollama cloud model"):
+            await llm.generate([LLMMessage(LLMRole.USER, "hi")], privacy="private")
+    assert fake.chat_bodies() == []
+
+
+def cloud_and_local(ollama_url: str, cloud_url: str) -> Config:
+    """A gateway with `gpt` only on a cloud backend and `llama3.2` on a local Ollama."""
+    cloud = {"name": "openai", "type": "openai", "base_url": cloud_url + "/v1", "api_key_env": "UPSTREAM_KEY"}
+    data = {
+        "backends": [{"name": "ollama-1", "type": "ollama", "base_url": ollama_url}, cloud],
+        "models": [
+            {"name": "gpt", "deployments": [{"backend": "openai", "model": "gpt-4o-mini"}]},
+            {"name": "llama3.2", "deployments": [{"backend": "ollama-1", "model": "llama3.2"}]},
+        ],
+    }
+    return parse_config(data, "test")
+
+
+@pytest.mark.parametrize("tag", PRIVATE_TAGS, ids=["argument", "metadata"])
+async def test_a_private_request_through_a_gateway_reaches_it_as_private(
+    fake_ollama: FakeServer, start_gateway: Callable[..., ServerThread], tag: dict[str, object]
+) -> None:
+    """The library's OpenAI-compatible provider in front of a gateway marked local: the gateway
+    gets the tag (as its `x-privacy` header), so it keeps the request off its cloud backend."""
+    ollama, ollama_server = fake_ollama
+    cloud = FakeOpenAI(api_key="sk-upstream")
+    with serve(cloud.app) as cloud_server:
+        gateway = start_gateway(
+            cloud_and_local(ollama_server.url, cloud_server.url), {"UPSTREAM_KEY": "sk-upstream"}
+        )
+        config = {"base_url": gateway.url + "/v1", "api_key": "unused", "local": True, "timeout": 10}
+        prompt = [LLMMessage(LLMRole.USER, "Summarise this patient's file")]
+        async with LLMProviderFactory.create("openai", config) as llm:
+            with pytest.raises(LLMError, match="private"):
+                await llm.generate(prompt, model="gpt", **tag)
+            with pytest.raises(LLMError, match="private"):
+                [text async for text in llm.generate_stream(prompt, model="gpt", **tag)]
+            reply = await llm.generate(prompt, model="llama3.2", **tag)
+            assert await llm.generate(prompt, model="gpt")  # untagged: public, the cloud serves it
+    assert reply.content == "Hello there!"
+    assert len(ollama.chat_bodies()) == 1
+    assert len(cloud.chat_bodies()) == 1

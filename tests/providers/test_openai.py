@@ -206,6 +206,11 @@ def test_upstream_errors_keep_their_meaning_without_leaking_keys() -> None:
     assert isinstance(bad, InvalidRequest) and (bad.param, bad.code) == ("stop", "invalid_value")
     key = openai.error_from(401, b'{"error":{"message":"Incorrect API key provided: sk-abc***xyz"}}', "m")
     assert key.http_status == 502 and "sk-" not in key.message and "api_key_env" in key.message
+    private = openai.error_from(403, b'{"error":{"message":"kept local","code":"privacy_violation"}}', "m")
+    assert (private.http_status, private.code) == (
+        403,
+        "privacy_violation",
+    ) and "kept local" in private.message
     limited = openai.error_from(
         429, b'{"error":{"message":"slow"}}', "m", {"retry-after": "20", "x-other": "1"}
     )
