@@ -389,10 +389,12 @@ def _why(error: Exception) -> str:
 
 class Pool:
     """Keep-alive connections to any number of plain-http backends, at most `max_connections`
-    open at once; a request that finds none free waits up to its connect deadline."""
+    open at once; a request that finds none free waits up to its connect deadline, or `wait`
+    seconds when that is set (then connecting has its whole connect deadline after the wait)."""
 
-    def __init__(self, max_connections: int = 1000) -> None:
+    def __init__(self, max_connections: int = 1000, wait: float | None = None) -> None:
         self._max = max_connections
+        self._wait = wait
         self._open = 0
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._all: set[_Connection] = set()
@@ -416,7 +418,8 @@ class Pool:
     async def _acquire(self, target: Target, timeout: float) -> _Connection:
         key = (target.host, target.port)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        patience = timeout if self._wait is None else self._wait
+        deadline = loop.time() + patience
         while True:
             idle = self._idle.get(key)
             while idle:
@@ -433,8 +436,10 @@ class Pool:
             if self._open < self._max:
                 break
             self._evict_idle()  # room held by idle connections to other backends is given back
-            await self._wait_for_room(deadline - loop.time(), timeout)
+            await self._wait_for_room(deadline - loop.time(), patience)
         self._open += 1
+        if self._wait is not None:  # the wait was apart: connecting gets the whole connect deadline
+            deadline = loop.time() + timeout
         try:
             async with asyncio.timeout(max(deadline - loop.time(), 0.0)):  # what is left of it
                 _, protocol = await loop.create_connection(
@@ -453,7 +458,7 @@ class Pool:
         return protocol
 
     async def _wait_for_room(self, left: float, timeout: float) -> None:
-        """Until a connection closes or goes idle, or the request's connect deadline passes."""
+        """Until a connection closes or goes idle, or the request's wait for one runs out."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:

@@ -43,6 +43,8 @@ DEFAULT_MODELS = {"ollama": "llama3.2", "openai": "gpt-4o-mini", "gemini": "gemi
 # How a private request tells a Phoenix gateway behind an OpenAI-compatible backend (its default
 # `privacy.header`); servers that are not a gateway ignore it.
 PRIVACY_HEADER = "x-privacy"
+# Connections one provider opens at once; more calls wait for one, within their own deadlines.
+MAX_CONNECTIONS = 20
 
 
 class LLMError(ValueError):
@@ -87,7 +89,9 @@ class LLMProvider:
         self.name = name
         self.model = model
         self.temperature = temperature
-        self._transport = make_transport(max_connections=20)
+        # A call's wait for a free connection is bounded by its own deadline (the total at most),
+        # not by the connect timeout, which bounds connecting alone.
+        self._transport = make_transport(MAX_CONNECTIONS, wait=backend.timeouts.total)
         environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
         self._provider: Provider = build_provider(backend, self._transport, environ)
         self._private_provider = self._provider

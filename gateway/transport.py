@@ -60,10 +60,12 @@ class _Body(httpx.AsyncByteStream):
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Plain HTTP/1.1 with keep-alive, up to `max_connections` at once. No redirects, no cookies,
-    no decompression: what the backend sent is what httpx sees."""
+    no decompression: what the backend sent is what httpx sees. A request that finds no connection
+    free waits for one up to its pool deadline, or `wait` seconds when that is set."""
 
-    def __init__(self, max_connections: int = 1000) -> None:
+    def __init__(self, max_connections: int = 1000, wait: float | None = None) -> None:
         self._max_connections = max_connections
+        self._wait = wait
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -79,9 +81,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         deadlines = request.extensions.get("timeout", {})
+        # aiohttp's `connect` covers the wait for a free connection and connecting after it
+        connect = (
+            deadlines.get("pool") if self._wait is None else self._wait + (deadlines.get("connect") or 0)
+        )
         timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=deadlines.get("pool"),
+            connect=connect,
             sock_connect=deadlines.get("connect"),
             sock_read=deadlines.get("read"),
         )

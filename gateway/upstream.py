@@ -38,20 +38,21 @@ OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class GatewayTransport(AiohttpTransport):
-    """aiohttp's pool for https (and httpx's interface), and `http1.Pool` for plain http."""
+    """aiohttp's pool for https (and httpx's interface), and `http1.Pool` for plain http.
+    `wait`: seconds a request waits for a free connection; None: its connect deadline."""
 
-    def __init__(self, max_connections: int = 1000) -> None:
-        super().__init__(max_connections)
-        self.plain = Pool(max_connections)
+    def __init__(self, max_connections: int = 1000, wait: float | None = None) -> None:
+        super().__init__(max_connections, wait)
+        self.plain = Pool(max_connections, wait)
 
     async def aclose(self) -> None:
         await self.plain.aclose()
         await super().aclose()
 
 
-def make_transport(max_connections: int = 1000) -> httpx.AsyncBaseTransport:
-    """The connection pools every backend shares."""
-    return GatewayTransport(max_connections)
+def make_transport(max_connections: int = 1000, wait: float | None = None) -> httpx.AsyncBaseTransport:
+    """The connection pools every backend shares (see GatewayTransport)."""
+    return GatewayTransport(max_connections, wait)
 
 
 def request_timeout(connect: float) -> dict[str, float | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+import anyio
 import httpx
 import orjson
 import pytest
@@ -26,9 +27,15 @@ async def echo(request: Request) -> Response:
     return Response(orjson.dumps(seen), media_type="application/json")
 
 
+async def slow(request: Request) -> Response:
+    await anyio.sleep(0.6)
+    return Response(b"{}", media_type="application/json")
+
+
 @pytest.fixture(scope="module")
 def backend() -> Iterator[ServerThread]:
-    with serve(Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])) as server:
+    routes = [Route("/echo", echo, methods=["GET", "POST"]), Route("/slow", slow)]
+    with serve(Starlette(routes=routes)) as server:
         yield server
 
 
@@ -79,3 +86,16 @@ async def test_running_out_of_file_descriptors_is_the_gateways_503_not_the_backe
     assert error.http_status == 503
     assert "The gateway is out of file descriptors" in error.message
     assert "(EMFILE: Too many open files)" in error.message  # the OS error, for the log line
+
+
+@pytest.mark.parametrize("transport", [GatewayTransport, AiohttpTransport], ids=["http1", "aiohttp"])
+async def test_with_a_wait_set_a_request_waits_that_long_for_a_free_connection(
+    backend: ServerThread, transport: type[GatewayTransport | AiohttpTransport]
+) -> None:
+    """Not just its connect deadline (0.2 s here), which the first answer (0.6 s) outlasts."""
+    async with transport(max_connections=1, wait=5.0) as client:
+        calls = Upstream("openai", backend.url, client, {}, connect_timeout=0.2, error_from=refuse)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                for _ in range(2):
+                    group.start_soon(calls.request, "GET", "/slow")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import anyio
 import pytest
 
 from gateway.config import Config, OllamaBackend, Timeouts, parse_config
-from gateway.llm import LLMError, LLMMessage, LLMProvider, LLMProviderFactory, LLMRole
+from gateway.llm import MAX_CONNECTIONS, LLMError, LLMMessage, LLMProvider, LLMProviderFactory, LLMRole
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -238,3 +239,26 @@ async def test_a_private_request_through_a_gateway_reaches_it_as_private(
     assert reply.content == "Hello there!"
     assert len(ollama.chat_bodies()) == 1
     assert len(cloud.chat_bodies()) == 1
+
+
+async def test_calls_beyond_the_connection_limit_wait_for_a_connection_within_their_deadline(
+    fake_ollama: FakeServer,
+) -> None:
+    """The wait for one of the provider's connections is bounded by the call's deadline (here 10 s),
+    not by its connect timeout (0.5 s), which the first answers (1.5 s each) outlast."""
+    fake, server = fake_ollama
+    fake.queue(*[Reply(content="late", delay_first=1.5) for _ in range(MAX_CONNECTIONS + 2)])
+    timeouts = Timeouts(connect=0.5, first_token=10, total=10)
+    backend = OllamaBackend(name="ollama", type="ollama", base_url=server.url, timeouts=timeouts)
+    prompt = [LLMMessage(LLMRole.USER, "hi")]
+
+    async def stream(llm: LLMProvider) -> str:
+        return "".join([text async for text in llm.generate_stream(prompt)])
+
+    with anyio.fail_after(20):
+        async with LLMProvider("ollama", backend, "llama3.2") as llm:
+            replies = await asyncio.gather(
+                *[llm.generate(prompt) for _ in range(MAX_CONNECTIONS + 1)], stream(llm)
+            )
+    assert [reply.content for reply in replies[:-1]] == ["late"] * (MAX_CONNECTIONS + 1)
+    assert replies[-1] == "late"
