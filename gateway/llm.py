@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from gateway.config import (
@@ -89,16 +90,10 @@ class LLMProvider:
         self.name = name
         self.model = model
         self.temperature = temperature
-        # A call's wait for a free connection is bounded by its own deadline (the total at most),
-        # not by the connect timeout, which bounds connecting alone.
-        self._transport = make_transport(MAX_CONNECTIONS, wait=backend.timeouts.total)
-        environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
-        self._provider: Provider = build_provider(backend, self._transport, environ)
-        self._private_provider = self._provider
-        if isinstance(backend, OpenAIBackend):
-            tagged = backend.model_copy(update={"headers": {**backend.headers, PRIVACY_HEADER: "private"}})
-            self._private_provider = build_provider(tagged, self._transport, environ)
+        self._backend = backend
+        self._environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
         self._timeouts = backend.timeouts
+        self._connections: _Connections | None = None
 
     async def __aenter__(self) -> LLMProvider:
         return self
@@ -107,12 +102,25 @@ class LLMProvider:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        connections, self._connections = self._connections, None
+        if connections is not None and connections.loop is asyncio.get_running_loop():
+            await connections.keeper.aclose()
+        # Else they belong to another loop: closed when it shut down (asyncio.run does that), or
+        # by its own finalizer when that loop is still running.
+
+    async def _here(self) -> _Connections:
+        """The connections of the running loop, opened on its first call: a connection belongs to
+        the loop that made it, and one provider may serve several `asyncio.run` calls in turn."""
+        loop = asyncio.get_running_loop()
+        connections = self._connections
+        if connections is None or connections.loop is not loop:
+            connections = self._connections = await _Connections.open(self._backend, self._environ)
+        return connections
 
     def _request(
         self, messages: Sequence[LLMMessage | Mapping[str, Any]], stream: bool, **params: Any
-    ) -> tuple[ChatRequest, Provider]:
-        """The request, and the provider to send it with (the privacy tag's, when it is private)."""
+    ) -> tuple[ChatRequest, bool]:
+        """The request, and whether it is private (then it goes with the privacy tag)."""
         private = _stated_private(params.pop("privacy", None), params.get("metadata"))
         body: dict[str, Any] = {
             "model": params.pop("model", None) or self.model,
@@ -127,8 +135,8 @@ class LLMProvider:
         except ValueError as error:
             raise LLMError(f"invalid request: {error}") from None
         if not private:
-            return request, self._provider
-        backend = self._provider.backend
+            return request, False
+        backend = self._backend
         where = f"the {self.name} backend at {backend.base_url}"
         if not backend.local:
             raise LLMError(
@@ -141,7 +149,7 @@ class LLMProvider:
                 f"This request is private and the model {request.model!r} on {where} is an Ollama"
                 " cloud model, forwarded to Ollama's hosted service, so it was not sent."
             )
-        return request, self._private_provider
+        return request, True
 
     async def generate(
         self,
@@ -152,9 +160,10 @@ class LLMProvider:
         privacy: str | None = None,
         **params: Any,
     ) -> LLMResponse:
-        request, provider = self._request(
+        request, private = self._request(
             messages, False, temperature=temperature, max_tokens=max_tokens, privacy=privacy, **params
         )
+        provider = (await self._here()).provider(private)
         seconds, which = _first_token_deadline(self._timeouts)  # here it comes with the whole answer
         try:
             async with asyncio.timeout(seconds):
@@ -183,9 +192,10 @@ class LLMProvider:
     ) -> AsyncIterator[str]:
         """The answer's text, piece by piece as the backend produces it. The first chunk must come
         within the first-token timeout, each next one within the idle timeout, all within the total."""
-        request, provider = self._request(
+        request, private = self._request(
             messages, True, temperature=temperature, max_tokens=max_tokens, privacy=privacy, **params
         )
+        provider = (await self._here()).provider(private)
         timeouts = self._timeouts
         loop = asyncio.get_running_loop()
         end = loop.time() + timeouts.total
@@ -214,13 +224,14 @@ class LLMProvider:
 
     def _timed_out(self, which: str, seconds: float) -> LLMError:
         return LLMError(
-            f"Timed out waiting for the {self.name} backend at {self._provider.backend.base_url}:"
+            f"Timed out waiting for the {self.name} backend at {self._backend.base_url}:"
             f" its {which} timeout ({seconds:g} s) ran out"
         )
 
     async def list_available_models(self) -> list[str]:
         try:
-            return [model.id for model in await self._provider.list_models()]
+            provider = (await self._here()).provider(private=False)
+            return [model.id for model in await provider.list_models()]
         except GatewayError as error:
             raise LLMError(error.message) from None
 
@@ -228,6 +239,41 @@ class LLMProvider:
         model = model or self.model
         names = await self.list_available_models()
         return model in names or f"{model}:latest" in names
+
+
+@dataclass(frozen=True, slots=True)
+class _Connections:
+    """One event loop's transport, and the providers that send through it. `keeper` closes the
+    transport: when the provider is closed, or when the loop shuts down without that (asyncio.run
+    closes every async generator still open before it closes the loop)."""
+
+    loop: asyncio.AbstractEventLoop
+    public: Provider
+    private: Provider  # sends the privacy tag along
+    keeper: AsyncGenerator[None, None]
+
+    @classmethod
+    async def open(cls, backend: BackendConfig, environ: Mapping[str, str]) -> _Connections:
+        # A call's wait for a free connection is bounded by its own deadline (the total at most),
+        # not by the connect timeout, which bounds connecting alone.
+        transport = make_transport(MAX_CONNECTIONS, wait=backend.timeouts.total)
+        public = private = build_provider(backend, transport, environ)
+        if isinstance(backend, OpenAIBackend):
+            tagged = backend.model_copy(update={"headers": {**backend.headers, PRIVACY_HEADER: "private"}})
+            private = build_provider(tagged, transport, environ)
+        keeper = _closing(transport)
+        await anext(keeper)  # now the loop knows it, and closes it at its shutdown
+        return cls(asyncio.get_running_loop(), public, private, keeper)
+
+    def provider(self, private: bool) -> Provider:
+        return self.private if private else self.public
+
+
+async def _closing(transport: httpx.AsyncBaseTransport) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await transport.aclose()
 
 
 def _stated_private(privacy: object, metadata: object) -> bool:

@@ -262,3 +262,25 @@ async def test_calls_beyond_the_connection_limit_wait_for_a_connection_within_th
             )
     assert [reply.content for reply in replies[:-1]] == ["late"] * (MAX_CONNECTIONS + 1)
     assert replies[-1] == "late"
+
+
+def test_one_provider_serves_one_asyncio_run_after_another(fake_ollama: FakeServer) -> None:
+    """A provider made once (create is synchronous) and called from sync code, each call in its
+    own event loop: each loop gets its own connections, closed when that loop shuts down."""
+    fake, server = fake_ollama
+    fake.queue(Reply(content="one"), Reply(content="two"), Reply(pieces=["th", "ree"]), Reply(content="four"))
+    llm = LLMProviderFactory.create("ollama", {"base_url": server.url, "timeout": 10})
+    prompt = [LLMMessage(LLMRole.USER, "hi")]
+
+    async def stream() -> str:
+        return "".join([text async for text in llm.generate_stream(prompt)])
+
+    answers = [
+        asyncio.run(asyncio.wait_for(llm.generate(prompt), 10)).content,
+        asyncio.run(asyncio.wait_for(llm.generate(prompt), 10)).content,
+        asyncio.run(asyncio.wait_for(stream(), 10)),
+        asyncio.run(asyncio.wait_for(llm.generate(prompt), 10)).content,
+    ]
+    assert asyncio.run(asyncio.wait_for(llm.is_model_available(), 10)) is True
+    asyncio.run(llm.aclose())
+    assert answers == ["one", "two", "three", "four"]
