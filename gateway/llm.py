@@ -229,11 +229,16 @@ class LLMProvider:
         )
 
     async def list_available_models(self) -> list[str]:
+        """The backend's models, listed within the first-token timeout, as an answer must come."""
+        provider = (await self._here()).provider(private=False)
+        seconds, which = _first_token_deadline(self._timeouts)
         try:
-            provider = (await self._here()).provider(private=False)
-            return [model.id for model in await provider.list_models()]
+            async with asyncio.timeout(seconds):
+                return [model.id for model in await provider.list_models()]
         except GatewayError as error:
             raise LLMError(error.message) from None
+        except TimeoutError:
+            raise self._timed_out(which, seconds) from None
 
     async def is_model_available(self, model: str | None = None) -> bool:
         model = model or self.model

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import anyio
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 
 from gateway.config import Config, OllamaBackend, Timeouts, parse_config
 from gateway.llm import MAX_CONNECTIONS, LLMError, LLMMessage, LLMProvider, LLMProviderFactory, LLMRole
@@ -284,3 +286,23 @@ def test_one_provider_serves_one_asyncio_run_after_another(fake_ollama: FakeServ
     assert asyncio.run(asyncio.wait_for(llm.is_model_available(), 10)) is True
     asyncio.run(llm.aclose())
     assert answers == ["one", "two", "three", "four"]
+
+
+class WedgedOllama(FakeOllama):
+    """Takes the connection, and answers its model list only after a while."""
+
+    async def tags(self, request: Request) -> Response:
+        await anyio.sleep(3)
+        return await super().tags(request)
+
+
+async def test_listing_models_is_bounded_by_the_timeout() -> None:
+    with serve(WedgedOllama().app) as server:
+        async with LLMProviderFactory.create("ollama", {"base_url": server.url, "timeout": 0.5}) as llm:
+            with anyio.fail_after(10):
+                with pytest.raises(
+                    LLMError, match=r"ollama backend at .*: its first-token timeout \(0.5 s\)"
+                ):
+                    await llm.list_available_models()
+                with pytest.raises(LLMError, match=r"its first-token timeout \(0.5 s\) ran out"):
+                    await llm.is_model_available()
