@@ -13,6 +13,7 @@ It runs without the server: no routing, no metrics, one backend. Every failure i
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from gateway.config import (
     Timeouts,
     format_errors,
 )
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamRejected
 from gateway.policy import is_cloud_name
 from gateway.privacy import LEVELS
 from gateway.providers import build_provider
@@ -49,7 +50,44 @@ MAX_CONNECTIONS = 20
 
 
 class LLMError(ValueError):
-    """A request the provider could not serve; the message says why, in the gateway's words."""
+    """A request the provider could not serve; the message says why, in the gateway's words.
+
+    `status`: the backend's own HTTP status when it answered with an error (429, 500, ...); else
+    the gateway's for the failure (503 unreachable, 504 out of time, 404 unknown model, 400 a
+    request it refused), None for one refused before anything was sent. `code`: the error's code
+    when there is one (`rate_limit_exceeded`, `model_not_found`, `privacy_violation`, ...).
+    `retry_after`: the seconds the backend asked to wait before retrying (its Retry-After)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_gateway(cls, error: GatewayError) -> LLMError:
+        status = error.upstream_status if isinstance(error, UpstreamRejected) else error.http_status
+        return cls(error.message, status=status, code=error.code, retry_after=_retry_after(error.headers))
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (a number of seconds; a date is not used)."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+        try:
+            seconds = float(value) / scale if value is not None else None
+        except ValueError:
+            continue
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            return seconds
+    return None
 
 
 class LLMRole(StrEnum):
@@ -140,14 +178,16 @@ class LLMProvider:
         where = f"the {self.name} backend at {backend.base_url}"
         if not backend.local:
             raise LLMError(
-                f"This request is private and {where} is not local, so it was not sent. Private"
+                code="privacy_violation",
+                message=f"This request is private and {where} is not local, so it was not sent. Private"
                 " requests go only to a backend on the premises: set 'local': True in the config for"
-                " one (a Phoenix gateway in front of local models enforces the tag itself)."
+                " one (a Phoenix gateway in front of local models enforces the tag itself).",
             )
         if isinstance(backend, OllamaBackend) and is_cloud_name(request.model):
             raise LLMError(
-                f"This request is private and the model {request.model!r} on {where} is an Ollama"
-                " cloud model, forwarded to Ollama's hosted service, so it was not sent."
+                code="privacy_violation",
+                message=f"This request is private and the model {request.model!r} on {where} is an Ollama"
+                " cloud model, forwarded to Ollama's hosted service, so it was not sent.",
             )
         return request, True
 
@@ -169,7 +209,7 @@ class LLMProvider:
             async with asyncio.timeout(seconds):
                 completion = await provider.complete(request, request.model)
         except GatewayError as error:
-            raise LLMError(error.message) from None
+            raise LLMError.from_gateway(error) from None
         except TimeoutError:
             raise self._timed_out(which, seconds) from None
         choice = completion.choices[0]
@@ -218,14 +258,15 @@ class LLMProvider:
                 if due >= end:
                     seconds, which, due = timeouts.total, "total", end
         except GatewayError as error:
-            raise LLMError(error.message) from None
+            raise LLMError.from_gateway(error) from None
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
     def _timed_out(self, which: str, seconds: float) -> LLMError:
         return LLMError(
             f"Timed out waiting for the {self.name} backend at {self._backend.base_url}:"
-            f" its {which} timeout ({seconds:g} s) ran out"
+            f" its {which} timeout ({seconds:g} s) ran out",
+            status=504,
         )
 
     async def list_available_models(self) -> list[str]:
@@ -236,7 +277,7 @@ class LLMProvider:
             async with asyncio.timeout(seconds):
                 return [model.id for model in await provider.list_models()]
         except GatewayError as error:
-            raise LLMError(error.message) from None
+            raise LLMError.from_gateway(error) from None
         except TimeoutError:
             raise self._timed_out(which, seconds) from None
 

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from gateway.config import Config, OllamaBackend, Timeouts, parse_config
 from gateway.llm import MAX_CONNECTIONS, LLMError, LLMMessage, LLMProvider, LLMProviderFactory, LLMRole
+from tests.fakes.faulty_server import FaultyOllama, reply
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
@@ -306,3 +307,40 @@ async def test_listing_models_is_bounded_by_the_timeout() -> None:
                     await llm.list_available_models()
                 with pytest.raises(LLMError, match=r"its first-token timeout \(0.5 s\) ran out"):
                     await llm.is_model_available()
+
+
+async def test_an_llm_error_keeps_the_backends_status_and_retry_after() -> None:
+    fake = FakeOpenAI(api_key="sk-lib")
+    fake.queue(Reply(status=429, error_text="Rate limit reached"), Reply(status=429, error_text="again"))
+    with serve(fake.app) as server:
+        config = {"api_key": "sk-lib", "base_url": server.url + "/v1"}
+        async with LLMProviderFactory.create("openai", config) as llm:
+            with pytest.raises(LLMError) as limited:
+                await llm.generate([LLMMessage(LLMRole.USER, "hi")])
+            with pytest.raises(LLMError) as streamed:
+                [text async for text in llm.generate_stream([LLMMessage(LLMRole.USER, "hi")])]
+            with pytest.raises(LLMError) as unknown:
+                await llm.generate([LLMMessage(LLMRole.USER, "hi")], model="gpt-9")
+    assert (limited.value.status, limited.value.retry_after) == (429, 7.0)
+    assert (streamed.value.status, streamed.value.retry_after) == (429, 7.0)
+    assert (unknown.value.status, unknown.value.code, unknown.value.retry_after) == (
+        404,
+        "model_not_found",
+        None,
+    )
+
+
+async def test_an_ollama_429_keeps_its_retry_after() -> None:
+    with FaultyOllama().running() as server:
+        server.queue([reply(429, {"error": "server busy"}, ("Retry-After", "30"))])
+        async with LLMProviderFactory.create("ollama", {"base_url": server.url}) as llm:
+            with pytest.raises(LLMError, match="server busy") as caught:
+                await llm.generate([LLMMessage(LLMRole.USER, "hi")])
+    assert (caught.value.status, caught.value.retry_after) == (429, 30.0)
+
+
+async def test_an_unreachable_backend_is_a_503_without_retry_after() -> None:
+    async with LLMProviderFactory.create("ollama", {"base_url": f"http://127.0.0.1:{free_port()}"}) as llm:
+        with pytest.raises(LLMError, match="Cannot connect") as caught:
+            await llm.generate([LLMMessage(LLMRole.USER, "hi")])
+    assert (caught.value.status, caught.value.retry_after) == (503, None)
