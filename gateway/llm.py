@@ -72,9 +72,12 @@ class LLMError(ValueError):
         self.retry_after = retry_after
 
     @classmethod
-    def from_gateway(cls, error: GatewayError) -> LLMError:
+    def from_gateway(cls, error: GatewayError, message: str | None = None) -> LLMError:
+        """`message`: instead of the gateway's."""
         status = error.upstream_status if isinstance(error, UpstreamRejected) else error.http_status
-        return cls(error.message, status=status, code=error.code, retry_after=_retry_after(error.headers))
+        return cls(
+            message or error.message, status=status, code=error.code, retry_after=_retry_after(error.headers)
+        )
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -209,7 +212,7 @@ class LLMProvider:
             async with asyncio.timeout(seconds):
                 completion = await provider.complete(request, request.model)
         except GatewayError as error:
-            raise LLMError.from_gateway(error) from None
+            raise self._failed(error) from None
         except TimeoutError:
             raise self._timed_out(which, seconds) from None
         choice = completion.choices[0]
@@ -258,9 +261,26 @@ class LLMProvider:
                 if due >= end:
                     seconds, which, due = timeouts.total, "total", end
         except GatewayError as error:
-            raise LLMError.from_gateway(error) from None
+            raise self._failed(error) from None
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    def _failed(self, error: GatewayError) -> LLMError:
+        """The gateway's error in the library's words where they differ: the gateway's message for
+        a refused key points its operator to the backend's `api_key_env`."""
+        backend = self._backend
+        if (
+            isinstance(error, UpstreamRejected)
+            and error.upstream_status in (401, 403)
+            and backend.api_key_env
+        ):
+            return LLMError.from_gateway(
+                error,
+                f"the {self.name} backend at {backend.base_url} refused the API key"
+                f" ({error.upstream_status}); check the provider's api_key ({backend.api_key_env}"
+                " for create_from_env)",
+            )
+        return LLMError.from_gateway(error)
 
     def _timed_out(self, which: str, seconds: float) -> LLMError:
         return LLMError(
@@ -277,7 +297,7 @@ class LLMProvider:
             async with asyncio.timeout(seconds):
                 return [model.id for model in await provider.list_models()]
         except GatewayError as error:
-            raise LLMError.from_gateway(error) from None
+            raise self._failed(error) from None
         except TimeoutError:
             raise self._timed_out(which, seconds) from None
 

@@ -344,3 +344,18 @@ async def test_an_unreachable_backend_is_a_503_without_retry_after() -> None:
         with pytest.raises(LLMError, match="Cannot connect") as caught:
             await llm.generate([LLMMessage(LLMRole.USER, "hi")])
     assert (caught.value.status, caught.value.retry_after) == (503, None)
+
+
+async def test_a_wrong_api_key_names_the_backend_and_the_librarys_setting() -> None:
+    fake = FakeOpenAI(api_key="sk-right")
+    with serve(fake.app) as server:
+        url = server.url + "/v1"
+        async with LLMProviderFactory.create("openai", {"api_key": "sk-wrong", "base_url": url}) as llm:
+            with pytest.raises(LLMError) as caught:
+                await llm.generate([LLMMessage(LLMRole.USER, "hi")])
+    message = str(caught.value)
+    assert message == (
+        f"the openai backend at {url} refused the API key (401); check the provider's api_key"
+        " (OPENAI_API_KEY for create_from_env)"
+    )
+    assert caught.value.status == 401
