@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from gateway.body import validate
 from gateway.config import (
     GEMINI_DEFAULT_URL,
     OLLAMA_DEFAULT_URL,
@@ -33,7 +34,7 @@ from gateway.config import (
     Timeouts,
     format_errors,
 )
-from gateway.errors import GatewayError, UpstreamRejected
+from gateway.errors import GatewayError, InvalidRequest, UpstreamRejected
 from gateway.policy import is_cloud_name
 from gateway.privacy import LEVELS
 from gateway.providers import build_provider
@@ -45,6 +46,8 @@ DEFAULT_MODELS = {"ollama": "llama3.2", "openai": "gpt-4o-mini", "gemini": "gemi
 # How a private request tells a Phoenix gateway behind an OpenAI-compatible backend (its default
 # `privacy.header`); servers that are not a gateway ignore it.
 PRIVACY_HEADER = "x-privacy"
+# What `LLMProviderFactory.create` takes in its config.
+SETTINGS = ("base_url", "model", "temperature", "timeout", "api_key", "local")
 # Connections one provider opens at once; more calls wait for one, within their own deadlines.
 MAX_CONNECTIONS = 20
 
@@ -159,9 +162,16 @@ class LLMProvider:
         return connections
 
     def _request(
-        self, messages: Sequence[LLMMessage | Mapping[str, Any]], stream: bool, **params: Any
+        self, messages: Sequence[LLMMessage | Mapping[str, Any]], stream: bool, params: dict[str, Any]
     ) -> tuple[ChatRequest, bool]:
-        """The request, and whether it is private (then it goes with the privacy tag)."""
+        """The request, and whether it is private (then it goes with the privacy tag). `params` are
+        fields of an OpenAI chat request; those the gateway does not know go along as it sends them."""
+        if "stream" in params:
+            raise LLMError(
+                "generate_stream always streams: it takes no stream argument"
+                if stream
+                else "generate takes no stream argument: use generate_stream for the answer piece by piece"
+            )
         private = _stated_private(params.pop("privacy", None), params.get("metadata"))
         body: dict[str, Any] = {
             "model": params.pop("model", None) or self.model,
@@ -172,9 +182,9 @@ class LLMProvider:
             params["temperature"] = self.temperature
         body.update({key: value for key, value in params.items() if value is not None})
         try:
-            request = ChatRequest.model_validate(body)
-        except ValueError as error:
-            raise LLMError(f"invalid request: {error}") from None
+            request = validate(ChatRequest, body)
+        except InvalidRequest as error:
+            raise LLMError(f"invalid request: {error.message}", code=error.code) from None
         if not private:
             return request, False
         backend = self._backend
@@ -203,9 +213,8 @@ class LLMProvider:
         privacy: str | None = None,
         **params: Any,
     ) -> LLMResponse:
-        request, private = self._request(
-            messages, False, temperature=temperature, max_tokens=max_tokens, privacy=privacy, **params
-        )
+        params.update(temperature=temperature, max_tokens=max_tokens, privacy=privacy)
+        request, private = self._request(messages, False, params)
         provider = (await self._here()).provider(private)
         seconds, which = _first_token_deadline(self._timeouts)  # here it comes with the whole answer
         try:
@@ -235,9 +244,8 @@ class LLMProvider:
     ) -> AsyncIterator[str]:
         """The answer's text, piece by piece as the backend produces it. The first chunk must come
         within the first-token timeout, each next one within the idle timeout, all within the total."""
-        request, private = self._request(
-            messages, True, temperature=temperature, max_tokens=max_tokens, privacy=privacy, **params
-        )
+        params.update(temperature=temperature, max_tokens=max_tokens, privacy=privacy)
+        request, private = self._request(messages, True, params)
         provider = (await self._here()).provider(private)
         timeouts = self._timeouts
         loop = asyncio.get_running_loop()
@@ -369,6 +377,21 @@ def _timeouts(timeout: object) -> Timeouts:
     return Timeouts(connect=min(timeout, 5.0), first_token=timeout, idle=timeout, total=timeout)
 
 
+def _checked(config: Mapping[str, Any]) -> None:
+    """ValueError naming a setting `create` does not take, or a value it cannot use."""
+    unknown = sorted(str(key) for key in config if key not in SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown setting {', '.join(map(repr, unknown))}; known: {', '.join(SETTINGS)}")
+    temperature = config.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2
+    ):
+        raise ValueError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
+    model = config.get("model")
+    if model is not None and not (isinstance(model, str) and model.strip()):
+        raise ValueError(f"model: expected a model name, got {model!r}")
+
+
 def _backend(name: str, config: Mapping[str, Any]) -> BackendConfig:
     settings: dict[str, Any] = {"name": name, "type": name, "timeouts": _timeouts(config.get("timeout"))}
     if config.get("local") is not None:
@@ -394,6 +417,10 @@ class LLMProviderFactory:
         if name not in LLMProviderFactory.PROVIDERS:
             known = ", ".join(LLMProviderFactory.PROVIDERS)
             raise LLMError(f"unknown provider {provider!r}; available: {known}")
+        try:
+            _checked(config)
+        except ValueError as error:
+            raise LLMError(f"invalid {name} config: {error}") from None
         api_key = config.get("api_key")
         if name != "ollama" and not api_key:
             raise LLMError(f"the {name} provider needs an api_key")

@@ -87,6 +87,13 @@ def test_unknown_provider_is_refused() -> None:
         ({"base_url": 11434}, "invalid ollama config: base_url: Input should be a valid string"),
         ({"timeout": 0}, "invalid ollama config: timeout: expected a number of seconds above 0, got 0"),
         ({"timeout": "10"}, "invalid ollama config: timeout: expected a number of seconds above 0, got '10'"),
+        ({"modle": "qwen"}, "invalid ollama config: unknown setting 'modle'; known: base_url, model,"),
+        (
+            {"temperature": "warm"},
+            "invalid ollama config: temperature: expected a number from 0 to 2, got 'warm'",
+        ),
+        ({"temperature": 3}, "invalid ollama config: temperature: expected a number from 0 to 2, got 3"),
+        ({"model": 7}, "invalid ollama config: model: expected a model name, got 7"),
     ],
 )
 def test_a_bad_config_is_an_llm_error_naming_the_setting(config: dict[str, object], message: str) -> None:
@@ -191,10 +198,12 @@ async def test_a_private_request_to_a_cloud_backend_is_refused_before_anything_i
     assert [body["messages"][0]["content"] for body in cloud.chat_bodies()] == ["hi"]
 
 
-def test_an_unknown_privacy_value_is_an_llm_error_naming_the_field() -> None:
-    llm = LLMProviderFactory.create("ollama")
-    with pytest.raises(LLMError, match=r"metadata.privacy must be 'private' or 'public', got 'secret'"):
-        llm._request([LLMMessage(LLMRole.USER, "hi")], False, metadata={"privacy": "secret"})
+async def test_an_unknown_privacy_value_is_an_llm_error_naming_the_field(fake_ollama: FakeServer) -> None:
+    fake, server = fake_ollama
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url}) as llm:
+        with pytest.raises(LLMError, match=r"metadata.privacy must be 'private' or 'public', got 'secret'"):
+            await llm.generate([LLMMessage(LLMRole.USER, "hi")], metadata={"privacy": "secret"})
+    assert fake.chat_bodies() == []
 
 
 async def test_a_private_request_to_an_ollama_cloud_model_is_refused(fake_ollama: FakeServer) -> None:
@@ -359,3 +368,38 @@ async def test_a_wrong_api_key_names_the_backend_and_the_librarys_setting() -> N
         " (OPENAI_API_KEY for create_from_env)"
     )
     assert caught.value.status == 401
+
+
+async def test_a_stream_argument_points_to_generate_stream(fake_ollama: FakeServer) -> None:
+    fake, server = fake_ollama
+    prompt = [LLMMessage(LLMRole.USER, "hi")]
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url}) as llm:
+        with pytest.raises(LLMError, match="generate takes no stream argument: use generate_stream"):
+            await llm.generate(prompt, stream=True)
+        with pytest.raises(LLMError, match="generate_stream always streams"):
+            [text async for text in llm.generate_stream(prompt, stream=False)]
+    assert fake.chat_bodies() == []
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            {"temperature": "hot"},
+            "invalid request: Invalid value for 'temperature': Input should be a valid number.",
+        ),
+        (
+            {"max_tokens": "many"},
+            "invalid request: Invalid value for 'max_tokens': Input should be a valid integer.",
+        ),
+    ],
+)
+async def test_a_bad_parameter_is_an_llm_error_naming_the_field(
+    fake_ollama: FakeServer, params: dict[str, object], message: str
+) -> None:
+    fake, server = fake_ollama
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url}) as llm:
+        with pytest.raises(LLMError) as caught:
+            await llm.generate([LLMMessage(LLMRole.USER, "hi")], **params)
+    assert str(caught.value) == message
+    assert fake.chat_bodies() == []
