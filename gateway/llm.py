@@ -48,6 +48,9 @@ DEFAULT_MODELS = {"ollama": "llama3.2", "openai": "gpt-4o-mini", "gemini": "gemi
 PRIVACY_HEADER = "x-privacy"
 # What `LLMProviderFactory.create` takes in its config.
 SETTINGS = ("base_url", "model", "temperature", "timeout", "api_key", "local")
+# The part of the first-token deadline that connecting may take when its own timeout is as long:
+# a connection not made within it is reported as such, before the first-token deadline runs out.
+CONNECT_SHARE = 0.9
 # Connections one provider opens at once; more calls wait for one, within their own deadlines.
 MAX_CONNECTIONS = 20
 
@@ -134,6 +137,10 @@ class LLMProvider:
         self.name = name
         self.model = model
         self.temperature = temperature
+        seconds, _ = _first_token_deadline(backend.timeouts)
+        if backend.timeouts.connect >= seconds:  # else a connection never made would look like a slow answer
+            timeouts = backend.timeouts.model_copy(update={"connect": seconds * CONNECT_SHARE})
+            backend = backend.model_copy(update={"timeouts": timeouts})
         self._backend = backend
         self._environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
         self._timeouts = backend.timeouts

@@ -16,7 +16,7 @@ from tests.fakes.faulty_server import FaultyOllama, reply
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
-from tests.servers import ServerThread, free_port, serve
+from tests.servers import ServerThread, free_port, serve, unaccepting_address
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -403,3 +403,18 @@ async def test_a_bad_parameter_is_an_llm_error_naming_the_field(
             await llm.generate([LLMMessage(LLMRole.USER, "hi")], **params)
     assert str(caught.value) == message
     assert fake.chat_bodies() == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["generate", "stream"])
+async def test_a_host_that_never_takes_the_connection_is_a_connect_timeout(stream: bool) -> None:
+    """With `timeout` at or below the 5 s connect timeout, connecting is still what is reported."""
+    prompt = [LLMMessage(LLMRole.USER, "hi")]
+    with unaccepting_address() as url:
+        async with LLMProviderFactory.create("ollama", {"base_url": url, "timeout": 2}) as llm:
+            with anyio.fail_after(10), pytest.raises(LLMError) as caught:
+                if stream:
+                    [text async for text in llm.generate_stream(prompt)]
+                else:
+                    await llm.generate(prompt)
+    assert str(caught.value) == f"Timed out connecting to Ollama server at {url}"
+    assert caught.value.status == 504
