@@ -1,13 +1,14 @@
 """The provider guide's library API, kept for the applications that embed it, over the gateway's providers.
 
-    provider = LLMProviderFactory.create_from_env("ollama")
-    reply = await provider.generate([LLMMessage(LLMRole.USER, "Hello")], temperature=0.2, max_tokens=64)
-    print(reply.content, reply.usage["total_tokens"])
-    async for text in provider.generate_stream(messages):
-        ...
+    async with LLMProviderFactory.create_from_env("ollama") as provider:
+        reply = await provider.generate([LLMMessage(LLMRole.USER, "Hello")], temperature=0.2, max_tokens=64)
+        print(reply.content, reply.usage["total_tokens"])
+        async for text in provider.generate_stream(messages, privacy="private"):
+            ...
 
-It runs without the server: no routing, no metrics, one backend. Every failure is raised as
-`LLMError`, a ValueError (as the guide promised), e.g. "Cannot connect to Ollama server at URL".
+It runs without the server: no routing, no metrics, one backend, and private requests only to a
+local one. Every failure is raised as `LLMError`, a ValueError (as the guide promised), e.g.
+"Cannot connect to Ollama server at URL", with the backend's status and Retry-After.
 """
 
 from __future__ import annotations
