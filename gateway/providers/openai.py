@@ -111,21 +111,76 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
     return content if isinstance(content, list) else None
 
 
+def _tool_call(call: dict[str, Any], index: int) -> ToolCallDelta:
+    custom = isinstance(call.get("custom"), dict)  # a custom tool's call: free text input
+    called = _called(call)
+    return ToolCallDelta(
+        index=index,
+        id=call.get("id"),
+        name=called.get("name"),
+        arguments=called.get("input" if custom else "arguments") or "",
+        custom=custom,
+    )
+
+
+def _called(call: dict[str, Any]) -> dict[str, Any]:
+    """A call's `function`, or a custom tool's `custom`."""
+    called = call.get("custom") if isinstance(call.get("custom"), dict) else call.get("function")
+    return called if isinstance(called, dict) else {}
+
+
 def _tool_calls(calls: Any) -> list[ToolCallDelta]:
-    deltas = []
-    for position, call in enumerate(calls or []):
-        custom = isinstance(call.get("custom"), dict)  # a custom tool's call: free text input
-        called = (call["custom"] if custom else call.get("function")) or {}
-        deltas.append(
-            ToolCallDelta(
-                index=int(call.get("index", position)),
-                id=call.get("id"),
-                name=called.get("name"),
-                arguments=called.get("input" if custom else "arguments") or "",
-                custom=custom,
-            )
-        )
-    return deltas
+    return [_tool_call(call, position) for position, call in enumerate(calls or [])]
+
+
+class CallNumbers:
+    """Numbers one choice's streamed tool calls 0, 1, 2… in the order they open, as OpenAI does and
+    clients expect (the SDK's stream helper files a fragment under its `index` in a list). Backends
+    differ: Gemini's OpenAI endpoint leaves `index` out and sends each call whole; others start at
+    1 after a text or thinking block, or number every call 0. A fragment with an id not seen yet
+    opens a call; one without index or id continues the last call, unless it names another
+    function."""
+
+    __slots__ = ("by_id", "by_index", "ids", "last", "names")
+
+    def __init__(self) -> None:
+        self.by_index: dict[int, int] = {}  # the backend's index -> the client's
+        self.by_id: dict[str, int] = {}
+        self.ids: list[str | None] = []  # per call opened
+        self.names: list[str | None] = []
+        self.last: int | None = None
+
+    def number(self, call: dict[str, Any]) -> int:
+        index, call_id = call.get("index"), call.get("id")
+        index = index if isinstance(index, int) and not isinstance(index, bool) else None
+        call_id = call_id if isinstance(call_id, str) and call_id else None
+        name = _called(call).get("name") or None
+        ours = self._known(index, call_id, name)
+        if ours is None:
+            ours = len(self.ids)
+            self.ids.append(None)
+            self.names.append(None)
+        if index is not None:
+            self.by_index[index] = ours
+        if call_id is not None:
+            self.by_id[call_id] = ours
+            self.ids[ours] = self.ids[ours] or call_id
+        self.names[ours] = self.names[ours] or name
+        self.last = ours
+        return ours
+
+    def _known(self, index: int | None, call_id: str | None, name: str | None) -> int | None:
+        """The call this fragment continues, or None when it opens one."""
+        if call_id is not None and call_id in self.by_id:
+            return self.by_id[call_id]
+        if index is not None:
+            ours = self.by_index.get(index)
+            if ours is not None and call_id is not None and self.ids[ours] is not None:
+                return None  # another id on an index in use: a backend that numbers every call 0
+            return ours
+        if call_id is not None or self.last is None:
+            return None
+        return self.last if name in (None, self.names[self.last]) else None
 
 
 def parse_response(body: Any) -> Completion:
@@ -156,10 +211,11 @@ def parse_response(body: Any) -> Completion:
 class StreamState:
     """Turns SSE events into chunks; remembers which choices finished and whether [DONE] came."""
 
-    __slots__ = ("answered", "done", "finished", "tool_calls", "usage")
+    __slots__ = ("answered", "calls", "done", "finished", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.done = False
+        self.calls: dict[int, CallNumbers] = {}  # per choice
         self.answered: set[int] = set()  # choices that sent output
         self.finished: set[int] = set()
         self.tool_calls: set[int] = set()
@@ -186,7 +242,7 @@ class StreamState:
         for position, choice in enumerate(event.get("choices") or []):
             index = int(choice.get("index", position))
             delta = choice.get("delta") or {}
-            calls = _tool_calls(delta.get("tool_calls"))
+            calls = self._tool_calls(index, delta.get("tool_calls"))
             if calls:
                 self.tool_calls.add(index)
             reason = choice.get("finish_reason")
@@ -210,6 +266,12 @@ class StreamState:
             self.usage = True
             chunks.append(Chunk(usage=usage(event["usage"])))
         return chunks
+
+    def _tool_calls(self, choice: int, calls: Any) -> list[ToolCallDelta]:
+        if not calls:
+            return []
+        numbers = self.calls.setdefault(choice, CallNumbers())
+        return [_tool_call(call, numbers.number(call)) for call in calls]
 
     def _close(self) -> list[Chunk]:
         """At [DONE]: a choice that answered and was never finished ends with `stop` (`tool_calls`

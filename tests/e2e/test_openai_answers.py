@@ -76,6 +76,10 @@ def answer(scenario: str) -> dict[str, Any]:
     }
 
 
+WEATHER = {"name": "get_weather", "arguments": '{"city":"Oslo"}'}
+TIME = {"name": "get_time", "arguments": '{"tz":"UTC"}'}
+
+
 def events(scenario: str) -> list[dict[str, Any]]:
     """The same answers as a stream."""
     head = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1767225600, "model": "m"}
@@ -108,6 +112,17 @@ def events(scenario: str) -> list[dict[str, Any]]:
         middle = [
             choice({"tool_calls": [{"index": 0, "function": {"name": "lookup", "arguments": '{"q":'}}]}),
             choice({"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}),
+        ]
+    elif scenario == "calls_without_index":  # as Gemini's OpenAI endpoint sends them: each whole
+        middle = [
+            choice({"tool_calls": [{"id": "call_a", "type": "function", "function": WEATHER}]}),
+            choice({"tool_calls": [{"id": "call_b", "type": "function", "function": TIME}]}),
+        ]
+    elif scenario == "calls_from_index_1":  # a server that counted a text block first
+        middle = [
+            choice({"tool_calls": [{"index": 1, "id": "call_a", "function": {**WEATHER, "arguments": ""}}]}),
+            choice({"tool_calls": [{"index": 1, "function": {"arguments": WEATHER["arguments"]}}]}),
+            choice({"tool_calls": [{"index": 2, "id": "call_b", "function": TIME}]}),
         ]
     else:
         middle = [choice({"content": token["token"]}, logprobs={"content": [token]}) for token in TOKENS]
@@ -214,6 +229,20 @@ def test_a_tool_call_the_backend_sent_without_an_id_gets_one(api: openai.OpenAI)
     [call] = final.choices[0].message.tool_calls or []
     assert call.id.startswith("call_") and len(call.id) > len("call_")
     assert (call.type, call.function.name, call.function.arguments) == ("function", "lookup", '{"q":"x"}')
+
+
+@pytest.mark.parametrize("scenario", ["calls_without_index", "calls_from_index_1"])
+def test_streamed_calls_reach_the_sdk_numbered_from_0_whatever_the_backend_numbered_them(
+    api: openai.OpenAI, scenario: str
+) -> None:
+    messages: Any = [{"role": "user", "content": scenario}]
+    with api.chat.completions.stream(model="chat", messages=messages) as stream:
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
+        ("call_a", "get_weather", '{"city":"Oslo"}'),
+        ("call_b", "get_time", '{"tz":"UTC"}'),
+    ]
 
 
 CUSTOM_TOOL = {

@@ -156,6 +156,70 @@ def test_stream_fragments_keep_id_and_name_on_the_first_only() -> None:
     assert chunks[-1].finish_reason == "tool_calls"
 
 
+def call(name: str | None = None, arguments: str = "", **fields: Any) -> dict[str, Any]:
+    function = {"arguments": arguments} if name is None else {"name": name, "arguments": arguments}
+    return {**fields, "function": function}
+
+
+@pytest.mark.parametrize(
+    ("deltas", "expected"),
+    [
+        pytest.param(  # Gemini's OpenAI endpoint: each call whole, no index
+            [[call("f", "{}", id="a")], [call("g", "{}", id="b")]],
+            [(0, "a", "f"), (1, "b", "g")],
+            id="no index, one call per event",
+        ),
+        pytest.param(
+            [[call("f", "{}", id="a"), call("g", "{}", id="b")]],
+            [(0, "a", "f"), (1, "b", "g")],
+            id="no index, both calls in one event",
+        ),
+        pytest.param(
+            [[call("f", id="a")], [call(arguments="{")], [call(arguments="}")], [call("g", "{}", id="b")]],
+            [(0, "a", "f"), (0, None, None), (0, None, None), (1, "b", "g")],
+            id="no index, fragments continue the last call",
+        ),
+        pytest.param(
+            [[call("f", "{}")], [call("g", "{}")]],
+            [(0, None, "f"), (1, None, "g")],
+            id="no index and no id: another name opens a call",
+        ),
+        pytest.param(  # a text or thinking block counted first (LiteLLM, sglang, DeepSeek)
+            [
+                [call("f", index=1, id="a")],
+                [call(arguments="{}", index=1)],
+                [call("g", "{}", index=3, id="b")],
+            ],
+            [(0, "a", "f"), (0, None, None), (1, "b", "g")],
+            id="sparse indexes from 1",
+        ),
+        pytest.param(
+            [[call("f", "{}", index=0, id="a")], [call("g", "{}", index=0, id="b")]],
+            [(0, "a", "f"), (1, "b", "g")],
+            id="every call numbered 0",
+        ),
+        pytest.param(  # a backend that repeats id and name in every fragment
+            [[call("f", "{", index=0, id="a")], [call("f", "}", index=0, id="a")]],
+            [(0, "a", "f"), (0, "a", "f")],
+            id="repeated id continues",
+        ),
+    ],
+)
+def test_streamed_tool_calls_are_numbered_densely_from_0_in_the_order_they_open(
+    deltas: list[list[dict[str, Any]]], expected: list[tuple[int, str | None, str | None]]
+) -> None:
+    state = openai.StreamState()
+    chunks = [chunk for calls in deltas for chunk in state.parse_chunk(event({"tool_calls": calls}))]
+    assert [(c.index, c.id, c.name) for chunk in chunks for c in chunk.tool_calls] == expected
+
+
+def test_each_choice_numbers_its_own_calls() -> None:
+    state = openai.StreamState()
+    state.parse_chunk(event({"tool_calls": [call("f", "{}", index=2, id="a")]}, index=0))
+    [chunk] = state.parse_chunk(event({"tool_calls": [call("g", "{}", index=5, id="b")]}, index=1))
+    assert (chunk.index, chunk.tool_calls[0].index) == (1, 0)
+
+
 def test_role_only_delta_yields_nothing_and_usage_chunk_is_kept() -> None:
     state = openai.StreamState()
     assert state.parse_chunk(event({"role": "assistant", "content": ""})) == []
