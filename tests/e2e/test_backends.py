@@ -285,6 +285,48 @@ def test_json_schema(rig: Rig) -> None:
         assert sent["generationConfig"]["responseMimeType"] == "application/json"
 
 
+def test_a_gemini_json_schema_keeps_its_meaning_or_is_refused_saying_why(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    # pydantic v1 and zod-to-json-schema write draft-07 `definitions`; pydantic < 2.9 wraps a
+    # described nested model in `allOf`. Gemini documents neither.
+    addr = {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{4}$"}}}
+    schema = {
+        "type": "object",
+        "properties": {"home": {"allOf": [{"$ref": "#/definitions/Addr"}], "description": "where"}},
+        "definitions": {"Addr": addr},
+    }
+    recursive = {"$ref": "#/$defs/A", "$defs": {"A": {"allOf": [{"$ref": "#/$defs/A"}, {"type": "object"}]}}}
+    fake = FakeGemini(api_key=KEY)
+    fake.queue(Reply(content="{}"), Reply(pieces=["{", "}"]))
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        url = gateway.url + "/v1/chat/completions"
+
+        def body(schema: dict[str, Any], **fields: Any) -> dict[str, Any]:
+            response_format = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+            messages = [{"role": "user", "content": "x"}]
+            return {"model": "chat", "messages": messages, "response_format": response_format, **fields}
+
+        whole = httpx.post(url, json=body(schema), timeout=10)
+        with httpx.stream("POST", url, json=body(schema, stream=True), timeout=10) as response:
+            comments = [line for line in response.iter_lines() if line.startswith(":")]
+        refused = httpx.post(url, json=body(recursive), timeout=10)
+    assert whole.status_code == 200
+    assert whole.headers["x-phoenix-schema-dropped"] == "pattern"
+    assert ": schema_dropped=pattern" in comments
+    assert fake.chat_bodies()[0]["generationConfig"]["responseJsonSchema"] == {
+        "type": "object",
+        "properties": {"home": {"$ref": "#/$defs/Addr"}},
+        "$defs": {"Addr": {"type": "object", "properties": {"zip": {"type": "string"}}}},
+    }
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "response_format.json_schema.schema"
+    assert "recursive" in error["message"]
+    assert len(fake.chat_bodies()) == 2
+
+
 def test_image_input(rig: Rig) -> None:
     rig.fake.queue(Reply(content="A cat."))
     part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}

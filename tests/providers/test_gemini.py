@@ -1287,3 +1287,40 @@ def test_a_conversation_without_content_for_gemini_is_refused_naming_what_is_emp
     with pytest.raises(InvalidRequest, match="no empty message") as refused:
         build(messages=[*system_only, {"role": "user", "content": ""}])
     assert refused.value.param == "messages[1].content"
+
+
+PATTERNED = ChatRequest.model_validate(
+    {
+        "model": "gemini-2.5-flash",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "c", "schema": {"type": "string", "pattern": "^[A-Z]+$"}},
+        },
+    }
+)
+
+
+async def test_constraints_dropped_from_the_schema_are_named_in_a_notice_whole_and_streamed(
+    httpx_mock: HTTPXMock, provider: GeminiProvider
+) -> None:
+    httpx_mock.add_response(
+        method="POST",
+        url=URL + "/models/gemini-2.5-flash:generateContent",
+        json={"candidates": [candidate({"text": '"OSL"'})]},
+    )
+    completion = await provider.complete(PATTERNED, "gemini-2.5-flash")
+    assert completion.notices == {"schema_dropped": "pattern"}
+    httpx_mock.add_response(
+        method="POST",
+        url=URL + "/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+        stream=httpx_stream([b'data: {"candidates":[{"content":{"parts":[{"text":"\\"OSL\\""}]}}]}\n\n']),
+    )
+    chunks = [chunk async for chunks in provider.stream(PATTERNED, "gemini-2.5-flash") for chunk in chunks]
+    assert chunks[-1].notices == {"schema_dropped": "pattern"}
+    httpx_mock.add_response(
+        method="POST",
+        url=URL + "/models/gemini-2.5-flash:generateContent",
+        json={"candidates": [candidate({"text": "yo"})]},
+    )
+    assert (await provider.complete(CHAT, "gemini-2.5-flash")).notices == {}

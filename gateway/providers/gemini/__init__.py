@@ -17,7 +17,9 @@ Translation choices (contracts/gemini.md §9-§11):
   read left to right: the random part is letters and digits and a signature is standard base64,
   so neither holds a `_`, and Gemini's id, last, may hold anything. Ids without `__id__` (made
   here, or by another backend) send no id to Gemini.
-- json_schema goes out as `responseJsonSchema`, cut down to the keywords Gemini documents for it.
+- json_schema goes out as `responseJsonSchema`, translated to the keywords Gemini documents for it
+  (gateway/providers/gemini/schema.py): a schema that cannot be is a 400, and constraints dropped
+  from it are named in the `schema_dropped` notice.
 - http(s) image URLs are fetched by the gateway (gateway/images.py, within `images:`'s limits) and
   sent as `inlineData` with the image host's content type, not as `fileData.fileUri`: only newer
   models fetch URLs themselves, and the gateway's limits then hold for every backend alike.
@@ -42,7 +44,7 @@ from gateway.config import GeminiBackend
 from gateway.errors import InvalidRequest, UpstreamProtocol
 from gateway.images import Image, ImageFetcher, images_for
 from gateway.providers.base import batches, parsed, shorten
-from gateway.providers.gemini.request import build_request
+from gateway.providers.gemini.request import build_request, json_schema
 from gateway.providers.gemini.response import (
     StreamState,
     error_from,
@@ -51,6 +53,7 @@ from gateway.providers.gemini.response import (
     parse_response,
     usage,
 )
+from gateway.providers.gemini.schema import response_schema
 from gateway.schemas import ChatRequest, Chunk, Completion, EmbeddingRequest, Embeddings, ModelInfo
 from gateway.sse import Event, SSEDecoder
 from gateway.upstream import Upstream
@@ -99,7 +102,9 @@ class GeminiProvider:
         images = await images_for(self._images, request)
         body, path = build_request(request, model, images=images), f"/{_resource(model)}:generateContent"
         answer = await self._http.request("POST", path, body, model)
-        return parsed(parse_response, answer, "Gemini")
+        completion = parsed(parse_response, answer, "Gemini")
+        completion.notices.update(schema_notices(request))
+        return completion
 
     async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[list[Chunk]]:
         state = StreamState()
@@ -122,6 +127,8 @@ class GeminiProvider:
                 code="upstream_incomplete",
             )
         closing = state.close()  # the body ended cleanly: one cut off raised above
+        if notices := schema_notices(request):
+            closing.append(Chunk(notices=notices))
         if closing:
             yield closing
 
@@ -172,6 +179,13 @@ class GeminiProvider:
 
     async def probe(self) -> None:
         await self._http.request("GET", "/models?pageSize=1")
+
+
+def schema_notices(request: ChatRequest) -> dict[str, str]:
+    """The constraints of the response_format schema that `responseJsonSchema` could not take."""
+    schema = json_schema(request)
+    dropped = response_schema(schema)[1] if schema is not None else []
+    return {"schema_dropped": ",".join(dropped)} if dropped else {}
 
 
 def model_info(entry: Any) -> ModelInfo | None:

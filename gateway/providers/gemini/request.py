@@ -17,6 +17,7 @@ from gateway.providers.base import (
     present,
     tool_name,
 )
+from gateway.providers.gemini.schema import response_schema
 from gateway.schemas import (
     AudioPart,
     ChatRequest,
@@ -48,10 +49,6 @@ LEVELS = {"none": "MINIMAL", "minimal": "MINIMAL", "low": "LOW", "medium": "MEDI
 BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576,
            "max": 24576, "xhigh": 24576, "ultra": 24576}  # fmt: skip
 LEAST_BUDGET = {"gemini-2.5-pro": 128}
-# The keywords `responseJsonSchema` accepts (contracts/gemini.md §2.3); the rest are dropped.
-SCHEMA_KEYS = {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum",
-               "items", "prefixItems", "minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf",
-               "properties", "additionalProperties", "required", "propertyOrdering"}  # fmt: skip
 # What a tool-call id made here carries after `call_<random>`, each behind its marker (docstring).
 SIGNATURE = "__ts__"
 GEMINI_ID = "__id__"
@@ -266,9 +263,8 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
     response_format = request.response_format
     if response_format is not None and response_format.type != "text":
         config["responseMimeType"] = "application/json"
-        schema = response_format.json_schema.schema_ if response_format.json_schema else None
-        if response_format.type == "json_schema" and schema:
-            config["responseJsonSchema"] = _schema(schema)
+        if (schema := json_schema(request)) is not None:
+            config["responseJsonSchema"] = response_schema(schema)[0]
     return config
 
 
@@ -292,25 +288,12 @@ def _thinking_config(request: ChatRequest, model: str) -> dict[str, Any] | None:
     return None  # Gemini 2.0 and older do not think: thinkingConfig would be a 400
 
 
-def _schema(schema: Any) -> Any:
-    """JSON Schema cut down to the keywords `responseJsonSchema` documents; `const` becomes `enum`."""
-    if isinstance(schema, list):
-        return [_schema(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    if "$ref" in schema:  # a $ref may only have $-prefixed siblings
-        return {key: value for key, value in schema.items() if key.startswith("$")}
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in ("properties", "$defs") and isinstance(value, dict):
-            out[key] = {name: _schema(sub) for name, sub in value.items()}
-        elif key in ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties"):
-            out[key] = _schema(value)
-        elif key == "const" and "enum" not in schema:
-            out["enum"] = [value]
-        elif key in SCHEMA_KEYS:
-            out[key] = value
-    return out
+def json_schema(request: ChatRequest) -> dict[str, Any] | None:
+    """The schema of a `json_schema` response_format, when one is given."""
+    response_format = request.response_format
+    if response_format is None or response_format.type != "json_schema" or not response_format.json_schema:
+        return None
+    return response_format.json_schema.schema_ or None
 
 
 def _declaration(function: Any) -> dict[str, Any]:
