@@ -86,6 +86,17 @@ def audio_data(audio: dict[str, Any], param: str) -> tuple[str, str]:
     return mime, checked_base64(audio.get("data"), "input_audio data", param + ".data")
 
 
+def needs_tools(request: ChatRequest) -> None:
+    """A `tool_choice` that asks for a call (`required`, a named function, `allowed_tools`) with no
+    `tools` to call is a 400 naming tool_choice, as OpenAI answers it, not a request that quietly
+    calls nothing."""
+    if request.tool_choice not in (None, "none", "auto") and not request.tools:
+        raise InvalidRequest(
+            "tool_choice other than 'none' or 'auto' is only allowed when 'tools' are specified",
+            param="tool_choice",
+        )
+
+
 def chosen_functions(choice: dict[str, Any], known: Collection[str], backend: str) -> tuple[bool, list[str]]:
     """A `tool_choice` object as (whether a call is required, the functions it may call): a named
     function is required; `allowed_tools` lists them with mode `auto` or `required`. Anything else,

@@ -327,6 +327,21 @@ def test_a_gemini_json_schema_keeps_its_meaning_or_is_refused_saying_why(
     assert len(fake.chat_bodies()) == 2
 
 
+@pytest.mark.parametrize("kind", ["ollama", "gemini"])
+def test_a_tool_choice_asking_for_a_call_without_tools_is_refused_before_the_backend(
+    start_gateway: Callable[..., ServerThread], kind: str
+) -> None:
+    fake = _fake(kind)
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
+        choice = {"type": "function", "function": {"name": "lookup"}}
+        body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "tool_choice": choice}
+        refused = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "tool_choice"
+    assert fake.chat_bodies() == []
+
+
 def test_image_input(rig: Rig) -> None:
     rig.fake.queue(Reply(content="A cat."))
     part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}

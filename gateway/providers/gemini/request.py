@@ -14,6 +14,7 @@ from gateway.providers.base import (
     data_url,
     function_call,
     function_tool,
+    needs_tools,
     present,
     tool_name,
 )
@@ -69,6 +70,7 @@ def build_request(
         config["thinkingConfig"] = thinking
     if config:
         body["generationConfig"] = config
+    needs_tools(request)
     if request.tools:
         declarations = [
             _declaration(function_tool(tool, "Gemini", i).function) for i, tool in enumerate(request.tools)

@@ -15,6 +15,7 @@ from gateway.providers.base import (
     data_url,
     function_call,
     function_tool,
+    needs_tools,
     present,
     tool_name,
 )
@@ -185,6 +186,7 @@ def _format(request: ChatRequest) -> str | dict[str, Any] | None:
 
 
 def _tools(request: ChatRequest) -> list[dict[str, Any]]:
+    needs_tools(request)
     if not request.tools or request.tool_choice == "none":
         return []
     tools = [
