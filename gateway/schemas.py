@@ -100,14 +100,20 @@ class CustomToolCall(Wire):
 
 
 def _kind(value: Any) -> str:
-    """A tool call's type; `function` when left out, as clients have done."""
-    return str(
-        value.get("type", "function") if isinstance(value, dict) else getattr(value, "type", "function")
-    )
+    """A tool call's union tag: its type, `function` when left out, as clients have done. The tags
+    are no field's name (`function call`, not `function`): pydantic puts the tag in an error's
+    location, where gateway/body.py would take it for the call's `function` field."""
+    kind = value.get("type", "function") if isinstance(value, dict) else getattr(value, "type", "function")
+    return f"{kind} call"
 
 
 AnyToolCall = Annotated[
-    Annotated[ToolCall, Tag("function")] | Annotated[CustomToolCall, Tag("custom")], Discriminator(_kind)
+    Annotated[ToolCall, Tag("function call")] | Annotated[CustomToolCall, Tag("custom call")],
+    Discriminator(
+        _kind,
+        custom_error_type="invalid_tool_call_type",
+        custom_error_message="a tool call's 'type' must be 'function' or 'custom'",
+    ),
 ]
 
 

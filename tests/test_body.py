@@ -20,6 +20,10 @@ def with_part(part: Any) -> dict[str, Any]:
     return chat(messages=[{"role": "user", "content": [{"type": "text", "text": "look"}, part]}])
 
 
+def with_call(call: dict[str, Any]) -> dict[str, Any]:
+    return chat(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}])
+
+
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [
@@ -53,6 +57,22 @@ def with_part(part: Any) -> dict[str, Any]:
             "messages[0]",
             "system messages take no 'image_url' parts (content[0])",
         ),
+        # a history tool call: its own fields, not those of the branch pydantic tagged it with
+        (
+            with_call({"type": "function", "function": {"name": "f"}}),
+            "messages[1].tool_calls[0].id",
+            "Missing",
+        ),
+        (with_call({"function": {"name": "f"}}), "messages[1].tool_calls[0].id", "Missing"),
+        (with_call({"id": 5, "function": {"name": "f"}}), "messages[1].tool_calls[0].id", "valid string"),
+        (with_call({"type": "custom", "custom": {"name": "g"}}), "messages[1].tool_calls[0].id", "Missing"),
+        (with_call({"id": "c"}), "messages[1].tool_calls[0].function", "Missing"),
+        (
+            with_call({"id": "c", "function": {"name": 3}}),
+            "messages[1].tool_calls[0].function.name",
+            "string",
+        ),
+        (with_call({"id": "c", "type": "bogus"}), "messages[1].tool_calls[0]", "'function' or 'custom'"),
         # OpenAI's deprecated forms: the answer would not come in their form
         (chat(functions=[{"name": "f", "parameters": {}}]), "functions", "send 'tools' instead"),
         (chat(function_call={"name": "f"}), "function_call", "send 'tool_choice' instead"),
