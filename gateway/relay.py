@@ -26,19 +26,22 @@ from gateway.sse import DONE
 
 
 def tool_call_dict(call: ToolCallDelta) -> dict[str, Any]:
-    """A whole call, or a call's first fragment. OpenAI requires its id: a call from a backend
-    that sent none gets one made here (the client sends it back with the call's result)."""
+    """A whole call, or a call's first fragment, with the fields the backend added. OpenAI requires
+    its id: a call from a backend that sent none gets one made here (the client sends it back with
+    the call's result)."""
     if call.custom:
-        return {
+        out = {
             "id": call.id or random_id("call_"),
             "type": "custom",
             "custom": {"name": call.name or "", "input": call.arguments},
         }
-    return {
-        "id": call.id or random_id("call_"),
-        "type": "function",
-        "function": {"name": call.name or "", "arguments": call.arguments},
-    }
+    else:
+        out = {
+            "id": call.id or random_id("call_"),
+            "type": "function",
+            "function": {"name": call.name or "", "arguments": call.arguments},
+        }
+    return {**out, **call.extra} if call.extra else out
 
 
 def logprobs_dict(content: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -267,9 +270,8 @@ class ChunkEncoder:
         join fragments by concatenation), even from a backend that repeats them in every one; a
         call's first fragment is the first with its index, with an id or not."""
         if (index, call.index) in self._calls:
-            if call.custom:
-                return {"index": call.index, "custom": {"input": call.arguments}}
-            return {"index": call.index, "function": {"arguments": call.arguments}}
+            key, field = ("custom", "input") if call.custom else ("function", "arguments")
+            return {"index": call.index, key: {field: call.arguments}, **(call.extra or {})}
         self._calls.add((index, call.index))
         return {"index": call.index, **tool_call_dict(call)}
 

@@ -364,6 +364,9 @@ class ToolCallDelta:
     name: str | None = None
     arguments: str = ""  # a custom tool's input
     custom: bool = False  # a call to a custom tool (OpenAI backends only)
+    # Fields an OpenAI-compatible backend adds to a call, passed on as they came: the client sends
+    # them back with the call (Gemini's OpenAI endpoint: `extra_content` with a thought signature).
+    extra: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -93,6 +93,30 @@ def test_a_tool_calls_id_and_name_go_out_once_even_when_the_backend_repeats_them
     ]
 
 
+def test_fields_a_backend_adds_to_a_tool_call_go_out_with_the_fragment_that_had_them() -> None:
+    encoder = ChunkEncoder("chatcmpl-1", 1700000000, "m", False)
+    signed = {"extra_content": {"google": {"thought_signature": "CtMB"}}}
+    calls = []
+    for call in (
+        ToolCallDelta(index=0, id="call_1", name="f", arguments="{", extra=signed),
+        ToolCallDelta(index=0, arguments="}", extra={"vendor": 1}),
+    ):
+        for event in encoder.encode(Chunk(tool_calls=[call])).split(b"\n\n")[:-1]:
+            calls += (
+                orjson.loads(event.removeprefix(b"data: "))["choices"][0]["delta"].get("tool_calls") or []
+            )
+    assert calls == [
+        {
+            "index": 0,
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "f", "arguments": "{"},
+            **signed,
+        },
+        {"index": 0, "function": {"arguments": "}"}, "vendor": 1},
+    ]
+
+
 # ---- EventStream: how a stream that stops early is recorded ----
 
 

@@ -111,15 +111,21 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
     return content if isinstance(content, list) else None
 
 
+# A tool call's fields the gateway rebuilds; the others a backend sends are passed on as they came.
+CALL_FIELDS = ("index", "id", "type", "function", "custom")
+
+
 def _tool_call(call: dict[str, Any], index: int) -> ToolCallDelta:
     custom = isinstance(call.get("custom"), dict)  # a custom tool's call: free text input
     called = _called(call)
+    extra = {key: value for key, value in call.items() if key not in CALL_FIELDS}
     return ToolCallDelta(
         index=index,
         id=call.get("id"),
         name=called.get("name"),
         arguments=called.get("input" if custom else "arguments") or "",
         custom=custom,
+        extra=extra or None,
     )
 
 

@@ -43,6 +43,15 @@ CITATION = {
 }
 
 
+# Gemini's OpenAI endpoint: a thought signature Gemini 3 wants back with the call on the next turn
+SIGNED_CALL = {
+    "id": "call_s1",
+    "type": "function",
+    "function": {"name": "lookup", "arguments": '{"q":"x"}'},
+    "extra_content": {"google": {"thought_signature": "CtMBAbc=="}},
+}
+
+
 def answer(scenario: str) -> dict[str, Any]:
     """A whole answer, as OpenAI's API sends one."""
     if scenario == "refusal":
@@ -55,6 +64,8 @@ def answer(scenario: str) -> dict[str, Any]:
                 {"id": "call_c1", "type": "custom", "custom": {"name": "grep", "input": "foo.*bar"}}
             ],
         }
+    elif scenario == "extra_content":
+        message = {"role": "assistant", "content": None, "tool_calls": [SIGNED_CALL]}
     elif scenario == "tool_call_without_id":  # as some OpenAI-compatible servers send them
         message = {
             "role": "assistant",
@@ -113,6 +124,8 @@ def events(scenario: str) -> list[dict[str, Any]]:
             choice({"tool_calls": [{"index": 0, "function": {"name": "lookup", "arguments": '{"q":'}}]}),
             choice({"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}),
         ]
+    elif scenario == "extra_content":
+        middle = [choice({"tool_calls": [{"index": 0, **SIGNED_CALL}]})]
     elif scenario == "calls_without_index":  # as Gemini's OpenAI endpoint sends them: each whole
         middle = [
             choice({"tool_calls": [{"id": "call_a", "type": "function", "function": WEATHER}]}),
@@ -243,6 +256,26 @@ def test_streamed_calls_reach_the_sdk_numbered_from_0_whatever_the_backend_numbe
         ("call_a", "get_weather", '{"city":"Oslo"}'),
         ("call_b", "get_time", '{"tz":"UTC"}'),
     ]
+
+
+def test_fields_a_backend_adds_to_a_tool_call_reach_the_client_and_go_back_with_the_call(
+    api: openai.OpenAI,
+) -> None:
+    messages: Any = [{"role": "user", "content": "extra_content"}]
+    [whole] = api.chat.completions.create(model="chat", messages=messages).choices[0].message.tool_calls or []
+    with api.chat.completions.stream(model="chat", messages=messages) as stream:
+        final = stream.get_final_completion()
+    [streamed] = final.choices[0].message.tool_calls or []
+    for call in (whole, streamed):
+        assert call.model_dump(exclude_none=True, exclude={"parsed_arguments", "index"}) == SIGNED_CALL
+
+    history: Any = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [whole.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": "call_s1", "content": "found"},
+    ]
+    api.chat.completions.create(model="chat", messages=history)
+    assert RECEIVED[-1]["messages"][1]["tool_calls"] == [SIGNED_CALL]
 
 
 CUSTOM_TOOL = {
