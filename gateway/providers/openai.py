@@ -60,6 +60,7 @@ PASSED_ON = ("system_fingerprint", "service_tier")
 def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
     body = request.model_dump(exclude_unset=True, by_alias=True)
     _metadata(body)
+    _complete_calls(body)
     body["model"] = model
     body["stream"] = stream
     if stream:
@@ -67,6 +68,17 @@ def build_request(request: ChatRequest, model: str, *, stream: bool) -> dict[str
     else:
         body.pop("stream_options", None)
     return body
+
+
+def _complete_calls(body: dict[str, Any]) -> None:
+    """History tool calls get the fields OpenAI's schema requires and the gateway lets clients
+    leave out, as the other backends read them: `type` (`function`) and a function's `arguments`
+    (`{}`, no arguments). OpenAI would refuse the call without them."""
+    for message in body.get("messages") or ():
+        for call in message.get("tool_calls") or ():
+            call.setdefault("type", "function")
+            if call["type"] == "function":
+                call["function"].setdefault("arguments", "{}")
 
 
 def _metadata(body: dict[str, Any]) -> None:

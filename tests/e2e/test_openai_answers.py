@@ -278,6 +278,22 @@ def test_fields_a_backend_adds_to_a_tool_call_reach_the_client_and_go_back_with_
     assert RECEIVED[-1]["messages"][1]["tool_calls"] == [SIGNED_CALL]
 
 
+def test_a_history_call_without_type_or_arguments_goes_upstream_as_openai_requires_it(
+    api: openai.OpenAI,
+) -> None:
+    call = {"id": "call_t1", "function": {"name": "lookup"}}  # the gateway accepts it, as others serve it
+    history: Any = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_t1", "content": "found"},
+        {"role": "user", "content": "text"},
+    ]
+    assert api.chat.completions.create(model="chat", messages=history).choices[0].message.content == "No."
+    assert RECEIVED[-1]["messages"][1]["tool_calls"] == [
+        {"id": "call_t1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    ]
+
+
 CUSTOM_TOOL = {
     "type": "custom",
     "custom": {"name": "grep", "description": "a pattern", "format": {"type": "text"}},

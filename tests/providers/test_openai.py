@@ -36,6 +36,21 @@ def test_fields_the_client_did_not_send_are_not_invented() -> None:
     assert body["messages"] == [{"role": "user", "content": "Hi"}]
 
 
+def test_history_tool_calls_go_upstream_with_the_fields_openai_requires() -> None:
+    calls = [
+        {"id": "c1", "function": {"name": "f"}},  # accepted: `function` when the type is left out
+        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": ""}},
+        {"id": "c3", "type": "custom", "custom": {"name": "grep", "input": "x"}},
+    ]
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": calls}]
+    sent = openai.build_request(request(messages=history), "m", stream=False)["messages"][1]["tool_calls"]
+    assert sent == [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": ""}},  # as sent
+        {"id": "c3", "type": "custom", "custom": {"name": "grep", "input": "x"}},
+    ]
+
+
 def test_max_tokens_is_forwarded_exactly_as_sent() -> None:
     assert "max_completion_tokens" not in openai.build_request(request(max_tokens=5), "m", stream=False)
     body = openai.build_request(request(max_completion_tokens=7), "m", stream=False)
