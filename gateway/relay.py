@@ -210,20 +210,27 @@ class _Watchdog:
 class ChunkEncoder:
     """Encodes chunks of one stream; the fixed envelope is serialised once per stream."""
 
-    __slots__ = ("_calls", "_content_prefix", "_content_suffix", "_prefix", "_roles", "_suffix", "finished")
+    __slots__ = (
+        "_calls", "_content_prefix", "_content_suffix", "_head", "_prefix", "_roles", "_suffix", "finished"
+    )  # fmt: skip
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        head = orjson.dumps(
-            {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        )
-        self._prefix = b"data: " + head[:-1] + b',"choices":['
         self._suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
-        # Most events are a piece of text for choice 0: all but the text is fixed
-        self._content_prefix = self._prefix + b'{"index":0,"delta":{"content":'
         self._content_suffix = b'},"logprobs":null,"finish_reason":null}' + self._suffix
+        self._head: dict[str, Any] = {
+            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model
+        }  # fmt: skip
+        self.extend({})
         self._roles: set[int] = set()
         self._calls: set[tuple[int, int]] = set()  # (choice, call) whose id and name went out
         self.finished: set[int] = set()
+
+    def extend(self, fields: dict[str, str]) -> None:
+        """Every event from now on carries `fields` in its envelope too."""
+        self._head.update(fields)
+        self._prefix = b"data: " + orjson.dumps(self._head)[:-1] + b',"choices":['
+        # Most events are a piece of text for choice 0: all but the text is fixed
+        self._content_prefix = self._prefix + b'{"index":0,"delta":{"content":'
 
     def _event(self, choice: dict[str, Any]) -> bytes:
         return self._prefix + orjson.dumps(choice) + self._suffix
@@ -359,6 +366,8 @@ class StreamRelay:
             if chunk.notices:
                 self._exchange.notes.update(chunk.notices)
                 out.append(notice_comments(chunk.notices))
+            if chunk.envelope:
+                self._encoder.extend(chunk.envelope)
             if chunk.usage is not None:
                 self._usage = chunk.usage
             output = output or chunk.has_output

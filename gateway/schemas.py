@@ -383,6 +383,8 @@ class Chunk:
     notices: dict[str, str] | None = None
     refusal: str = ""
     logprobs: list[dict[str, Any]] | None = None  # OpenAI's `logprobs.content` entries for this delta
+    # Fields for the envelope of every event from here on (an OpenAI backend's system_fingerprint).
+    envelope: dict[str, str] | None = None
 
     @property
     def has_output(self) -> bool:

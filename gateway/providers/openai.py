@@ -229,10 +229,12 @@ def parse_response(body: Any) -> Completion:
 class StreamState:
     """Turns SSE events into chunks; remembers which choices finished and whether [DONE] came."""
 
-    __slots__ = ("answered", "calls", "done", "finished", "tool_calls", "usage")
+    __slots__ = ("answered", "calls", "done", "envelope", "finished", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.done = False
+        # the backend's system_fingerprint and service_tier: None once passed on with a chunk
+        self.envelope: dict[str, str] | None = {}
         self.calls: dict[int, CallNumbers] = {}  # per choice
         self.answered: set[int] = set()  # choices that sent output
         self.finished: set[int] = set()
@@ -283,6 +285,10 @@ class StreamState:
         if event.get("usage"):
             self.usage = True
             chunks.append(Chunk(usage=usage(event["usage"])))
+        if self.envelope is not None:
+            self.envelope.update((key, event[key]) for key in PASSED_ON if isinstance(event.get(key), str))
+            if self.envelope and chunks:  # before the first event the client gets, where servers send it
+                chunks[0].envelope, self.envelope = self.envelope, None
         return chunks
 
     def _tool_calls(self, choice: int, calls: Any) -> list[ToolCallDelta]:

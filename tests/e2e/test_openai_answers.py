@@ -93,7 +93,14 @@ TIME = {"name": "get_time", "arguments": '{"tz":"UTC"}'}
 
 def events(scenario: str) -> list[dict[str, Any]]:
     """The same answers as a stream."""
-    head = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1767225600, "model": "m"}
+    head = {
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion.chunk",
+        "created": 1767225600,
+        "model": "m",
+        "service_tier": "default",
+        "system_fingerprint": "fp_upstream",
+    }
 
     def choice(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return {
@@ -227,6 +234,7 @@ def test_log_probabilities_citations_usage_details_and_fingerprint_are_passed_on
         for t in c.choices[0].logprobs.content or []
     ]
     assert streamed == ["No", "."]
+    assert {(c.system_fingerprint, c.service_tier) for c in chunks} == {("fp_upstream", "default")}
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens_details is not None
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 4
 
