@@ -19,6 +19,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 OLLAMA_DEFAULT_URL = "http://localhost:11434"
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 GEMINI_DEFAULT_URL = "https://generativelanguage.googleapis.com/v1beta"
+REDIS_EXAMPLE = "not a Redis URL such as redis://host:6379/0"
 
 
 class ConfigError(Exception):
@@ -143,19 +144,50 @@ class RateLimits(_Strict):
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         """Read as Redis will read it when the store is built, so that check-config, serve and a
-        reload all refuse it here, naming the key. The URL may hold a password: never echoed."""
+        reload all refuse it here, naming the key. The URL may hold a password: never echoed, nor
+        any text of the parser's, which may quote a piece of it."""
         if value is None:
             return None
         from redis.connection import parse_url  # noqa: PLC0415 only configs that name Redis import it
 
-        try:
-            parse_url(value)  # type: ignore[no-untyped-call]
-        except ValueError as error:
-            reason = str(error).rstrip(".")
-            if "scheme" in reason:
-                reason = "no redis://, rediss:// or unix:// scheme"
-            raise ValueError(f"not a Redis URL such as redis://host:6379/0 ({reason})") from None
+        scheme, separator, rest = value.partition("://")
+        if not separator or scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{REDIS_EXAMPLE} (no redis://, rediss:// or unix:// scheme)")
+        userinfo, address = _split_userinfo(rest)
+        if userinfo is not None and any(c in userinfo for c in "/?#"):
+            raise ValueError(
+                f"{REDIS_EXAMPLE} (its user or password, hidden here, holds '/', '?' or '#': write"
+                " them percent-encoded, as %2F, %3F and %23)"
+            )
+        problem = None if scheme == "unix" else _address_problem(f"{scheme}://{address}")
+        if problem is None:
+            try:
+                parse_url(value)  # type: ignore[no-untyped-call]
+            except ValueError:
+                problem = "Redis cannot read its host, port or query parameters"
+        if problem is not None:
+            raise ValueError(f"{REDIS_EXAMPLE} ({problem})")
         return value
+
+
+def _split_userinfo(rest: str) -> tuple[str | None, str]:
+    """A URL after its `scheme://` as (user:password, or None; the rest). The user part runs to the
+    last '@', whatever the password holds, so no character of it can pass for the host or port."""
+    userinfo, at, address = rest.rpartition("@")
+    return (userinfo, address) if at else (None, rest)
+
+
+def _address_problem(url: str) -> str | None:
+    """What is wrong with the host and port of `url` (one without credentials), or None."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an IPv6 address without its ]
+        return "its host is not a host name or address"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    return "its port is not a whole number from 1 to 65535" if port == 0 else None
 
 
 class ApiKey(_Strict):

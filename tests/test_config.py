@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 
 from gateway.auth import Keys
 from gateway.cli import main, routing_table
@@ -99,7 +101,7 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
         ),
         (
             {"rate_limits": {"redis_url": "redis://:s3cret@cache:port/0"}},
-            "rate_limits.redis_url: not a Redis URL such as redis://host:6379/0 (Port could not be cast",
+            "rate_limits.redis_url: not a Redis URL such as redis://host:6379/0 (its port is not a whole",
         ),
     ],
 )
@@ -109,6 +111,42 @@ def test_bad_values_are_errors_that_name_the_key(change: dict[str, Any], expecte
     assert expected in str(caught.value)
     assert str(caught.value).startswith("test.yaml: ")
     assert "s3cret" not in str(caught.value)
+
+
+PASSWORDS = [
+    "Kq9vLr2Tz8Wm/4Xc=",
+    "Kq9vLr2Tz8Wm?4Xc=",
+    "Kq9vLr2Tz8Wm#4Xc=",
+    "12?Kq9vLr2Tz8Wm",
+    "Kq9v/Lr2T@z8Wm",
+]
+
+
+def shows_password(text: str, password: str) -> bool:
+    """Whether any four characters of `password` in a row appear in `text`."""
+    return any(password[i : i + 4] in text for i in range(len(password) - 3))
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_a_redis_password_that_needs_percent_encoding_is_refused_and_never_printed(
+    password: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: pytest.fail("serve started"))
+    path = tmp_path / "gateway.yaml"
+    redis_url = f"redis://default:{password}@10.0.0.9:6379/0"
+    path.write_text(json.dumps({**MINIMAL, "rate_limits": {"redis_url": redis_url}}))
+    assert main(["check-config", str(path)]) == 1
+    assert main(["serve", "--config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("rate_limits.redis_url: not a Redis URL") == 2
+    assert "password, hidden here, holds '/', '?' or '#'" in err
+    assert not shows_password(out + err, password)
+
+
+def test_a_percent_encoded_redis_password_is_taken() -> None:
+    redis_url = "redis://default:Kq9vLr2Tz8Wm%2F4Xc%3D@10.0.0.9:6379/0"
+    config = parse_config({**MINIMAL, "rate_limits": {"redis_url": redis_url}}, "test.yaml")
+    assert config.rate_limits.redis_url == redis_url
 
 
 def test_duplicate_backend_names_are_refused() -> None:

@@ -140,6 +140,30 @@ def test_a_broken_config_is_refused_and_the_running_one_stays(served: Served) ->
     served.wait_for_backends({"a", "b", "c"})
 
 
+def wait_for_failed_reload(served: Served, count: int = 1) -> dict[str, Any]:
+    """The `count`th `config reload failed` line, once it is logged."""
+    event = "config reload failed; the running config stays"
+    wait_for(lambda: sum(e.get("event") == event for e in served.log_events()) >= count, timeout=10)
+    failed = [e for e in served.log_events() if e.get("event") == event]
+    assert len(failed) >= count, "the failed reload was not logged"
+    return failed[count - 1]
+
+
+def test_a_redis_url_whose_password_is_not_percent_encoded_is_refused_without_logging_it(
+    served: Served,
+) -> None:
+    password = "Kq9vLr2Tz8Wm/4Xc="
+    config = yaml.safe_load(served.config_path.read_text())
+    config["rate_limits"] = {"redis_url": f"redis://default:{password}@127.0.0.1:6379/0"}
+    served.config_path.write_text(yaml.safe_dump(config))
+    served.hangup()
+    failed = wait_for_failed_reload(served)
+    assert "rate_limits.redis_url: not a Redis URL" in failed["error"]
+    log = served.log_path.read_text()
+    assert not [password[i : i + 4] for i in range(len(password) - 3) if password[i : i + 4] in log]
+    assert httpx.post(served.url + "/v1/chat/completions", json=CHAT, timeout=5).status_code == 200
+
+
 def test_requests_in_flight_on_a_removed_instance_finish_there(served: Served) -> None:
     for name in ("a", "b"):
         served.fakes[name].default = Reply(content=f"from {name}", delay_first=1.5)
