@@ -94,6 +94,10 @@ class Reservation:
     headers: dict[str, str]
 
 
+class StoreUnreachable(Exception):
+    """The store could not be asked; the limiter's config says whether to let the request through."""
+
+
 class Store(Protocol):
     async def admit(self, key: str, limits: Limits, cost: int) -> Verdict: ...
 
@@ -203,14 +207,13 @@ return 1
 class RedisStore:
     """Buckets in Redis, shared by every gateway that names the same server and prefix."""
 
-    def __init__(self, url: str, prefix: str, *, fail_open: bool, log: Any) -> None:
+    def __init__(self, url: str, prefix: str, *, log: Any) -> None:
         import redis.asyncio as redis  # noqa: PLC0415 (134 ms) only operators who configure Redis pay for the import
 
         self._client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._admit = self._client.register_script(_ADMIT)
         self._settle = self._client.register_script(_SETTLE)
         self._prefix = prefix
-        self._fail_open = fail_open
         self._log = log
         self._errors = redis.RedisError
 
@@ -218,17 +221,14 @@ class RedisStore:
         return [f"{self._prefix}{key}:requests", f"{self._prefix}{key}:tokens"]
 
     async def admit(self, key: str, limits: Limits, cost: int) -> Verdict:
+        """The verdict from Redis; raises StoreUnreachable (logged) when Redis cannot be asked."""
         try:
             admitted, requests, tokens = await self._admit(
                 keys=self._keys(key), args=[limits.rpm or 0, limits.tpm or 0, cost]
             )
         except (self._errors, OSError) as error:
             self._log.error("rate limit store unreachable", error=type(error).__name__)
-            if self._fail_open:
-                return Verdict(None, None)
-            raise Unavailable(
-                "The rate-limit store (Redis) is unreachable, and rate_limits.fail_open is false."
-            ) from None
+            raise StoreUnreachable from None
         # The script's levels are after the debit when admitted, before it when not.
         request_bucket = Bucket(limits.rpm, float(requests), limits.rpm / 60) if limits.rpm else None
         token_bucket = Bucket(limits.tpm, float(tokens), limits.tpm / 60) if limits.tpm else None
@@ -263,13 +263,13 @@ class RateLimiter:
     @classmethod
     def build(cls, config: RateLimits, log: Any) -> RateLimiter:
         store: Store = (
-            RedisStore(config.redis_url, config.redis_prefix, fail_open=config.fail_open, log=log)
-            if config.redis_url
-            else MemoryStore()
+            RedisStore(config.redis_url, config.redis_prefix, log=log) if config.redis_url else MemoryStore()
         )
         return cls(config, store)
 
     def shares_store(self, config: RateLimits) -> bool:
+        """Whether a reloaded `config` keeps this store (`fail_open` and the limits are read from
+        the limiter's config at each request, so they change without a new store)."""
         return (config.redis_url, config.redis_prefix) == (self.config.redis_url, self.config.redis_prefix)
 
     def limits(self, key_limits: Limits | None) -> Limits | None:
@@ -287,7 +287,14 @@ class RateLimiter:
                 code="rate_limit_exceeded",
                 headers={"x-should-retry": "false"},
             )
-        verdict = await self.store.admit(key, limits, cost)
+        try:
+            verdict = await self.store.admit(key, limits, cost)
+        except StoreUnreachable:
+            if not self.config.fail_open:
+                raise Unavailable(
+                    "The rate-limit store (Redis) is unreachable, and rate_limits.fail_open is false."
+                ) from None
+            verdict = Verdict(None, None)
         if verdict.retry_after:
             unit = "requests" if verdict.exhausted == "requests" else "tokens"
             limit = limits.rpm if unit == "requests" else limits.tpm

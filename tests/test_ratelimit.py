@@ -136,8 +136,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 async def test_redis_buckets_are_one_budget_for_every_replica_even_when_they_race(redis_url: str) -> None:
     replicas = [
-        RateLimiter(RateLimits(redis_url=redis_url), RedisStore(redis_url, "t:", fail_open=False, log=None))
-        for _ in range(2)
+        RateLimiter(RateLimits(redis_url=redis_url), RedisStore(redis_url, "t:", log=None)) for _ in range(2)
     ]
     try:
         outcomes = await asyncio.gather(
@@ -183,7 +182,7 @@ async def test_a_bucket_stored_by_an_older_gateway_reads_as_full(redis_url: str)
     # microseconds those would refill nothing, so such a key counts as absent until it expires.
     client = redis.Redis.from_url(redis_url)
     await client.hset("t:app:requests", mapping={"level": "0", "at": "1796016674.8436"})
-    limiter = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", fail_open=False, log=None))
+    limiter = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", log=None))
     try:
         reservation = await limiter.admit("app", Limits(rpm=5), 0)
         assert reservation.headers["x-ratelimit-remaining-requests"] == "4"
@@ -193,8 +192,8 @@ async def test_a_bucket_stored_by_an_older_gateway_reads_as_full(redis_url: str)
 
 
 async def test_redis_settlement_carries_debt_across_replicas(redis_url: str) -> None:
-    a = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", fail_open=False, log=None))
-    b = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", fail_open=False, log=None))
+    a = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", log=None))
+    b = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", log=None))
     try:
         reservation = await a.admit("app", Limits(tpm=600), 100)
         assert reservation.headers["x-ratelimit-remaining-tokens"] == "500"
@@ -216,11 +215,31 @@ async def test_unreachable_redis_fails_open_or_closed_as_configured() -> None:
             events.append(event)
 
     url = "redis://127.0.0.1:9/0"  # discard port: nothing listens
-    open_ = RateLimiter(RateLimits(), RedisStore(url, "t:", fail_open=True, log=Log()))
+    open_ = RateLimiter(RateLimits(fail_open=True), RedisStore(url, "t:", log=Log()))
     assert (await open_.admit("app", Limits(rpm=1), 0)).headers == {}
-    closed = RateLimiter(RateLimits(), RedisStore(url, "t:", fail_open=False, log=get_logger()))
+    closed = RateLimiter(RateLimits(fail_open=False), RedisStore(url, "t:", log=get_logger()))
     with pytest.raises(Unavailable, match="rate-limit store"):
         await closed.admit("app", Limits(rpm=1), 0)
     assert events == ["rate limit store unreachable"]
     await open_.aclose()
     await closed.aclose()
+
+
+async def test_a_reload_that_changes_only_fail_open_keeps_the_connection_and_takes_effect() -> None:
+    data = {
+        "backends": [{"name": "o", "type": "ollama"}],
+        "models": [{"name": "m", "deployments": [{"backend": "o"}]}],
+        "rate_limits": {"default": {"rpm": 5}, "redis_url": "redis://127.0.0.1:9/0", "fail_open": True},
+    }
+    state = State.build(parse_config(data, "a"), environ={})
+    closed = {**data, "rate_limits": {**data["rate_limits"], "fail_open": False}}
+    successor = state.successor(parse_config(closed, "b"), environ={})
+    reopened = successor.successor(parse_config(data, "c"), environ={})
+    try:
+        assert successor.limiter.store is state.limiter.store is reopened.limiter.store
+        assert (await state.limiter.admit("app", Limits(rpm=5), 0)).headers == {}
+        with pytest.raises(Unavailable, match="fail_open is false"):
+            await successor.limiter.admit("app", Limits(rpm=5), 0)
+        assert (await reopened.limiter.admit("app", Limits(rpm=5), 0)).headers == {}
+    finally:
+        await state.aclose()
