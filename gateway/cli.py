@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import uvicorn
 
@@ -26,7 +27,9 @@ from gateway.metrics import MULTIPROC_ENV
 from gateway.privacy import require_working_detector
 from gateway.protocol import GatewayHttpProtocol
 from gateway.state import State
+from gateway.supervisor import serve_workers
 
+APP = "gateway.cli:app_factory"  # what each uvicorn worker imports
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
@@ -115,21 +118,24 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["PHOENIX_CONFIG"] = os.path.abspath(args.config)
     os.environ["PHOENIX_LOG_LEVEL"] = level
     log.info("serving", host=host, port=port, workers=args.workers, backends=len(config.backends))
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": args.workers,
+        "access_log": False,
+        "proxy_headers": False,  # nothing reads the client's address or scheme: skip that layer
+        "loop": event_loop(),
+        "http": GatewayHttpProtocol,
+        "log_level": "warning",
+        "log_config": stdlib_log_config(),  # uvicorn's lines are JSON too
+        "timeout_graceful_shutdown": config.server.shutdown_timeout,
+    }
     with metrics_directory(args.workers):
-        uvicorn.run(
-            "gateway.cli:app_factory",
-            factory=True,
-            host=host,
-            port=port,
-            workers=args.workers,
-            access_log=False,
-            proxy_headers=False,  # nothing reads the client's address or scheme: skip that layer
-            loop=event_loop(),
-            http=GatewayHttpProtocol,
-            log_level="warning",
-            log_config=stdlib_log_config(),  # uvicorn's lines are JSON too
-            timeout_graceful_shutdown=config.server.shutdown_timeout,
-        )
+        if args.workers > 1:
+            serve_workers(APP, **options)
+        else:
+            uvicorn.run(APP, **options)
     return 0
 
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 import uvicorn
 
-from gateway import pii
+from gateway import cli, pii
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import ConfigError, parse_config
@@ -73,6 +73,7 @@ def serve_dry(
     path.write_text(json.dumps({**MINIMAL, **config}))
     started: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    monkeypatch.setattr(cli, "serve_workers", lambda app, **options: started.append(options))
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
     assert main(["serve", "--config", str(path), *args]) == 0
     return started[0]

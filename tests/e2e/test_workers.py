@@ -4,28 +4,33 @@ multiprocess mode, its directory set up and cleaned by the gateway)."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import sample, scrape
-from tests.fakes.ollama_server import FakeOllama
-from tests.servers import ServerThread, gateway_process
+from tests.e2e.conftest import StreamInBackground, sample, scrape, wait_for
+from tests.fakes.ollama_server import FakeOllama, Reply
+from tests.servers import GatewayProcess, ServerThread, gateway_process
 
 pytestmark = pytest.mark.e2e
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
 
 @contextmanager
-def two_workers(tmp_path: Path, backend_url: str, env: dict[str, str]) -> Iterator[str]:
+def two_workers_process(
+    tmp_path: Path, backend_url: str, env: dict[str, str], **server: Any
+) -> Iterator[GatewayProcess]:
     config = tmp_path / "gateway.yaml"
     config.write_text(
         yaml.safe_dump(
             {
+                "server": server,
                 "backends": [{"name": "ollama", "type": "ollama", "base_url": backend_url}],
                 "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
             }
@@ -34,6 +39,12 @@ def two_workers(tmp_path: Path, backend_url: str, env: dict[str, str]) -> Iterat
     base = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     args = ["--config", str(config), "--workers", "2"]
     with gateway_process(args, tmp_path / "stderr.log", {**base, **env}) as gateway:
+        yield gateway
+
+
+@contextmanager
+def two_workers(tmp_path: Path, backend_url: str, env: dict[str, str]) -> Iterator[str]:
+    with two_workers_process(tmp_path, backend_url, env) as gateway:
         yield gateway.url
 
 
@@ -70,3 +81,40 @@ def test_the_gateway_cleans_up_the_directory_it_made(
         made = list(temporary.glob("phoenix-metrics-*"))
         assert len(made) == 1 and list(made[0].glob("*.db"))
     assert not list(temporary.iterdir())
+
+
+def events_named(gateway: GatewayProcess, event: str) -> list[dict[str, Any]]:
+    return [e for e in gateway.log_events() if e.get("event") == event]
+
+
+def test_sighup_reloads_each_worker_in_place_without_cutting_a_stream_or_a_broken_file(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    fake, server = fake_ollama
+    words = " ".join(f"w{i}" for i in range(80))
+    # A stream of about 4 s, past shutdown_timeout: replacing the worker that serves it would cut it.
+    fake.default = Reply(content=words, delay_between=0.05)
+    with two_workers_process(tmp_path, server.url, {}, shutdown_timeout=1) as gateway:
+        stream = StreamInBackground(gateway.url, CHAT)
+        assert stream.started.wait(5)
+        gateway.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(events_named(gateway, "config reloaded")) == 2, timeout=15)
+        assert len(events_named(gateway, "config reloaded")) == 2  # one line from each worker
+        assert stream.running(), "the stream ended before the reload; the test proves nothing"
+        stream.join(15)
+        assert stream.events[-1] == "[DONE]"
+        assert stream.text() == words
+
+        fake.default = Reply(content="quick")
+        (tmp_path / "gateway.yaml").write_text("backends: [unclosed\n")
+        gateway.process.send_signal(signal.SIGHUP)
+        failed = "config reload failed; the running config stays"
+        wait_for(lambda: len(events_named(gateway, failed)) == 2, timeout=15)
+        assert [e["error"] for e in events_named(gateway, failed)] == [
+            f"{tmp_path / 'gateway.yaml'}: not valid YAML at line 2, column 1"
+        ] * 2
+        for _ in range(6):  # a new connection each time: both workers answer
+            assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        assert gateway.process.poll() is None
+    lines = (tmp_path / "stderr.log").read_text().splitlines()
+    assert [line for line in lines if not line.startswith("{")] == []  # no traceback, only JSON lines
