@@ -10,6 +10,7 @@ import importlib.util
 import ipaddress
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -133,9 +134,19 @@ def serve(args: argparse.Namespace) -> int:
     }
     with metrics_directory(args.workers):
         if args.workers > 1:
-            serve_workers(APP, **options)
+            stopped_by = serve_workers(APP, **options)
         else:
-            uvicorn.run(APP, **options)
+            stopped_by = None
+            # uvicorn puts back the SIGINT handler it found and re-raises the signal it stopped
+            # on: Python's handler would make Ctrl-C an exception and exit 0, not end by SIGINT.
+            interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                uvicorn.run(APP, **options)
+            finally:
+                signal.signal(signal.SIGINT, interrupt)
+    if stopped_by is not None:  # as uvicorn ends a single worker: by the signal, 143 or 130 in a shell
+        signal.signal(stopped_by, signal.SIG_DFL)
+        signal.raise_signal(stopped_by)
     return 0
 
 

@@ -6,6 +6,10 @@ load the config dies with a traceback. Here SIGHUP is passed on to each worker i
 reloads in place as a single `serve` does (app.Reloader: requests in flight finish on the config
 they started with, a config that does not load is logged as `config reload failed`). Workers
 that die are still replaced, as uvicorn does.
+
+SIGTERM and SIGINT stop it as they stop a single `serve` (README, Operations): the main process's
+listening socket is closed at once (uvicorn kept it open, and the kernel queued connections on it
+that nobody would take), the workers drain, and the caller re-raises the signal once they are gone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ class Supervisor(Multiprocess):
         # Workers owed a reload. One that has not finished starting has no SIGHUP handler yet
         # (the signal would end it): it gets the signal once it is ready.
         self._reload_due: list[Process] = []
+        self.stopped_by: signal.Signals | None = None  # the signal that stopped the workers
+
+    def handle_term(self) -> None:
+        self._stop(signal.SIGTERM)
+
+    def handle_int(self) -> None:
+        self._stop(signal.SIGINT)
+
+    def _stop(self, signum: signal.Signals) -> None:
+        self.stopped_by = signum
+        for sock in self.sockets:  # the workers close theirs as they start draining
+            sock.close()
+        self.should_exit.set()
 
     def handle_hup(self) -> None:
         get_logger().info("reloading the config in every worker", workers=len(self.processes))
@@ -52,7 +69,10 @@ class Supervisor(Multiprocess):
         self._reload_due = due
 
 
-def serve_workers(app: str, **options: Any) -> None:
-    """`uvicorn.run(app, **options)` with `workers` above 1, under the Supervisor."""
+def serve_workers(app: str, **options: Any) -> signal.Signals | None:
+    """`uvicorn.run(app, **options)` with `workers` above 1, under the Supervisor; returns the
+    signal that stopped the workers, for the caller to re-raise once it has cleaned up."""
     config = uvicorn.Config(app, **options)
-    Supervisor(config, sockets=[config.bind_socket()]).run()
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return supervisor.stopped_by

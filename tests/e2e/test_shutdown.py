@@ -42,12 +42,14 @@ def write_config(tmp_path: Path, url: str, **server: float) -> list[str]:
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")}
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_drains_the_stream_in_flight_and_refuses_new_connections(
-    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+    workers: str, tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
 ) -> None:
     fake, server = fake_ollama
     fake.default = SLOW
-    with gateway_process(write_config(tmp_path, server.url), tmp_path / "stderr.log", ENV) as gateway:
+    args = [*write_config(tmp_path, server.url), "--workers", workers]
+    with gateway_process(args, tmp_path / "stderr.log", ENV) as gateway:
         stream = StreamInBackground(gateway.url, CHAT)
         assert stream.started.wait(5)
         gateway.process.send_signal(signal.SIGTERM)
@@ -64,6 +66,17 @@ def test_sigterm_drains_the_stream_in_flight_and_refuses_new_connections(
         assert gateway.process.wait(timeout=15) == -signal.SIGTERM
     assert stream.events[-1] == "[DONE]"
     assert stream.text() == SLOW.content
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_stops_the_gateway_by_sigint_as_sigterm_does_by_sigterm(
+    workers: str, tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    args = [*write_config(tmp_path, fake_ollama[1].url), "--workers", workers]
+    with gateway_process(args, tmp_path / "stderr.log", ENV) as gateway:
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        gateway.process.send_signal(signal.SIGINT)
+        assert gateway.process.wait(timeout=15) == -signal.SIGINT  # 130 from a shell
 
 
 def test_requests_longer_than_the_shutdown_timeout_are_cut_with_a_503_and_their_upstream_closed(
