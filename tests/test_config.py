@@ -193,6 +193,41 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (FULL + "auth: {}\n", "key 'auth' is given twice, at lines 3 and 25"),
+        (
+            FULL.replace("  retries: 2\n", "  retries: 2\n  retries: 0\n"),
+            "key 'retries' is given twice, at lines 22 and 23",
+        ),
+        (
+            "backends:\n  - {name: a, type: ollama, name: b}\nmodels: []\n",
+            "key 'name' is given twice, at lines 2 and 2",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(
+    text: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {says}"
+    assert main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err == f"error: {path}: {says}\n"
+
+
+def test_a_yaml_merge_may_still_override_what_it_merges(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "backends:\n  - &ollama {name: a, type: ollama, weight: 2}\n  - {<<: *ollama, name: b}\n"
+        "models: [{name: m, deployments: [{backend: a}, {backend: b}]}]\n"
+    )
+    assert [(b.name, b.weight) for b in load_config(path).backends] == [("a", 2), ("b", 2)]
+
+
 def test_a_file_that_is_not_utf8_is_an_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("# configuración\nbackends: []\n".encode("latin-1"))
