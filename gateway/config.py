@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 OLLAMA_DEFAULT_URL = "http://localhost:11434"
@@ -49,17 +59,30 @@ class _Backend(_Strict):
 
     @field_validator("base_url", check_fields=False)
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
         # The URL is in error messages and logs; never echo it here: without its scheme,
         # `user:password@host` does not even parse as carrying credentials.
-        parts = urlsplit(value)
+        backend = f" (backend {info.data['name']!r})" if "name" in info.data else ""
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # an IPv6 address without its ]
+            raise ValueError(f"its host is not a host name or address{backend}") from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http(s) URL: http:// or https://, then the host")
-        if "@" in parts.netloc:
+            raise ValueError(f"must be an http(s) URL: http:// or https://, then the host{backend}")
+        if "@" in value:  # wherever it is: a '/' in a password ends the host part before it
             raise ValueError(
-                "must not carry credentials (user:password@): give them in `headers` or `api_key_env`,"
-                " which stay out of logs and error messages"
+                "must not carry credentials (user:password@, not shown here): give them in `headers`"
+                " or `api_key_env`, which stay out of logs and error messages; an '@' elsewhere is"
+                f" written %40{backend}"
             )
+        problem = _address_problem(value)
+        if problem is None:
+            try:
+                httpx.URL(value)  # as the gateway's requests will read it
+            except httpx.InvalidURL:
+                problem = "its host is not a host name or address"
+        if problem is not None:
+            raise ValueError(f"{problem}{backend}")
         return value.rstrip("/")
 
     @field_validator("headers")
@@ -89,7 +112,9 @@ class OllamaBackend(_Backend):
         """Ollama's hosted API (ollama.com) speaks the same protocol, but off the premises: there
         `local` is false unless the config says otherwise."""
         if isinstance(data, dict) and "local" not in data and isinstance(data.get("base_url"), str):
-            host = (urlsplit(data["base_url"]).hostname or "").lower()
+            host = ""
+            with suppress(ValueError):  # a URL that does not parse is refused, named, by _http_url
+                host = (urlsplit(data["base_url"]).hostname or "").lower()
             if host == "ollama.com" or host.endswith(".ollama.com"):
                 return {**data, "local": False}
         return data

@@ -16,6 +16,8 @@ MINIMAL: dict[str, Any] = {
     "models": [{"name": "llama3.1", "deployments": [{"backend": "ollama-1", "model": "llama3.1:8b"}]}],
 }
 
+MODEL_ON_VLLM = {"name": "m", "deployments": [{"backend": "vllm"}]}
+
 FULL = """
 server: {host: 127.0.0.1, port: 8080, max_body_bytes: 10485760}
 auth:
@@ -111,6 +113,39 @@ def test_bad_values_are_errors_that_name_the_key(change: dict[str, Any], expecte
     assert expected in str(caught.value)
     assert str(caught.value).startswith("test.yaml: ")
     assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "says"),
+    [
+        ("http://127.0.0.1:abc/v1", "its port is not a whole number from 1 to 65535"),
+        ("http://127.0.0.1:99999/v1", "its port is not a whole number from 1 to 65535"),
+        ("http://127.0.0.1:0/v1", "its port is not a whole number from 1 to 65535"),
+        ("http://[::1:8000/v1", "its host is not a host name or address"),
+        ("http://gpu\x01box:8000/v1", "its host is not a host name or address"),
+        ("http://admin:Kq9vLr2Tz8Wm/4Xc=@127.0.0.1:8000/v1", "must not carry credentials"),
+        ("http://admin:Kq9vLr2Tz8Wm?4Xc=@127.0.0.1:8000/v1", "must not carry credentials"),
+    ],
+)
+def test_a_base_url_whose_host_or_port_does_not_parse_is_refused_naming_the_backend(
+    base_url: str, says: str
+) -> None:
+    backend = {"name": "vllm", "type": "openai", "local": True, "base_url": base_url}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**MINIMAL, "backends": [backend], "models": [MODEL_ON_VLLM]}, "test.yaml")
+    assert str(caught.value).startswith(f"test.yaml: backends.0.openai.base_url: {says}")
+    assert str(caught.value).endswith("(backend 'vllm')")
+    assert not shows_password(str(caught.value), "Kq9vLr2Tz8Wm/4Xc=")
+    assert "abc" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://[::1]:8000/v1", "http://gpu-1:65535/v1", "https://api.openai.com/v1"]
+)
+def test_a_base_url_with_a_host_and_port_that_parse_is_taken(base_url: str) -> None:
+    backend = {"name": "vllm", "type": "openai", "base_url": base_url}
+    config = parse_config({**MINIMAL, "backends": [backend], "models": [MODEL_ON_VLLM]}, "test.yaml")
+    assert config.backends[0].base_url == base_url
 
 
 PASSWORDS = [
