@@ -38,6 +38,8 @@ from gateway.state import State, json_response
 from gateway.sweep import Sweeper
 
 DRAIN_SECONDS = 300.0  # how long a reload waits for the previous config's requests
+# What the listening server and its shutdown were started with: a reload cannot change them.
+RESTART_KEYS = ("host", "port", "shutdown_timeout")
 # At shutdown, past server.shutdown_timeout uvicorn cancels the requests still running and goes on
 # to stop the app: they get this long to send their last words (a 503, an SSE error) first.
 LAST_WORDS_SECONDS = 2.0
@@ -87,12 +89,21 @@ class Reloader:
     """Swaps the app's State for one built from a re-read config (SIGHUP), without dropping a
     request: new requests get the new State at once; those in flight keep the one they started
     with, which is retired when they have finished (or after `DRAIN_SECONDS`). A config that does
-    not load or validate is logged and changes nothing."""
+    not load or validate is logged and changes nothing. A new `server.log_level` is set through
+    `set_log_level`, when the app may set it; the `server` keys of `RESTART_KEYS` are logged as
+    needing a restart."""
 
-    def __init__(self, app: Starlette, load: Callable[[], Config], environ: Mapping[str, str] | None) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        load: Callable[[], Config],
+        environ: Mapping[str, str] | None,
+        set_log_level: Callable[[str], object] | None = None,
+    ) -> None:
         self.app = app
         self.load = load
         self.environ = environ
+        self.set_log_level = set_log_level
         self.refresher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._lock = asyncio.Lock()
@@ -108,12 +119,22 @@ class Reloader:
     async def reload(self) -> None:
         async with self._lock:
             old = self.state
+            level = old.config.server.log_level
+            relevel = None
             try:
-                new = old.successor(self.load(), self.environ)
+                config = self.load()
+                # Before the new State is built, so that its logger has the new level.
+                if self.set_log_level is not None and config.server.log_level != level:
+                    relevel = self.set_log_level
+                    relevel(config.server.log_level)
+                new = old.successor(config, self.environ)
             except (ConfigError, AuditError) as error:
+                if relevel is not None:
+                    relevel(level)
                 old.log.error("config reload failed; the running config stays", error=str(error))
                 return
             self.app.state.gateway = new
+            self._log_what_stays(old.config, new)
             if self.refresher is not None:
                 self.refresher.cancel()
             self.start()
@@ -126,6 +147,17 @@ class Reloader:
                 draining=old.active,
             )
             self._spawn(self._retire(old, new))
+
+    def _log_what_stays(self, old: Config, new: State) -> None:
+        server = new.config.server
+        stays = [f"server.{key}" for key in RESTART_KEYS if getattr(server, key) != getattr(old.server, key)]
+        if stays:
+            new.log.warning("config reloaded, but these keys take effect only at a restart", keys=stays)
+        if self.set_log_level is None and server.log_level != old.server.log_level:
+            new.log.warning(
+                "server.log_level is not applied: the level was set outside the file"
+                " (--log-level or PHOENIX_LOG_LEVEL) and stays"
+            )
 
     async def _retire(self, old: State, new: State) -> None:
         left = await old.retire(new, DRAIN_SECONDS)
@@ -187,9 +219,11 @@ def create_app(
     config: Config,
     environ: Mapping[str, str] | None = None,
     load: Callable[[], Config] | None = None,
+    set_log_level: Callable[[str], object] | None = None,
 ) -> ASGIApp:
     """The app for `config`. With `load`, SIGHUP re-reads the config through it (only where the
-    app runs in the main thread, as under `phoenix-gateway serve`)."""
+    app runs in the main thread, as under `phoenix-gateway serve`); with `set_log_level`, a
+    reload that changes `server.log_level` applies it through that."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -211,7 +245,7 @@ def create_app(
     # No redirect to the path with(out) its slash: SDKs do not follow one for a POST; a JSON 404 says more.
     app.router.redirect_slashes = False
     app.state.gateway = State.build(config, environ)
-    reloader = Reloader(app, load or (lambda: config), environ)
+    reloader = Reloader(app, load or (lambda: config), environ, set_log_level)
     front = HotRoutes(app)
     return front
 

@@ -81,8 +81,9 @@ def _env_log_level() -> str | None:
 def app_factory() -> object:
     """Entry point for uvicorn workers: each builds its app from PHOENIX_CONFIG or the environment."""
     config = resolve_config(None)
-    configure(_env_log_level() or config.server.log_level)
-    app = create_app(config, load=lambda: resolve_config(None))
+    pinned = _env_log_level()  # --log-level reaches the workers as PHOENIX_LOG_LEVEL
+    configure(pinned or config.server.log_level)
+    app = create_app(config, load=lambda: resolve_config(None), set_log_level=None if pinned else configure)
     # What start-up made (modules, config, pools) lives as long as the process: move it out of the
     # collector's sight, and let the young generation grow before a collection, since a request
     # allocates thousands of short-lived objects and holds no cycles worth chasing that often.
@@ -98,8 +99,8 @@ def serve(args: argparse.Namespace) -> int:
     require_working_detector(config.privacy)
     if config.privacy.audit_log:  # one it cannot open stops the start here, named, not in a worker
         AuditLog(config.privacy.audit_log).close()
-    level = args.log_level or _env_log_level() or config.server.log_level
-    configure(level)
+    pinned = args.log_level or _env_log_level()  # else the file's, which a reload may change
+    configure(pinned or config.server.log_level)
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     log = get_logger()
@@ -117,7 +118,8 @@ def serve(args: argparse.Namespace) -> int:
         )
     if args.config:
         os.environ["PHOENIX_CONFIG"] = os.path.abspath(args.config)
-    os.environ["PHOENIX_LOG_LEVEL"] = level
+    if pinned:
+        os.environ["PHOENIX_LOG_LEVEL"] = pinned
     log.info("serving", host=host, port=port, workers=args.workers, backends=len(config.backends))
     options: dict[str, Any] = {
         "factory": True,

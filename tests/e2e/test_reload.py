@@ -4,6 +4,7 @@ config changes nothing."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -208,3 +209,42 @@ def test_a_request_failing_on_a_removed_instance_is_retried_on_one_that_stays(se
     assert answer.headers["x-phoenix-backend"] == "b"
     assert len(served.fakes["b"].chat_bodies()) == chats_on_b + 1
     assert not [e for e in served.log_events() if e.get("event") == "internal error"]
+
+
+@pytest.mark.parametrize(
+    ("args", "applied"),
+    [([], True), (["--workers", "2"], True), (["--log-level", "warning"], False)],
+    ids=["one-worker", "two-workers", "pinned"],
+)
+def test_a_reload_applies_server_log_level_and_names_the_server_keys_that_need_a_restart(
+    args: list[str], applied: bool, tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    config_path = tmp_path / "gateway.yaml"
+
+    def write(**server: Any) -> None:
+        config = {
+            "server": server,
+            "backends": [{"name": "ollama", "type": "ollama", "base_url": fake_ollama[1].url}],
+            "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
+        }
+        config_path.write_text(yaml.safe_dump(config))
+
+    write(log_level="warning")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PHOENIX_", "PROMETHEUS_"))}
+    log = tmp_path / "stderr.log"
+    with gateway_process(["--config", str(config_path), *args], log, env) as gateway:
+        for _ in range(3):
+            assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        assert not [e for e in gateway.log_events() if e.get("event") == "request"]
+        write(log_level="info", shutdown_timeout=5)
+        gateway.process.send_signal(signal.SIGHUP)
+        restart = "config reloaded, but these keys take effect only at a restart"
+        workers = 2 if "--workers" in args else 1
+        wait_for(lambda: sum(e.get("event") == restart for e in gateway.log_events()) == workers, 15)
+        warned = [e for e in gateway.log_events() if e.get("event") == restart]
+        assert [e["keys"] for e in warned] == [["server.shutdown_timeout"]] * workers
+        for _ in range(3):
+            assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        records = [e for e in gateway.log_events() if e.get("event") == "request"]
+        pinned = [e for e in gateway.log_events() if e.get("event", "").startswith("server.log_level is not")]
+    assert (len(records), len(pinned)) == ((3, 0) if applied else (0, 1))
