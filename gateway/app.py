@@ -236,8 +236,9 @@ def create_app(
             until = asyncio.get_running_loop().time() + LAST_WORDS_SECONDS
             while front.running and asyncio.get_running_loop().time() < until:
                 await asyncio.sleep(0.01)
-            if hangup:
+            if hangup:  # from here to the exit, a SIGHUP would end the process by default
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             await reloader.stop()
             worker_exited(os.getpid())
 

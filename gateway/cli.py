@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -30,6 +31,8 @@ from gateway.protocol import GatewayHttpProtocol
 from gateway.state import State
 from gateway.supervisor import serve_workers
 
+# A signal disposition, as `signal.signal` returns it.
+Hangup = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 APP = "gateway.cli:app_factory"  # what each uvicorn worker imports
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
@@ -253,11 +256,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, hangup: Hangup = None) -> int:
+    """The command line. `hangup`: SIGHUP's handler from before the launcher (gateway.__main__)
+    held the signal off, put back for every command but `serve`, which installs its own."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["serve", *argv]
     args = parser().parse_args(argv)
+    if hangup is not None and args.func is not serve:
+        signal.signal(signal.SIGHUP, hangup)
     try:
         result: int = args.func(args)
     except (ConfigError, AuditError) as error:

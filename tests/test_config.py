@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,24 @@ def test_check_config_command_prints_table_or_error(
     bad.write_text("backends: []\nmodels: []\n")
     assert main(["check-config", str(bad)]) == 1
     assert f"error: {bad}: backends: List should have at least 1 item" in capsys.readouterr().err
+
+
+def test_commands_other_than_serve_put_back_the_sighup_handler_the_launcher_held_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "good.yaml"
+    path.write_text(FULL)
+
+    def handler(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as gateway.__main__ leaves it
+    try:
+        assert main(["check-config", str(path)], hangup=handler) == 0
+        assert signal.getsignal(signal.SIGHUP) is handler
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert "OK" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def test_image_serves_phoenix_gateway_on_all_interfaces(image: list[Instruction]
     args = parser().parse_args(argv[1:])
     assert (args.command, args.host, args.port, args.config) == ("serve", "0.0.0.0", 8080, None)
     scripts = (ROOT / "pyproject.toml").read_text()
-    assert 'phoenix-gateway = "gateway.cli:main"' in scripts
+    assert 'phoenix-gateway = "gateway.__main__:main"' in scripts
 
 
 def test_image_exposes_the_port_it_serves_on(image: list[Instruction]) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import yaml
 from gateway.audit import verify
 from tests.e2e.conftest import StreamInBackground, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import GatewayProcess, ServerThread, gateway_process, serve
+from tests.servers import GatewayProcess, ServerThread, free_port, gateway_process, serve
 
 pytestmark = pytest.mark.e2e
 SLOW = Reply(content=" ".join(f"w{i}" for i in range(40)), delay_between=0.05)  # about 2 s
@@ -248,3 +250,52 @@ def test_a_reload_applies_server_log_level_and_names_the_server_keys_that_need_a
         records = [e for e in gateway.log_events() if e.get("event") == "request"]
         pinned = [e for e in gateway.log_events() if e.get("event", "").startswith("server.log_level is not")]
     assert (len(records), len(pinned)) == ((3, 0) if applied else (0, 1))
+
+
+def hangup_disposition(pid: int) -> str:
+    """'ignored', 'caught' or 'default': what process `pid` does with SIGHUP, from /proc."""
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    bit = 1 << (signal.SIGHUP - 1)
+    if int(fields["SigIgn"], 16) & bit:
+        return "ignored"
+    return "caught" if int(fields["SigCgt"], 16) & bit else "default"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_while_serve_is_starting_does_not_end_it(
+    workers: str, tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "backends": [{"name": "ollama", "type": "ollama", "base_url": fake_ollama[1].url}],
+                "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
+            }
+        )
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PHOENIX_", "PROMETHEUS_"))}
+    command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", workers]
+    process = subprocess.Popen([*command, "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while (seen := hangup_disposition(process.pid)) == "default" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # The launcher holds SIGHUP off before the imports, not only once the app has its handler.
+        assert seen == "ignored"
+        signals = 0
+        while time.monotonic() < deadline:
+            process.send_signal(signal.SIGHUP)  # all through the start, until the gateway answers
+            signals += 1
+            time.sleep(0.05)
+            assert process.poll() is None, f"SIGHUP number {signals} ended the gateway as it started"
+            with suppress(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
+                break
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=10)
+        assert answer.status_code == 200
+        assert signals > 3 and process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
