@@ -192,6 +192,7 @@ def check_config(args: argparse.Namespace) -> int:
 
 def models(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
+    configure(_env_log_level() or config.server.log_level)  # to stderr: stdout is the listing
 
     async def listing() -> int:
         state = State.build(config)

@@ -243,3 +243,38 @@ def test_a_request_head_past_64_kib_is_refused_and_its_connection_closed(served:
     assert refused.startswith(b"HTTP/1.1 400"), refused[:200]
     assert b"connection: close" in refused.lower()
     assert head_request(served, 0).startswith(b"HTTP/1.1 200")  # and the gateway goes on serving
+
+
+def test_models_lists_on_stdout_and_warns_on_stderr_in_json(
+    fake_ollama: tuple[FakeOllama, ServerThread], tmp_path: Path
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    backends = [
+        {"name": "ollama-1", "type": "ollama", "base_url": fake_ollama[1].url},
+        {"name": "down", "type": "ollama", "base_url": "http://127.0.0.1:9"},  # the discard port
+    ]
+    path.write_text(json.dumps({**MINIMAL, "backends": backends}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "PHOENIX_"))}
+    ran = subprocess.run(
+        [sys.executable, "-m", "gateway", "models", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0
+    assert ran.stdout.splitlines() == [
+        "ollama-1 [ollama, local]:",
+        "  llama3.2:latest",
+        "  qwen2.5:0.5b",
+        "  nomic-embed-text:latest",
+        "down [ollama, local]:",
+        "  (nothing listed or unreachable)",
+    ]
+    [warning] = [json.loads(line) for line in ran.stderr.splitlines()]
+    assert (warning["event"], warning["backend"], warning["level"]) == (
+        "model listing failed",
+        "down",
+        "warning",
+    )
