@@ -102,6 +102,17 @@ class GatewayProcess:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+def wait_for_workers(metrics_directory: Path, count: int, limit: float = 30) -> None:
+    """Until `count` worker processes have built their app, which is when each has read the config
+    file (each then has metric files named by its pid in PROMETHEUS_MULTIPROC_DIR). `/healthz`
+    answering says only that one has."""
+    deadline = time.monotonic() + limit
+    while len({path.stem.rpartition("_")[2] for path in metrics_directory.glob("*.db")}) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} workers started within {limit:g} s")
+        time.sleep(0.05)
+
+
 @contextmanager
 def gateway_process(
     args: Sequence[str], log: Path, env: Mapping[str, str] | None = None, limit: float = 30

@@ -22,7 +22,7 @@ import yaml
 from gateway.audit import verify
 from tests.e2e.conftest import StreamInBackground, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import GatewayProcess, ServerThread, free_port, gateway_process, serve
+from tests.servers import GatewayProcess, ServerThread, free_port, gateway_process, serve, wait_for_workers
 
 pytestmark = pytest.mark.e2e
 SLOW = Reply(content=" ".join(f"w{i}" for i in range(40)), delay_between=0.05)  # about 2 s
@@ -233,15 +233,21 @@ def test_a_reload_applies_server_log_level_and_names_the_server_keys_that_need_a
 
     write(log_level="warning")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PHOENIX_", "PROMETHEUS_"))}
+    workers = 2 if "--workers" in args else 1
+    metrics = tmp_path / "metrics"
+    if workers > 1:
+        metrics.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     log = tmp_path / "stderr.log"
     with gateway_process(["--config", str(config_path), *args], log, env) as gateway:
+        if workers > 1:  # a worker still starting would read the new file, and have nothing to reload
+            wait_for_workers(metrics, workers)
         for _ in range(3):
             assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
         assert not [e for e in gateway.log_events() if e.get("event") == "request"]
         write(log_level="info", shutdown_timeout=5)
         gateway.process.send_signal(signal.SIGHUP)
         restart = "config reloaded, but these keys take effect only at a restart"
-        workers = 2 if "--workers" in args else 1
         wait_for(lambda: sum(e.get("event") == restart for e in gateway.log_events()) == workers, 15)
         warned = [e for e in gateway.log_events() if e.get("event") == restart]
         assert [e["keys"] for e in warned] == [["server.shutdown_timeout"]] * workers
