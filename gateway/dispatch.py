@@ -23,6 +23,7 @@ from gateway.deadlines import Deadlines
 from gateway.errors import (
     NOT_SENT,
     GatewayError,
+    StreamOverTime,
     UpstreamError,
     UpstreamProtocol,
     UpstreamTimeout,
@@ -265,9 +266,9 @@ class Dispatcher:
             """A stream's outcome counts for its instance's health at its end, not at its first
             chunk: an instance that breaks streams mid-way is ejected as one that fails before."""
             lease.release()
-            if failure is not None and failure.retryable:
+            if failure is not None and failure.retryable and not isinstance(failure, StreamOverTime):
                 self.balancer.failed(target.backend)
-            else:  # a client that leaves is no fault of the instance's
+            else:  # a client that leaves, or a long answer, is no fault of the instance's
                 self.balancer.succeeded(target.backend)
 
         return StreamSource(

@@ -19,7 +19,8 @@
     └── UpstreamError                 502 server_error            (the backend failed us)
         ├── UpstreamUnavailable       503 connection refused / DNS / reset before a byte
         ├── UpstreamTimeout           504 connect, first token, idle or total deadline
-        │   └── UpstreamConnectTimeout    the connect deadline: the request was never sent
+        │   ├── UpstreamConnectTimeout    the connect deadline: the request was never sent
+        │   └── StreamOverTime            a stream's total deadline: not counted against the instance
         ├── UpstreamRejected          the backend's own 4xx/429/5xx, status mapped per class
         └── UpstreamProtocol          502 the backend answered something we cannot parse
 
@@ -200,6 +201,10 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamConnectTimeout(UpstreamTimeout):
     """The backend did not take the connection in time: it never got the request."""
+
+
+class StreamOverTime(UpstreamTimeout):
+    """A stream still going at its total deadline: a long answer, no fault of the instance's."""
 
 
 # Failures that leave the request unsent: the backend did no work for it.

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, ShuttingDown, StreamOverTime, UpstreamError, UpstreamTimeout
 from gateway.exchange import CANCELLED, Exchange
 from gateway.providers.base import random_id
 from gateway.schemas import Chunk, Completion, ToolCallDelta, Usage
@@ -110,7 +110,8 @@ class StreamSource:
     on_close: Callable[[UpstreamError | None], None]
 
 
-TIMED_OUT = "the backend stopped sending within its idle or total deadline"
+IDLE = "the backend sent nothing within its idle deadline (timeouts.idle)"
+OVER_TIME = "the stream was still going at its total deadline (timeouts.total)"
 # A write to the client may wait this long, or to the total deadline. A write waits only once the
 # client has left unread all that the socket buffers hold (hundreds of KB, for chat a whole answer
 # many times over): a slow reader is served; one that stopped reading does not hold the backend.
@@ -127,7 +128,7 @@ class _Watchdog:
 
     __slots__ = (
         "_cancelling", "_handle", "_loop", "_task", "_write_seen_at", "_writes_seen", "deadline", "expired",
-        "idle", "since", "stalled", "waiting", "writes", "writing",
+        "idle", "over_time", "since", "stalled", "waiting", "writes", "writing",
     )  # fmt: skip
 
     def __init__(self, idle: float, deadline: float) -> None:
@@ -142,6 +143,7 @@ class _Watchdog:
         self.writes = self._writes_seen = 0
         self._write_seen_at = 0.0  # when the timer first found the write under way
         self.expired = False
+        self.over_time = False  # it was the total deadline that expired, not the idle one
         self.stalled = False
         self._handle: asyncio.TimerHandle | None = None
 
@@ -185,6 +187,7 @@ class _Watchdog:
             due = min(self.since + self.idle, self.deadline)
             if now >= due and task is not None:
                 self.expired = True
+                self.over_time = due >= self.deadline
                 self._handle = None
                 task.cancel()
                 return
@@ -348,10 +351,10 @@ class StreamRelay:
         except StopAsyncIteration:
             return None
         except TimeoutError:  # the total deadline had passed before this read
-            raise UpstreamTimeout(TIMED_OUT) from None
+            raise StreamOverTime(OVER_TIME) from None
         except asyncio.CancelledError:
             if watchdog.timed_out():
-                raise UpstreamTimeout(TIMED_OUT) from None
+                raise StreamOverTime(OVER_TIME) if watchdog.over_time else UpstreamTimeout(IDLE) from None
             raise
         finally:
             watchdog.waiting = False

@@ -36,6 +36,9 @@ class Pool:
             backend["weight"] = weight
         for backend, cap in zip(backends, routing.pop("caps", []), strict=False):
             backend["max_inflight"] = cap
+        for backend in backends:
+            backend["timeouts"] = routing.get("timeouts", {})
+        routing.pop("timeouts", None)
         deployments = [{"backend": b["name"]} for b in backends]
         return parse_config(
             {
@@ -293,6 +296,31 @@ def test_an_instance_that_breaks_every_stream_mid_way_is_ejected(
     ready = httpx.get(gateway.url + "/readyz").json()
     assert ready["backends"]["ollama-0"]["up"] is False
     assert 'gateway_backend_up{backend="ollama-0"} 0.0' in httpx.get(gateway.url + "/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("words", "gap", "ejected"),
+    [(40, 0.05, False), (3, 1.5, True)],  # 2 s of steady words past `total`; a stall past `idle`
+    ids=["total", "idle"],
+)
+def test_a_stream_cut_at_its_total_deadline_does_not_count_against_the_instance(
+    pool: Pool, start_gateway: Callable[..., ServerThread], words: int, gap: float, ejected: bool
+) -> None:
+    """A long answer is no fault of the instance's; a backend that stops sending is."""
+    pair = two_warm_instances(pool)
+    pair.fakes[0].default = Reply(content=" ".join(f"w{i}" for i in range(words)), delay_between=gap)
+    health = {"interval": 60, "unhealthy_after": 1, "cooldown": 60}
+    timeouts = {"idle": 0.5, "total": 1.0}
+    gateway = start_gateway(
+        pair.config(["llama3.2"], strategy="round_robin", health=health, timeouts=timeouts)
+    )
+    probed_once(pair)
+
+    outcomes = [stream_outcome(gateway, "llama3.2") for _ in range(2)]
+
+    assert sorted(outcomes) == [("ollama-0", "error"), ("ollama-1", "done")]
+    ready = httpx.get(gateway.url + "/readyz").json()
+    assert ready["backends"]["ollama-0"]["up"] is not ejected
 
 
 def test_a_client_leaving_mid_stream_does_not_count_against_the_instance(
