@@ -75,6 +75,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._waiting: list[dict[str, Any]] | None = None  # records handed to the writer thread
         self._give_up_at: float | None = None  # set by close() while the writer thread still waits
+        self._writer: asyncio.Future[list[tuple[AuditError, int]]] | None = None  # its latest run
         try:
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as error:
@@ -99,7 +100,8 @@ class AuditLog:
                     loop = _running_loop()
                     if loop is not None:
                         self._waiting = [entry]
-                        loop.run_in_executor(None, self._write_waiting).add_done_callback(self._report)
+                        self._writer = loop.run_in_executor(None, self._write_waiting)
+                        self._writer.add_done_callback(self._report)
                         return
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
@@ -119,6 +121,13 @@ class AuditLog:
                 return
             os.close(self._fd)
             self._fd = None
+
+    async def aclose(self) -> None:
+        """close(), then wait until records still waiting for the lock are written, or for
+        CLOSE_GRACE seconds, after which they are reported lost: before a process exits."""
+        self.close()
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     def _write_waiting(self) -> list[tuple[AuditError, int]]:
         """In the writer thread: take the lock, then write what waits, in order, until nothing does."""

@@ -165,7 +165,7 @@ class State:
         while self.active and loop.time() < until:
             await asyncio.sleep(0.05)
         if self.audit is not None and self.audit is not successor.audit:
-            self.audit.close()
+            await self.audit.aclose()
         if self.limiter.store is not successor.limiter.store:
             await self.limiter.aclose()
         return self.active
@@ -174,7 +174,7 @@ class State:
         await self.limiter.aclose()
         await self.transport.aclose()
         if self.audit is not None:
-            self.audit.close()
+            await self.audit.aclose()
 
     # ---- one request ----
 

@@ -529,3 +529,20 @@ def test_the_gateways_audit_file_counts_and_logs_what_its_writer_thread_lost(tmp
     assert state.metrics.registry.get_sample_value("gateway_audit_write_failures_total") == 3
     line = orjson.loads(lines.getvalue().splitlines()[-1])
     assert (line["event"], line["records"]) == ("audit write failed", 3)
+
+
+def test_aclose_returns_once_waiting_records_are_reported_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "CLOSE_GRACE", 0.05)
+    path = tmp_path / "audit.jsonl"
+    lost: list[int] = []
+
+    async def scenario() -> None:
+        log = AuditLog(path, on_failure=lambda error, records: lost.append(records))
+        with locked_elsewhere(path):
+            log.append(make_record(1))
+            await log.aclose()  # the lock is still held: the record is given up, and said so
+            assert lost == [1]
+
+    asyncio.run(scenario())

@@ -14,9 +14,11 @@ import httpx
 import pytest
 import yaml
 
+from gateway.cli import main
 from tests.e2e.conftest import StreamInBackground, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
+from tests.test_audit import locked_elsewhere
 
 pytestmark = pytest.mark.e2e
 SLOW = Reply(content=" ".join(f"w{i}" for i in range(60)), delay_between=0.05)  # about 3 s
@@ -125,3 +127,33 @@ def test_requests_longer_than_the_shutdown_timeout_are_cut_with_a_503_and_their_
     assert [line for line in lines if not line.startswith("{")] == []  # uvicorn's lines are JSON too
     [cut] = [e for e in events if "timeout graceful shutdown exceeded" in e["event"]]
     assert (cut["level"], cut["logger"]) == ("warning", "uvicorn.error")  # documented: not an error
+
+
+def test_audit_records_waiting_for_the_files_lock_are_written_before_the_process_exits(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    """A backup job holds the audit file's lock as SIGTERM comes: the records wait for it, then
+    the process exits, not before (README: they get 5 s more)."""
+    audit = tmp_path / "audit.jsonl"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "backends": [{"name": "ollama", "type": "ollama", "base_url": fake_ollama[1].url}],
+                "models": [{"name": "llama3.2", "deployments": [{"backend": "ollama"}]}],
+                "privacy": {"audit_log": str(audit)},
+            }
+        )
+    )
+    with gateway_process(["--config", str(config)], tmp_path / "stderr.log", ENV) as gateway:
+        with locked_elsewhere(audit):
+            for _ in range(3):
+                assert (
+                    httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+                )
+            gateway.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the lock stays held while the gateway shuts down
+            assert audit.read_text() == ""
+        assert gateway.process.wait(10) == -signal.SIGTERM
+    assert main(["audit", "verify", str(audit)]) == 0
+    assert len(audit.read_text().splitlines()) == 3
