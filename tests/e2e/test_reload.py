@@ -253,6 +253,8 @@ def test_a_reload_applies_server_log_level_and_names_the_server_keys_that_need_a
         assert [e["keys"] for e in warned] == [["server.shutdown_timeout"]] * workers
         for _ in range(3):
             assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        if applied:  # a request's line is written just after its answer
+            wait_for(lambda: sum(e.get("event") == "request" for e in gateway.log_events()) == 3)
         records = [e for e in gateway.log_events() if e.get("event") == "request"]
         pinned = [e for e in gateway.log_events() if e.get("event", "").startswith("server.log_level is not")]
     assert (len(records), len(pinned)) == ((3, 0) if applied else (0, 1))

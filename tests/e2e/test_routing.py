@@ -16,7 +16,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import Config, parse_config
-from tests.e2e.conftest import sample, scrape
+from tests.e2e.conftest import sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread, free_port, serve
@@ -404,6 +404,7 @@ def test_while_another_process_holds_the_audit_files_lock_the_gateway_keeps_answ
     chat = {"model": "llama", "messages": HELLO}
     with httpx.Client(base_url=gateway.url, timeout=10) as client:
         assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        wait_for(lambda: audit.read_text().count("\n") == 1)  # written just after the answer
         with locked_elsewhere(audit):
             assert client.post("/v1/chat/completions", json=chat).status_code == 200
             assert client.get("/healthz").status_code == 200
