@@ -81,12 +81,25 @@ def _env_log_level() -> str | None:
     return level.lower()
 
 
+WORKER_CANNOT_START = 3  # a worker's exit status when the config does not load
+
+
 def app_factory() -> object:
-    """Entry point for uvicorn workers: each builds its app from PHOENIX_CONFIG or the environment."""
-    config = resolve_config(None)
-    pinned = _env_log_level()  # --log-level reaches the workers as PHOENIX_LOG_LEVEL
-    configure(pinned or config.server.log_level)
-    app = create_app(config, load=lambda: resolve_config(None), set_log_level=None if pinned else configure)
+    """Entry point for uvicorn workers: each builds its app from PHOENIX_CONFIG or the environment.
+    A worker started after the file was broken (one replacing a worker that died) cannot: it says
+    so in one line and exits, and its replacement tries again."""
+    try:
+        config = resolve_config(None)
+        pinned = _env_log_level()  # --log-level reaches the workers as PHOENIX_LOG_LEVEL
+        configure(pinned or config.server.log_level)
+        app = create_app(
+            config, load=lambda: resolve_config(None), set_log_level=None if pinned else configure
+        )
+    except (ConfigError, AuditError) as error:
+        named = os.environ.get("PHOENIX_LOG_LEVEL", "").lower()
+        configure(named if named in LOG_LEVELS else "info")
+        get_logger().error("worker cannot start: the config does not load", error=str(error))
+        raise SystemExit(WORKER_CANNOT_START) from None
     # What start-up made (modules, config, pools) lives as long as the process: move it out of the
     # collector's sight, and let the young generation grow before a collection, since a request
     # allocates thousands of short-lived objects and holds no cycles worth chasing that often.

@@ -16,7 +16,7 @@ import yaml
 
 from tests.e2e.conftest import StreamInBackground, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import GatewayProcess, ServerThread, gateway_process
+from tests.servers import GatewayProcess, ServerThread, gateway_process, wait_for_workers
 
 pytestmark = pytest.mark.e2e
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -116,5 +116,29 @@ def test_sighup_reloads_each_worker_in_place_without_cutting_a_stream_or_a_broke
         for _ in range(6):  # a new connection each time: both workers answer
             assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
         assert gateway.process.poll() is None
+    lines = (tmp_path / "stderr.log").read_text().splitlines()
+    assert [line for line in lines if not line.startswith("{")] == []  # no traceback, only JSON lines
+
+
+def test_a_worker_replaced_while_the_file_is_broken_says_why_it_cannot_start(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    """One worker dies (an OOM kill) while an edit of the file is half done: its replacements
+    cannot load it, and say so in a JSON line each; the other worker keeps serving."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    with two_workers_process(
+        tmp_path, fake_ollama[1].url, {"PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    ) as gateway:
+        wait_for_workers(metrics, 2)
+        worker = int(next(metrics.glob("*.db")).stem.rpartition("_")[2])  # files are named by pid
+        (tmp_path / "gateway.yaml").write_text("backends: [unclosed\n")
+        os.kill(worker, signal.SIGKILL)
+        cannot = "worker cannot start: the config does not load"
+        wait_for(lambda: events_named(gateway, cannot), timeout=15)
+        [first, *_] = events_named(gateway, cannot)
+        assert first["error"] == f"{tmp_path / 'gateway.yaml'}: not valid YAML at line 2, column 1"
+        for _ in range(4):
+            assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
     lines = (tmp_path / "stderr.log").read_text().splitlines()
     assert [line for line in lines if not line.startswith("{")] == []  # no traceback, only JSON lines
