@@ -4,6 +4,7 @@ answer has been handed to the server, and also when handing it over fails."""
 from __future__ import annotations
 
 import pytest
+from starlette.types import Message
 
 from gateway.state import json_response
 
@@ -13,12 +14,12 @@ from gateway.state import json_response
 async def test_the_after_work_runs_once_the_answer_is_handed_over(fails: bool) -> None:
     events: list[str] = []
 
-    async def send(message: dict[str, object]) -> None:
+    async def send(message: Message) -> None:
         events.append(str(message["type"]))
         if fails and message["type"] == "http.response.body":
             raise OSError("the client is gone")
 
-    async def receive() -> dict[str, object]:
+    async def receive() -> Message:
         return {"type": "http.disconnect"}
 
     answer = json_response({"ok": True}, after=lambda: events.append("after"))

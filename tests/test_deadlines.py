@@ -47,7 +47,7 @@ async def test_waits_that_end_in_time_are_left_alone_and_the_queue_moves_on() ->
     await asyncio.sleep(0.03)
     slow = asyncio.create_task(wait(deadlines, 0.5, 5))
     also_quick = asyncio.create_task(wait(deadlines, 0.5, 0.02))
-    assert await asyncio.gather(quick, slow, also_quick) == ["done", "timeout", "done"]
+    assert list(await asyncio.gather(quick, slow, also_quick)) == ["done", "timeout", "done"]
 
 
 @pytest.mark.anyio
@@ -55,7 +55,7 @@ async def test_lengths_have_their_own_queues() -> None:
     deadlines = Deadlines()
     long = asyncio.create_task(wait(deadlines, 0.3, 0.15))
     short = asyncio.create_task(wait(deadlines, 0.05, 0.15))
-    assert await asyncio.gather(long, short) == ["done", "timeout"]
+    assert list(await asyncio.gather(long, short)) == ["done", "timeout"]
 
 
 @pytest.mark.anyio

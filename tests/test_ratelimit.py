@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -226,7 +227,7 @@ async def test_unreachable_redis_fails_open_or_closed_as_configured() -> None:
 
 
 async def test_a_reload_that_changes_only_fail_open_keeps_the_connection_and_takes_effect() -> None:
-    data = {
+    data: dict[str, Any] = {
         "backends": [{"name": "o", "type": "ollama"}],
         "models": [{"name": "m", "deployments": [{"backend": "o"}]}],
         "rate_limits": {"default": {"rpm": 5}, "redis_url": "redis://127.0.0.1:9/0", "fail_open": True},

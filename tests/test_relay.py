@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -76,7 +77,7 @@ def test_a_text_piece_encodes_as_the_whole_event_serialised(text: str, include_u
 def test_a_tool_calls_id_and_name_go_out_once_even_when_the_backend_repeats_them() -> None:
     # Clients join a call's fragments by concatenation: a repeated id would become call_1call_1.
     encoder = ChunkEncoder("chatcmpl-1", 1700000000, "m", False)
-    calls = []
+    calls: list[dict[str, Any]] = []
     for piece in ('{"city": ', '"Lima"}'):
         call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments=piece)
         for event in encoder.encode(Chunk(tool_calls=[call])).split(b"\n\n")[:-1]:
@@ -96,7 +97,7 @@ def test_a_tool_calls_id_and_name_go_out_once_even_when_the_backend_repeats_them
 def test_fields_a_backend_adds_to_a_tool_call_go_out_with_the_fragment_that_had_them() -> None:
     encoder = ChunkEncoder("chatcmpl-1", 1700000000, "m", False)
     signed = {"extra_content": {"google": {"thought_signature": "CtMB"}}}
-    calls = []
+    calls: list[dict[str, Any]] = []
     for call in (
         ToolCallDelta(index=0, id="call_1", name="f", arguments="{", extra=signed),
         ToolCallDelta(index=0, arguments="}", extra={"vendor": 1}),

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from starlette.applications import Starlette
@@ -118,7 +118,7 @@ class FakeOllama:
         self.requests.append((request.url.path, body))
         return body
 
-    def _known(self, name: Any) -> bool:
+    def _known(self, name: object) -> TypeGuard[str]:
         return isinstance(name, str) and self._full(name) in self.models + self.cloud
 
     async def chat(self, request: Request) -> Response:
@@ -138,10 +138,10 @@ class FakeOllama:
         fmt = body.get("format")
         if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
             return _error(400, f'invalid format: {fmt!r}; expected "json" or a valid JSON Schema object')
-        for message in body.get("messages") or []:
-            if any(str(image).startswith("data:") for image in message.get("images") or []):
+        for sent in body.get("messages") or []:
+            if any(str(image).startswith("data:") for image in sent.get("images") or []):
                 return _error(400, "illegal base64 data at input byte 4")
-            for call in message.get("tool_calls") or []:
+            for call in sent.get("tool_calls") or []:
                 arguments = (call.get("function") or {}).get("arguments")
                 if not isinstance(arguments, dict):  # Go decodes them into a map
                     kind = {list: "array", str: "string", bool: "bool"}.get(type(arguments), "number")
@@ -168,9 +168,9 @@ class FakeOllama:
 
     def _calls(self, reply: Reply) -> list[dict[str, Any]]:
         alphabet = string.ascii_lowercase + string.digits
-        calls = []
+        calls: list[dict[str, Any]] = []
         for index, call in enumerate(reply.tool_calls or []):
-            native = {"function": {"index": index, **call["function"]}}
+            native: dict[str, Any] = {"function": {"index": index, **call["function"]}}
             if not reply.id_missing:
                 native["id"] = "call_" + "".join(secrets.choice(alphabet) for _ in range(8))
             calls.append(native)

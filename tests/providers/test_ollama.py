@@ -284,7 +284,7 @@ def test_a_tool_choice_object_ollama_cannot_honour_is_refused(choice: dict[str, 
     assert caught.value.param == "tool_choice"
 
 
-CONVERSATION = [
+CONVERSATION: list[dict[str, Any]] = [
     {"role": "user", "content": "Weather in Oslo?"},
     {
         "role": "assistant",
@@ -359,11 +359,11 @@ def test_tool_call_arguments_that_are_not_a_json_object_name_the_field(arguments
         dict(
             CONVERSATION[1],
             tool_calls=[
-                CONVERSATION[1]["tool_calls"][0],  # type: ignore[index]
-                dict(CONVERSATION[1]["tool_calls"][0], function={"name": "f", "arguments": arguments}),  # type: ignore[index]
+                CONVERSATION[1]["tool_calls"][0],
+                dict(CONVERSATION[1]["tool_calls"][0], function={"name": "f", "arguments": arguments}),
             ],
         )
-    ]  # type: ignore[call-overload]
+    ]
     with pytest.raises(InvalidRequest) as caught:
         build(messages=[CONVERSATION[0], *broken])
     assert caught.value.param == "messages[1].tool_calls[1].function.arguments"
@@ -485,9 +485,7 @@ def test_an_error_line_mid_stream_raises() -> None:
 
 
 def test_404_says_to_pull_the_model() -> None:
-    error = ollama.error_from(
-        404, b'{"error":"model \\"x\\" not found, try pulling it first"}', "x", "http://o:1"
-    )
+    error = ollama.error_from(404, b'{"error":"model \\"x\\" not found, try pulling it first"}', "x")
     assert isinstance(error, ModelNotFound)
     assert "ollama pull x" in error.message
     assert error.http_status == 404
@@ -496,7 +494,7 @@ def test_404_says_to_pull_the_model() -> None:
 
 def test_400_keeps_ollamas_reason_and_names_the_param() -> None:
     error = ollama.error_from(
-        400, b'{"error":"registry.ollama.ai/library/gemma:2b does not support tools"}', "m", "u"
+        400, b'{"error":"registry.ollama.ai/library/gemma:2b does not support tools"}', "m"
     )
     assert isinstance(error, InvalidRequest)
     assert error.param == "tools"

@@ -292,7 +292,7 @@ async def test_a_failed_show_is_asked_again_after_a_while_for_the_truncation_not
     httpx_mock: HTTPXMock, provider: OllamaProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr(ollama.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("gateway.providers.ollama.time.monotonic", lambda: now[0])
     answer = {"message": {"content": "yo"}, "done": True, "prompt_eval_count": 2048, "eval_count": 1}
     httpx_mock.add_response(url=URL + "/api/chat", json=answer, is_reusable=True)
     httpx_mock.add_response(url=URL + "/api/show", status_code=500, json={"error": "starting"})
