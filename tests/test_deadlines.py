@@ -16,7 +16,9 @@ async def wait(deadlines: Deadlines, seconds: float, work: float, *, rival: bool
     `rival`: somebody else cancels the task at the deadline's moment too, before it runs again."""
     deadline = deadlines.start(seconds)
     if rival:
-        asyncio.get_running_loop().call_at(deadline.due, asyncio.current_task().cancel)  # type: ignore[union-attr]
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_at(deadline.due, task.cancel)
     try:
         await asyncio.sleep(work)
         return "done"
@@ -35,7 +37,8 @@ async def test_a_wait_past_its_deadline_is_cancelled_and_told_so() -> None:
     started = loop.time()
     assert await wait(deadlines, 0.05, 5) == "timeout"
     assert 0.04 <= loop.time() - started < 1
-    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
 
 
 @pytest.mark.anyio

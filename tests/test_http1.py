@@ -397,7 +397,9 @@ async def test_an_early_answer_to_an_unread_body_frees_its_connection_at_once() 
     handlers: list[asyncio.Task[None]] = []
 
     async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\nconnection: close\r\n\r\nbig")
         await writer.drain()

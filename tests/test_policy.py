@@ -34,8 +34,9 @@ def test_keys_identify_the_caller_by_hash_or_environment() -> None:
         {"OPS_KEY": "sk-two"},
     )
     assert not keys.open
-    assert keys.identify("Bearer sk-one").name == "app"  # type: ignore[union-attr]
-    assert keys.identify("bearer  sk-two ").name == "ops"  # type: ignore[union-attr]
+    app, ops = keys.identify("Bearer sk-one"), keys.identify("bearer  sk-two ")
+    assert app is not None and app.name == "app"
+    assert ops is not None and ops.name == "ops"
 
 
 @pytest.mark.parametrize(

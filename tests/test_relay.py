@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from starlette.types import Message
 
 from gateway import relay as relay_module
 from gateway.errors import ShuttingDown
@@ -131,12 +132,12 @@ class Client:
         self.writing = asyncio.Event()
         self.gone = asyncio.Event()
 
-    async def send(self, message: dict[str, object]) -> None:
+    async def send(self, message: Message) -> None:
         if message["type"] == "http.response.body":
             if len(self.bodies) == self.blocked_write:
                 self.writing.set()
                 await asyncio.Event().wait()
-            self.bodies.append(message["body"])  # type: ignore[arg-type]
+            self.bodies.append(message["body"])
 
     async def receive(self) -> dict[str, str]:
         await self.gone.wait()
@@ -217,9 +218,9 @@ async def test_a_finished_stream_ends_with_its_done_event_before_its_bookkeeping
     relay, _ = relayed(closed, finished, rest=two_more())
     ends: list[tuple[bytes, list[str], list[int]]] = []  # (body, closed, finished) as the end went out
 
-    async def send(message: dict[str, object]) -> None:
+    async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):
-            ends.append((message["body"], list(closed), list(finished)))  # type: ignore[arg-type]
+            ends.append((message["body"], list(closed), list(finished)))
 
     async def receive() -> dict[str, str]:
         await asyncio.Event().wait()

@@ -57,10 +57,12 @@ async def private_plan(state: State) -> list[str]:
 
 
 @pytest.mark.anyio
-async def test_a_private_request_does_not_wait_on_an_instance_the_balancer_ejected() -> None:
+async def test_a_private_request_does_not_wait_on_an_instance_the_balancer_ejected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     state = make_state()
     listings = Listings({"ollama-1": [ModelInfo("nomic-embed-text:latest")], "ollama-2": None})
-    state.listing = listings  # type: ignore[method-assign]
+    monkeypatch.setattr(state, "listing", listings)
     state.balancer.failed("ollama-2")  # ejected: a hung host, found out by the health checks
     try:
         assert await private_plan(state) == ["ollama-1"]
@@ -70,10 +72,12 @@ async def test_a_private_request_does_not_wait_on_an_instance_the_balancer_eject
 
 
 @pytest.mark.anyio
-async def test_an_ejected_instance_is_asked_when_no_other_could_serve() -> None:
+async def test_an_ejected_instance_is_asked_when_no_other_could_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     state = make_state()
     listings = Listings({"ollama-1": None, "ollama-2": [ModelInfo("nomic-embed-text:latest")]})
-    state.listing = listings  # type: ignore[method-assign]
+    monkeypatch.setattr(state, "listing", listings)
     for name in ("ollama-1", "ollama-2"):
         state.balancer.failed(name)
     try:
@@ -84,7 +88,9 @@ async def test_an_ejected_instance_is_asked_when_no_other_could_serve() -> None:
 
 
 @pytest.mark.anyio
-async def test_another_local_backend_spares_the_wait_on_an_ejected_instance() -> None:
+async def test_another_local_backend_spares_the_wait_on_an_ejected_instance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     state = make_state(
         backends=[
             {"name": "ollama-1", "type": "ollama", "base_url": "http://10.0.0.5:11434"},
@@ -99,7 +105,7 @@ async def test_another_local_backend_spares_the_wait_on_an_ejected_instance() ->
         ],
     )
     listings = Listings({"ollama-1": None, "ollama-2": None})
-    state.listing = listings  # type: ignore[method-assign]
+    monkeypatch.setattr(state, "listing", listings)
     state.balancer.failed("ollama-1")
     state.balancer.failed("ollama-2")
     try:
@@ -110,9 +116,11 @@ async def test_another_local_backend_spares_the_wait_on_an_ejected_instance() ->
 
 
 @pytest.mark.anyio
-async def test_instances_whose_inventory_is_unknown_are_no_candidates() -> None:
+async def test_instances_whose_inventory_is_unknown_are_no_candidates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     state = make_state()
-    state.listing = Listings({"ollama-1": None, "ollama-2": None})  # type: ignore[method-assign]
+    monkeypatch.setattr(state, "listing", Listings({"ollama-1": None, "ollama-2": None}))
     try:
         with pytest.raises(UpstreamUnavailable):
             await private_plan(state)
@@ -121,7 +129,7 @@ async def test_instances_whose_inventory_is_unknown_are_no_candidates() -> None:
 
 
 @pytest.mark.anyio
-async def test_the_model_list_asks_only_the_backends_under_a_pattern() -> None:
+async def test_the_model_list_asks_only_the_backends_under_a_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
     state = make_state(
         models=[
             {"name": "emb", "deployments": [{"backend": "ollama-1", "model": "nomic-embed-text"}]},
@@ -129,7 +137,7 @@ async def test_the_model_list_asks_only_the_backends_under_a_pattern() -> None:
         ]
     )
     listings = Listings({"ollama-1": None, "ollama-2": [ModelInfo("qwen2.5:0.5b")]})
-    state.listing = listings  # type: ignore[method-assign]
+    monkeypatch.setattr(state, "listing", listings)
     try:
         assert list(await model_objects(state, None)) == ["emb", "ollama/qwen2.5:0.5b"]
         assert listings.asked == ["ollama-2"]  # a hung ollama-1 would hold up no answer
