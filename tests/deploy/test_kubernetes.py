@@ -39,7 +39,8 @@ def gateway_config_from_configmap(tmp_path: Path) -> Path:
 
 
 def container() -> dict[str, Any]:
-    (found,) = manifest("Deployment")["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = manifest("Deployment")["spec"]["template"]["spec"]["containers"]
+    (found,) = containers
     return found
 
 
