@@ -7,11 +7,17 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import (
+    ChatCompletionContentPartImageParam,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionStreamOptionsParam,
+)
+from openai.types.shared import ReasoningEffort
 
 from gateway.config import Config, parse_config
 from tests.e2e.conftest import sample, scrape, wait_for
@@ -22,7 +28,7 @@ from tests.servers import ServerThread, serve
 
 pytestmark = pytest.mark.e2e
 KEY = "sk-test-0123456789"
-TOOL = {
+TOOL: ChatCompletionFunctionToolParam = {
     "type": "function",
     "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
 }
@@ -31,7 +37,7 @@ TOOL = {
 @dataclass
 class Rig:
     kind: str
-    fake: Any
+    fake: FakeOllama | FakeOpenAI | FakeGemini
     gateway: ServerThread
     api: openai.OpenAI
     audit: Path
@@ -40,11 +46,12 @@ class Rig:
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
     def upstream_bodies(self) -> list[dict[str, Any]]:
-        return self.fake.chat_bodies()  # type: ignore[no-any-return]
+        return self.fake.chat_bodies()
 
 
 def _config(kind: str, url: str, audit: Path | None = None, **extra: Any) -> Config:
     """`extra`: more of the backend's settings."""
+    backend: dict[str, Any]
     if kind == "ollama":
         backend = {"name": "b", "type": "ollama", "base_url": url}
         chat, embed = "llama3.2:latest", "nomic-embed-text:latest"
@@ -96,6 +103,7 @@ def test_plain_completion(rig: Rig) -> None:
     assert reply.choices[0].message.content == "Hello world"
     assert (reply.model, reply.object, reply.choices[0].finish_reason) == ("chat", "chat.completion", "stop")
     assert reply.id.startswith("chatcmpl-") and reply.id != "chatcmpl-up"
+    assert reply.usage is not None
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (7, 2, 9)
     samples = scrape(rig.gateway.url)
     assert (
@@ -109,7 +117,7 @@ def test_plain_completion(rig: Rig) -> None:
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_streaming(rig: Rig, include_usage: bool) -> None:
     rig.fake.queue(Reply(pieces=["Hel", "lo ", "there"], prompt_eval_count=4, eval_count=3))
-    options = {"include_usage": True} if include_usage else None
+    options: ChatCompletionStreamOptionsParam | None = {"include_usage": True} if include_usage else None
     chunks = list(
         rig.api.chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options=options
@@ -139,6 +147,7 @@ def test_tool_call_then_answer(rig: Rig) -> None:
     first = rig.api.chat.completions.create(model="chat", messages=messages, tools=[TOOL])
     call = (first.choices[0].message.tool_calls or [])[0]
     assert first.choices[0].finish_reason == "tool_calls"
+    assert call.type == "function"
     assert (call.function.name, json.loads(call.function.arguments)) == ("lookup", {"q": "oslo"})
     messages += [
         first.choices[0].message.model_dump(exclude_none=True),
@@ -156,7 +165,7 @@ def test_streamed_tool_calls_merge_into_one_call(rig: Rig) -> None:
     )
     with rig.api.chat.completions.stream(
         model="chat", messages=[{"role": "user", "content": "x"}], tools=[TOOL]
-    ) as s:  # type: ignore[list-item]
+    ) as s:
         final = s.get_final_completion()
     calls = final.choices[0].message.tool_calls or []
     assert final.choices[0].finish_reason == "tool_calls"
@@ -195,6 +204,13 @@ def _assert_ended_with_stop(chunks: list[Any], text: str) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
 
 
+class Unfinished(TypedDict, total=False):
+    """The ways a fake's stream can end without a finish_reason (`Reply`'s fields)."""
+
+    omit_done: bool
+    finish_missing: bool
+
+
 @pytest.mark.parametrize(
     ("kind", "unfinished"),
     [
@@ -206,7 +222,7 @@ def _assert_ended_with_stop(chunks: list[Any], text: str) -> None:
     ],
 )
 def test_a_stream_that_ends_cleanly_without_finish_reason_ends_with_stop(
-    start_gateway: Callable[..., ServerThread], kind: str, unfinished: dict[str, bool]
+    start_gateway: Callable[..., ServerThread], kind: str, unfinished: Unfinished
 ) -> None:
     fake = _fake(kind)
     fake.queue(Reply(pieces=["All of ", "the answer."], prompt_eval_count=4, **unfinished))
@@ -269,7 +285,11 @@ def test_a_gemini_stream_whose_body_ends_inside_an_event_is_an_error_not_a_stop(
 
 def test_json_schema(rig: Rig) -> None:
     rig.fake.queue(Reply(content='{"city": "Oslo"}'))
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    schema: dict[str, object] = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    }
     reply = rig.api.chat.completions.create(
         model="chat",
         messages=[{"role": "user", "content": "json"}],
@@ -344,10 +364,13 @@ def test_a_tool_choice_asking_for_a_call_without_tools_is_refused_before_the_bac
 
 def test_image_input(rig: Rig) -> None:
     rig.fake.queue(Reply(content="A cat."))
-    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    part: ChatCompletionContentPartImageParam = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+    }
     reply = rig.api.chat.completions.create(
         model="chat",
-        messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, part]}],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, part]}],
     )
     assert reply.choices[0].message.content == "A cat."
 
@@ -387,6 +410,7 @@ def test_many_inputs_come_back_in_their_order(rig: Rig) -> None:
     assert [d.index for d in result.data] == list(range(250))
     assert [d.embedding for d in result.data] == [rig.fake.vector(text) for text in texts]
     if rig.kind == "gemini":  # Google takes at most 100 inputs per batchEmbedContents call
+        assert isinstance(rig.fake, FakeGemini)
         sizes = [len(body["requests"]) for path, body, _ in rig.fake.requests if "batchEmbed" in path]
         assert sizes == [100, 100, 50]
 
@@ -402,6 +426,7 @@ def test_token_id_input(rig: Rig) -> None:
     )
     assert answer.headers["x-phoenix-privacy"] == "private;reason=token_ids"
     if rig.kind == "openai":
+        assert isinstance(rig.fake, FakeOpenAI)
         assert answer.status_code == 200, answer.text
         vectors = [item["embedding"] for item in answer.json()["data"]]
         assert vectors == [rig.fake.vector("1 2 3"), rig.fake.vector("4 5")]
@@ -569,17 +594,20 @@ def test_reasoning_effort_reaches_gemini_as_its_thinking_config(
     with serve(fake.app) as upstream:
         gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
-            for effort in ("none", "high"):
+            efforts: list[ReasoningEffort] = ["none", "high"]
+            for effort in efforts:
                 api.chat.completions.create(
                     model="chat", messages=[{"role": "user", "content": "2+2?"}], reasoning_effort=effort
                 )
             with pytest.raises(openai.BadRequestError) as refused:
-                api.chat.completions.create(
+                # not one of the efforts: the gateway must refuse it with a 400 naming the field
+                api.chat.completions.create(  # type: ignore[call-overload]
                     model="chat",
                     messages=[{"role": "user", "content": "2+2?"}],
-                    reasoning_effort="bogus",  # type: ignore[arg-type]
+                    reasoning_effort="bogus",
                 )
-    assert refused.value.body["param"] == "reasoning_effort"  # type: ignore[index]
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["param"] == "reasoning_effort"
     sent = [body["generationConfig"]["thinkingConfig"] for body in fake.chat_bodies()]
     assert sent == [
         {"thinkingBudget": 0, "includeThoughts": False},

@@ -10,12 +10,18 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionContentPartInputAudioParam,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageParam,
+)
 
 from gateway import relay as relay_module
 from gateway.config import Config
@@ -27,7 +33,7 @@ from tests.servers import ServerThread, free_port, serve
 pytestmark = pytest.mark.e2e
 
 FakeServer = tuple[FakeOllama, ServerThread]
-WEATHER_TOOL = {
+WEATHER_TOOL: ChatCompletionFunctionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -69,6 +75,7 @@ def test_sync_sdk_non_streaming_chat(fake_ollama: FakeServer, gateway: ServerThr
     assert reply.choices[0].finish_reason == "stop"
     assert reply.model == "llama3.2"
     assert reply.id.startswith("chatcmpl-")
+    assert reply.usage is not None
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (21, 6, 27)
     sent = fake.chat_bodies()[-1]
     assert sent["model"] == "llama3.2:latest"
@@ -140,19 +147,20 @@ def test_tool_calls_non_streaming_then_multi_turn(fake_ollama: FakeServer, gatew
         Reply(content="It is 4C in Oslo."),
     )
     api = client(gateway)
-    messages: list[dict[str, object]] = [{"role": "user", "content": "Weather in Oslo?"}]
-    first = api.chat.completions.create(model="llama3.2", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[arg-type,list-item]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Weather in Oslo?"}]
+    first = api.chat.completions.create(model="llama3.2", messages=messages, tools=[WEATHER_TOOL])
     assert first.choices[0].finish_reason == "tool_calls"
-    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert first.choices[0].message.tool_calls is not None
+    call = first.choices[0].message.tool_calls[0]
     assert call.type == "function"
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Oslo"}
     assert call.id.startswith("call_")
     messages += [
-        first.choices[0].message.model_dump(exclude_none=True),
+        cast(ChatCompletionAssistantMessageParam, first.choices[0].message.model_dump(exclude_none=True)),
         {"role": "tool", "tool_call_id": call.id, "content": "4C"},
     ]
-    second = api.chat.completions.create(model="llama3.2", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[arg-type]
+    second = api.chat.completions.create(model="llama3.2", messages=messages, tools=[WEATHER_TOOL])
     assert second.choices[0].message.content == "It is 4C in Oslo."
     sent = fake.chat_bodies()[-1]
     assert sent["tools"] == [WEATHER_TOOL]
@@ -237,7 +245,7 @@ def test_tool_calls_streaming_accumulate_cleanly(fake_ollama: FakeServer, gatewa
     with client(gateway).chat.completions.stream(
         model="llama3.2",
         messages=[{"role": "user", "content": "Weather in Oslo and Lima?"}],
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
     ) as stream:
         final = stream.get_final_completion()
     message = final.choices[0].message
@@ -280,7 +288,11 @@ def test_json_mode_and_json_schema(fake_ollama: FakeServer, gateway: ServerThrea
         response_format={"type": "json_object"},
     )
     assert json.loads(reply.choices[0].message.content or "") == {"a": 1}
-    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    schema: dict[str, object] = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}},
+        "required": ["name"],
+    }
     api.chat.completions.create(
         model="llama3.2",
         messages=[{"role": "user", "content": "name"}],
@@ -317,7 +329,10 @@ def test_audio_parts_reach_ollama_in_images_and_file_parts_are_refused(
 ) -> None:
     fake, _ = fake_ollama
     wav = base64.b64encode(b"RIFF$\x00\x00\x00WAVEfmt ").decode()
-    audio = {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}
+    audio: ChatCompletionContentPartInputAudioParam = {
+        "type": "input_audio",
+        "input_audio": {"data": wav, "format": "wav"},
+    }
     client(gateway).chat.completions.create(
         model="llama3.2",
         messages=[{"role": "user", "content": [{"type": "text", "text": "Transcribe this."}, audio]}],
@@ -442,13 +457,14 @@ def test_health_and_readiness(fake_ollama: FakeServer, gateway: ServerThread) ->
 def error_of(response: httpx.Response) -> dict[str, object]:
     body = response.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, object] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
     assert "Traceback" not in response.text
-    return body["error"]  # type: ignore[no-any-return]
+    return error
 
 
-def post(gateway: ServerThread, body: object, **kwargs: object) -> httpx.Response:
-    return httpx.post(gateway.url + "/v1/chat/completions", json=body, **kwargs)  # type: ignore[arg-type]
+def post(gateway: ServerThread, body: object, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers)
 
 
 def test_ollama_down_is_503_naming_the_url(start_gateway: Callable[[Config], ServerThread]) -> None:
@@ -662,11 +678,11 @@ def test_metrics_count_requests_tokens_and_ttft(fake_ollama: FakeServer, gateway
         Reply(status=500, error_text="boom"),
     )
     api = client(gateway)
-    messages = [{"role": "user", "content": "x"}]
-    api.chat.completions.create(model="llama3.2", messages=messages)  # type: ignore[arg-type]
-    list(api.chat.completions.create(model="llama3.2", messages=messages, stream=True))  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x"}]
+    api.chat.completions.create(model="llama3.2", messages=messages)
+    list(api.chat.completions.create(model="llama3.2", messages=messages, stream=True))
     with pytest.raises(openai.InternalServerError):
-        api.chat.completions.create(model="llama3.2", messages=messages)  # type: ignore[arg-type]
+        api.chat.completions.create(model="llama3.2", messages=messages)
     post(gateway, {"model": "made-up-model", "messages": messages})
     samples = scrape(gateway.url)
     labels = {"endpoint": "chat", "model": "llama3.2", "backend": "ollama-1"}
@@ -722,8 +738,12 @@ def test_a_client_that_stops_reading_is_dropped_without_a_server_error(
     # rather than left waiting to send, and uvicorn logs no "returned without completing".
     monkeypatch.setattr(relay_module, "CLIENT_STALL_SECONDS", 0.5)
     errors: list[str] = []
-    handler = logging.Handler(logging.ERROR)
-    handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
+
+    class Errors(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record.getMessage())
+
+    handler = Errors(logging.ERROR)
     logging.getLogger("uvicorn.error").addHandler(handler)
     fake, _ = fake_ollama
     fake.queue(Reply(pieces=["x" * 8192] * 8000))  # 64 MB: more than the socket buffers hold

@@ -11,6 +11,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionCustomToolParam
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -302,7 +303,7 @@ def test_a_history_call_without_type_or_arguments_goes_upstream_as_openai_requir
     ]
 
 
-CUSTOM_TOOL = {
+CUSTOM_TOOL: ChatCompletionCustomToolParam = {
     "type": "custom",
     "custom": {"name": "grep", "description": "a pattern", "format": {"type": "text"}},
 }

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.config import Config, parse_config
 from tests.e2e.conftest import ollama_config, sample, scrape, wait_for
@@ -23,7 +24,7 @@ from tests.servers import ServerThread, free_port, gateway_process, redis_server
 
 pytestmark = pytest.mark.e2e
 SECRETS = {"CLINIC_KEY": "sk-clinic", "SCHOOL_KEY": "sk-school"}
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def keys(clinic: dict[str, int], school: dict[str, int] | None = None) -> dict[str, Any]:

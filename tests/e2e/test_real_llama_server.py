@@ -8,13 +8,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.config import parse_config
 from tests.engines import RealLlamaServer
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.e2e
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_non_streaming_matches_the_server_itself(llama: RealLlamaServer, api: op
     expected = direct(llama)
     reply = api.chat.completions.create(
         model="local-smol", messages=QUESTION, temperature=0, seed=1, max_tokens=16
-    )  # type: ignore[arg-type]
+    )
     assert reply.choices[0].message.content == expected["choices"][0]["message"]["content"]
     assert reply.choices[0].message.content  # what the model says is its business; equality is ours
     assert reply.usage is not None
@@ -65,10 +66,15 @@ def test_streaming_matches_and_counts_tokens(llama: RealLlamaServer, api: openai
     expected = direct(llama, max_tokens=12)
     chunks = list(
         api.chat.completions.create(
-            model="local-smol", messages=QUESTION, temperature=0, seed=1, max_tokens=12,  # type: ignore[arg-type]
-            stream=True, stream_options={"include_usage": True},
+            model="local-smol",
+            messages=QUESTION,
+            temperature=0,
+            seed=1,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected["choices"][0]["message"]["content"]
     assert chunks[-1].usage is not None
@@ -81,7 +87,7 @@ def test_usage_is_counted_even_when_the_client_did_not_ask(
 ) -> None:
     chunks = list(
         api.chat.completions.create(model="local-smol", messages=QUESTION, max_tokens=4, stream=True)
-    )  # type: ignore[arg-type]
+    )
     assert all(c.usage is None for c in chunks)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (
         ["length"],

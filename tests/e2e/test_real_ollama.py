@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any, TypedDict
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.config import Config, parse_config
 from gateway.llm import LLMMessage, LLMProviderFactory, LLMRole
@@ -20,7 +22,7 @@ from tests.engines import SMOLLM2, TINY, RealOllama
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.e2e
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
@@ -39,9 +41,9 @@ def gateway(real_ollama: RealOllama, start_gateway: Callable[..., ServerThread])
     return start_gateway(config)
 
 
-def direct(real_ollama: RealOllama, **options: object) -> dict[str, object]:
+def direct(real_ollama: RealOllama, **options: object) -> dict[str, Any]:
     body = {"model": SMOLLM2, "messages": QUESTION, "stream": False, "options": options}
-    answer: dict[str, object] = httpx.post(real_ollama.url + "/api/chat", json=body, timeout=120).json()
+    answer: dict[str, Any] = httpx.post(real_ollama.url + "/api/chat", json=body, timeout=120).json()
     return answer
 
 
@@ -50,8 +52,8 @@ def test_non_streaming_matches_ollama_itself(real_ollama: RealOllama, gateway: S
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=120) as api:
         reply = api.chat.completions.create(
             model="smol", messages=QUESTION, temperature=0, seed=1, max_tokens=16
-        )  # type: ignore[arg-type]
-    assert reply.choices[0].message.content == expected["message"]["content"]  # type: ignore[index]
+        )
+    assert reply.choices[0].message.content == expected["message"]["content"]
     assert "Paris" in (reply.choices[0].message.content or "")
     assert reply.usage is not None
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
@@ -66,12 +68,17 @@ def test_streaming_matches_ollama_itself(real_ollama: RealOllama, gateway: Serve
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=120) as api:
         chunks = list(
             api.chat.completions.create(
-                model="smol", messages=QUESTION, temperature=0, seed=1, max_tokens=12,  # type: ignore[arg-type]
-                stream=True, stream_options={"include_usage": True},
+                model="smol",
+                messages=QUESTION,
+                temperature=0,
+                seed=1,
+                max_tokens=12,
+                stream=True,
+                stream_options={"include_usage": True},
             )
-        )  # fmt: skip
+        )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == expected["message"]["content"]  # type: ignore[index]
+    assert text == expected["message"]["content"]
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == expected["eval_count"]
 
@@ -192,8 +199,19 @@ def test_embeddings_get_the_dimensions_asked_for_from_an_ollama_that_ignores_the
             api.embeddings.create(model="smol", input=inputs, dimensions=size + 1)
     for item, vector in zip([*floats.data, *packed.data], expected * 2, strict=True):
         assert item.embedding == pytest.approx(vector, rel=1e-5, abs=1e-6)
-    assert caught.value.body["param"] == "dimensions"  # type: ignore[index]
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["param"] == "dimensions"
     assert f"{size}-dimensional" in caught.value.message
+
+
+class ChatBody(TypedDict):
+    """A request sent both as JSON and through the SDK."""
+
+    model: str
+    messages: list[ChatCompletionMessageParam]
+    temperature: float
+    seed: int
+    max_tokens: int
 
 
 def stream_lines(url: str, body: dict[str, object]) -> list[str]:
@@ -214,7 +232,7 @@ def test_a_real_stream_that_ends_without_done_ends_with_a_defined_error(
     assert json.loads(native[-1])["done"] is False, "precondition: Ollama itself ends without done"
     assert len(native) < 256
 
-    body = {"model": "tiny", "messages": QUESTION, "temperature": 0, "seed": 1, "max_tokens": 256}
+    body = ChatBody(model="tiny", messages=QUESTION, temperature=0, seed=1, max_tokens=256)
     events = stream_lines(gateway.url + "/v1/chat/completions", {**body, "stream": True})
     assert "data: [DONE]" not in events
     error = json.loads(events[-1].removeprefix("data: "))["error"]
@@ -227,9 +245,9 @@ def test_a_real_stream_that_ends_without_done_ends_with_a_defined_error(
 
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=60) as api:
         with pytest.raises(openai.APIError, match="without its final 'done'"):
-            list(api.chat.completions.create(**body, stream=True))  # type: ignore[call-overload]
+            list(api.chat.completions.create(**body, stream=True))
         with pytest.raises(openai.APIStatusError) as caught:
-            api.chat.completions.create(**body)  # type: ignore[call-overload]
+            api.chat.completions.create(**body)
     assert caught.value.status_code == 502
     assert caught.value.code == "upstream_incomplete"
 
@@ -249,7 +267,7 @@ def test_the_random_model_at_full_speed_matches_ollamas_counts(
             messages=QUESTION,
             temperature=0.8,
             seed=3,
-            max_tokens=200,  # type: ignore[arg-type]
+            max_tokens=200,
         )
     assert reply.choices[0].message.content == expected["message"]["content"]
     assert expected["done_reason"] == "length"

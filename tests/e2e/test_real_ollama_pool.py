@@ -9,6 +9,7 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.config import parse_config
 from tests.e2e.conftest import sample, scrape
@@ -16,7 +17,7 @@ from tests.engines import MODELS, TINY, RealOllama
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.e2e
-QUESTION = [{"role": "user", "content": "Say something."}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
 
 
 def loaded(ollama: RealOllama) -> set[str]:
@@ -61,7 +62,7 @@ def test_the_warm_server_is_preferred_and_the_other_covers_when_it_dies(
         time.sleep(0.5)  # the background refresh reads both /api/ps
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=60) as api:
             for _ in range(4):
-                reply = api.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=16)  # type: ignore[arg-type]
+                reply = api.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=16)
                 assert reply.usage is not None and reply.usage.completion_tokens == 16
             served = scrape(gateway.url)
             per_backend = {
@@ -80,7 +81,7 @@ def test_the_warm_server_is_preferred_and_the_other_covers_when_it_dies(
 
             second.stop()
             for _ in range(2):
-                reply = api.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8)  # type: ignore[arg-type]
+                reply = api.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8)
                 assert reply.usage is not None and reply.usage.completion_tokens == 8
         after = scrape(gateway.url)
         assert (

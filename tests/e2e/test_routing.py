@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.cli import main
 from gateway.config import Config, parse_config
@@ -23,7 +24,7 @@ from tests.servers import ServerThread, free_port, serve
 from tests.test_audit import locked_elsewhere
 
 pytestmark = pytest.mark.e2e
-HELLO = [{"role": "user", "content": "hello"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
@@ -120,8 +121,8 @@ def test_fallbacks_serve_public_traffic_when_every_deployment_fails(
     _, _, spare, two = two_ollamas
     gateway = start_gateway(fallback_config(f"http://127.0.0.1:{free_port()}", two.url))
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as api:
-        reply = api.chat.completions.create(model="big", messages=HELLO)  # type: ignore[arg-type]
-        chunks = list(api.chat.completions.create(model="big", messages=HELLO, stream=True))  # type: ignore[arg-type]
+        reply = api.chat.completions.create(model="big", messages=HELLO)
+        chunks = list(api.chat.completions.create(model="big", messages=HELLO, stream=True))
     assert reply.model == "small"  # the answer says which model answered
     assert {chunk.model for chunk in chunks} == {"small"}
     assert [body["model"] for body in spare.chat_bodies()] == ["qwen2.5:0.5b", "qwen2.5:0.5b"]
@@ -211,16 +212,16 @@ def test_api_keys_gate_the_api(
     assert fake.chat_bodies() == []
 
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key=SECRET, max_retries=0) as clinic:
-        reply = clinic.chat.completions.create(model="llama3.2", messages=HELLO)  # type: ignore[arg-type]
+        reply = clinic.chat.completions.create(model="llama3.2", messages=HELLO)
         assert reply.choices[0].message.content
         with pytest.raises(openai.PermissionDeniedError) as denied:
-            clinic.chat.completions.create(model="qwen", messages=HELLO)  # type: ignore[arg-type]
+            clinic.chat.completions.create(model="qwen", messages=HELLO)
         assert denied.value.code == "model_not_allowed"
         assert [m.id for m in clinic.models.list()] == ["llama3.2"]
-        response = clinic.chat.completions.with_raw_response.create(model="llama3.2", messages=HELLO)  # type: ignore[arg-type]
+        response = clinic.chat.completions.with_raw_response.create(model="llama3.2", messages=HELLO)
         assert response.headers["x-phoenix-privacy"] == "private;reason=key"
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-ops-77", max_retries=0) as ops:
-        assert ops.chat.completions.create(model="qwen", messages=HELLO).model == "qwen"  # type: ignore[arg-type]
+        assert ops.chat.completions.create(model="qwen", messages=HELLO).model == "qwen"
         assert {m.id for m in ops.models.list()} == {"llama3.2", "qwen"}
     assert httpx.get(gateway.url + "/v1/models").status_code == 401
     assert httpx.get(gateway.url + "/healthz").status_code == 200  # operations stay open
