@@ -21,7 +21,9 @@ import httpx
 import pytest
 
 from gateway import http1
+from gateway.app import HotRoutes
 from gateway.config import parse_config
+from gateway.state import State
 from tests.e2e.conftest import sample, scrape, wait_for
 from tests.fakes.faulty_server import (
     FaultyOllama,
@@ -202,7 +204,9 @@ def test_running_out_of_file_descriptors_is_the_gateways_503_and_no_fault_of_the
         url = setup.gateway.url + "/v1/chat/completions"
         assert client.post(url, json=body).status_code == 200
         wait_for(lambda: all(conn.closed_at for conn in setup.fakes[0].connections), 3)
-        state = setup.gateway.server.config.app.app.state.gateway
+        front = setup.gateway.server.config.app
+        assert isinstance(front, HotRoutes)
+        state: State = front.app.state.gateway
         assert setup.gateway.loop is not None
         with no_free_descriptors():
             answers = [client.post(url, json=body) for _ in range(3)]  # unhealthy_after: 3

@@ -8,8 +8,9 @@ import json
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
 
-from gateway.app import create_app
+from gateway.app import HotRoutes, create_app
 from gateway.state import State
 from tests.e2e.conftest import ollama_config, sample, scrape
 from tests.fakes.ollama_server import FakeOllama, Reply
@@ -107,7 +108,8 @@ async def test_an_answer_goes_out_before_its_bookkeeping(
     the time the app returns, so before the loop can read another request."""
     _, backend = fake_ollama
     app = create_app(ollama_config(backend.url), environ={})
-    state: State = app.app.state.gateway  # type: ignore[attr-defined]
+    assert isinstance(app, HotRoutes)
+    state: State = app.app.state.gateway
     content = json.dumps(body).encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -117,10 +119,10 @@ async def test_an_answer_goes_out_before_its_bookkeeping(
     }  # fmt: skip
     sent: list[tuple[object, int, float]] = []  # (message type, requests in flight, requests counted)
 
-    async def receive() -> dict[str, object]:
+    async def receive() -> Message:
         return {"type": "http.request", "body": content, "more_body": False}
 
-    async def send(message: dict[str, object]) -> None:
+    async def send(message: Message) -> None:
         sent.append((message["type"], state.active, requests_counted(state, endpoint)))
 
     try:

@@ -275,9 +275,9 @@ def test_token_ids_the_detector_cannot_read_never_reach_the_cloud(rig: Rig, ids:
 
 
 EMAIL = "ana.lopez@example.org"
-TOOL = {"type": "function", "function": {"name": "notify", "parameters": {"type": "object"}}}
+TOOL: dict[str, Any] = {"type": "function", "function": {"name": "notify", "parameters": {"type": "object"}}}
 # Personal data outside the messages' text, in fields an OpenAI-compatible backend would receive.
-ELSEWHERE = {
+ELSEWHERE: dict[str, dict[str, object]] = {
     "user": {"user": EMAIL},
     "safety_identifier": {"safety_identifier": EMAIL},
     "metadata": {"metadata": {"patient": EMAIL}},
@@ -299,7 +299,7 @@ ELSEWHERE = {
 
 @pytest.mark.parametrize("where", ELSEWHERE)
 def test_personal_data_anywhere_in_the_body_keeps_it_local(rig: Rig, where: str) -> None:
-    body = {
+    body: dict[str, object] = {
         "model": "chat",
         "max_tokens": 5,
         "messages": [{"role": "user", "content": "Summarise the notes."}],
