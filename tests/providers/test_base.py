@@ -33,3 +33,28 @@ def test_custom_tools_and_their_calls_are_refused_naming_them(backend: str) -> N
     with pytest.raises(InvalidRequest) as refused:
         translate(ChatRequest.model_validate({"model": "m", "messages": history}))
     assert refused.value.param == "messages[1].tool_calls[0]"
+
+
+@pytest.mark.parametrize("backend", TRANSLATIONS)
+@pytest.mark.parametrize("tools", [None, []])
+@pytest.mark.parametrize(
+    "choice",
+    [
+        "required",
+        {"type": "function", "function": {"name": "f"}},
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [FUNCTION]}},
+    ],
+    ids=["required", "named", "allowed_tools"],
+)
+def test_a_tool_choice_asking_for_a_call_without_tools_is_refused(
+    backend: str, choice: Any, tools: list[Any] | None
+) -> None:
+    def translate(tool_choice: Any) -> Any:
+        fields = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": tools}
+        return TRANSLATIONS[backend](ChatRequest.model_validate({**fields, "tool_choice": tool_choice}))
+
+    with pytest.raises(InvalidRequest, match="only allowed when 'tools' are specified") as caught:
+        translate(choice)
+    assert caught.value.param == "tool_choice"
+    assert "tools" not in translate("none")
+    assert "tools" not in translate("auto")

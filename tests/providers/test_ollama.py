@@ -205,29 +205,6 @@ def test_tool_choice_naming_a_function_keeps_only_that_tool() -> None:
     assert build(tools=[TOOL, OTHER], tool_choice=choice)["tools"] == [OTHER]
 
 
-@pytest.mark.parametrize("tools", [None, []])
-@pytest.mark.parametrize(
-    "choice",
-    [
-        "required",
-        {"type": "function", "function": {"name": "a"}},
-        {
-            "type": "allowed_tools",
-            "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "a"}}]},
-        },
-    ],
-    ids=["required", "named", "allowed_tools"],
-)
-def test_a_tool_choice_asking_for_a_call_without_tools_is_refused(
-    choice: Any, tools: list[Any] | None
-) -> None:
-    with pytest.raises(InvalidRequest, match="only allowed when 'tools' are specified") as caught:
-        build(tools=tools, tool_choice=choice)
-    assert caught.value.param == "tool_choice"
-    assert "tools" not in build(tools=tools, tool_choice="none")
-    assert "tools" not in build(tools=tools, tool_choice="auto")
-
-
 def test_tool_choice_naming_an_unknown_function_is_refused() -> None:
     with pytest.raises(InvalidRequest) as caught:
         build(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}})
