@@ -40,6 +40,7 @@ from gateway.policy import is_cloud_name
 from gateway.privacy import LEVELS
 from gateway.providers import build_provider
 from gateway.providers.base import BackendConfig, Provider
+from gateway.providers.ollama import OllamaProvider
 from gateway.schemas import ChatRequest
 from gateway.upstream import make_transport
 
@@ -130,7 +131,9 @@ class LLMProvider:
 
     A private request (`privacy="private"`, or `metadata={"privacy": "private"}` as the gateway
     takes it) goes only to a backend whose config says `local`, and never to an Ollama cloud model
-    (`:cloud`/`-cloud`); else `LLMError`, and nothing is sent. An OpenAI-compatible backend gets
+    (`:cloud`/`-cloud`, or one the instance's /api/show says it forwards: asked once per model
+    before its first private request, and a lookup that fails refuses the request); else
+    `LLMError`, and nothing is sent. An OpenAI-compatible backend gets
     it with the `x-privacy: private` header, so that a Phoenix gateway enforces it in turn."""
 
     def __init__(self, name: str, backend: BackendConfig, model: str, temperature: float | None = None,
@@ -146,6 +149,7 @@ class LLMProvider:
         self._environ = {backend.api_key_env: api_key} if backend.api_key_env and api_key else {}
         self._timeouts = backend.timeouts
         self._connections: _Connections | None = None
+        self._remote: dict[str, bool] = {}  # Ollama model -> whether its instance forwards it
 
     async def __aenter__(self) -> LLMProvider:
         return self
@@ -227,6 +231,8 @@ class LLMProvider:
         seconds, which = _first_token_deadline(self._timeouts)  # here it comes with the whole answer
         try:
             async with asyncio.timeout(seconds):
+                if private:
+                    await self._vet(provider, request.model)
                 completion = await provider.complete(request, request.model)
         except GatewayError as error:
             raise self._failed(error) from None
@@ -260,6 +266,12 @@ class LLMProvider:
         end = loop.time() + timeouts.total
         seconds, which = _first_token_deadline(timeouts)
         due = loop.time() + seconds
+        if private:
+            try:
+                async with asyncio.timeout_at(due):
+                    await self._vet(provider, request.model)
+            except TimeoutError:
+                raise self._timed_out(which, seconds) from None
         stream = provider.stream(request, request.model)
         try:
             while True:
@@ -280,6 +292,30 @@ class LLMProvider:
             raise self._failed(error) from None
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _vet(self, provider: Provider, model: str) -> None:
+        """For a private request to Ollama: LLMError unless the instance says the model is its own.
+        A name without `:cloud` proves nothing (`ollama cp gpt-oss:120b-cloud team-gpt`)."""
+        if not isinstance(provider, OllamaProvider):
+            return
+        remote = self._remote.get(model)
+        if remote is None:
+            remote = await provider.remote(model)
+            if remote is None:
+                raise LLMError(
+                    code="privacy_violation",
+                    message=f"This request is private and whether the model {model!r} on the {self.name}"
+                    f" backend at {self._backend.base_url} is local could not be learned (its /api/show"
+                    " failed), so it was not sent.",
+                )
+            self._remote[model] = remote
+        if remote:
+            raise LLMError(
+                code="privacy_violation",
+                message=f"This request is private and the model {model!r} on the {self.name} backend at"
+                f" {self._backend.base_url} is an Ollama cloud model, forwarded to Ollama's hosted"
+                " service, so it was not sent.",
+            )
 
     def _failed(self, error: GatewayError) -> LLMError:
         """The gateway's error in the library's words where they differ: the gateway's message for

@@ -222,6 +222,52 @@ async def test_a_private_request_to_an_ollama_cloud_model_is_refused(fake_ollama
     assert fake.chat_bodies() == []
 
 
+async def test_a_private_request_to_an_ollama_cloud_model_under_a_local_name_is_refused() -> None:
+    """`ollama cp gpt-oss:120b-cloud team-gpt`: only the instance's /api/show tells it is remote."""
+    fake = FakeOllama(models=["llama3.2"], cloud=["team-gpt"])
+    prompt = [LLMMessage(LLMRole.USER, "Summarise this patient's file")]
+    with serve(fake.app) as server:
+        async with LLMProviderFactory.create("ollama", {"base_url": server.url, "model": "team-gpt"}) as llm:
+            with pytest.raises(LLMError, match=r"'team-gpt' .* is an Ollama cloud model") as refused:
+                await llm.generate(prompt, privacy="private")
+            with pytest.raises(LLMError, match=r"'team-gpt' .* is an Ollama cloud model"):
+                [text async for text in llm.generate_stream(prompt, privacy="private")]
+            assert (await llm.generate(prompt)).content  # public: the cloud model may serve it
+    assert refused.value.code == "privacy_violation"
+    assert [body["messages"][0]["content"] for body in fake.chat_bodies()] == [prompt[0].content]
+    assert [path for path, _ in fake.requests].count("/api/show") == 1  # asked once, for both
+
+
+async def test_a_private_request_is_refused_when_ollama_cannot_say_the_model_is_local(
+    fake_ollama: FakeServer,
+) -> None:
+    fake, server = fake_ollama
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url, "model": "mystery"}) as llm:
+        with pytest.raises(
+            LLMError, match=r"whether the model 'mystery' on the ollama backend at .* is local"
+        ):
+            await llm.generate([LLMMessage(LLMRole.USER, "hi")], privacy="private")
+    assert fake.chat_bodies() == []
+
+
+async def test_only_a_private_request_waits_to_learn_that_the_ollama_model_is_local(
+    fake_ollama: FakeServer,
+) -> None:
+    """A public request goes out at once; a private one only once /api/show has answered, and then
+    the answer is kept for the model."""
+    fake, server = fake_ollama
+    prompt = [LLMMessage(LLMRole.USER, "hi")]
+    async with LLMProviderFactory.create("ollama", {"base_url": server.url, "model": "llama3.2"}) as llm:
+        await llm.generate(prompt)
+        assert fake.requests[0][0] == "/api/chat"
+        await llm.generate(prompt, model="qwen2.5:0.5b", privacy="private")
+        assert "".join(
+            [t async for t in llm.generate_stream(prompt, model="qwen2.5:0.5b", privacy="private")]
+        )
+    asked = [path for path, body in fake.requests if body and body.get("model") == "qwen2.5:0.5b"]
+    assert asked == ["/api/show", "/api/chat", "/api/chat"]
+
+
 def cloud_and_local(ollama_url: str, cloud_url: str) -> Config:
     """A gateway with `gpt` only on a cloud backend and `llama3.2` on a local Ollama."""
     cloud = {"name": "openai", "type": "openai", "base_url": cloud_url + "/v1", "api_key_env": "UPSTREAM_KEY"}

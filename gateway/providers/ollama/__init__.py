@@ -226,6 +226,13 @@ class OllamaProvider:
         models = body.get("models") if isinstance(body, dict) else None
         return [model_info(entry) for entry in models or [] if isinstance(entry, dict)]
 
+    async def remote(self, model: str) -> bool | None:
+        """Whether Ollama forwards the model to its hosted service, from its /api/show (asked once,
+        as for the capabilities); None when that could not be learned."""
+        lookup = self._facts_of(model)
+        facts = lookup.result() if lookup.done() else await asyncio.shield(lookup)
+        return None if facts.failed_at is not None else facts.remote
+
     def forwards(self, model: str) -> bool:
         """Known from the model's /api/show, which every answer with a prompt count has asked."""
         lookup = self._facts.get(model)
