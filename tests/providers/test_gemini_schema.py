@@ -92,6 +92,26 @@ NAME = {"type": "object", "properties": {"name": {"type": "string"}}, "required"
             id="recursive references are kept (Gemini follows them)",
         ),
         pytest.param(
+            {
+                "$defs": {
+                    "Addr": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    "A": {"type": "object", "properties": {"home": {"$ref": "#/$defs/Addr"}}},
+                    "B": {"type": "object", "properties": {"home": {"required": ["city"]}}},
+                },
+                "allOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}],
+            },
+            {
+                "$defs": {
+                    "Addr": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    "A": {"type": "object", "properties": {"home": {"$ref": "#/$defs/Addr"}}},
+                    "B": {"type": "object", "properties": {"home": {"required": ["city"]}}},
+                },
+                "type": "object",
+                "properties": {"home": ADDR},
+            },
+            id="a property named in two allOf parts is merged in turn",
+        ),
+        pytest.param(
             {"type": "array", "items": [{"type": "string"}, {"type": "integer"}]},
             {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]},
             id="draft-07 tuple items",
@@ -111,6 +131,17 @@ def test_schemas_are_translated_without_changing_what_they_mean(
             {"$ref": "#/$defs/A", "$defs": {"A": {"allOf": [{"$ref": "#/$defs/A"}, NAME]}}},
             "recursive schema '#/$defs/A'",
             id="allOf merging a schema into itself",
+        ),
+        pytest.param(
+            {
+                "$defs": {
+                    "A": {"type": "object", "properties": {"child": {"$ref": "#/$defs/A"}}},
+                    "B": {"type": "object", "properties": {"child": {"$ref": "#/$defs/B"}}},
+                },
+                "allOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}],
+            },
+            "recursive schema '#/$defs/A'",
+            id="allOf of two recursive schemas that share a property",
         ),
         pytest.param(
             {"allOf": [{"type": "object"}, {"type": "array"}]},

@@ -40,7 +40,10 @@ MAX_INLINED = 32  # references followed while merging, one inside another
 def response_schema(schema: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The schema to send, and the constraint keywords dropped from it (sorted)."""
     translation = _Translation(schema)
-    out = translation.node(schema)
+    try:
+        out = translation.node(schema)
+    except RecursionError:  # a guard missed a cycle, or a schema nested beyond reason
+        raise _refused("it nests too deep to be translated") from None
     for ref in translation.refs:
         if _resolve(out, ref) is None:
             raise _refused(f"its '$ref' {ref!r} points at nothing Gemini can be sent")
@@ -80,12 +83,15 @@ class _Translation:
         self.root = root
         self.dropped: set[str] = set()
         self.refs: list[str] = []  # local references in the output, checked at the end
+        # An `allOf` a merge made of a property named in two parts -> (it, the references inlined
+        # to make those parts): merging it in turn must not inline them again.
+        self._chains: dict[int, tuple[dict[str, Any], tuple[str, ...]]] = {}
 
     def node(self, schema: Any) -> Any:
         if not isinstance(schema, dict):
             return schema  # true and false are schemas too
         while "allOf" in schema or ("$ref" in schema and _constrains(schema, besides=("$ref",))):
-            schema = self._merge(schema, ())
+            schema = self._merge(schema, self._chain(schema))
         if "$ref" in schema:  # only `$`-prefixed siblings
             return self._reference(schema)
         out: dict[str, Any] = {}
@@ -147,21 +153,54 @@ class _Translation:
         if len(constraining) <= 1:  # pydantic's {"allOf": [{"$ref": …}], "description": …}
             return {**neutral, **(constraining[0] if constraining else {})}
         inlined = [self._inlined(part, inlining) for part in constraining]
-        names = {name for part in inlined for name in part.get("properties") or ()}
+        chain = tuple(dict.fromkeys(ref for _, refs in inlined for ref in refs))
+        names = {name for part, _ in inlined for name in part.get("properties") or ()}
         merged: dict[str, Any] = {}
-        for part in inlined:
+        for part, _ in inlined:
             if part.get("additionalProperties", True) is not True and names - set(
                 part.get("properties") or ()
             ):
                 raise _refused("its 'allOf' adds properties to an object closed by 'additionalProperties'")
-            _conjoin(merged, part)
+            self._conjoin(merged, part, chain)
         return {**neutral, **merged}
 
-    def _inlined(self, part: dict[str, Any], inlining: tuple[str, ...]) -> dict[str, Any]:
-        """A part to merge, with what its reference points at in place of the reference."""
+    def _chain(self, schema: dict[str, Any]) -> tuple[str, ...]:
+        made = self._chains.get(id(schema))
+        return made[1] if made is not None and made[0] is schema else ()
+
+    def _conjoin(self, merged: dict[str, Any], part: dict[str, Any], chain: tuple[str, ...]) -> None:
+        """Adds one part to a merge: properties joined (one named in both holds both, to be merged
+        without inlining `chain` again), `required` united, any other keyword the same in both or
+        refused."""
+        for key, value in part.items():
+            if key in NEUTRAL:
+                continue
+            if key == "properties" and isinstance(value, dict):
+                properties = merged.setdefault(key, {})
+                for name, sub in value.items():
+                    known = properties.get(name, sub)
+                    joined = sub if known == sub else {"allOf": [known, sub]}
+                    if joined is not sub:
+                        self._chains[id(joined)] = (joined, chain)
+                    properties[name] = joined
+            elif key == "required" and isinstance(value, list):
+                required = merged.setdefault(key, [])
+                required += [name for name in value if name not in required]
+            elif key in merged and merged[key] != value:
+                raise _refused(
+                    f"the parts of its 'allOf' disagree on '{key}' and cannot be merged into one schema"
+                )
+            else:
+                merged[key] = value
+
+    def _inlined(
+        self, part: dict[str, Any], inlining: tuple[str, ...]
+    ) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """A part to merge, with what its reference points at in place of the reference, and the
+        references inlined on the way."""
         while "$ref" in part or "allOf" in part:
             if "allOf" in part:
-                part = self._merge(part, inlining)
+                part = self._merge(part, (*inlining, *self._chain(part)))
                 continue
             ref = part["$ref"]
             if not _local(ref):
@@ -176,30 +215,8 @@ class _Translation:
             siblings = {key: value for key, value in part.items() if key != "$ref"}
             inlining = (*inlining, ref)
             part = {"allOf": [target], **siblings} if _constrains(siblings) else target
-        return part
+        return part, inlining
 
 
 def _constrains(schema: dict[str, Any], besides: tuple[str, ...] = ()) -> bool:
     return any(key not in NEUTRAL and key not in besides for key in schema)
-
-
-def _conjoin(merged: dict[str, Any], part: dict[str, Any]) -> None:
-    """Adds one part to a merge: properties joined (one named in both holds both), `required`
-    united, any other keyword the same in both or refused."""
-    for key, value in part.items():
-        if key in NEUTRAL:
-            continue
-        if key == "properties" and isinstance(value, dict):
-            properties = merged.setdefault(key, {})
-            for name, sub in value.items():
-                known = properties.get(name, sub)
-                properties[name] = sub if known == sub else {"allOf": [known, sub]}
-        elif key == "required" and isinstance(value, list):
-            required = merged.setdefault(key, [])
-            required += [name for name in value if name not in required]
-        elif key in merged and merged[key] != value:
-            raise _refused(
-                f"the parts of its 'allOf' disagree on '{key}' and cannot be merged into one schema"
-            )
-        else:
-            merged[key] = value
