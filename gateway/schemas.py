@@ -234,6 +234,7 @@ class ChatRequest(Wire):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     metadata: dict[str, str] | None = None
     user: str | None = None
+    reasoning_effort: str | None = None  # checked here once: each translation maps its names
     # OpenAI's deprecated forms of `tools` and `tool_choice`: the answer would come in the newer
     # form (`tool_calls`, not `function_call`), which a client written for them does not read.
     REFUSED: ClassVar[Mapping[str, str]] = {"functions": "tools", "function_call": "tool_choice"}

@@ -362,6 +362,15 @@ def test_a_tool_choice_asking_for_a_call_without_tools_is_refused_before_the_bac
     assert fake.chat_bodies() == []
 
 
+@pytest.mark.parametrize("effort", [["high"], {"effort": "high"}, 5], ids=["list", "object", "number"])
+def test_a_reasoning_effort_that_is_not_a_name_is_refused_naming_it(rig: Rig, effort: object) -> None:
+    body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": effort}
+    refused = httpx.post(rig.gateway.url + "/v1/chat/completions", json=body, timeout=10)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "reasoning_effort"
+    assert rig.upstream_bodies() == []
+
+
 def test_image_input(rig: Rig) -> None:
     rig.fake.queue(Reply(content="A cat."))
     part: ChatCompletionContentPartImageParam = {

@@ -271,7 +271,7 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
 
 
 def _thinking_config(request: ChatRequest, model: str) -> dict[str, Any] | None:
-    effort = (request.model_extra or {}).get("reasoning_effort")
+    effort = request.reasoning_effort
     if effort is None:
         return None
     if effort not in LEVELS:

@@ -69,7 +69,7 @@ def build_request(
     for key in EXTENSIONS:
         if key in extra:
             body[key] = extra[key]
-    effort = extra.get("reasoning_effort")
+    effort = request.reasoning_effort
     if effort is not None and "think" not in body:
         if effort not in THINK:
             raise InvalidRequest(f"unknown reasoning_effort {effort!r}", param="reasoning_effort")
@@ -81,8 +81,7 @@ def build_request(
 
 def needs_capabilities(request: ChatRequest) -> bool:
     """Whether build_request's answer depends on the model's capabilities: reasoning_effort does."""
-    extra = request.model_extra or {}
-    return extra.get("reasoning_effort") is not None and "think" not in extra
+    return request.reasoning_effort is not None and "think" not in (request.model_extra or {})
 
 
 def _messages(messages: list[Message], fetched: Mapping[str, Image]) -> list[dict[str, Any]]:
