@@ -583,6 +583,58 @@ def test_a_backend_that_reports_no_usage_gives_zeros_marked_unreported_and_count
         assert ("gateway_tokens_total", (("backend", "b"), ("model", "chat"), ("type", kind))) not in samples
 
 
+def _thinking_gateway(
+    start_gateway: Callable[..., ServerThread], fake: FakeGemini, url: str
+) -> openai.OpenAI:
+    backend = {"name": "b", "type": "gemini", "base_url": url + "/v1beta", "api_key_env": "FAKE_KEY"}
+    models = [{"name": m, "deployments": [{"backend": "b", "model": m}]} for m in fake.models]
+    gateway = start_gateway(
+        parse_config({"backends": [backend], "models": models}, "test"), {"FAKE_KEY": KEY}
+    )
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0)
+
+
+def _ask_with_reasoning_effort(api: openai.OpenAI, model: str, stream: bool) -> None:
+    messages: Any = [{"role": "user", "content": "2+2?"}]
+    if stream:
+        with api.chat.completions.create(
+            model=model, messages=messages, reasoning_effort="low", stream=True
+        ) as chunks:
+            assert list(chunks)
+    else:
+        assert api.chat.completions.create(model=model, messages=messages, reasoning_effort="low").choices
+
+
+def test_reasoning_effort_reaches_only_gemini_models_whose_entry_says_they_think(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    """gemini-2.5-flash-image does not think (thinkingConfig would be a 400); the alias
+    gemini-flash-latest does, and gets a budget; Gemini 3 a level. Each entry is asked once."""
+    models = ["gemini-2.5-flash-image", "gemini-flash-latest", "gemini-3-pro-preview"]
+    fake = FakeGemini(api_key=KEY, models=models, thinking=models[1:])
+    with serve(fake.app) as upstream, _thinking_gateway(start_gateway, fake, upstream.url) as api:
+        for model in models:
+            for stream in (False, True):
+                _ask_with_reasoning_effort(api, model, stream)
+    sent = [body.get("generationConfig", {}).get("thinkingConfig") for body in fake.chat_bodies()]
+    budget = {"thinkingBudget": 1024, "includeThoughts": True}
+    level = {"thinkingLevel": "LOW", "includeThoughts": True}
+    assert sent == [None, None, budget, budget, level, level]
+    entries = [path for path, _, _ in fake.requests if path.startswith("/v1beta/models/") and ":" not in path]
+    assert entries == [f"/v1beta/models/{model}" for model in models]
+
+
+def test_reasoning_effort_sends_no_thinking_config_when_the_gemini_models_entry_cannot_be_had(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    fake = FakeGemini(api_key=KEY, thinking=[])  # had it been sent, thinkingConfig would be a 400
+    fake.entry_status = 503
+    with serve(fake.app) as upstream, _thinking_gateway(start_gateway, fake, upstream.url) as api:
+        for stream in (False, True):
+            _ask_with_reasoning_effort(api, "gemini-2.5-flash", stream)
+    assert [body.get("generationConfig") for body in fake.chat_bodies()] == [None, None]
+
+
 def test_unknown_fields_reach_only_backends_that_speak_openai(rig: Rig) -> None:
     extra = {"repetition_penalty": 1.1, "vendor_knob": {"depth": 2}}
     reply = rig.api.chat.completions.create(

@@ -1,8 +1,10 @@
 """A fake Gemini (native v1beta API) scripted with the same `Reply` values as the other fakes.
 
 `generateContent`, `streamGenerateContent?alt=sse` (no [DONE]: the body just ends; the last event
-carries finishReason and usage), `batchEmbedContents`, and the model list. The key must come in
-the `x-goog-api-key` header; errors use Google's `{"error": {code, message, status}}` shape.
+carries finishReason and usage), `batchEmbedContents`, the model list and each model's entry (with
+`thinking: true` for a model that thinks; a thinkingConfig for any other is a 400, as in Gemini).
+The key must come in the `x-goog-api-key` header; errors use Google's `{"error": {code, message,
+status}}` shape.
 """
 
 from __future__ import annotations
@@ -47,8 +49,13 @@ def _error(status: int, message: str, details: list[dict[str, Any]] | None = Non
 
 
 class FakeGemini:
-    def __init__(self, models: list[str] | None = None, api_key: str = "gm-test-key") -> None:
+    def __init__(
+        self, models: list[str] | None = None, api_key: str = "gm-test-key", thinking: list[str] | None = None
+    ) -> None:
         self.models = models or ["gemini-2.5-flash", "gemini-embedding-001"]
+        # the models that think; by default every one that generates
+        self.thinking = [m for m in self.models if "embed" not in m] if thinking is None else thinking
+        self.entry_status: int | None = None  # set: a model's entry answers this error
         self.api_key = api_key
         self.replies: deque[Reply] = deque()
         self.default = Reply()  # the answer when nothing is queued
@@ -58,6 +65,7 @@ class FakeGemini:
         self.app = Starlette(
             routes=[
                 Route("/v1beta/models", self.list_models, methods=["GET"]),
+                Route("/v1beta/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/v1beta/models/{call:path}", self.call, methods=["POST"]),
             ]
         )
@@ -80,12 +88,27 @@ class FakeGemini:
         self.requests.append((request.url.path, None, dict(request.headers)))
         if denied := self._denied(request):
             return denied
+        return _json({"models": [self._entry(m) for m in self.models]})
+
+    def _entry(self, model: str) -> dict[str, Any]:
         methods = {True: ["embedContent"], False: ["generateContent", "countTokens"]}
-        models = [
-            {"name": f"models/{m}", "displayName": m, "supportedGenerationMethods": methods["embed" in m]}
-            for m in self.models
-        ]
-        return _json({"models": models})
+        entry = {
+            "name": f"models/{model}",
+            "displayName": model,
+            "supportedGenerationMethods": methods["embed" in model],
+        }
+        return entry | ({"thinking": True} if model in self.thinking else {})  # proto3 JSON omits false
+
+    async def get_model(self, request: Request) -> Response:
+        self.requests.append((request.url.path, None, dict(request.headers)))
+        if denied := self._denied(request):
+            return denied
+        model = request.path_params["model"]
+        if self.entry_status is not None:
+            return _error(self.entry_status, "The service is currently unavailable.")
+        if model not in self.models:
+            return _error(404, f"models/{model} is not found for API version v1beta.")
+        return _json(self._entry(model))
 
     async def call(self, request: Request) -> Response:
         raw = await request.body()
@@ -100,6 +123,9 @@ class FakeGemini:
             )
         if method == "batchEmbedContents":
             return self._embed(body)
+        thinking = ((body or {}).get("generationConfig") or {}).get("thinkingConfig")
+        if thinking is not None and model not in self.thinking:
+            return _error(400, "Thinking is not supported by this model.")
         reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)

@@ -1252,23 +1252,25 @@ def test_top_logprobs_out_of_openais_range_is_refused_naming_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "effort", "thinking"),
+    ("model", "thinks", "effort", "thinking"),
     [
-        ("gemini-2.5-flash", "none", {"thinkingBudget": 0, "includeThoughts": False}),
-        ("gemini-2.5-flash", "low", {"thinkingBudget": 1024, "includeThoughts": True}),
-        ("models/gemini-2.5-flash-lite", "high", {"thinkingBudget": 24576, "includeThoughts": True}),
-        ("gemini-2.5-pro", "none", {"thinkingBudget": 128, "includeThoughts": False}),  # its least
-        ("gemini-3-pro-preview", "none", {"thinkingLevel": "MINIMAL", "includeThoughts": False}),
-        ("gemini-3-flash", "medium", {"thinkingLevel": "MEDIUM", "includeThoughts": True}),
-        ("gemini-3.5-flash", "xhigh", {"thinkingLevel": "HIGH", "includeThoughts": True}),
-        ("gemini-2.0-flash", "high", None),  # does not think: thinkingConfig would be a 400
-        ("gemma-3-27b-it", "high", None),
+        ("gemini-2.5-flash", True, "none", {"thinkingBudget": 0, "includeThoughts": False}),
+        ("gemini-2.5-flash", True, "low", {"thinkingBudget": 1024, "includeThoughts": True}),
+        ("models/gemini-2.5-flash-lite", True, "high", {"thinkingBudget": 24576, "includeThoughts": True}),
+        ("gemini-2.5-pro", True, "none", {"thinkingBudget": 128, "includeThoughts": False}),  # its least
+        ("gemini-3-pro-preview", True, "none", {"thinkingLevel": "MINIMAL", "includeThoughts": False}),
+        ("gemini-3-flash", True, "medium", {"thinkingLevel": "MEDIUM", "includeThoughts": True}),
+        ("gemini-3.5-flash", True, "xhigh", {"thinkingLevel": "HIGH", "includeThoughts": True}),
+        ("gemini-flash-latest", True, "low", {"thinkingBudget": 1024, "includeThoughts": True}),  # an alias
+        ("gemini-2.5-flash-image", False, "high", None),  # does not think: thinkingConfig would be a 400
+        ("gemini-2.0-flash", False, "high", None),
+        ("gemini-2.5-flash", None, "high", None),  # its entry could not be had: no risk of a 400
     ],
 )
 def test_reasoning_effort_becomes_the_models_kind_of_thinking_config(
-    model: str, effort: str, thinking: dict[str, Any] | None
+    model: str, thinks: bool | None, effort: str, thinking: dict[str, Any] | None
 ) -> None:
-    body = gemini.build_request(request(reasoning_effort=effort), model)
+    body = gemini.build_request(request(reasoning_effort=effort), model, thinks=thinks)
     assert body.get("generationConfig", {}).get("thinkingConfig") == thinking
 
 

@@ -17,6 +17,9 @@ Translation choices (contracts/gemini.md §9-§11):
   read left to right: the random part is letters and digits and a signature is standard base64,
   so neither holds a `_`, and Gemini's id, last, may hold anything. Ids without `__id__` (made
   here, or by another backend) send no id to Gemini.
+- `reasoning_effort` becomes `thinkingConfig` only for a model whose own entry
+  (`GET /models/{model}`, asked once per model) says `thinking: true`: Gemini answers 400 to it
+  for any other, so a model whose entry cannot be had gets none either.
 - json_schema goes out as `responseJsonSchema`, translated to the keywords Gemini documents for it
   (gateway/providers/gemini/schema.py): a schema that cannot be is a 400, and constraints dropped
   from it are named in the `schema_dropped` notice.
@@ -34,17 +37,20 @@ Translation choices (contracts/gemini.md §9-§11):
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
 
 from gateway.config import GeminiBackend
-from gateway.errors import InvalidRequest, UpstreamProtocol
+from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.images import Image, ImageFetcher, images_for
 from gateway.providers.base import batches, parsed, shorten
-from gateway.providers.gemini.request import build_request, json_schema
+from gateway.providers.gemini.request import build_request, json_schema, needs_thinking
 from gateway.providers.gemini.response import (
     StreamState,
     error_from,
@@ -76,6 +82,16 @@ METHODS = {"generateContent": "completion", "embedContent": "embedding"}
 # BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch" (seen in
 # geldata/gel#9032, vercel/ai#16575); contracts/gemini.md does not state it.
 EMBED_BATCH = 100
+FACTS_TIMEOUT = 10.0  # seconds a model's entry may take: a lookup still unanswered then has failed
+FACTS_RETRY = 30.0  # seconds before a model's failed lookup is asked again
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What `GET /models/{model}` says about a model, as far as the translation uses it."""
+
+    thinking: bool | None = None  # None: not known
+    failed_at: float | None = None  # monotonic time the lookup failed: asked again after FACTS_RETRY
 
 
 def _resource(model: str) -> str:
@@ -94,13 +110,16 @@ class GeminiProvider:
         self._images = images  # None: http(s) image URLs are refused, as without `images.fetch`
         auth = {"x-goog-api-key": api_key} if api_key else {}
         self._http = Upstream.for_backend(backend, transport, auth, error_from)
+        self._facts: dict[str, asyncio.Task[ModelFacts]] = {}  # model -> its entry, asked once
 
     def prepare(self, request: ChatRequest) -> Awaitable[Mapping[str, Image]] | None:
         return None if self._images is None else self._images.for_request(request)
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
         images = await images_for(self._images, request)
-        body, path = build_request(request, model, images=images), f"/{_resource(model)}:generateContent"
+        thinks = await self._thinks(model) if needs_thinking(request) else None
+        body = build_request(request, model, images=images, thinks=thinks)
+        path = f"/{_resource(model)}:generateContent"
         answer = await self._http.request("POST", path, body, model)
         completion = parsed(parse_response, answer, "Gemini")
         completion.notices.update(schema_notices(request))
@@ -110,7 +129,9 @@ class GeminiProvider:
         state = StreamState()
         decoder = SSEDecoder()
         path = f"/{_resource(model)}:streamGenerateContent?alt=sse"
-        payload = build_request(request, model, images=await images_for(self._images, request))
+        images = await images_for(self._images, request)
+        thinks = await self._thinks(model) if needs_thinking(request) else None
+        payload = build_request(request, model, images=images, thinks=thinks)
 
         def parse(event: Event) -> list[Chunk]:
             return state.parse_chunk(orjson.loads(event.data))
@@ -131,6 +152,31 @@ class GeminiProvider:
             closing.append(Chunk(notices=notices))
         if closing:
             yield closing
+
+    async def _thinks(self, model: str) -> bool | None:
+        """Whether the model thinks, from its entry: looked up once per model and shared by every
+        request (asked again FACTS_RETRY seconds after a lookup that failed)."""
+        lookup = self._facts.get(model)
+        if lookup is None or (
+            lookup.done()
+            and (failed_at := lookup.result().failed_at) is not None
+            and time.monotonic() - failed_at >= FACTS_RETRY
+        ):
+            lookup = self._facts[model] = asyncio.create_task(self._entry(model))
+        # shielded: a request that goes away does not cancel the lookup the others share
+        return (lookup.result() if lookup.done() else await asyncio.shield(lookup)).thinking
+
+    async def _entry(self, model: str) -> ModelFacts:
+        """A lookup that fails, or that Gemini leaves unanswered (the transport bounds only the
+        connect), has failed."""
+        try:
+            async with asyncio.timeout(FACTS_TIMEOUT):
+                entry = await self._http.request("GET", f"/{_resource(model)}", None, model)
+        except (GatewayError, TimeoutError):
+            entry = None
+        if not isinstance(entry, dict):
+            return ModelFacts(failed_at=time.monotonic())
+        return ModelFacts(thinking=bool(entry.get("thinking")))  # proto3 JSON leaves a false one out
 
     async def embed(self, request: EmbeddingRequest, model: str) -> Embeddings:
         texts = [request.input] if isinstance(request.input, str) else request.input

@@ -42,9 +42,10 @@ CONFIG = {
     "frequency_penalty": "frequencyPenalty",
 }
 MODES = {"none": "NONE", "auto": "AUTO", "required": "ANY"}
-# reasoning_effort -> thinkingConfig (contracts/gemini.md §9): Gemini 3 and later take a level,
-# Gemini 2.5 a budget in tokens (2.5 Pro cannot stop thinking: 128 is its least). The names are
-# those the Ollama translation takes; older models do not think and get no thinkingConfig.
+# reasoning_effort -> thinkingConfig (contracts/gemini.md §9), for a model whose own entry says it
+# thinks (for any other, thinkingConfig is a 400): Gemini 3 and later take a level, the others
+# (2.5, aliases such as gemini-flash-latest) a budget in tokens (2.5 Pro cannot stop thinking: 128
+# is its least). The names are those the Ollama translation takes.
 LEVELS = {"none": "MINIMAL", "minimal": "MINIMAL", "low": "LOW", "medium": "MEDIUM", "high": "HIGH",
           "max": "HIGH", "xhigh": "HIGH", "ultra": "HIGH"}  # fmt: skip
 BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576,
@@ -57,15 +58,20 @@ INT32 = 2**31
 
 
 def build_request(
-    request: ChatRequest, model: str, *, images: Mapping[str, Image] = NO_IMAGES
+    request: ChatRequest,
+    model: str,
+    *,
+    images: Mapping[str, Image] = NO_IMAGES,
+    thinks: bool | None = None,
 ) -> dict[str, Any]:
-    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch)."""
+    """`images`: the request's http(s) image URLs, fetched (ImageFetcher.fetch); `thinks`: whether
+    the model's entry (`GET /models/{model}`) says it thinks, None when that is not known."""
     body: dict[str, Any] = {"contents": _contents(request.messages, images)}
     system = [m.text() for m in request.messages if m.role in ("system", "developer") and m.text()]
     if system:
         body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
     config = _generation_config(request)
-    thinking = _thinking_config(request, model)
+    thinking = _thinking_config(request, model, thinks)
     if thinking is not None:
         config["thinkingConfig"] = thinking
     if config:
@@ -270,24 +276,27 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
     return config
 
 
-def _thinking_config(request: ChatRequest, model: str) -> dict[str, Any] | None:
+def _thinking_config(request: ChatRequest, model: str, thinks: bool | None) -> dict[str, Any] | None:
+    """None for a model not known to think: better no thinking than a 400."""
     effort = request.reasoning_effort
     if effort is None:
         return None
     if effort not in LEVELS:
         raise InvalidRequest(f"unknown reasoning_effort {effort!r}", param="reasoning_effort")
-    name = model.removeprefix("models/")
-    version = re.match(r"gemini-(\d+)(?:\.(\d+))?", name)
-    if version is None:
+    if not thinks:
         return None
-    major, minor = int(version[1]), int(version[2] or 0)
+    name = model.removeprefix("models/")
     thoughts = {"includeThoughts": effort != "none"}  # they come back as reasoning_content
-    if major >= 3:
+    version = re.match(r"gemini-(\d+)", name)
+    if version is not None and int(version[1]) >= 3:
         return {"thinkingLevel": LEVELS[effort], **thoughts}
-    if (major, minor) == (2, 5):
-        least = next((v for prefix, v in LEAST_BUDGET.items() if name.startswith(prefix)), 0)
-        return {"thinkingBudget": max(BUDGETS[effort], least), **thoughts}
-    return None  # Gemini 2.0 and older do not think: thinkingConfig would be a 400
+    least = next((v for prefix, v in LEAST_BUDGET.items() if name.startswith(prefix)), 0)
+    return {"thinkingBudget": max(BUDGETS[effort], least), **thoughts}
+
+
+def needs_thinking(request: ChatRequest) -> bool:
+    """Whether build_request's answer depends on whether the model thinks: reasoning_effort does."""
+    return request.reasoning_effort is not None
 
 
 def json_schema(request: ChatRequest) -> dict[str, Any] | None:
