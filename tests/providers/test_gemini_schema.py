@@ -112,6 +112,16 @@ NAME = {"type": "object", "properties": {"name": {"type": "string"}}, "required"
             id="a property named in two allOf parts is merged in turn",
         ),
         pytest.param(
+            {"type": "string", "enum": ["open", "done"], "const": "open"},
+            {"type": "string", "enum": ["open"]},
+            id="const beside an enum holding it",
+        ),
+        pytest.param(
+            {"type": "string", "const": "open", "enum": ["open", "done"]},
+            {"type": "string", "enum": ["open"]},
+            id="const before an enum holding it",
+        ),
+        pytest.param(
             {"type": "array", "items": [{"type": "string"}, {"type": "integer"}]},
             {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]},
             id="draft-07 tuple items",
@@ -159,6 +169,16 @@ def test_schemas_are_translated_without_changing_what_they_mean(
             id="allOf with a remote reference",
         ),
         pytest.param({"type": "string", "not": {"enum": ["x"]}}, "no 'not'", id="not"),
+        pytest.param(
+            {"type": "string", "enum": ["open", "done"], "const": "closed"},
+            "its 'const' 'closed' is not in its 'enum', so it admits no value at all",
+            id="const outside its enum",
+        ),
+        pytest.param(
+            {"enum": [1, 2], "const": True},
+            "its 'const' True is not in its 'enum'",
+            id="const true is not the number 1",
+        ),
         pytest.param({"type": "object", "if": {}, "then": {}}, "no 'if'", id="if/then"),
         pytest.param(
             {"type": "object", "properties": {"a": {"$ref": "#/properties/b/items"}}},

@@ -3,7 +3,8 @@
 Gemini documents a subset of JSON Schema; what a client's schema says beyond it is translated where
 the meaning stays the same, and refused (400) where it cannot be:
 - draft-07 `definitions` become `$defs`, and `#/definitions/…` references point there;
-- `const` becomes a one-value `enum`; a draft-07 `items` list becomes `prefixItems`;
+- `const` becomes a one-value `enum` (beside an `enum` that holds it too; one that does not would
+  admit nothing, and is refused); a draft-07 `items` list becomes `prefixItems`;
 - `allOf` is merged into one schema when its parts are a plain conjunction (object schemas that
   agree on every keyword they share, references inlined), and refused otherwise;
 - a `$ref` keeps only `$`-prefixed siblings (Gemini's rule): annotations beside it are dropped,
@@ -105,8 +106,9 @@ class _Translation:
             elif key in ("prefixItems", "anyOf", "oneOf"):
                 out[key] = self._nodes(value)
             elif key == "const":
-                if "enum" not in schema:
-                    out["enum"] = [value]
+                out["enum"] = _const_enum(value, schema.get("enum"))
+            elif key == "enum" and "const" in schema:
+                continue  # met with the const
             elif key in KEPT:
                 out[key] = value
             elif key in SUBSCHEMAS:
@@ -216,6 +218,18 @@ class _Translation:
             inlining = (*inlining, ref)
             part = {"allOf": [target], **siblings} if _constrains(siblings) else target
         return part, inlining
+
+
+def _const_enum(const: Any, enum: Any) -> list[Any]:
+    """`const` as an `enum`, beside the schema's own `enum` when there is one: both must hold."""
+    if not isinstance(enum, list) or any(_same(const, value) for value in enum):
+        return [const]
+    raise _refused(f"its 'const' {const!r} is not in its 'enum', so it admits no value at all")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality, where true is not 1 (as it is in Python)."""
+    return a is b if isinstance(a, bool) or isinstance(b, bool) else bool(a == b)
 
 
 def _constrains(schema: dict[str, Any], besides: tuple[str, ...] = ()) -> bool:
