@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import math
 import os
 import string
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
     Collection,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -52,6 +55,8 @@ def random_id(prefix: str, length: int = 24) -> str:
 T = TypeVar("T")
 R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
+FACTS_TIMEOUT = 10.0  # seconds a model's lookup may take: one still unanswered then has failed
+FACTS_RETRY = 30.0  # seconds before a model's failed lookup is made again
 
 
 AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg"}  # input_audio.format (contracts/openai.md 2.2)
@@ -317,3 +322,34 @@ class Provider(Protocol):
         """Whether the backend is known to pass `model`'s requests on to a service elsewhere (an
         Ollama cloud model), as far as it has learnt without asking."""
         ...
+
+
+class Facts(Protocol):
+    """What a backend says about one model; `failed_at`: when the lookup failed (monotonic), or None."""
+
+    @property
+    def failed_at(self) -> float | None: ...
+
+
+F = TypeVar("F", bound=Facts)
+
+
+def lookup(
+    lookups: dict[str, asyncio.Task[F]], model: str, make: Callable[[str], Coroutine[Any, Any, F]]
+) -> asyncio.Task[F]:
+    """The lookup of what a backend says about `model` (Ollama's /api/show, Gemini's model entry):
+    made once per model and shared by every request, and made again FACTS_RETRY seconds after one
+    that failed (the server may only have been starting)."""
+    found = lookups.get(model)
+    if found is None or (
+        found.done()
+        and (failed_at := found.result().failed_at) is not None
+        and time.monotonic() - failed_at >= FACTS_RETRY
+    ):
+        found = lookups[model] = asyncio.create_task(make(model))
+    return found
+
+
+async def looked_up(found: asyncio.Task[F]) -> F:
+    # shielded: a request that goes away does not cancel the lookup the others share
+    return found.result() if found.done() else await asyncio.shield(found)

@@ -18,7 +18,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.providers import ollama
+from gateway.providers import base, ollama
 from gateway.providers.ollama import OllamaProvider
 from gateway.schemas import ChatRequest, Chunk, EmbeddingRequest
 from tests.providers.streams import httpx_stream
@@ -297,11 +297,11 @@ async def test_a_failed_show_is_asked_again_after_a_while_for_the_truncation_not
     httpx_mock.add_response(url=URL + "/api/chat", json=answer, is_reusable=True)
     httpx_mock.add_response(url=URL + "/api/show", status_code=500, json={"error": "starting"})
     assert (await provider.complete(CHAT, "m")).notices == {}  # the context size is not known
-    now[0] += ollama.FACTS_RETRY / 2
+    now[0] += base.FACTS_RETRY / 2
     assert (await provider.complete(CHAT, "m")).notices == {}  # not asked again so soon
     assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 1
     httpx_mock.add_response(url=URL + "/api/show", json={"parameters": "num_ctx 2048"})
-    now[0] += ollama.FACTS_RETRY
+    now[0] += base.FACTS_RETRY
     assert (await provider.complete(CHAT, "m")).notices == {"prompt_truncated": "2048"}  # asked again
     assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 2
 
@@ -311,7 +311,7 @@ async def test_a_show_left_unanswered_holds_up_no_answer_and_is_asked_again_late
 ) -> None:
     monkeypatch.setattr(ollama, "CONTEXT_WAIT", 0.05)
     monkeypatch.setattr(ollama, "FACTS_TIMEOUT", 0.1)
-    monkeypatch.setattr(ollama, "FACTS_RETRY", 0.2)
+    monkeypatch.setattr(base, "FACTS_RETRY", 0.2)
     answer = {"message": {"content": "yo"}, "done": True, "prompt_eval_count": 2048, "eval_count": 1}
     httpx_mock.add_response(url=URL + "/api/chat", json=answer, is_reusable=True)
     never = asyncio.Event()

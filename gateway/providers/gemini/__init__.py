@@ -49,7 +49,7 @@ import orjson
 from gateway.config import GeminiBackend
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.images import Image, ImageFetcher, images_for
-from gateway.providers.base import batches, parsed, shorten
+from gateway.providers.base import FACTS_TIMEOUT, batches, looked_up, lookup, parsed, shorten
 from gateway.providers.gemini.request import build_request, json_schema, needs_thinking
 from gateway.providers.gemini.response import (
     StreamState,
@@ -82,8 +82,6 @@ METHODS = {"generateContent": "completion", "embedContent": "embedding"}
 # BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch" (seen in
 # geldata/gel#9032, vercel/ai#16575); contracts/gemini.md does not state it.
 EMBED_BATCH = 100
-FACTS_TIMEOUT = 10.0  # seconds a model's entry may take: a lookup still unanswered then has failed
-FACTS_RETRY = 30.0  # seconds before a model's failed lookup is asked again
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,17 +152,8 @@ class GeminiProvider:
             yield closing
 
     async def _thinks(self, model: str) -> bool | None:
-        """Whether the model thinks, from its entry: looked up once per model and shared by every
-        request (asked again FACTS_RETRY seconds after a lookup that failed)."""
-        lookup = self._facts.get(model)
-        if lookup is None or (
-            lookup.done()
-            and (failed_at := lookup.result().failed_at) is not None
-            and time.monotonic() - failed_at >= FACTS_RETRY
-        ):
-            lookup = self._facts[model] = asyncio.create_task(self._entry(model))
-        # shielded: a request that goes away does not cancel the lookup the others share
-        return (lookup.result() if lookup.done() else await asyncio.shield(lookup)).thinking
+        """Whether the model thinks, from its entry (base.lookup: once per model)."""
+        return (await looked_up(lookup(self._facts, model, self._entry))).thinking
 
     async def _entry(self, model: str) -> ModelFacts:
         """A lookup that fails, or that Gemini leaves unanswered (the transport bounds only the

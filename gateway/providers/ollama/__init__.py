@@ -37,7 +37,7 @@ from gateway.config import OllamaBackend
 from gateway.errors import GatewayError, InvalidRequest, UpstreamProtocol
 from gateway.images import Image, ImageFetcher, images_for
 from gateway.ndjson import NDJSONDecoder
-from gateway.providers.base import batches, parsed, shorten
+from gateway.providers.base import FACTS_TIMEOUT, batches, looked_up, lookup, parsed, shorten
 from gateway.providers.ollama.request import build_request, needs_capabilities
 from gateway.providers.ollama.response import (
     StreamState,
@@ -65,8 +65,6 @@ __all__ = [
 PROMPT_TRUNCATED = "prompt_truncated"  # notice key; its value is the context size in tokens
 NUM_CTX = re.compile(r"^num_ctx\s+(\d+)", re.MULTILINE)
 CONTEXT_WAIT = 1.0  # seconds a finished answer waits for its model's context size, if still unknown
-FACTS_TIMEOUT = 10.0  # seconds an /api/show may take: a lookup still unanswered then has failed
-FACTS_RETRY = 30.0  # seconds before a model's failed /api/show is asked again
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,21 +124,11 @@ class OllamaProvider:
         return completion
 
     def _facts_of(self, model: str) -> asyncio.Task[ModelFacts]:
-        """The lookup of the model's /api/show (asked once per model, shared by every request; asked
-        again FACTS_RETRY seconds after one that failed, as the server may only have been starting)."""
-        lookup = self._facts.get(model)
-        if lookup is None or (
-            lookup.done()
-            and (failed_at := lookup.result().failed_at) is not None
-            and time.monotonic() - failed_at >= FACTS_RETRY
-        ):
-            lookup = self._facts[model] = asyncio.create_task(self._show(model))
-        return lookup
+        """The lookup of the model's /api/show (base.lookup: once per model)."""
+        return lookup(self._facts, model, self._show)
 
     async def _capabilities(self, model: str) -> frozenset[str] | None:
-        facts = self._facts_of(model)
-        # shielded: a request that goes away does not cancel the lookup the others share
-        return (facts.result() if facts.done() else await asyncio.shield(facts)).capabilities
+        return (await looked_up(self._facts_of(model))).capabilities
 
     def _context_size_of(self, model: str, body: dict[str, Any]) -> int | asyncio.Task[ModelFacts]:
         """The request's own num_ctx, or the lookup of the model's."""
@@ -229,14 +217,13 @@ class OllamaProvider:
     async def remote(self, model: str) -> bool | None:
         """Whether Ollama forwards the model to its hosted service, from its /api/show (asked once,
         as for the capabilities); None when that could not be learned."""
-        lookup = self._facts_of(model)
-        facts = lookup.result() if lookup.done() else await asyncio.shield(lookup)
+        facts = await looked_up(self._facts_of(model))
         return None if facts.failed_at is not None else facts.remote
 
     def forwards(self, model: str) -> bool:
         """Known from the model's /api/show, which every answer with a prompt count has asked."""
-        lookup = self._facts.get(model)
-        return lookup is not None and lookup.done() and lookup.result().remote
+        found = self._facts.get(model)
+        return found is not None and found.done() and found.result().remote
 
     async def loaded_models(self) -> list[str] | None:
         body = await self._http.request("GET", "/api/ps")
