@@ -182,7 +182,8 @@ class RateLimits(_Strict):
         if userinfo is not None and any(c in userinfo for c in "/?#"):
             raise ValueError(
                 f"{REDIS_EXAMPLE} (its user or password, hidden here, holds '/', '?' or '#': write"
-                " them percent-encoded, as %2F, %3F and %23)"
+                " them percent-encoded, as %2F, %3F and %23; or an '@' stands after the host, e.g. in"
+                " a query value, where it must be written %40)"
             )
         problem = None if scheme == "unix" else _address_problem(f"{scheme}://{address}")
         if problem is None:

@@ -179,6 +179,15 @@ def test_a_redis_password_that_needs_percent_encoding_is_refused_and_never_print
     assert not shows_password(out + err, password)
 
 
+def test_an_at_sign_in_a_redis_urls_query_must_be_percent_encoded_and_the_message_says_so() -> None:
+    """An '@' after the host cannot be told from one that ends a password holding '/' or '?',
+    which must never be printed: the refusal names both readings and the way out."""
+    with pytest.raises(ConfigError, match="where it must be written %40"):
+        parse_config({**MINIMAL, "rate_limits": {"redis_url": "redis://10.0.0.9/0?client_name=a@b"}}, "t")
+    taken = "redis://10.0.0.9/0?client_name=a%40b"
+    assert parse_config({**MINIMAL, "rate_limits": {"redis_url": taken}}, "t").rate_limits.redis_url == taken
+
+
 def test_a_percent_encoded_redis_password_is_taken() -> None:
     redis_url = "redis://default:Kq9vLr2Tz8Wm%2F4Xc%3D@10.0.0.9:6379/0"
     config = parse_config({**MINIMAL, "rate_limits": {"redis_url": redis_url}}, "test.yaml")
