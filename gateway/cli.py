@@ -24,7 +24,7 @@ from gateway.app import create_app
 from gateway.audit import AuditError, AuditLog, format_report, verify
 from gateway.auth import Keys
 from gateway.config import Config, ConfigError, resolve_config
-from gateway.logs import LOG_LEVELS, configure, get_logger, stdlib_log_config
+from gateway.logs import LOG_LEVELS, configure, configure_from_env, get_logger, stdlib_log_config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.privacy import require_working_detector
 from gateway.protocol import GatewayHttpProtocol
@@ -96,8 +96,7 @@ def app_factory() -> object:
             config, load=lambda: resolve_config(None), set_log_level=None if pinned else configure
         )
     except (ConfigError, AuditError) as error:
-        named = os.environ.get("PHOENIX_LOG_LEVEL", "").lower()
-        configure(named if named in LOG_LEVELS else "info")
+        configure_from_env()
         get_logger().error("worker cannot start: the config does not load", error=str(error))
         raise SystemExit(WORKER_CANNOT_START) from None
     # What start-up made (modules, config, pools) lives as long as the process: move it out of the

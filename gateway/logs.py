@@ -62,6 +62,13 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
     )
 
 
+def configure_from_env() -> None:
+    """The logs at PHOENIX_LOG_LEVEL's level, or at info when it names no level: for lines written
+    before (or instead of) the app's start, which names a wrong level itself."""
+    named = os.environ.get("PHOENIX_LOG_LEVEL", "").lower()
+    configure(named if named in LOG_LEVELS else "info")
+
+
 def get_logger(name: str = "gateway") -> Any:
     """A logger bound to the configuration in force now. (structlog's own `get_logger` gives a
     proxy that binds a new logger on every call, which showed in the profile of every request.)"""
@@ -76,8 +83,7 @@ class StdlibHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if not structlog.is_configured():
-            named = os.environ.get("PHOENIX_LOG_LEVEL", "").lower()
-            configure(named if named in LOG_LEVELS else "info")  # the app names a wrong one at its start
+            configure_from_env()
         level = min(record.levelno, DEMOTED.get(str(record.msg), record.levelno))
         fields: dict[str, Any] = {"logger": record.name}
         if record.exc_info and record.exc_info[1] is not None:
