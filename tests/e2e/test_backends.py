@@ -500,16 +500,25 @@ def test_upstream_garbage_is_a_clean_error(rig: Rig, stream: bool) -> None:
     assert "Traceback" not in response.text
 
 
-def test_upstream_api_key_is_sent_and_never_shown(start_gateway: Callable[..., ServerThread]) -> None:
-    fake = FakeOpenAI(api_key=KEY)
+@pytest.mark.parametrize("kind", ["openai", "gemini"])
+def test_upstream_api_key_is_sent_and_never_shown(
+    start_gateway: Callable[..., ServerThread], kind: str
+) -> None:
+    """The backend refusing the gateway's key is the gateway's fault (502), never the client's key:
+    Gemini says so with a 400 whose details read API_KEY_INVALID."""
+    fake = FakeOpenAI(api_key=KEY) if kind == "openai" else FakeGemini(api_key=KEY)
     with serve(fake.app) as upstream:
-        good = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
-        bad = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": "sk-wrong-secret"})
+        good = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
+        bad = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": "sk-wrong-secret"})
         body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
         assert httpx.post(good.url + "/v1/chat/completions", json=body).status_code == 200
-        assert fake.requests[-1][2]["authorization"] == f"Bearer {KEY}"
+        sent = fake.requests[-1][2]
+        assert (sent.get("authorization"), sent.get("x-goog-api-key")) == (
+            (f"Bearer {KEY}", None) if kind == "openai" else (None, KEY)
+        )
         refused = httpx.post(bad.url + "/v1/chat/completions", json=body)
     assert refused.status_code == 502
+    assert refused.json()["error"]["type"] == "server_error"
     assert "api_key_env" in refused.json()["error"]["message"]
     assert "sk-wrong-secret" not in refused.text
 

@@ -409,17 +409,20 @@ async def test_an_unreachable_backend_is_a_503_without_retry_after() -> None:
     assert (caught.value.status, caught.value.retry_after) == (503, None)
 
 
-async def test_a_wrong_api_key_names_the_backend_and_the_librarys_setting() -> None:
-    fake = FakeOpenAI(api_key="sk-right")
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+async def test_a_wrong_api_key_names_the_backend_and_the_librarys_setting(provider: str) -> None:
+    """Gemini answers a wrong key with a 400 whose details say API_KEY_INVALID, not a 401."""
+    fake = FakeOpenAI(api_key="right") if provider == "openai" else FakeGemini(api_key="right")
     with serve(fake.app) as server:
-        url = server.url + "/v1"
-        async with LLMProviderFactory.create("openai", {"api_key": "sk-wrong", "base_url": url}) as llm:
+        url = server.url + ("/v1" if provider == "openai" else "/v1beta")
+        config = {"api_key": "wrong", "base_url": url, "model": "gemini-2.5-flash"}
+        async with LLMProviderFactory.create(provider, config) as llm:
             with pytest.raises(LLMError) as caught:
                 await llm.generate([LLMMessage(LLMRole.USER, "hi")])
     message = str(caught.value)
     assert message == (
-        f"the openai backend at {url} refused the API key (401); check the provider's api_key"
-        " (OPENAI_API_KEY for create_from_env)"
+        f"the {provider} backend at {url} refused the API key (401); check the provider's api_key"
+        f" ({provider.upper()}_API_KEY for create_from_env)"
     )
     assert caught.value.status == 401
 

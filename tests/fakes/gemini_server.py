@@ -80,8 +80,15 @@ class FakeGemini:
         return self._vectors.vector(text)
 
     def _denied(self, request: Request) -> Response | None:
-        if request.headers.get("x-goog-api-key") != self.api_key:
-            return _error(400, "API key not valid. Please pass a valid API key.")
+        """As Gemini: no key is a 403; a wrong one a 400 whose ErrorInfo says API_KEY_INVALID."""
+        key = request.headers.get("x-goog-api-key")
+        if key is None:
+            return _error(
+                403, "Method doesn't allow unregistered callers (callers without established identity)."
+            )
+        if key != self.api_key:
+            reason = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+            return _error(400, "API key not valid. Please pass a valid API key.", [reason])
         return None
 
     async def list_models(self, request: Request) -> Response:

@@ -226,7 +226,9 @@ def error_from(
     if kind == "NOT_FOUND" or (status == 404 and not kind):
         return ModelNotFound(f"The model '{model.removeprefix('models/')}' is not available on Gemini")
     if any(d.get("reason") == "API_KEY_INVALID" for d in details):  # a 400 the client cannot fix
-        return UpstreamRejected("Gemini refused the gateway's API key", upstream_status=401)
+        return UpstreamRejected(
+            "Gemini refused the gateway's API key; check its api_key_env", upstream_status=401
+        )
     if kind in ("INVALID_ARGUMENT", "FAILED_PRECONDITION") or (status == 400 and not kind):
         return InvalidRequest(f"Gemini rejected the request: {text}")
     if kind in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
