@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
@@ -76,6 +77,18 @@ def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exc
                 f" at {base_url} ({errno.errorcode[code]}: {os.strerror(code)}); its open-file limit"
                 " (ulimit -n) is too low for the load. Retry the request."
             )
+        if isinstance(tls := _cause(error, ssl.SSLError), ssl.SSLCertVerificationError):
+            return UpstreamUnavailable(
+                f"Cannot connect to {label} server at {base_url}: its TLS certificate is not trusted"
+                f" ({tls.verify_message}). For a certificate of your own CA, set SSL_CERT_FILE to a"
+                " bundle that holds it."
+            )
+        if tls is not None:
+            hint = "; it may not speak TLS: check the scheme" if tls.reason == "WRONG_VERSION_NUMBER" else ""
+            return UpstreamUnavailable(
+                f"Cannot connect to {label} server at {base_url}: the TLS handshake failed"
+                f" ({tls.reason}{hint})"
+            )
         return UpstreamUnavailable(f"Cannot connect to {label} server at {base_url}")
     if isinstance(error, httpx.PoolTimeout):
         return UpstreamUnavailable(f"No free connection to {label} server at {base_url}")
@@ -102,6 +115,20 @@ def _os_errno(error: BaseException) -> int | None:
             return cause.errno
         cause = cause.__cause__
     return None
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _cause(error: BaseException, kind: type[E]) -> E | None:
+    """The innermost error of `kind` in the chain behind a transport failure: the one raised where
+    it happened (aiohttp's wrappers of an ssl error are ssl errors too, without its details)."""
+    found = None
+    cause: BaseException | None = error
+    while cause is not None:
+        found = cause if isinstance(cause, kind) else found
+        cause = cause.__cause__
+    return found
 
 
 class MappedErrors:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trustme
 import uvicorn
 
 
@@ -38,9 +39,11 @@ def free_port() -> int:
 class ServerThread:
     """One uvicorn server in a daemon thread; `url` is its base URL."""
 
-    def __init__(self, app: Any, port: int | None = None, http: Any = "auto") -> None:
+    def __init__(
+        self, app: Any, port: int | None = None, http: Any = "auto", tls: TlsFiles | None = None
+    ) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -50,6 +53,8 @@ class ServerThread:
             lifespan="auto",
             loop="asyncio",
             timeout_graceful_shutdown=2,
+            ssl_certfile=tls.certificate if tls else None,
+            ssl_keyfile=tls.key if tls else None,
         )
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -79,9 +84,29 @@ class ServerThread:
             raise RuntimeError(f"server on port {self.port} did not stop in 10 s")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server certificate for 127.0.0.1, its key, and the bundle of the CA that signed it."""
+
+    certificate: str
+    key: str
+    ca_bundle: str
+
+    @classmethod
+    def issue(cls, directory: Path) -> TlsFiles:
+        """A new CA of the test's own, and a certificate from it (trustme: no network, no openssl)."""
+        ca = trustme.CA()
+        server = ca.issue_cert("127.0.0.1", "localhost")
+        files = cls(*(str(directory / name) for name in ("server.pem", "server.key", "ca.pem")))
+        server.cert_chain_pems[0].write_to_path(files.certificate)
+        server.private_key_pem.write_to_path(files.key)
+        ca.cert_pem.write_to_path(files.ca_bundle)
+        return files
+
+
 @contextmanager
-def serve(app: Any, port: int | None = None) -> Iterator[ServerThread]:
-    server = ServerThread(app, port).start()
+def serve(app: Any, port: int | None = None, tls: TlsFiles | None = None) -> Iterator[ServerThread]:
+    server = ServerThread(app, port, tls=tls).start()
     try:
         yield server
     finally:
