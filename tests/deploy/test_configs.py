@@ -101,5 +101,5 @@ def test_no_file_holds_a_real_looking_key() -> None:
     for path in files:
         assert not SECRET_LOOKING.search(path.read_text()), path
     env = env_example()
-    for name in ("OPENAI_API_KEY", "GEMINI_API_KEY"):
+    for name in ("OPENAI_API_KEY", "GEMINI_API_KEY", "VLLM_API_KEY"):
         assert env[name] == "", name

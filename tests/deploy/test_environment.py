@@ -13,9 +13,10 @@ import httpx
 import pytest
 import yaml
 
-from tests.deploy.files import env_example, manifest
+from tests.deploy.files import CONFIGS, ROOT, env_example, key_variables, manifest
 from tests.deploy.test_compose import compose
 from tests.fakes.ollama_server import FakeOllama
+from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import gateway_process, serve
 
 pytestmark = pytest.mark.e2e
@@ -74,3 +75,30 @@ def test_server_log_level_in_the_config_file_applies(tmp_path: Path, source: str
     events = [event["event"] for event in gateway.log_events()]
     assert "request" not in events, events
     assert len(fake.chat_bodies()) == 1
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_compose_passes_every_key_a_shipped_config_reads(path: Path) -> None:
+    """GATEWAY_CONFIG may pick any config in config/: the variables it reads its keys from are
+    passed to the gateway, and listed (empty) in .env.example."""
+    needed = key_variables(path)
+    assert needed <= set(compose_environment(env_example())), sorted(needed)
+    assert needed <= set(env_example()), sorted(needed)
+    assert all(env_example()[name] == "" for name in needed)
+
+
+def test_the_vllm_key_in_dotenv_reaches_vllm_under_compose(tmp_path: Path) -> None:
+    """config/vllm.yaml under compose, with VLLM_API_KEY in .env, against servers that want it."""
+    key = "vllm-test-key"
+    data = yaml.safe_load((ROOT / "config" / "vllm.yaml").read_text())
+    fakes = [FakeOpenAI(models=["meta-llama/Llama-3.1-8B-Instruct"], api_key=key) for _ in data["backends"]]
+    with serve(fakes[0].app) as first, serve(fakes[1].app) as second:
+        for backend, server in zip(data["backends"], (first, second), strict=True):
+            backend["base_url"] = server.url + "/v1"
+        config = tmp_path / "vllm.yaml"
+        config.write_text(yaml.safe_dump(data))
+        env = process_environment(compose_environment({**env_example(), "VLLM_API_KEY": key}))
+        with gateway_process(["--config", str(config)], tmp_path / "stderr.log", env=env) as gateway:
+            answer = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "llama3.1-8b", **CHAT})
+    assert answer.status_code == 200, answer.text
+    assert sum(len(fake.chat_bodies()) for fake in fakes) == 1
