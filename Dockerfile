@@ -1,9 +1,11 @@
 # Phoenix Gateway container image.
 #
 #   docker build -t phoenix-gateway .
-#   docker run -p 127.0.0.1:8080:8080 -v "$PWD/gateway.yaml:/etc/phoenix/gateway.yaml:ro" phoenix-gateway
+#   docker run -p 127.0.0.1:8080:8080 -v "$PWD/phoenix:/etc/phoenix:ro" phoenix-gateway
 #
-# The config is read from /etc/phoenix/gateway.yaml (PHOENIX_CONFIG); run with `-e PHOENIX_CONFIG=`
+# The config is read from /etc/phoenix/gateway.yaml (PHOENIX_CONFIG): mount the directory that holds
+# it, not the file alone, whose mount keeps the version the container started with once an editor
+# saves a new file in its place (a reload, SIGHUP, would read the old one); run with `-e PHOENIX_CONFIG=`
 # to build it from the environment instead (OLLAMA_BASE_URL, OPENAI_API_KEY, ...). The container
 # always listens on 0.0.0.0:8080, whatever `server.host` and `server.port` the config says.
 # tests/deploy/test_dockerfile.py checks these instructions; README.md, Deployment, says how to run it.

@@ -167,10 +167,34 @@ def test_ports_are_published_on_loopback_by_default_and_match_what_listens(image
     ]
 
 
-def compose_gateway_config(env: dict[str, str] | None = None) -> Path:
-    """The config file that the compose file mounts where the image reads its config."""
+def config_mount(env: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """The gateway's config path in the container (PHOENIX_CONFIG, else the image's), and the
+    host source and container target of the bind mount that holds it."""
     gateway = compose(env=env)["services"]["gateway"]
-    return ROOT / {target: source for source, target, _ in volumes_of(gateway)}[CONFIG_IN_CONTAINER]
+    path = gateway.get("environment", {}).get("PHOENIX_CONFIG", CONFIG_IN_CONTAINER)
+    (mount,) = [
+        (source, target)
+        for source, target, _ in volumes_of(gateway)
+        if source.startswith(("./", "/")) and (path == target or path.startswith(target.rstrip("/") + "/"))
+    ]
+    return path, *mount
+
+
+def compose_gateway_config(env: dict[str, str] | None = None) -> Path:
+    """The config file that the compose file mounts where the gateway reads its config."""
+    path, source, target = config_mount(env)
+    return ROOT / source / Path(path).relative_to(target)
+
+
+def test_the_config_directory_is_mounted_not_the_file_alone() -> None:
+    """A bind-mounted file stays the inode the container started with: an edit saved as a new
+    file (most editors, sed -i) would never reach a reload. The directory is mounted instead."""
+    for env in (env_example(), {}):
+        path, source, target = config_mount(env)
+        assert path != target and (ROOT / source).is_dir(), (path, source, target)
+        assert compose_gateway_config(env) == ROOT / "config" / "hybrid.yaml"
+    other = compose_gateway_config({**env_example(), "GATEWAY_CONFIG": "vllm.yaml"})
+    assert other == ROOT / "config" / "vllm.yaml"
 
 
 def test_gateway_service_mounts_a_config_that_passes_check_config() -> None:

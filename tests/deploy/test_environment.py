@@ -6,6 +6,12 @@ config file stays what decides, and every key a shipped config names reaches the
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +20,10 @@ import pytest
 import yaml
 
 from tests.deploy.files import CONFIGS, ROOT, env_example, key_variables, manifest
-from tests.deploy.test_compose import compose
+from tests.deploy.test_compose import compose, compose_gateway_config, config_mount, volumes_of
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
-from tests.servers import gateway_process, serve
+from tests.servers import free_port, gateway_process, serve
 
 pytestmark = pytest.mark.e2e
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -102,3 +108,75 @@ def test_the_vllm_key_in_dotenv_reaches_vllm_under_compose(tmp_path: Path) -> No
             answer = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "llama3.1-8b", **CHAT})
     assert answer.status_code == 200, answer.text
     assert sum(len(fake.chat_bodies()) for fake in fakes) == 1
+
+
+def test_a_reload_under_compose_reads_the_config_as_edited(tmp_path: Path) -> None:
+    """The compose file's bind mounts of the config made as Docker makes them (`mount --bind`, in
+    a private mount namespace, under a scratch root), over a copy of the repository's config/;
+    the host file is then edited as editors and `sed -i` save (a new file renamed over the old)
+    and the gateway gets SIGHUP: it serves the edited config."""
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "unshare (util-linux) is needed"
+    gateway_service = compose(env={})["services"]["gateway"]
+    path, _, _ = config_mount({})
+    repository, root = tmp_path / "repository", tmp_path / "root"
+    shutil.copytree(ROOT / "config", repository / "config")
+    mounts = []
+    for source, target, mode in volumes_of(gateway_service):
+        if source.startswith(("./", "/")):
+            host, inside = repository / source, root / target.lstrip("/")
+            inside.parent.mkdir(parents=True, exist_ok=True)
+            inside.mkdir() if host.is_dir() else inside.touch()
+            mounts.append(f"mount --bind {'-o ro ' if mode == 'ro' else ''}{host} {inside}")
+    edited = repository / compose_gateway_config({}).relative_to(ROOT)
+
+    def write(model: str, ollama_url: str) -> None:
+        fresh = edited.with_suffix(".new")
+        fresh.write_text(
+            yaml.safe_dump(
+                {
+                    "backends": [{"name": "ollama-1", "type": "ollama", "base_url": ollama_url}],
+                    "models": [{"name": model, "deployments": [{"backend": "ollama-1"}]}],
+                }
+            )
+        )
+        fresh.replace(edited)
+
+    with serve(FakeOllama().app) as ollama:
+        write("before-edit", ollama.url)
+        port, log = free_port(), tmp_path / "stderr.log"
+        env = process_environment({"PHOENIX_CONFIG": ""})
+        env["PHOENIX_CONFIG"] = str(root / path.lstrip("/"))
+        serve_command = f"exec {sys.executable} -m gateway serve --port {port}"
+        script = " && ".join([*mounts, serve_command])
+        command = [unshare, "--mount", "--propagation", "private", "sh", "-c", script]
+        with log.open("wb") as sink:
+            process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            assert wait_until(lambda: models(url) is not None), log.read_text()[-2000:]
+            assert models(url) == ["before-edit"]
+            write("after-edit", ollama.url)
+            process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: "config reloaded" in log.read_text()), log.read_text()[-2000:]
+            assert models(url) == ["after-edit"]
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def models(url: str) -> list[str] | None:
+    try:
+        answer = httpx.get(url + "/v1/models", timeout=2)
+    except httpx.TransportError:
+        return None
+    return [model["id"] for model in answer.json()["data"]]
+
+
+def wait_until(condition: Callable[[], bool], limit: float = 20) -> bool:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
