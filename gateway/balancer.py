@@ -156,9 +156,7 @@ class Balancer:
                     instance.forget()
                 instance.weight, instance.max_inflight = backend.weight, backend.max_inflight
             kept[backend.name] = instance
-        for name in self.instances.keys() - kept.keys():
-            self._metrics.inflight.remove(name)
-            self._metrics.backend_up.remove(name)
+        self._metrics.keep_backends(kept.keys(), self.instances.keys() - kept.keys())
         self.instances = kept
         self._config = config
         if self._waiting:

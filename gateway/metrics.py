@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 from bisect import bisect_left
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -25,6 +26,8 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # No `*_created` series beside every counter and histogram: nothing on the dashboard uses them,
@@ -168,6 +171,7 @@ class Metrics:
         )  # fmt: skip
 
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        self._backends: frozenset[str] | None = None  # the config's, once the balancer has taken it
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:
         """`metric.labels(*labels)`, bound once and kept: `labels` costs a lock and a lookup per
@@ -186,14 +190,45 @@ class Metrics:
             self.inflight.labels(name)
             self.backend_up.labels(name)
 
+    def keep_backends(self, current: Collection[str], removed: Iterable[str]) -> None:
+        """The config's backends are `current` now: the in-flight and up gauges of those a reload
+        `removed` go from /metrics. With several workers those values live in the shared files,
+        where a series cannot be removed (prometheus_client only warns), and a removed backend
+        would be reported as it last was for good, down ones firing their alert: `render` leaves
+        out every backend that is not in `current`."""
+        self._backends = frozenset(current)
+        if os.environ.get(MULTIPROC_ENV):
+            return
+        for name in removed:
+            self.inflight.remove(name)
+            self.backend_up.remove(name)
+
     def render(self) -> bytes:
         """This process's metrics, or, with several workers, every worker's added up."""
         directory = os.environ.get(MULTIPROC_ENV)
         if not directory:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, directory)  # type: ignore[no-untyped-call]
+        files = multiprocess.MultiProcessCollector(None, directory)  # type: ignore[no-untyped-call]
+        merged.register(_OfBackends(files, self._backends))
         return generate_latest(merged)
+
+
+PER_BACKEND_GAUGES = ("gateway_inflight_requests", "gateway_backend_up")
+
+
+class _OfBackends(Collector):
+    """The workers' merged metrics, the per-backend gauges of the config's backends only."""
+
+    def __init__(self, source: Collector, backends: frozenset[str] | None) -> None:
+        self._source = source
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            if self._backends is not None and family.name in PER_BACKEND_GAUGES:
+                family.samples = [s for s in family.samples if s.labels.get("backend") in self._backends]
+            yield family
 
 
 def worker_exited(pid: int) -> None:

@@ -307,3 +307,33 @@ def test_sighup_while_serve_is_starting_does_not_end_it(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_with_two_workers_a_removed_backend_leaves_the_metrics(served: Served, tmp_path: Path) -> None:
+    """Each worker's gauges live in files the workers share, where a series cannot be removed: a
+    removed backend must not stay in /metrics as it last was (down, firing its alert for good)."""
+    served.servers["b"].stop()  # b goes down, then the config drops it
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PHOENIX_", "PROMETHEUS_"))}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    log = tmp_path / "two-workers.log"
+    with gateway_process(["--config", str(served.config_path), "--workers", "2"], log, env) as gateway:
+        wait_for_workers(metrics, 2)
+
+        def b_is_down() -> bool:
+            return scrape(gateway.url).get(("gateway_backend_up", (("backend", "b"),))) == 0
+
+        wait_for(b_is_down)
+        assert b_is_down()
+
+        served.write_config(["a"])
+        gateway.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: sum(e.get("event") == "config reloaded" for e in gateway.log_events()) == 2, 15)
+        assert sum(e.get("event") == "config reloaded" for e in gateway.log_events()) == 2
+
+        after = scrape(gateway.url)
+        assert sample(after, "gateway_backend_up", backend="a") == 1
+        assert not [labels for name, labels in after if ("backend", "b") in labels and name in (
+            "gateway_backend_up", "gateway_inflight_requests")]  # fmt: skip
+    assert "Warning" not in log.read_text()
