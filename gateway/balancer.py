@@ -121,7 +121,9 @@ class Balancer:
         self._metrics = metrics
         self._clock = clock
         self._turns: defaultdict[tuple[str, ...], int] = defaultdict(int)
-        self._credits: defaultdict[tuple[str, ...], dict[Target, int]] = defaultdict(dict)
+        # Weighted round robin's credit of each place in a set of candidates: by place, not by
+        # target, whose model may be any name a pattern route passes on (one entry per name, for good)
+        self._credits: dict[tuple[str, ...], list[int]] = {}
         self._room = asyncio.Condition()
         self._waiting = 0  # requests waiting for room under a cap
         self._wakers: set[asyncio.Task[None]] = set()
@@ -292,13 +294,19 @@ class Balancer:
             return sorted(rotated, key=lambda t: (saturated[t], score[t]))
         tier = {t: (saturated[t], WARMTH_RANK[self.instances[t.backend].warm(t.model)]) for t in rotated}
         if self.strategy == "weighted":
-            score = self._weighted_turn(self._credits[candidates], rotated, tier)
+            credits = self._credits.setdefault(candidates, [0] * len(targets))
+            place = {t: i for i, t in enumerate(targets)}
+            score = self._weighted_turn(credits, place, rotated, tier)
         else:
             score = {t: float(i) for i, t in enumerate(rotated)}
         return sorted(rotated, key=lambda t: (tier[t], score[t]))
 
     def _weighted_turn(
-        self, credits: dict[Target, int], targets: list[Target], tier: dict[Target, tuple[bool, int]]
+        self,
+        credits: list[int],
+        place: dict[Target, int],
+        targets: list[Target],
+        tier: dict[Target, tuple[bool, int]],
     ) -> dict[Target, float]:
         """Smooth weighted round robin, as nginx does it. Each turn, the instances of the best tier
         (room, then warmth) gain their weight in credit; the richest goes first and pays back the
@@ -309,10 +317,10 @@ class Balancer:
         earners = [t for t in targets if tier[t] == best]
         weights = {t: self.instances[t.backend].weight for t in earners}
         for t, weight in weights.items():
-            credits[t] = credits.get(t, 0) + weight
-        first = max(earners, key=credits.__getitem__)
-        credits[first] -= sum(weights.values())
-        score = {t: float(-credits.get(t, 0)) for t in targets}
+            credits[place[t]] += weight
+        first = max(earners, key=lambda t: credits[place[t]])
+        credits[place[first]] -= sum(weights.values())
+        score = {t: float(-credits[place[t]]) for t in targets}
         score[first] = -math.inf
         return score
 

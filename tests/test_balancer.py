@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import tracemalloc
 from collections import Counter
 from typing import Any
 
@@ -86,6 +87,26 @@ def test_weighted_ranks_every_instance_for_a_retry() -> None:
     orders = [[t.backend for t in b.order(targets)] for _ in range(4)]
     assert [order[0] for order in orders].count("o2") == 2
     assert all(sorted(order) == ["o0", "o1", "o2"] for order in orders)  # every instance, once
+
+
+def test_weighted_keeps_nothing_per_model_name_a_pattern_route_passes_on() -> None:
+    """Under `ollama/*` the upstream model is any name a client sends: a long-running gateway must
+    not keep something for each one, and the instances still get their weights."""
+    b, targets = balancer(strategy="weighted", weights=[1, 2, 3])
+    names = (f"typo-{i}" for i in itertools.count())
+    tracemalloc.start()
+    try:
+        for _ in range(5_000):  # the interpreter's free lists fill up first
+            b.order([Target(t.backend, next(names)) for t in targets])
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20_000):
+            b.order([Target(t.backend, next(names)) for t in targets])
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 20_000, f"{grown} bytes kept for 20,000 model names"
+    picks = [b.order([Target(t.backend, next(names)) for t in targets])[0].backend for _ in range(6)]
+    assert Counter(picks) == {"o0": 1, "o1": 2, "o2": 3}
 
 
 def test_least_inflight_shares_by_weight_and_prefers_the_idle() -> None:
