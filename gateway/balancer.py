@@ -5,7 +5,8 @@ The ranking, from most to least important:
 
 1. Health. An instance that failed `unhealthy_after` times in a row (requests or probes) is
    ejected for `cooldown` seconds, then gets one trial request (half-open): success brings it back,
-   failure ejects it again. Ejected instances are only tried after every healthy one.
+   failure ejects it again. Ejected instances are only tried after every healthy one. An answer
+   that it is busy (`busy`: its 429, Ollama's 'server busy') moves the request on, but is no failure.
 2. The model. An instance whose inventory (`/api/tags`) lacks the model is never picked, unless no
    instance of the pool has it, so that Ollama's own 404 (with its pull hint) reaches the client.
 3. Conversation affinity (`affinity: prefix`): requests of one conversation go to one instance, so
@@ -217,6 +218,14 @@ class Balancer:
             instance.trial = False
             instance.ejected_until = self._clock() + self._cooldown
             instance.up_gauge.set(0)
+
+    def busy(self, backend: str) -> None:
+        """The instance answered that it has no room now (its 429, Ollama's 'server busy'): alive,
+        so neither a failure nor a success. A half-open trial ends without a verdict: the next
+        request after it may be the trial."""
+        instance = self.instances.get(backend)
+        if instance is not None:
+            instance.trial = False
 
     def probed(self, backend: str, ok: bool) -> None:
         """An active probe's result: a failure counts like a failed request; success after the

@@ -26,6 +26,7 @@ from gateway.errors import (
     StreamOverTime,
     UpstreamError,
     UpstreamProtocol,
+    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -151,7 +152,9 @@ class Dispatcher:
             result = await attempt_one(target, provider)
         except UpstreamError as error:
             self.metrics.child(self.metrics.upstream_errors, target.backend, error.reason).inc()
-            if error.retryable:
+            if isinstance(error, UpstreamRejected) and error.busy:
+                self.balancer.busy(target.backend)  # full for now, alive: the request moves on
+            elif error.retryable:
                 self.balancer.failed(target.backend)
             else:  # it answered, if only to refuse: the instance itself is fine
                 self.balancer.succeeded(target.backend)

@@ -21,7 +21,8 @@
         ├── UpstreamTimeout           504 connect, first token, idle or total deadline
         │   ├── UpstreamConnectTimeout    the connect deadline: the request was never sent
         │   └── StreamOverTime            a stream's total deadline: not counted against the instance
-        ├── UpstreamRejected          the backend's own 4xx/429/5xx, status mapped per class
+        ├── UpstreamRejected          the backend's own 4xx/429/5xx, status mapped per class;
+        │                                 `busy` (429, Ollama's 503 'server busy'): not its failure
         └── UpstreamProtocol          502 the backend answered something we cannot parse
 
 Each class carries its HTTP status, OpenAI error `type`, and the log level it deserves:
@@ -216,7 +217,10 @@ class UpstreamProtocol(UpstreamError):
 
 
 class UpstreamRejected(UpstreamError):
-    """The backend answered with an error status; we keep its meaning, not its words verbatim."""
+    """The backend answered with an error status; we keep its meaning, not its words verbatim.
+    `busy`: it answered that it has no room now (its 429, or `busy=True` from the provider, as for
+    Ollama's 503 'server busy' when its queue is full). The request moves on, but the instance is
+    alive and working: that is no failure to eject it for."""
 
     reason = "status"
 
@@ -228,9 +232,11 @@ class UpstreamRejected(UpstreamError):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        busy: bool = False,
     ) -> None:
         super().__init__(message, param=param, code=code, headers=headers)
         self.upstream_status = upstream_status
+        self.busy = busy or upstream_status == 429
 
     @property
     def http_status(self) -> int:

@@ -352,3 +352,36 @@ def test_a_client_leaving_mid_stream_does_not_count_against_the_instance(
         ("ollama-0", "done"),
         ("ollama-1", "done"),
     }
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [(503, "server busy, please try again.  maximum pending requests exceeded"), (429, "rate limited")],
+    ids=["ollama-queue-full", "429"],
+)
+def test_an_instance_that_says_it_is_busy_is_not_ejected(
+    pool: Pool, start_gateway: Callable[..., ServerThread], status: int, text: str
+) -> None:
+    """A full queue is a working instance: ejecting it would take capacity away when it is most
+    needed, alert that it is down, and with the whole pool busy turn /readyz to 503."""
+    pair = two_warm_instances(pool)
+    health = {"interval": 60, "unhealthy_after": 2, "cooldown": 60}
+    gateway = start_gateway(pair.config(["llama3.2"], strategy="round_robin", health=health))
+    probed_once(pair)
+    for fake in pair.fakes:
+        fake.queue(*[Reply(status=status, error_text=text)] * 4)
+
+    assert [chat(gateway, "llama3.2").status_code for _ in range(4)] == [status] * 4
+
+    ready = httpx.get(gateway.url + "/readyz")
+    assert ready.status_code == 200
+    assert {name: entry["up"] for name, entry in ready.json()["backends"].items()} == {
+        "ollama-0": True,
+        "ollama-1": True,
+    }
+    served = Counter(chat(gateway, "llama3.2").headers["x-phoenix-backend"] for _ in range(4))
+    assert served == {"ollama-0": 2, "ollama-1": 2}
+    for fake in pair.fakes:  # an instance that fails is still ejected
+        fake.queue(*[Reply(status=500)] * 2)
+    assert [chat(gateway, "llama3.2").status_code for _ in range(2)] == [502] * 2
+    assert httpx.get(gateway.url + "/readyz").status_code == 503

@@ -122,4 +122,8 @@ def error_from(
         return InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
     given = (headers or {}).get("retry-after")
     retry = {"retry-after": given or "1"} if status in (429, 503) else None
-    return UpstreamRejected(f"Ollama answered {status}: {text}", upstream_status=status, headers=retry)
+    # 503 'server busy, please try again. maximum pending requests exceeded': its queue is full
+    busy = status == 503 and "server busy" in text
+    return UpstreamRejected(
+        f"Ollama answered {status}: {text}", upstream_status=status, headers=retry, busy=busy
+    )
