@@ -57,6 +57,9 @@ R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
 FACTS_TIMEOUT = 10.0  # seconds a model's lookup may take: one still unanswered then has failed
 FACTS_RETRY = 30.0  # seconds before a model's failed lookup is made again
+# Lookups kept per backend: a pattern route passes on any name a client sends, typos included,
+# and each would be kept for good. Past this, the oldest finished one goes (and is asked again).
+FACTS_KEPT = 1024
 
 
 AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg"}  # input_audio.format (contracts/openai.md 2.2)
@@ -346,8 +349,17 @@ def lookup(
         and (failed_at := found.result().failed_at) is not None
         and time.monotonic() - failed_at >= FACTS_RETRY
     ):
+        if found is None and len(lookups) >= FACTS_KEPT:
+            _forget_oldest(lookups)
         found = lookups[model] = asyncio.create_task(make(model))
     return found
+
+
+def _forget_oldest(lookups: dict[str, asyncio.Task[F]]) -> None:
+    for model, task in lookups.items():  # in the order they were made
+        if task.done():
+            del lookups[model]
+            return
 
 
 async def looked_up(found: asyncio.Task[F]) -> F:

@@ -330,3 +330,21 @@ async def test_a_show_left_unanswered_holds_up_no_answer_and_is_asked_again_late
     completion = await asyncio.wait_for(provider.complete(CHAT, "m"), 5)
     assert completion.notices == {"prompt_truncated": "2048"}  # ...it is asked again
     assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 2
+
+
+async def test_the_lookups_kept_are_bounded_whatever_names_clients_send(
+    httpx_mock: HTTPXMock, provider: OllamaProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pattern route passes on any name a client sends: each name's /api/show (answered 404 for
+    names the server lacks) must not be kept for good."""
+    monkeypatch.setattr(base, "FACTS_KEPT", 8)
+    httpx_mock.add_response(
+        url=URL + "/api/show", status_code=404, json={"error": "not found"}, is_reusable=True
+    )
+    names = [f"typo-{n}" for n in range(30)]
+    for name in names:
+        assert await provider.remote(name) is None  # the lookup failed: not known
+    kept = list(provider._facts)
+    assert len(kept) == 8
+    assert kept == names[-8:]  # the oldest went first
+    assert len(httpx_mock.get_requests(url=URL + "/api/show")) == 30
