@@ -20,7 +20,7 @@ from gateway.config import OpenAIBackend
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
-    ModelNotFound,
+    ModelMissing,
     PrivacyViolation,
     UpstreamProtocol,
     UpstreamRejected,
@@ -332,8 +332,8 @@ def error_from(
         error if isinstance(error, dict) else {"message": error or content[:200].decode("utf-8", "replace")}
     )
     message = str(error.get("message") or f"status {status}")
-    if status == 404:
-        return ModelNotFound(
+    if status == 404:  # this server lacks it: another deployment of the model may have it
+        return ModelMissing(
             f"The model '{model}' is not available on the OpenAI-compatible backend: {message}"
         )
     if status in (400, 413, 422):

@@ -255,9 +255,15 @@ def test_two_openai_compatible_servers_are_balanced_the_same_way(
         assert [chat(gateway, "qwen").status_code for _ in range(10)] == [200] * 10
         assert [len(fake.chat_bodies()) for fake in fakes] == [5, 5]
 
+        fakes[0].models = []  # its server now serves another model: it answers 404 for this one
+        answers = [chat(gateway, "qwen", stream=i % 2 == 0) for i in range(4)]
+        assert [(a.status_code, a.headers["x-phoenix-backend"]) for a in answers] == [(200, "vllm-1")] * 4
+        assert len(fakes[0].chat_bodies()) == 7  # two of them were asked there first, and moved on
+        assert httpx.get(gateway.url + "/readyz").json()["backends"]["vllm-0"]["up"]  # a 404 is no failure
+
         servers[0].stop()
         assert [chat(gateway, "qwen", stream=i % 2 == 0).status_code for i in range(6)] == [200] * 6
-        assert len(fakes[1].chat_bodies()) == 11  # the failed attempt was retried there
+        assert len(fakes[1].chat_bodies()) == 15  # the failed attempt was retried there
         wait_for(lambda: not httpx.get(gateway.url + "/readyz").json()["backends"]["vllm-0"]["up"], timeout=2)
 
 
