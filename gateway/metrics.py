@@ -139,8 +139,8 @@ class Metrics:
             multiprocess_mode="livesum",
         )  # fmt: skip
         self.backend_up = Gauge(
-            "gateway_backend_up", "1 when the backend answers its probe.", ["backend"], registry=r,
-            multiprocess_mode="livemax",
+            "gateway_backend_up", "0 while the backend is ejected (failures in a row), else 1.", ["backend"],
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.upstream_errors = Counter(
             "gateway_upstream_errors_total", "Backend failures by kind.", ["backend", "reason"], registry=r
