@@ -131,6 +131,13 @@ def serve(args: argparse.Namespace) -> int:
             " admits the whole budget",
             workers=args.workers,
         )
+    for backend in config.backends:
+        if backend.api_key_env and not backend.api_key(os.environ):
+            log.warning(
+                "a backend's api_key_env is not set or empty: it is sent no API key",
+                backend=backend.name,
+                variable=backend.api_key_env,
+            )
     if args.config:
         os.environ["PHOENIX_CONFIG"] = os.path.abspath(args.config)
     if pinned:

@@ -172,6 +172,30 @@ def test_per_worker_rate_limits_are_warned_about(
     assert ("rate limits are kept per worker" in capsys.readouterr().err) is warned
 
 
+@pytest.mark.parametrize(("value", "warned"), [(None, True), ("", True), ("sk-set", False)])
+def test_a_backend_whose_key_variable_is_unset_or_empty_is_warned_about(
+    value: str | None,
+    warned: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("CLOUD_KEY", raising=False)
+    if value is not None:
+        monkeypatch.setenv("CLOUD_KEY", value)
+    cloud = {"name": "cloud", "type": "openai", "api_key_env": "CLOUD_KEY"}
+    serve_dry(
+        {"backends": [cloud], "models": [{"name": "m", "deployments": [{"backend": "cloud"}]}]},
+        [],
+        tmp_path,
+        monkeypatch,
+    )
+    warnings = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "api_key_env" in line]
+    expected = {"backend": "cloud", "variable": "CLOUD_KEY", "level": "warning"}
+    assert [{k: w[k] for k in expected} for w in warnings] == ([expected] if warned else [])
+    assert all("sk-set" not in str(w) for w in warnings)
+
+
 @pytest.mark.parametrize(
     "args",
     [["--port", "70000"], ["--port", "0"], ["--port", "http"], ["--workers", "0"], ["--workers", "-1"]],
