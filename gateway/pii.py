@@ -19,7 +19,8 @@ It runs on every request, so each search starts from a character that must be th
 
 Text is read as a person reads it: digits, spaces and dashes written with other characters
 (full-width digits, non-breaking spaces, en dashes, an invisible zero-width space) count as the
-ASCII ones they look like.
+ASCII ones they look like, and so do they written as JSON escapes (`\\u00a0`) in a tool's
+arguments or result.
 
 `self_check` runs the detector on texts made to hold each kind: where the regex engine matches
 differently, the gateway refuses to start rather than let personal data through unseen.
@@ -347,8 +348,26 @@ _LOOK_ALIKES = {
 _OTHER_DIGIT = re.compile(r"(?![0-9])\d")  # a decimal digit of another script (Arabic-Indic, ...)
 
 
+# JSON held in a string (a tool call's arguments, a tool's result) may spell every character past
+# ASCII as an escape, as Python's json.dumps does by default: "Tel\u00e9fono", "4111\u00a01111". The
+# backend's model reads the characters, so the detector reads them too; a pair of escapes may stand
+# for one character past the BMP (a mathematical digit).
+_JSON_ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unescaped(text: str) -> str:
+    text = _JSON_ESCAPE.sub(lambda escape: chr(int(escape[1], 16)), text)
+    if _SURROGATE.search(text) is not None:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def _plain(text: str) -> str:
-    """`text` with look-alike characters made the ones they look like (the same text when ASCII)."""
+    """`text` with look-alike characters made the ones they look like, and JSON's escapes the
+    characters they stand for (the same text when ASCII without escapes)."""
+    if "\\u" in text:
+        text = _unescaped(text)
     if text.isascii():
         return text
     text = unicodedata.normalize("NFKC", text).translate(_LOOK_ALIKES)

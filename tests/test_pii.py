@@ -172,6 +172,19 @@ WRITTEN_OTHERWISE = [
     pytest.param("ana.lopez\u200b@example.org", {"email"}, id="email-zero-width-space"),
     pytest.param("ana.lopez\uff20example.org", {"email"}, id="email-full-width-at"),
     pytest.param("ana.lopez@example\u00ad.org", {"email"}, id="email-soft-hyphen"),
+    # JSON in a tool's result or arguments, as Python's json.dumps writes it: ASCII, with escapes
+    pytest.param(json.dumps({"teléfono": "612 34 56 78"}), {"phone"}, id="json-escaped-label"),
+    pytest.param(
+        json.dumps({"card": "4111\u00a01111\u00a01111\u00a01111"}), {"card"}, id="json-escaped-nbsp"
+    ),
+    pytest.param(
+        json.dumps({"ssn": "\uff15\uff13\uff16\u201322\u20131234"}), {"ssn"}, id="json-escaped-digits"
+    ),
+    pytest.param(
+        json.dumps({"phone": "+34 \U0001d7de\U0001d7d9\U0001d7d0 34 56 78"}),
+        {"phone"},
+        id="json-escaped-pair",
+    ),
 ]
 
 

@@ -5,6 +5,7 @@ happens, the cloud servers never see a private request."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -315,6 +316,38 @@ def test_personal_data_anywhere_in_the_body_keeps_it_local(rig: Rig, where: str)
     assert rig.cloud_calls() == before, "a cloud backend received personal data"
     assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email", answer.text
     assert answer.headers.get("x-phoenix-backend") == "ollama-1"
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{"nombre": "Ana López", "teléfono": "612 34 56 78"}, {"card": "4111\u00a01111\u00a01111\u00a01111"}],
+    ids=["accented-label", "nbsp-card"],
+)
+def test_personal_data_in_a_tool_result_written_by_json_dumps_keeps_it_local(
+    rig: Rig, result: dict[str, str]
+) -> None:
+    # Python's json.dumps writes what is past ASCII as \uXXXX escapes, which the backend's model reads
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    body = {
+        "model": "chat",
+        "max_tokens": 5,
+        "messages": [
+            {"role": "user", "content": "Who is the customer?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)},
+        ],
+    }
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways["local up"].url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {APP_KEY}"},
+        timeout=10,
+    )
+    assert rig.cloud_calls() == before, "a cloud backend received personal data"
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-phoenix-privacy"].startswith("private;reason=pii:")
+    assert answer.headers["x-phoenix-backend"] == "ollama-1"
 
 
 def test_an_embedding_request_s_user_is_read_for_personal_data(rig: Rig) -> None:
