@@ -29,6 +29,7 @@ from gateway.errors import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    quoting,
 )
 from gateway.exchange import Exchange
 from gateway.metrics import Metrics
@@ -69,7 +70,8 @@ def _failed_closed(error: GatewayError, tried: list[Target], exchange: Exchange)
         f" tried {backends}, and the last said: {error.message.rstrip('.')}. Private requests are never"
         " sent to a cloud backend."
     )
-    return UpstreamTimeout(message) if isinstance(error, UpstreamTimeout) else UpstreamUnavailable(message)
+    failed = UpstreamTimeout(message) if isinstance(error, UpstreamTimeout) else UpstreamUnavailable(message)
+    return quoting(failed, error.quoted) if error.quoted else failed
 
 
 @dataclass(slots=True)

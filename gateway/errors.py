@@ -27,18 +27,31 @@
 
 Each class carries its HTTP status, OpenAI error `type`, and the log level it deserves:
 a client's mistake is `info`, a backend's failure is `warning`, our own bug is `error`.
-Messages never carry a stack trace, a secret or prompt text.
+Messages never carry a stack trace, a secret or prompt text, except a backend's own words quoted
+for the client (`quoting`), which may repeat the request's text and never reach a log line.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+E = TypeVar("E", bound="GatewayError")
+NOT_LOGGED = "[the backend's message, not logged]"
+
+
+def quoting(error: E, words: str) -> E:
+    """`error`, whose message quotes a backend's `words`: the client gets them (it sent what they may
+    repeat: vLLM's validation errors quote the offending field's value, the prompt included); the
+    log line gets `log_message`, without them."""
+    error.quoted = words
+    return error
 
 
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
     log_level: ClassVar[str] = "error"
+    quoted: str | None = None  # a backend's own words in `message` (see `quoting`)
 
     def __init__(
         self,
@@ -57,6 +70,11 @@ class GatewayError(Exception):
     @property
     def http_status(self) -> int:
         return self.status
+
+    @property
+    def log_message(self) -> str:
+        """The message for a log line: without a backend's words it quotes."""
+        return self.message.replace(self.quoted, NOT_LOGGED) if self.quoted else self.message
 
     @property
     def type(self) -> str:

@@ -328,7 +328,7 @@ class State:
         """A failed request's log line, metrics and record; the answer is the caller's."""
         exchange.error_type = error.type
         log = getattr(self.log, error.log_level)
-        log("request failed", error=error.type, status=error.http_status, message=error.message)
+        log("request failed", error=error.type, status=error.http_status, message=error.log_message)
         self.finish(exchange, error.http_status)
 
     def cancelled(self, exchange: Exchange, request: Incoming) -> Response:

@@ -24,6 +24,7 @@ from gateway.errors import (
     PrivacyViolation,
     UpstreamProtocol,
     UpstreamRejected,
+    quoting,
 )
 from gateway.providers.base import batches, parsed, shorten
 from gateway.schemas import (
@@ -315,12 +316,13 @@ def _code(error: Any) -> str | None:
 
 
 def _stream_error(error: Any) -> GatewayError:
-    message = error.get("message") if isinstance(error, dict) else str(error)
-    return UpstreamRejected(
+    message = str(error.get("message") if isinstance(error, dict) else error)
+    rejected = UpstreamRejected(
         f"the OpenAI-compatible backend reported an error mid-stream: {message}",
         upstream_status=500,
         code=_code(error),
     )
+    return quoting(rejected, message)
 
 
 def error_from(
@@ -331,15 +333,19 @@ def error_from(
     error = (
         error if isinstance(error, dict) else {"message": error or content[:200].decode("utf-8", "replace")}
     )
-    message = str(error.get("message") or f"status {status}")
+    said = str(error.get("message") or "")
+    message = said or f"status {status}"
     if status == 404:  # this server lacks it: another deployment of the model may have it
-        return ModelMissing(
-            f"The model '{model}' is not available on the OpenAI-compatible backend: {message}"
+        return quoting(
+            ModelMissing(f"The model '{model}' is not available on the OpenAI-compatible backend: {message}"),
+            said,
         )
     if status in (400, 413, 422):
-        return InvalidRequest(message, param=error.get("param"), code=_code(error))
+        return quoting(InvalidRequest(message, param=error.get("param"), code=_code(error)), said)
     if status == 403 and _code(error) == "privacy_violation":  # a Phoenix gateway keeping it local
-        return PrivacyViolation(f"the OpenAI-compatible backend refused a private request: {message}")
+        return quoting(
+            PrivacyViolation(f"the OpenAI-compatible backend refused a private request: {message}"), said
+        )
     if status in (401, 403):
         return UpstreamRejected(
             f"the backend refused the gateway's credentials ({status}); check its api_key_env",
@@ -349,7 +355,7 @@ def error_from(
     message = f"the OpenAI-compatible backend answered {status}: {message}"
     # Its code says which limit (rate_limit_exceeded, insufficient_quota) or what failed. Not so
     # for 401 and 403 above: those codes are about the gateway's key, not the client's.
-    return UpstreamRejected(message, upstream_status=status, code=_code(error), headers=retry)
+    return quoting(UpstreamRejected(message, upstream_status=status, code=_code(error), headers=retry), said)
 
 
 # ---- I/O ----

@@ -82,6 +82,32 @@ def test_every_line_of_a_request_carries_its_id_and_nothing_secret(
     assert SECRET_KEY not in text and "Zebulon" not in text and "Quixote" not in text
 
 
+def test_a_backend_error_that_quotes_the_prompt_reaches_the_client_but_not_the_log(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    # As vLLM's validation errors quote the offending field's value: the backend's words go to the
+    # client, who sent them, and the `request failed` line says only that the backend refused.
+    fake, server = fake_ollama
+    echo = f"invalid message content: {PROMPT!r}"
+    fake.queue(Reply(status=400, error_text=echo), Reply(status=503, error_text=echo))
+    fake.queue(Reply(content="one two", error_after=0, error_text=echo))
+    answers: list[httpx.Response] = []
+
+    def refused(url: str) -> None:
+        auth = {"authorization": f"Bearer {SECRET_KEY}"}
+        chat = {"model": "llama3.2", "messages": [{"role": "user", "content": PROMPT}]}
+        for body in (chat, chat, {**chat, "stream": True}):
+            answers.append(httpx.post(url + "/v1/chat/completions", json=body, headers=auth))
+
+    lines = run_gateway(tmp_path, server.url, "info", refused)
+    assert [answer.status_code for answer in answers] == [400, 503, 502]
+    assert all(PROMPT in answer.json()["error"]["message"] for answer in answers)
+    failures = [event for event in map(json.loads, lines) if event["event"] == "request failed"]
+    assert len(failures) == 3
+    assert all("not logged" in event["message"] for event in failures), failures
+    assert "Zebulon" not in "\n".join(lines)
+
+
 # Requests that no backend serves: every one is recorded as a chat request is (id -> call, status, endpoint).
 UNROUTED = {
     "models-guess": ("GET", "/v1/models", "Bearer guess", 401, "models"),

@@ -9,7 +9,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamProtocol, UpstreamRejected
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamProtocol,
+    UpstreamRejected,
+    quoting,
+)
 from gateway.providers.base import random_id
 from gateway.providers.gemini.request import GEMINI_ID, SIGNATURE
 from gateway.schemas import Choice, Chunk, Completion, FinishReason, ToolCallDelta, Usage
@@ -230,18 +237,22 @@ def error_from(
             "Gemini refused the gateway's API key; check its api_key_env", upstream_status=401
         )
     if kind in ("INVALID_ARGUMENT", "FAILED_PRECONDITION") or (status == 400 and not kind):
-        return InvalidRequest(f"Gemini rejected the request: {text}")
+        return quoting(InvalidRequest(f"Gemini rejected the request: {text}"), text)
     if kind in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
         upstream = 401 if kind == "UNAUTHENTICATED" else 403
-        return UpstreamRejected(f"Gemini refused the gateway's credentials: {text}", upstream_status=upstream)
+        refused = UpstreamRejected(
+            f"Gemini refused the gateway's credentials: {text}", upstream_status=upstream
+        )
+        return quoting(refused, text)
     codes = {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "INTERNAL": 500, "DEADLINE_EXCEEDED": 504}
     upstream = codes.get(kind, status)
     retry = (headers or {}).get("retry-after") or _retry_delay(details)
-    return UpstreamRejected(
+    rejected = UpstreamRejected(
         f"Gemini answered {upstream}: {text}",
         upstream_status=upstream,
         headers={"retry-after": retry} if retry and upstream in (429, 503) else None,
     )
+    return quoting(rejected, text)
 
 
 def _retry_delay(details: list[dict[str, Any]]) -> str | None:

@@ -8,7 +8,14 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError, InvalidRequest, ModelMissing, UpstreamProtocol, UpstreamRejected
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelMissing,
+    UpstreamProtocol,
+    UpstreamRejected,
+    quoting,
+)
 from gateway.providers.base import random_id
 from gateway.schemas import Choice, Chunk, Completion, FinishReason, ToolCallDelta, Usage
 from gateway.upstream import json_or_none
@@ -79,8 +86,9 @@ class StreamState:
         if not isinstance(line, dict):
             raise UpstreamProtocol("Ollama sent a stream line that is not a JSON object")
         if "error" in line:
-            raise UpstreamRejected(
-                f"Ollama reported an error mid-stream: {line['error']}", upstream_status=500
+            said = str(line["error"])
+            raise quoting(
+                UpstreamRejected(f"Ollama reported an error mid-stream: {said}", upstream_status=500), said
             )
         chunks: list[Chunk] = []
         message = line.get("message") or {}
@@ -119,11 +127,15 @@ def error_from(
     if status == 400:
         param = next((p for p in ("tools", "format", "stop", "images", "think") if p in text), None)
         params = {"format": "response_format", "images": "messages", "think": "reasoning_effort"}
-        return InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
+        refused = InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
+        return quoting(refused, text)
     given = (headers or {}).get("retry-after")
     retry = {"retry-after": given or "1"} if status in (429, 503) else None
     # 503 'server busy, please try again. maximum pending requests exceeded': its queue is full
     busy = status == 503 and "server busy" in text
-    return UpstreamRejected(
-        f"Ollama answered {status}: {text}", upstream_status=status, headers=retry, busy=busy
+    return quoting(
+        UpstreamRejected(
+            f"Ollama answered {status}: {text}", upstream_status=status, headers=retry, busy=busy
+        ),
+        text,
     )
