@@ -38,8 +38,9 @@ _PAYLOADS = {"image_url": "url", "input_audio": "data", "file": "file_data"}
 def written(data: dict[str, Any]) -> list[str]:
     """Every string in a JSON body, for the PII detector. Whatever the client sends may reach a
     backend (an OpenAI-compatible one gets unknown fields too), so any of it may hold personal
-    data: `user`, a message's `name`, a tool's description, `prediction`, an image's URL. Left out
-    are attachments' bytes (a data URL, base64 audio, a file's data), which the detector cannot
+    data: `user`, a message's `name`, a tool's description, `prediction`, an image's URL, the
+    names of an object's members (`metadata`'s keys, a schema's properties). Left out are a content
+    part's attachment bytes (a data URL, base64 audio, a file's data), which the detector cannot
     read; `privacy.attachments` decides for them."""
     out: list[str] = []
     _from_object(data, out)
@@ -49,16 +50,21 @@ def written(data: dict[str, Any]) -> list[str]:
 # Recursive and by exact type (what orjson makes), which keeps the walk of an ordinary request
 # short; read_json has bounded the nesting.
 def _from_object(value: dict[str, Any], out: list[str]) -> None:
+    # A content part ({"type": "image_url", "image_url": ...}) is the one place attachment bytes are
+    # left out: an object of that shape anywhere else is text that goes upstream as it is.
+    part = value.get("type")
     for key, item in value.items():
+        if not key.isalpha():  # letters alone (`role`, `content`) hold no personal data of any kind
+            out.append(key)
         kind = type(item)
         if kind is str:
-            if key != "image_url" or not _is_bytes("url", item):  # {"image_url": "data:..."}, short
+            if key != "image_url" or part != key or not _is_bytes("url", item):  # {"image_url": "data:..."}
                 out.append(item)
         elif kind is list:
             _from_array(item, out)
         elif kind is dict:
             payload = _PAYLOADS.get(key)
-            if payload is None or not _is_bytes(payload, item.get(payload)):
+            if payload is None or part != key or not _is_bytes(payload, item.get(payload)):
                 _from_object(item, out)
             else:  # a content part's attachment: what names it, not its bytes
                 _from_object({name: field for name, field in item.items() if name != payload}, out)

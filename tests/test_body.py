@@ -111,3 +111,16 @@ def test_the_detector_skips_attachments_bytes_but_not_what_names_them() -> None:
     found = written(chat(messages=[{"role": "user", "content": parts}]))
     assert not {"QUJD", "REVG", "R0hJ", "SktM"} & {text.rsplit(",", 1)[-1] for text in found}
     assert {"https://img.example/scan.png?patient=ana", "ana-lopez.pdf", "low", "wav"} <= set(found)
+
+
+def test_the_detector_reads_member_names_and_attachment_shapes_outside_content_parts() -> None:
+    body = chat(
+        metadata={"ana@example.org": "reviewer"},
+        tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"properties": {"tel_612": {}}}}}
+        ],
+        context={"input_audio": {"data": "QUJD"}, "image_url": "data:,REVG", "file": {"file_data": "SktM"}},
+    )
+    found = set(written(body))
+    assert {"ana@example.org", "tel_612", "QUJD", "data:,REVG", "SktM"} <= found
+    assert not {"role", "content", "model", "messages"} & found  # letters alone hold no personal data

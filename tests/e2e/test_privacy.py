@@ -295,6 +295,14 @@ ELSEWHERE: dict[str, dict[str, object]] = {
     "unknown message field": {
         "messages": [{"role": "user", "content": "Go on.", "reasoning_content": f"write to {EMAIL}"}]
     },
+    # the names of an object's members go upstream too
+    "metadata key": {"metadata": {EMAIL: "reviewer"}, "store": True},
+    "schema property name": {
+        "tools": [{**TOOL, "function": {**TOOL["function"], "parameters": {"properties": {EMAIL: {}}}}}]
+    },
+    # shaped like an attachment, but no content part: text an OpenAI-compatible backend gets as it is
+    "audio-shaped unknown field": {"context": {"input_audio": {"data": f"write to {EMAIL}"}}},
+    "image-shaped unknown field": {"context": {"image_url": f"data:,write to {EMAIL}"}},
 }
 
 
