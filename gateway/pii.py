@@ -20,7 +20,7 @@ It runs on every request, so each search starts from a character that must be th
 Text is read as a person reads it: digits, spaces and dashes written with other characters
 (full-width digits, non-breaking spaces, en dashes, an invisible zero-width space) count as the
 ASCII ones they look like, and so do they written as JSON escapes (`\\u00a0`) in a tool's
-arguments or result.
+arguments or result, or percent-encoded (`%40`) in a URL.
 
 `self_check` runs the detector on texts made to hold each kind: where the regex engine matches
 differently, the gateway refuses to start rather than let personal data through unseen.
@@ -32,6 +32,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ssn", "cuit", "dni_ar", "dni_es", "nie", "mrn")
 
@@ -363,11 +364,18 @@ def _unescaped(text: str) -> str:
     return text
 
 
+# A URL (an image's) writes what its query holds percent-encoded, as urlencode does: an address's
+# '@' as %40. The decoded copy is read after the text, so that nothing read before is lost.
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
 def _plain(text: str) -> str:
-    """`text` with look-alike characters made the ones they look like, and JSON's escapes the
-    characters they stand for (the same text when ASCII without escapes)."""
+    """`text` with look-alike characters made the ones they look like, and JSON's and URLs' escapes
+    the characters they stand for (the same text when ASCII without escapes)."""
     if "\\u" in text:
         text = _unescaped(text)
+    if "%" in text and _PERCENT.search(text) is not None:
+        text = f"{text}\n{unquote(text)}"
     if text.isascii():
         return text
     text = unicodedata.normalize("NFKC", text).translate(_LOOK_ALIKES)

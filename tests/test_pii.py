@@ -173,6 +173,10 @@ WRITTEN_OTHERWISE = [
     pytest.param("ana.lopez\uff20example.org", {"email"}, id="email-full-width-at"),
     pytest.param("ana.lopez@example\u00ad.org", {"email"}, id="email-soft-hyphen"),
     # JSON in a tool's result or arguments, as Python's json.dumps writes it: ASCII, with escapes
+    pytest.param(
+        "https://img.example/a.png?owner=ana.lopez%40example.org", {"email"}, id="email-percent-encoded"
+    ),
+    pytest.param("tel=%2B34%20612%2034%2056%2078 and 100% sure", {"phone"}, id="phone-percent-encoded"),
     pytest.param(json.dumps({"teléfono": "612 34 56 78"}), {"phone"}, id="json-escaped-label"),
     pytest.param(
         json.dumps({"card": "4111\u00a01111\u00a01111\u00a01111"}), {"card"}, id="json-escaped-nbsp"

@@ -516,3 +516,18 @@ def test_a_request_refused_before_its_privacy_is_decided_keeps_the_privacy_it_st
     )
     assert answer.status_code == status, answer.text
     assert answer.headers["x-phoenix-privacy"] == recorded
+
+
+def test_an_address_percent_encoded_in_an_image_url_keeps_the_request_local() -> None:
+    # urlencode writes the '@' of an address in a query as %40; the cloud backend would get the URL
+    cloud = FakeOpenAI(api_key="sk-upstream")
+    url = "https://img.example/scan.png?owner=ana.lopez%40example.org"
+    content = [{"type": "text", "text": "Describe it."}, {"type": "image_url", "image_url": {"url": url}}]
+    with pool_gateway([FakeOllama(), FakeOllama()], cloud) as gateway:
+        answer = httpx.post(
+            gateway + "/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": content}]},
+            timeout=10,
+        )
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email", answer.text
+    assert [path for path, *_ in cloud.requests if path != "/v1/models"] == []
