@@ -114,7 +114,8 @@ class OllamaBackend(_Backend):
         if isinstance(data, dict) and "local" not in data and isinstance(data.get("base_url"), str):
             host = ""
             with suppress(ValueError):  # a URL that does not parse is refused, named, by _http_url
-                host = (urlsplit(data["base_url"]).hostname or "").lower()
+                # a name may end in the root's dot (`ollama.com.`): the same host
+                host = (urlsplit(data["base_url"]).hostname or "").lower().rstrip(".")
             if host == "ollama.com" or host.endswith(".ollama.com"):
                 return {**data, "local": False}
         return data

@@ -375,6 +375,7 @@ def test_commands_other_than_serve_put_back_the_sighup_handler_the_launcher_held
         ({"base_url": "http://10.0.0.5:11434"}, True),
         ({"base_url": "https://ollama.com"}, False),  # Ollama's hosted API: off the premises
         ({"base_url": "https://API.Ollama.com/"}, False),
+        ({"base_url": "https://ollama.com./"}, False),  # the same host, written fully qualified
         ({"base_url": "https://ollama.com", "local": True}, True),  # the operator's word stands
         ({"base_url": "https://notollama.com"}, True),
     ],
