@@ -16,8 +16,8 @@ What it guarantees:
   answering is a failure for dispatch to retry on another instance;
 - reading pauses when more than READ_HIGH body bytes wait for the reader;
 - an answer is what its framing says and nothing else: a body cut short, whatever its framing, or
-  by a reset, is an error, never a shorter answer; headers past HEAD_LIMIT, trailers, and bytes
-  after the answer are not taken in;
+  by a reset, is an error, never a shorter answer; headers past HEAD_LIMIT (a header line that
+  never ends too), trailers, and bytes after the answer are not taken in;
 - failures are httpx's exceptions, the vocabulary `upstream.MappedErrors` maps to gateway
   errors: refused or unresolvable -> ConnectError, connect deadline -> ConnectTimeout, no free
   connection in time -> PoolTimeout, the peer closing before or during an answer, or breaking its
@@ -41,7 +41,7 @@ READ_HIGH = 256 * 1024  # body bytes buffered before reading from the socket pau
 IDLE_PER_HOST = 256  # keep-alive connections kept per backend; more are closed when released
 IDLE_SECONDS = 4.0  # an idle connection older than this is closed instead of reused
 CHECK_AFTER = 1.0  # an idle connection older than this is checked for a close not yet seen
-HEAD_LIMIT = 64 * 1024  # bytes of header names and values in one answer
+HEAD_LIMIT = 64 * 1024  # bytes of header names and values in one answer; of its head on the wire
 # Set by the backend's own config, or by this client from the body: never from extra headers.
 FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
@@ -158,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self._interim = False  # a 1xx answer is being parsed: the real one follows
         self._until_close = False  # the body has no length and no chunks: it ends when the peer closes
         self._head_bytes = 0
+        self._head_read = 0  # bytes received before the answer's head was whole (1xx answers too)
         self._extra = False  # bytes after the answer: ignored, and the connection not reused
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -176,6 +177,8 @@ class _Connection(asyncio.Protocol):
         if not self._busy:  # nothing was asked: whatever this is, the connection is not to be trusted
             self._close()
             return
+        if not self._status:
+            self._head_read += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
@@ -184,6 +187,11 @@ class _Connection(asyncio.Protocol):
             self._close()
         else:
             if self._extra:
+                self._close()
+            elif not self._status and self._head_read > HEAD_LIMIT:
+                # A header line that has not ended yet: the parser would keep all of it, copying
+                # what it has at every read, and `on_header` would see it only at its end.
+                self._fail(httpx.RemoteProtocolError(f"malformed answer: {_too_long()}"))
                 self._close()
 
     def eof_received(self) -> bool:
@@ -222,7 +230,7 @@ class _Connection(asyncio.Protocol):
             return
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > HEAD_LIMIT:
-            raise ValueError(f"headers longer than {HEAD_LIMIT // 1024} KiB")
+            raise ValueError(_too_long())
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -377,6 +385,10 @@ class _Connection(asyncio.Protocol):
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
+
+
+def _too_long() -> str:
+    return f"headers longer than {HEAD_LIMIT // 1024} KiB"
 
 
 def _why(error: Exception) -> str:

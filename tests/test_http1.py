@@ -272,6 +272,33 @@ async def test_a_broken_answer_is_a_remote_protocol_error(script: bytes, message
     await pool.aclose()
 
 
+async def test_a_header_line_that_never_ends_is_refused_at_the_head_limit() -> None:
+    sent = 0
+
+    async def endless_header(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\nx-big: ")
+        try:
+            for _ in range(64):  # 16 MiB, never a line end: the client must stop it long before
+                writer.write(b"a" * (256 * 1024))
+                await writer.drain()
+                sent += 256 * 1024
+        except ConnectionError:
+            pass
+        return False
+
+    pool = Pool()
+    async with scripted(endless_header) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="headers longer than 64 KiB"):
+            await asyncio.wait_for(send(pool, server.url), 5)
+        await asyncio.wait_for(server.closed.wait(), 5)
+        assert sent < 8 * 1024 * 1024  # closed while the socket buffers held the rest
+        await settled(pool)
+    await pool.aclose()
+
+
 async def test_nothing_listening_is_a_connect_error() -> None:
     pool = Pool()
     async with scripted(ok) as server:
