@@ -20,8 +20,9 @@ What it guarantees:
   never ends too), trailers, and bytes after the answer are not taken in;
 - failures are httpx's exceptions, the vocabulary `upstream.MappedErrors` maps to gateway
   errors: refused or unresolvable -> ConnectError, connect deadline -> ConnectTimeout, no free
-  connection in time -> PoolTimeout, the peer closing before or during an answer, or breaking its
-  framing -> RemoteProtocolError.
+  connection in time -> PoolTimeout, the peer closing before or during an answer ->
+  RemoteProtocolError, an answer that is not HTTP/1.1 or breaks its framing -> MalformedAnswer
+  (a RemoteProtocolError: the backend answered, just not in a way that can be read).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ CHECK_AFTER = 1.0  # an idle connection older than this is checked for a close n
 HEAD_LIMIT = 64 * 1024  # bytes of header names and values in one answer; of its head on the wire
 # Set by the backend's own config, or by this client from the body: never from extra headers.
 FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+class MalformedAnswer(httpx.RemoteProtocolError):
+    """The peer answered with bytes that are not an HTTP/1.1 answer, or broke its framing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +188,7 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
             if not self._complete:  # else the answer was whole, and what follows it is not taken in
-                self._fail(httpx.RemoteProtocolError(f"malformed answer: {_why(error)}"))
+                self._fail(MalformedAnswer(f"malformed answer: {_why(error)}"))
             self._close()
         else:
             if self._extra:
@@ -191,7 +196,7 @@ class _Connection(asyncio.Protocol):
             elif not self._status and self._head_read > HEAD_LIMIT:
                 # A header line that has not ended yet: the parser would keep all of it, copying
                 # what it has at every read, and `on_header` would see it only at its end.
-                self._fail(httpx.RemoteProtocolError(f"malformed answer: {_too_long()}"))
+                self._fail(MalformedAnswer(f"malformed answer: {_too_long()}"))
                 self._close()
 
     def eof_received(self) -> bool:
@@ -203,7 +208,7 @@ class _Connection(asyncio.Protocol):
         if self._ending is not None:
             self._ending.cancel()
             self._ending, self._busy = None, False
-        if self._busy and not self._complete:
+        if self._busy and not self._complete and self._error is None:  # else the failure is said
             if self._head is not None and not self._head.done():
                 self._fail(httpx.RemoteProtocolError("closed the connection before answering"))
             elif self._until_close and exc is None:  # a clean close is how such a body ends

@@ -5,8 +5,8 @@ at 64 concurrent requests: it scans every pooled connection on each request. Thi
 httpx's API (and pytest-httpx) for the code above it and hands the wire to aiohttp, whose pool and
 HTTP parser are C-accelerated. Every aiohttp failure becomes the httpx exception that says the same
 thing, so `upstream.MappedErrors` sees one vocabulary: refused or unresolvable -> ConnectError,
-connect deadline -> ConnectTimeout, the peer closing or breaking the framing mid-body ->
-RemoteProtocolError or ReadError.
+connect deadline -> ConnectTimeout, the peer closing mid-body -> RemoteProtocolError or ReadError,
+an answer aiohttp cannot parse -> `http1.MalformedAnswer`, as the plain-http client says it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from contextlib import contextmanager
 
 import aiohttp
 import httpx
+
+from gateway.http1 import MalformedAnswer
 
 
 @contextmanager
@@ -32,7 +34,7 @@ def _as_httpx(request: httpx.Request, *, reading: bool) -> Iterator[None]:
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as error:
         raise httpx.RemoteProtocolError(str(error), request=request) from error
     except aiohttp.ClientResponseError as error:  # an answer aiohttp cannot parse
-        raise httpx.RemoteProtocolError(str(error), request=request) from error
+        raise MalformedAnswer(f"malformed answer: {error.message}", request=request) from error
     except (aiohttp.ClientOSError, ConnectionError) as error:
         raise httpx.ReadError(str(error), request=request) from error
     except aiohttp.InvalidURL as error:

@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.http1 import Pool, Response, Target, encode_headers
+from gateway.http1 import MalformedAnswer, Pool, Response, Target, encode_headers
 from gateway.ndjson import LineTooLong
 from gateway.transport import AiohttpTransport
 
@@ -94,6 +94,8 @@ def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exc
         return UpstreamUnavailable(f"No free connection to {label} server at {base_url}")
     if isinstance(error, httpx.TimeoutException):
         return UpstreamTimeout(f"{label} server at {base_url} timed out")
+    if isinstance(error, MalformedAnswer):  # it answered: the request reached it
+        return UpstreamProtocol(f"{label} server at {base_url} sent a {error}")
     if isinstance(error, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
         if started:
             return UpstreamProtocol(f"{label} server at {base_url} closed the connection mid-stream")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway import http1
-from gateway.http1 import Pool, Target, encode_headers
+from gateway.http1 import MalformedAnswer, Pool, Target, encode_headers
 
 pytestmark = pytest.mark.anyio
 HEADERS = encode_headers({"user-agent": "test", "accept": "application/json"})
@@ -217,6 +217,10 @@ async def test_an_abandoned_body_closes_the_connection_so_the_backend_sees_it() 
             "closed the connection mid-body",
         ),
         (b"HTTX/9 nonsense\r\n\r\n", "malformed answer"),
+        (  # and not "closed the connection mid-body" once the server closes after it
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n-1\r\n",
+            "malformed answer: Invalid character in chunk size",
+        ),
         (
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
             "protocol switch",
@@ -239,6 +243,7 @@ async def test_an_abandoned_body_closes_the_connection_so_the_backend_sees_it() 
         "unfinished-chunks",
         "unfinished-Chunked",
         "garbage",
+        "negative-chunk-size",
         "upgrade",
         "endless-head",
         "unasked-extra",
@@ -265,7 +270,9 @@ async def test_a_broken_answer_is_a_remote_protocol_error(script: bytes, message
             await asyncio.wait_for(server.closed.wait(), 1)
             await settled(pool)
         else:
-            with pytest.raises(httpx.RemoteProtocolError, match=message):
+            with pytest.raises(
+                MalformedAnswer if "malformed" in message else httpx.RemoteProtocolError, match=message
+            ):
                 response = await send(pool, server.url)
                 await response.read()
             await settled(pool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 
 import anyio
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.errors import GatewayError, Unavailable
+from gateway.errors import GatewayError, Unavailable, UpstreamProtocol
 from gateway.transport import AiohttpTransport
 from gateway.upstream import GatewayTransport, Upstream
 from tests.servers import ServerThread, no_free_descriptors, serve
@@ -99,3 +100,31 @@ async def test_with_a_wait_set_a_request_waits_that_long_for_a_free_connection(
             async with anyio.create_task_group() as group:
                 for _ in range(2):
                     group.start_soon(calls.request, "GET", "/slow")
+
+
+@pytest.mark.parametrize("transport", [GatewayTransport, AiohttpTransport], ids=["http1", "aiohttp"])
+async def test_an_answer_that_is_not_http_is_a_malformed_answer_not_a_closed_connection(
+    transport: type[httpx.AsyncBaseTransport],
+) -> None:
+    done = asyncio.Event()
+
+    async def http2_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(bytes.fromhex("000000040000000000"))  # an HTTP/2 server's SETTINGS frame
+            await writer.drain()
+            await reader.read()  # until the client closes
+        finally:
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_server(http2_only, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = transport()
+    async with server:
+        with pytest.raises(
+            UpstreamProtocol, match=f"^OpenAI-compatible server at {url} sent a malformed answer: "
+        ):
+            await upstream(url, pool, {}).request("GET", "/models")
+        await asyncio.wait_for(done.wait(), 2)  # the client closed the connection it cannot read
+        await pool.aclose()

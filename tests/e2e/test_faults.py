@@ -35,6 +35,7 @@ from tests.fakes.faulty_server import (
     hang,
     head,
     line,
+    raw,
     reply,
     reset,
     sleep,
@@ -223,6 +224,9 @@ def test_running_out_of_file_descriptors_is_the_gateways_503_and_no_fault_of_the
     assert_nothing_left(setup)
 
 
+H2_SETTINGS = bytes.fromhex("000000040000000000")  # what an HTTP/2-only server sends first
+
+
 BEFORE_FIRST_BYTE: dict[str, tuple[Script, int, str, str]] = {
     # fault: (script, client status, error type, upstream error reason)
     "reset-before-head": ([reset()], 503, "server_error", "connect"),
@@ -234,6 +238,7 @@ BEFORE_FIRST_BYTE: dict[str, tuple[Script, int, str, str]] = {
     "503": ([reply(503, {"error": "server busy, please try again"})], 503, "server_error", "status"),
     "malformed-first-line": ([head(), chunk(b"<html>oops</html>\n"), end()], 502, "server_error", "protocol"),
     "no-lines-at-all": ([head(), end()], 502, "server_error", "protocol"),
+    "not-http": ([raw(H2_SETTINGS), close()], 502, "server_error", "protocol"),
 }
 
 
@@ -256,6 +261,28 @@ def test_fault_before_the_first_byte_on_one_instance_is_an_openai_error(
     assert setup.fakes[0].chats == 1
     assert upstream_errors(setup, "ollama-1", reason) == 1
     assert requests_total(setup, "ollama-1", status) == 1
+    assert_nothing_left(setup)
+
+
+@pytest.mark.parametrize(
+    ("script", "why"),
+    [
+        ([raw(H2_SETTINGS), close()], "Expected HTTP/"),
+        ([raw(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * (1 * MiB)), hang()], "headers longer than 64 KiB"),
+    ],
+    ids=["not-http", "endless-header"],
+)
+def test_an_answer_that_cannot_be_read_is_a_502_saying_so_not_a_closed_connection(
+    rig: Callable[..., Rig], script: Script, why: str
+) -> None:
+    setup = rig(1)
+    setup.fakes[0].queue(script)
+    response = setup.post(stream=False)
+    assert response.status_code == 502, response.text
+    message = error_of(response)["message"]
+    assert message.startswith(f"Ollama server at {setup.fakes[0].url} sent a malformed answer: "), message
+    assert why in message
+    assert upstream_errors(setup, "ollama-1", "protocol") == 1
     assert_nothing_left(setup)
 
 

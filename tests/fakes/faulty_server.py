@@ -84,6 +84,11 @@ def end() -> Step:
     return Step("end")
 
 
+def raw(data: bytes) -> Step:
+    """Bytes written as they are, whatever they make of the answer."""
+    return Step("raw", data=data)
+
+
 def sleep(seconds: float) -> Step:
     return Step("sleep", seconds=seconds)
 
@@ -256,6 +261,8 @@ class FaultyOllama:
                 head_lines += ["Content-Type: application/json", f"Content-Length: {len(step.data)}"]
                 head_lines += [f"{k}: {v}" for k, v in step.headers]
                 writer.write(("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + step.data)
+            elif step.kind == "raw":
+                writer.write(step.data)
             elif step.kind == "sleep":
                 await asyncio.sleep(step.seconds)
             elif step.kind == "wait":
