@@ -5,6 +5,9 @@ with 40 MB of headers grew the worker by 180 MB and held its loop for most of a 
 `server.max_body_bytes`, which only bounds the body. Here the request line and header fields of
 one request may take HEAD_LIMIT bytes; past that the request gets uvicorn's answer to a malformed
 request (400, and the connection closed), as it would behind nginx (8 KiB a line) or Node (16 KiB).
+A header line that does not end is counted as it arrives: httptools hands a header over only at its
+end, and keeps (copying at every read) all that came before; a head still unfinished after
+2 * HEAD_LIMIT bytes is refused the same way.
 
 It also offers the app a way to drop a connection (the scope extension ABORT): a stream whose
 client has stopped reading cannot be finished, and closing its transport would wait forever to
@@ -29,7 +32,26 @@ class HeadTooLarge(Exception):
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
+    _head_read = 0  # bytes received while a request head was unfinished
+    _in_head = True  # from the connection's start, and from the end of each request, to a whole head
     _extensions: dict[str, Any]
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_read += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_read > 2 * HEAD_LIMIT and not self.transport.is_closing():
+            message = "Invalid HTTP request received."  # as uvicorn answers one httptools refuses
+            self.logger.warning(message)
+            self.send_400_response(message)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._head_read = True, 0
+        super().on_message_complete()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -269,6 +269,23 @@ def test_a_request_head_past_64_kib_is_refused_and_its_connection_closed(served:
     assert head_request(served, 0).startswith(b"HTTP/1.1 200")  # and the gateway goes on serving
 
 
+def test_a_request_header_that_never_ends_is_refused_before_it_is_all_read(served: str) -> None:
+    host, port = served.removeprefix("http://").split(":")
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\nx-big: ")
+        try:
+            for _ in range(64):  # 64 MiB without a line end, unless the gateway stops it first
+                client.sendall(b"y" * 1024 * 1024)
+                sent += 1
+        except OSError:  # reset: the gateway closed the connection with most of it unread
+            pass
+        refused = client.recv(65536)
+    assert refused.startswith(b"HTTP/1.1 400"), refused[:200]
+    assert sent < 32
+    assert head_request(served, 0).startswith(b"HTTP/1.1 200")  # and the gateway goes on serving
+
+
 def test_models_lists_on_stdout_and_warns_on_stderr_in_json(
     fake_ollama: tuple[FakeOllama, ServerThread], tmp_path: Path
 ) -> None:
