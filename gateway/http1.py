@@ -30,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import select
-from collections.abc import AsyncIterator, Mapping
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -404,6 +405,61 @@ def _why(error: Exception) -> str:
     return str(error)
 
 
+async def _connect(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], _Connection], host: str, port: int
+) -> _Connection:
+    """A connection to `host`, made so that cancelling it (a deadline, a shutdown) is safe.
+
+    uvloop (0.23) crashes the process when `create_connection(host, port)` is cancelled just as
+    the connection is made: the transport is closed, and its `connection_made` call, already
+    scheduled, then reads the closed handle (a segfault; seen when a shutdown cancels the start-up
+    probes). So the socket is connected with `sock_connect`, which cancels cleanly, and handed to
+    `create_connection(sock=...)`, which takes one turn of the loop and is never cancelled: when the
+    caller is, what it opens is closed as soon as it is open."""
+    sock = await _connected_socket(loop, host, port)
+    opening = asyncio.ensure_future(loop.create_connection(factory, sock=sock))
+    try:
+        _, protocol = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+    except BaseException:
+        sock.detach()  # uvloop closed the descriptor itself: the socket must not close it again
+        raise
+    return protocol
+
+
+def _close_opened(opening: asyncio.Future[tuple[asyncio.Transport, _Connection]]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result()[0].abort()
+
+
+async def _connected_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A non-blocking socket connected to the first of `host`'s addresses that takes it."""
+    addresses: list[tuple[int, Any]]
+    try:
+        addresses = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
+        socket.inet_pton(addresses[0][0], host)  # an address: nothing to look up
+    except OSError:
+        found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        addresses = [(family, address) for family, _, _, _, address in found]
+    error: OSError | None = None
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as failed:
+            sock.close()
+            error = failed
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"{host} has no address")
+
+
 class Pool:
     """Keep-alive connections to any number of plain-http backends, at most `max_connections`
     open at once; a request that finds none free waits up to its connect deadline, or `wait`
@@ -459,9 +515,7 @@ class Pool:
             deadline = loop.time() + timeout
         try:
             async with asyncio.timeout(max(deadline - loop.time(), 0.0)):  # what is left of it
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(self, key), target.host, target.port
-                )
+                protocol = await _connect(loop, lambda: _Connection(self, key), target.host, target.port)
         except TimeoutError:
             self._room()
             raise httpx.ConnectTimeout(f"connecting to {target.host}:{target.port} timed out") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -21,6 +22,7 @@ from gateway import cli, pii
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import ConfigError, parse_config
+from tests.fakes.faulty_server import FaultyOllama
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread, gateway_process
 
@@ -216,9 +218,16 @@ def test_the_highest_port_is_taken_as_given(tmp_path: Path, monkeypatch: pytest.
     assert serve_dry({}, ["--port", "65535"], tmp_path, monkeypatch)["port"] == 65535
 
 
-def test_a_port_in_use_stops_serve_with_the_address_named() -> None:
+@pytest.mark.parametrize("backend", ["unreachable", "reachable"])
+def test_a_port_in_use_stops_serve_with_the_address_named(backend: str, tmp_path: Path) -> None:
+    """With a backend that takes connections, the start-up probes are connecting when the failed
+    start shuts the app down: uvloop crashed (SIGSEGV) when that cancelled its create_connection."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "PHOENIX_"))}
-    with socket.socket() as taken:
+    with contextlib.ExitStack() as stack:
+        if backend == "reachable":
+            ollama = stack.enter_context(FaultyOllama().running())
+            env["OLLAMA_BASE_URL"] = ollama.url
+        taken = stack.enter_context(socket.socket())
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
