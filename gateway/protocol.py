@@ -9,6 +9,15 @@ A header line that does not end is counted as it arrives: httptools hands a head
 end, and keeps (copying at every read) all that came before; a head still unfinished after
 2 * HEAD_LIMIT bytes is refused the same way.
 
+Two waits have a limit too, where uvicorn (0.54) sets none:
+- a new connection that sends nothing is closed after uvicorn's keep-alive timeout (5 s), as an
+  idle one is between requests; uvicorn arms that timer only once a response is done, so a client
+  that connected and never wrote held its socket for good;
+- a request head must arrive whole within HEAD_SECONDS of its first bytes (as nginx's
+  `client_header_timeout`): one sent a byte at a time held its connection, and its buffer, for
+  as long as the client liked. It is answered 408 and the connection closed. The timer is armed
+  only when a read leaves a head unfinished, which a request that arrives whole never does.
+
 It also offers the app a way to drop a connection (the scope extension ABORT): a stream whose
 client has stopped reading cannot be finished, and closing its transport would wait forever to
 send what nobody takes. Aborted, the connection is lost at once and uvicorn knows the response
@@ -20,10 +29,27 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HEAD_LIMIT = 64 * 1024  # bytes of request line and header names and values
+HEAD_SECONDS = 30.0  # a request head's bytes must all arrive within this, from its first
 ABORT = "phoenix.abort"  # scope["extensions"][ABORT](): drop the connection, unsent bytes and all
+
+
+def _head_timeout_response() -> bytes:
+    error = {
+        "message": f"The request head did not arrive whole within {HEAD_SECONDS:g} s.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "request_timeout",
+    }
+    body = orjson.dumps({"error": error})
+    head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+HEAD_TIMEOUT_RESPONSE = _head_timeout_response()
 
 
 class HeadTooLarge(Exception):
@@ -34,20 +60,34 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_read = 0  # bytes received while a request head was unfinished
     _in_head = True  # from the connection's start, and from the end of each request, to a whole head
+    _head_timer: asyncio.TimerHandle | None = None  # armed while a head is unfinished after a read
     _extensions: dict[str, Any]
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
             self._head_read += len(data)
         super().data_received(data)
-        if self._in_head and self._head_read > 2 * HEAD_LIMIT and not self.transport.is_closing():
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_read > 2 * HEAD_LIMIT:
             message = "Invalid HTTP request received."  # as uvicorn answers one httptools refuses
             self.logger.warning(message)
             self.send_400_response(message)
+        elif self._head_read and self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().on_headers_complete()
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self.transport.write(HEAD_TIMEOUT_RESPONSE)
+            self.transport.close()
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_read = True, 0
@@ -56,6 +96,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._extensions = {ABORT: transport.abort}
+        # the wait for the first request is an idle wait like those between requests
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import openai
 import pytest
 import uvicorn
 
-from gateway import cli, pii
+from gateway import cli, pii, protocol
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import ConfigError, parse_config
@@ -328,3 +329,37 @@ def test_models_lists_on_stdout_and_warns_on_stderr_in_json(
         "down",
         "warning",
     )
+
+
+def test_a_connection_that_sends_nothing_is_closed_as_an_idle_one_is(served: str) -> None:
+    host, port = served.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as silent:
+        started = time.monotonic()
+        assert silent.recv(1024) == b""  # the gateway closed it
+        waited = time.monotonic() - started
+    assert 4 < waited < 15, waited  # uvicorn's keep-alive timeout, 5 s, and not for good
+    assert head_request(served, 0).startswith(b"HTTP/1.1 200")
+
+
+def test_a_request_head_sent_a_byte_at_a_time_is_answered_408_at_the_head_deadline(
+    gateway: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "HEAD_SECONDS", 1.0)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as slow:
+        started = time.monotonic()
+        head = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\nx-slow: "
+        slow.sendall(head)
+        try:
+            for _ in range(40):  # 10 s of a byte every 0.25 s, unless the gateway stops it first
+                time.sleep(0.25)
+                slow.sendall(b"y")
+        except OSError:
+            pass
+        answer = slow.recv(65536)
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert waited < 5, waited
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as whole:
+        whole.sendall(head + b"y\r\n\r\n")  # a head that arrives whole is served as ever
+        assert whole.recv(65536).startswith(b"HTTP/1.1 200")
