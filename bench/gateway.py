@@ -26,6 +26,8 @@ give medians over rounds; "added" is paired within a round (gateway minus direct
 wrk comes from apt when missing. LiteLLM (`--peers`) is looked for in `--litellm-venv` (default
 `.venv-litellm`: `python -m venv .venv-litellm && .venv-litellm/bin/pip install 'litellm[proxy]'`).
 Loopback only; every run is bounded by --duration and every loop by a count and a time limit.
+A wrk run with error answers (not 2xx/3xx), socket errors or timeouts marks its rows with ⚠, fails
+the targets it feeds and makes the script exit with status 1 after the report.
 """
 
 from __future__ import annotations
@@ -135,6 +137,14 @@ class WrkResult:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+
+ERROR_MARK = " ⚠"  # after a figure or row taken from wrk runs that had error answers
+
+
+def erred(*runs: Sequence[WrkResult]) -> bool:
+    """Whether any of these runs had an answer that was not 2xx/3xx, a socket error or a timeout."""
+    return any(r.error_count for group in runs for r in group)
 
 
 @dataclass(frozen=True)
@@ -322,7 +332,10 @@ class Results:
     rss_kb: dict[str, int] = field(default_factory=dict)
     workers: dict[int, dict[str, list[WrkResult]]] = field(default_factory=dict)  # extra worker counts
     memory: list[tuple[int, float, int]] = field(default_factory=list)  # (requests so far, seconds, kB)
+    memory_runs: list[WrkResult] = field(default_factory=list)  # the memory soak's wrk runs
     notes: list[str] = field(default_factory=list)
+    # every wrk run (warm-up and memory soak included) that had errors: what it was, and how many
+    error_runs: list[str] = field(default_factory=list)
     load_before: float = 0.0  # 1-minute load average when the run began: other work on the machine
     # the gateway's core, before and after the run: fixed work per second, as a share of the best
     steadiness: dict[str, list[float]] = field(default_factory=dict)
@@ -615,6 +628,11 @@ litellm_settings: {{telemetry: false, set_verbose: false}}
                 else f"nothing completed in {duration:g} s"
             )
             note = f"{endpoint.label}, {connections} connections, stream={stream}: {what}"
+            if rate:
+                note += f" (at {rate:,}/s offered)"
+            if result.error_count:
+                note += f" ({result.requests:,} answers in all)"
+                self.results.error_runs.append(note)
             self.results.notes.append(note)
             log("  ! " + note)
         return result
@@ -731,6 +749,7 @@ litellm_settings: {{telemetry: false, set_verbose: false}}
             seconds = float(max(1, round(min(segment, left))))
             result = self.wrk_run(gateway, stream=stream, connections=64, duration=seconds)
             sent += result.requests
+            self.results.memory_runs.append(result)
             elapsed = time.monotonic() - started
             kb = rss_kb(self.gateway.pid)
             self.results.memory.append((sent, elapsed, kb))
@@ -808,6 +827,13 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
         w(f" How steady the host kept the gateway's core (fixed work per second on core {GATEWAY_CPU}, ")
         w(f"as a share of the best second): {shares}.")
     w("\n\n")
+    if results.error_runs:
+        w(
+            f"**{len(results.error_runs)} wrk run(s) had errors** (answers that were not 2xx/3xx, socket "
+            f"errors or timeouts; listed in the notes). Their rows are marked{ERROR_MARK}: wrk counts an "
+            "error answer as a request done, so those figures do not measure the path, and the targets "
+            "they feed count as not met.\n\n"
+        )
     if args.only:
         w(
             f"{args.rounds} round(s) of {args.duration:g} s per run, medians over rounds; wrk -t1 and the "
@@ -826,7 +852,8 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
         w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
         for e in bench.endpoints:
             direct = next(x for x in bench.endpoints if x.key == e.direct)
-            row = [e.label]
+            by_scenario = [results.runs(s, e.key) for s in ("nonstream", "stream", "latency")]
+            row = [e.label + (ERROR_MARK if erred(*by_scenario) else "")]
             rps, srps = cell("nonstream", e, "rps"), cell("stream", e, "rps")
             row += [f"{rps:,.0f}", ms(cell("nonstream", e, "p50_us")), ms(cell("nonstream", e, "p99_us"))]
             row.append("" if e is direct else f"{rps / cell('nonstream', direct, 'rps'):.2f}")
@@ -896,7 +923,7 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
                 ]
                 row = [
                     str(connections) if staggered else f"{connections} at once",
-                    e.label,
+                    e.label + (ERROR_MARK if erred(runs) else ""),
                     f"{cell(scenario, e, 'rps'):,.1f}",
                     ms(cell(scenario, e, "mean_us")),
                     ms(cell(scenario, e, "p50_us")),
@@ -924,7 +951,7 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
         w("| CPU µs/stream |\n|---:|---:|---:|---:|---:|---:|---:|\n")
         base = results.workers.get(1, {})
         for count, scenarios in sorted(results.workers.items()):
-            row = [str(count)]
+            row = [str(count) + (ERROR_MARK if erred(*scenarios.values()) else "")]
             for scenario in ("nonstream", "stream"):
                 runs, first = scenarios.get(scenario, []), base.get(scenario, [])
                 rps = median([r.rps for r in runs])
@@ -948,9 +975,11 @@ def report(bench: Bench, out: IO[str]) -> None:  # noqa: PLR0915
         w("| RSS at start MB | warm MB | peak MB | at end MB | growth since start | growth since warm |\n")
         w("|---:|---:|---:|---:|---:|---:|\n")
         since_start, since_warm = (last[2] / start[2] - 1) * 100, (last[2] / warm[2] - 1) * 100
+        errors = sum(r.error_count for r in results.memory_runs)
+        mark = f"{ERROR_MARK} ({errors:,} errors)" if errors else ""
         w(
             f"| {start[2] / 1024:.1f} | {warm[2] / 1024:.1f} ({warm[0]:,} requests) | {peak / 1024:.1f} "
-            f"| {last[2] / 1024:.1f} | {since_start:+.1f}% | {since_warm:+.1f}% |\n\n"
+            f"| {last[2] / 1024:.1f}{mark} | {since_start:+.1f}% | {since_warm:+.1f}% |\n\n"
         )
 
     targets(bench, out)
@@ -972,8 +1001,9 @@ def late_pct(runs: list[WrkResult]) -> float:
 
 def holds(runs: list[WrkResult]) -> bool:
     """Whether a path kept the p99 target at an offered rate: median p99 under 10 ms, and the
-    schedule kept (under 1% of the requests late)."""
-    return median([r.p99_us for r in runs]) / 1000 < TARGETS["p99_ms"] and late_pct(runs) < 1
+    schedule kept (under 1% of the requests late), and no error answers."""
+    kept = median([r.p99_us for r in runs]) / 1000 < TARGETS["p99_ms"] and late_pct(runs) < 1
+    return kept and not erred(runs)
 
 
 def rate_table(bench: Bench, out: IO[str]) -> None:
@@ -996,7 +1026,8 @@ def rate_table(bench: Bench, out: IO[str]) -> None:
             runs = results.runs(scenario, e.key)
             if not runs:
                 continue
-            row = [f"{rate:,}/s", e.label, f"{median([r.rps for r in runs]):,.0f}"]
+            label = e.label + (ERROR_MARK if erred(runs) else "")
+            row = [f"{rate:,}/s", label, f"{median([r.rps for r in runs]):,.0f}"]
             row += [ms(median([getattr(r, attr) for r in runs])) for attr in ("p50_us", "p90_us", "p99_us")]
             row.append(f"{late_pct(runs):.1f}%")
             if e.key == e.direct:
@@ -1036,7 +1067,8 @@ def cpu_table(bench: Bench, out: IO[str]) -> None:
     out.write("|---|" + "---:|" * len(columns) + "\n")
     for e in gateways:
         cells = [cpu_us(results.runs(scenario, e.key)) for scenario, _ in columns]
-        out.write(f"| {e.label} | " + " | ".join(f"{c:.0f}" for c in cells).replace("nan", "-") + " |\n")
+        label = e.label + (ERROR_MARK if erred(*(results.runs(s, e.key) for s, _ in columns)) else "")
+        out.write(f"| {label} | " + " | ".join(f"{c:.0f}" for c in cells).replace("nan", "-") + " |\n")
     out.write("\n")
 
 
@@ -1053,27 +1085,34 @@ def targets(bench: Bench, out: IO[str]) -> None:
     if gateway is None:
         return
 
-    def check(name: str, value: float, ok: bool, text: str) -> None:
-        if not math.isnan(value):
+    def check(name: str, value: float, ok: bool, text: str, *runs: list[WrkResult]) -> None:
+        """A target's row; not met, whatever the value, when the runs it is read from had errors."""
+        if math.isnan(value):
+            return
+        if erred(*runs):
+            rows.append((name, text + ERROR_MARK, "**no** (error answers)"))
+        else:
             rows.append((name, text, "yes" if ok else "**no**"))
 
-    rps = median([r.rps for r in results.runs("nonstream", gateway.key)])
-    p99 = median([r.p99_us for r in results.runs("nonstream", gateway.key)]) / 1000
-    srps = median([r.rps for r in results.runs("stream", gateway.key)])
-    add50 = added(results, "latency", gateway, "p50_us") / 1000
-    add99 = added(results, "latency", gateway, "p99_us") / 1000
-    check("non-streaming >= 5,000 req/s at c=64", rps, rps >= TARGETS["rps"], f"{rps:,.0f}")
-    check("non-streaming p99 < 10 ms at c=64, saturated", p99, p99 < TARGETS["p99_ms"], f"{p99:.2f} ms")
+    plain, streams = results.runs("nonstream", gateway.key), results.runs("stream", gateway.key)
+    latency = results.runs("latency", gateway.key) + results.runs("latency", gateway.direct)
+    rps, srps = median([r.rps for r in plain]), median([r.rps for r in streams])
+    p99 = median([r.p99_us for r in plain]) / 1000
+    add50, add99 = (added(results, "latency", gateway, a) / 1000 for a in ("p50_us", "p99_us"))
+    check("non-streaming >= 5,000 req/s at c=64", rps, rps >= TARGETS["rps"], f"{rps:,.0f}", plain)
+    check(
+        "non-streaming p99 < 10 ms at c=64, saturated", p99, p99 < TARGETS["p99_ms"], f"{p99:.2f} ms", plain
+    )
     # the same target read as a load, not a limit: at the lowest rate offered that meets its 5,000
     at = min((rate for rate in bench.args.rate if rate >= TARGETS["rps"]), default=None)
     offered = results.runs(rate_scenario(at), gateway.key) if at else []
     if at and offered:
         p99 = median([r.p99_us for r in offered]) / 1000
         name = f"non-streaming p99 < 10 ms at {at:,} req/s offered (c=64)"
-        check(name, p99, holds(offered), f"{p99:.2f} ms, {late_pct(offered):.1f}% late")
-    check("NDJSON -> SSE >= 1,500 streams/s", srps, srps >= TARGETS["streams"], f"{srps:,.0f}")
-    check("added p50 <= 0.3 ms at c=1", add50, add50 <= TARGETS["added_p50_ms"], f"{add50:.3f} ms")
-    check("added p99 <= 1 ms at c=1", add99, add99 <= TARGETS["added_p99_ms"], f"{add99:.3f} ms")
+        check(name, p99, holds(offered), f"{p99:.2f} ms, {late_pct(offered):.1f}% late", offered)
+    check("NDJSON -> SSE >= 1,500 streams/s", srps, srps >= TARGETS["streams"], f"{srps:,.0f}", streams)
+    check("added p50 <= 0.3 ms at c=1", add50, add50 <= TARGETS["added_p50_ms"], f"{add50:.3f} ms", latency)
+    check("added p99 <= 1 ms at c=1", add99, add99 <= TARGETS["added_p99_ms"], f"{add99:.3f} ms", latency)
     mine, theirs = results.ttft.get(gateway.key, []), results.ttft.get(gateway.direct, [])
     if mine and theirs:
         ttft = median([a[0] - b[0] for a, b in zip(mine, theirs, strict=False)]) * 1000
@@ -1090,7 +1129,7 @@ def targets(bench: Bench, out: IO[str]) -> None:
         if more:
             value, total = median(more), median([b.mean_us / 1000 for b in direct])
             name = f"paced, {connections} streams: adds < 1% of total time"
-            check(name, value, value < total / 100, f"{value:+.2f} ms of {total:.0f} ms")
+            check(name, value, value < total / 100, f"{value:+.2f} ms of {total:.0f} ms", runs, direct)
     start = results.rss_kb.get("after start")
     if start:
         check("RSS < 80 MB after start", start, start / 1024 < 80, f"{start / 1024:.1f} MB")
@@ -1098,7 +1137,7 @@ def targets(bench: Bench, out: IO[str]) -> None:
         _, warm, last = soak_points(results.memory)
         growth = (last[2] / warm[2] - 1) * 100
         name = f"RSS growth <= 10% over {last[0]:,} requests (since warm)"
-        check(name, growth, growth <= 10, f"{growth:+.1f}%")
+        check(name, growth, growth <= 10, f"{growth:+.1f}%", results.memory_runs)
     if rows:
         out.write(
             "Targets (gateway, Ollama path, one worker unless stated):\n\n| target | measured | met |\n"
@@ -1277,8 +1316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "memory": bench.results.memory,
             "steadiness": bench.results.steadiness,
             "notes": bench.results.notes,
+            "error_runs": bench.results.error_runs,
         }
         args.json.write_text(json.dumps(raw, indent=1))
+    if bench.results.error_runs:
+        count = len(bench.results.error_runs)
+        log(f"error: {count} wrk run(s) had error answers (marked{ERROR_MARK} in the report):")
+        for note in bench.results.error_runs:
+            log(f"  {note}")
+        return 1
     return 0
 
 
