@@ -104,12 +104,21 @@ def ensure_wrk() -> str:
     found = shutil.which("wrk")
     if found:
         return found
-    command = ["apt-get", "install", "-y", "wrk"]
-    if os.geteuid() != 0 and shutil.which("sudo"):
-        command.insert(0, "sudo")
+    sudo = ["sudo"] if os.geteuid() != 0 and shutil.which("sudo") else []
+    command = [*sudo, "apt-get", "install", "-y", "wrk"]
     log(f"wrk not found; installing it: {' '.join(command)}")
+
+    def apt(argv: list[str]) -> None:  # its output on stderr: stdout is the report's
+        subprocess.run(argv, check=True, timeout=300, stdout=sys.stderr)
+
     try:
-        subprocess.run(command, check=True, timeout=300)
+        try:
+            apt(command)
+        except subprocess.CalledProcessError:
+            # a fresh Debian image (the python ones included) has no package lists until an update
+            log("apt-get could not install wrk; updating its package lists and trying again")
+            apt([*sudo, "apt-get", "update"])
+            apt(command)
     except (OSError, subprocess.SubprocessError) as exc:
         raise Failure(
             f"wrk is missing and `{' '.join(command)}` failed ({exc}); install wrk and retry"
