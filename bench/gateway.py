@@ -19,7 +19,7 @@ translated to SSE), direct to the mock's OpenAI `/v1/chat/completions`, through 
 (`type: openai`), and with `--peers` LiteLLM's proxy in front of the same Ollama mock. The tables
 give medians over rounds; "added" is paired within a round (gateway minus direct).
 
-    .venv/bin/python bench/gateway.py --quick                 # smoke run, under a minute
+    .venv/bin/python bench/gateway.py --quick                 # smoke run, about 2 minutes
     .venv/bin/python bench/gateway.py [--rounds 3] [--duration 5] [--workers 1,2] [--peers]
     .venv/bin/python bench/gateway.py --memory 200000         # RSS over many requests
 
