@@ -20,7 +20,7 @@ gateway's health and inventory probes keep the instance in service; `/api/chat` 
 Any other model gets Ollama's 404. A stream is NDJSON in chunked transfer encoding, one line a chunk
 but for fault-malformed's.
 
-    python bench/faulty_upstream.py --port 11600 [--host 127.0.0.1]
+    .venv/bin/python bench/faulty_upstream.py --port 11600 [--host 127.0.0.1]
 """
 
 from __future__ import annotations
