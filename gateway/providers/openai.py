@@ -340,7 +340,10 @@ def error_from(
             ModelMissing(f"The model '{model}' is not available on the OpenAI-compatible backend: {message}"),
             said,
         )
-    if status in (400, 413, 422):
+    if status == 413:  # a proxy's limit, most often: its words alone would not say whose
+        too_large = f"the OpenAI-compatible backend refused the request as too large (413): {message}"
+        return quoting(InvalidRequest(too_large, code=_code(error)), said)
+    if status in (400, 422):
         return quoting(InvalidRequest(message, param=error.get("param"), code=_code(error)), said)
     if status == 403 and _code(error) == "privacy_violation":  # a Phoenix gateway keeping it local
         return quoting(

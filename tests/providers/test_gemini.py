@@ -1326,3 +1326,7 @@ async def test_constraints_dropped_from_the_schema_are_named_in_a_notice_whole_a
         json={"candidates": [candidate({"text": "yo"})]},
     )
     assert (await provider.complete(CHAT, "gemini-2.5-flash")).notices == {}
+
+
+def test_a_status_without_a_body_is_named_without_an_empty_reason() -> None:
+    assert gemini.error_from(502, b"", "m").message == "Gemini answered 502"

@@ -514,3 +514,11 @@ def test_log_probabilities_are_asked_for_and_come_back_as_openais_entries() -> N
         {"message": {"content": "Hi"}, "logprobs": [entry], "done": False}
     )
     assert (chunk.content, chunk.logprobs) == ("Hi", [entry])
+
+
+def test_a_status_without_a_body_is_named_without_an_empty_reason() -> None:
+    assert ollama.error_from(204, b"", "m").message == "Ollama answered 204"
+    assert (
+        ollama.error_from(502, b'{"error":"upstream gone"}', "m").message
+        == "Ollama answered 502: upstream gone"
+    )

@@ -307,3 +307,10 @@ def test_a_backends_error_code_is_kept_but_not_for_the_gateways_own_key() -> Non
     with pytest.raises(UpstreamRejected) as mid_stream:
         openai.StreamState().parse_chunk('{"error": {"message": "limit", "code": "rate_limit_exceeded"}}')
     assert mid_stream.value.body()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_413_names_the_backend_whose_limit_it_is() -> None:
+    """Often a proxy's page in front of the server: its words alone say nothing of whose limit."""
+    error = openai.error_from(413, b"<html><center>413 Request Entity Too Large</center></html>", "m")
+    assert isinstance(error, InvalidRequest) and error.http_status == 400
+    assert error.message.startswith("the OpenAI-compatible backend refused the request as too large (413): ")

@@ -248,7 +248,7 @@ def error_from(
     upstream = codes.get(kind, status)
     retry = (headers or {}).get("retry-after") or _retry_delay(details)
     rejected = UpstreamRejected(
-        f"Gemini answered {upstream}: {text}",
+        f"Gemini answered {upstream}" + (f": {text}" if text else ""),
         upstream_status=upstream,
         headers={"retry-after": retry} if retry and upstream in (429, 503) else None,
     )

@@ -135,7 +135,10 @@ def error_from(
     busy = status == 503 and "server busy" in text
     return quoting(
         UpstreamRejected(
-            f"Ollama answered {status}: {text}", upstream_status=status, headers=retry, busy=busy
+            f"Ollama answered {status}" + (f": {text}" if text else ""),
+            upstream_status=status,
+            headers=retry,
+            busy=busy,
         ),
         text,
     )
