@@ -219,10 +219,11 @@ class Balancer:
             instance.ejected_until = self._clock() + self._cooldown
             instance.up_gauge.set(0)
 
-    def busy(self, backend: str) -> None:
-        """The instance answered that it has no room now (its 429, Ollama's 'server busy'): alive,
-        so neither a failure nor a success. A half-open trial ends without a verdict: the next
-        request after it may be the trial."""
+    def undecided(self, backend: str) -> None:
+        """The attempt says nothing of the instance's health: it answered that it has no room now
+        (its 429, Ollama's 'server busy'), or the request ended before any verdict (the client
+        left, a refusal of the request itself): neither a failure nor a success. A half-open
+        trial ends without a verdict: the next request after it may be the trial."""
         instance = self.instances.get(backend)
         if instance is not None:
             instance.trial = False

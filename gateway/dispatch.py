@@ -155,11 +155,14 @@ class Dispatcher:
         except UpstreamError as error:
             self.metrics.child(self.metrics.upstream_errors, target.backend, error.reason).inc()
             if isinstance(error, UpstreamRejected) and error.busy:
-                self.balancer.busy(target.backend)  # full for now, alive: the request moves on
+                self.balancer.undecided(target.backend)  # full for now, alive: the request moves on
             elif error.retryable:
                 self.balancer.failed(target.backend)
             else:  # it answered, if only to refuse: the instance itself is fine
                 self.balancer.succeeded(target.backend)
+            raise
+        except BaseException:  # cancelled, or refused before or apart from the backend's health
+            self.balancer.undecided(target.backend)
             raise
         return result
 

@@ -4,6 +4,7 @@ separate ports, each advertising its own models and loaded models."""
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -391,3 +392,34 @@ def test_an_instance_that_says_it_is_busy_is_not_ejected(
         fake.queue(*[Reply(status=500)] * 2)
     assert [chat(gateway, "llama3.2").status_code for _ in range(2)] == [502] * 2
     assert httpx.get(gateway.url + "/readyz").status_code == 503
+
+
+def test_a_trial_request_whose_client_leaves_ends_the_trial_without_a_verdict(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    """Half-open: one trial at a time. A trial that ended with no verdict (its client left) must not
+    keep the instance out until a probe, which may be a long interval away."""
+    pair = two_warm_instances(pool)
+    health = {"interval": 60, "unhealthy_after": 1, "cooldown": 0.5}
+    gateway = start_gateway(pair.config(["llama3.2"], strategy="round_robin", health=health))
+    probed_once(pair)
+    pair.fakes[0].default = Reply(status=500, error_text="kaput")
+    wait_for(lambda: chat(gateway, "llama3.2").status_code == 200 and pair.fakes[0].chat_bodies())
+    assert not httpx.get(gateway.url + "/readyz").json()["backends"]["ollama-0"]["up"]  # ejected
+    time.sleep(0.6)  # the cool-down is over: the next request there is its trial
+    pair.fakes[0].default = Reply(content="late", delay_first=5.0)
+    asked = len(pair.fakes[0].chat_bodies())
+    for _ in range(4):  # round robin: one of these is the trial, whose client gives up
+        try:
+            httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json={"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=0.5,
+            )
+        except httpx.TimeoutException:
+            break
+    assert len(pair.fakes[0].chat_bodies()) == asked + 1, "no trial request reached ollama-0"
+    time.sleep(2.5)  # the gateway sees the client gone (checked once a second) and cancels the trial
+    pair.fakes[0].default = Reply(content="back")
+    answers = [chat(gateway, "llama3.2") for _ in range(4)]
+    assert "ollama-0" in [a.headers["x-phoenix-backend"] for a in answers]
