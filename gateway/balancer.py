@@ -219,6 +219,15 @@ class Balancer:
             instance.ejected_until = self._clock() + self._cooldown
             instance.up_gauge.set(0)
 
+    def lacks(self, backend: str, model: str) -> None:
+        """The instance answered that it lacks `model` (Ollama's 404 after an `ollama rm`): its
+        inventory says so until it is read again (`routing.health.interval`)."""
+        instance = self.instances.get(backend)
+        if instance is not None and instance.available is not None:
+            name = listed_name(instance.available, model)
+            if name is not None:
+                instance.available = instance.available - {name}
+
     def undecided(self, backend: str) -> None:
         """The attempt says nothing of the instance's health: it answered that it has no room now
         (its 429, Ollama's 'server busy'), or the request ended before any verdict (the client

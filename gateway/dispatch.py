@@ -23,6 +23,7 @@ from gateway.deadlines import Deadlines
 from gateway.errors import (
     NOT_SENT,
     GatewayError,
+    ModelMissing,
     StreamOverTime,
     UpstreamError,
     UpstreamProtocol,
@@ -160,6 +161,10 @@ class Dispatcher:
                 self.balancer.failed(target.backend)
             else:  # it answered, if only to refuse: the instance itself is fine
                 self.balancer.succeeded(target.backend)
+            raise
+        except ModelMissing:  # the next requests for the model go elsewhere until its inventory is read
+            self.balancer.lacks(target.backend, target.model)
+            self.balancer.undecided(target.backend)
             raise
         except BaseException:  # cancelled, or refused before or apart from the backend's health
             self.balancer.undecided(target.backend)

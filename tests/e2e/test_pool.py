@@ -423,3 +423,19 @@ def test_a_trial_request_whose_client_leaves_ends_the_trial_without_a_verdict(
     pair.fakes[0].default = Reply(content="back")
     answers = [chat(gateway, "llama3.2") for _ in range(4)]
     assert "ollama-0" in [a.headers["x-phoenix-backend"] for a in answers]
+
+
+def test_an_instance_that_answered_it_lacks_the_model_is_passed_over_until_its_inventory_is_read(
+    pool: Pool, start_gateway: Callable[..., ServerThread]
+) -> None:
+    """With no retries, each request ranked onto it would get its 404 until the next inventory."""
+    pair = two_warm_instances(pool)
+    health = {"interval": 60, "unhealthy_after": 3, "cooldown": 60}
+    gateway = start_gateway(pair.config(["llama3.2"], strategy="round_robin", health=health, retries=0))
+    probed_once(pair)
+    pair.fakes[0].models = []  # `ollama rm llama3.2` there; the gateway's inventory still lists it
+
+    answers = [chat(gateway, "llama3.2") for _ in range(6)]
+
+    assert sorted(a.status_code for a in answers) == [200] * 5 + [404]
+    assert len(pair.fakes[0].chat_bodies()) == 1
