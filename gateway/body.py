@@ -39,12 +39,18 @@ def written(data: dict[str, Any]) -> list[str]:
     """Every string in a JSON body, for the PII detector. Whatever the client sends may reach a
     backend (an OpenAI-compatible one gets unknown fields too), so any of it may hold personal
     data: `user`, a message's `name`, a tool's description, `prediction`, an image's URL, the
-    names of an object's members (`metadata`'s keys, a schema's properties). Left out are a content
+    names of an object's members (`metadata`'s keys, a schema's properties), and the digits of large
+    integers. Left out are a content
     part's attachment bytes (a data URL, base64 audio, a file's data), which the detector cannot
     read; `privacy.attachments` decides for them."""
     out: list[str] = []
     _from_object(data, out)
     return out
+
+
+# Integers of this size and more are read as their digits: a card number sent as a JSON number is
+# a card number (`max_tokens`, `n` and token ids stay below it).
+BIG = 1_000_000
 
 
 # Recursive and by exact type (what orjson makes), which keeps the walk of an ordinary request
@@ -68,6 +74,8 @@ def _from_object(value: dict[str, Any], out: list[str]) -> None:
                 _from_object(item, out)
             else:  # a content part's attachment: what names it, not its bytes
                 _from_object({name: field for name, field in item.items() if name != payload}, out)
+        elif kind is int and not -BIG < item < BIG:
+            out.append(str(item))
 
 
 def _from_array(value: list[Any], out: list[str]) -> None:
@@ -79,6 +87,8 @@ def _from_array(value: list[Any], out: list[str]) -> None:
             _from_object(item, out)
         elif kind is list:
             _from_array(item, out)
+        elif kind is int and not -BIG < item < BIG:
+            out.append(str(item))
 
 
 def _is_bytes(field: str, value: Any) -> bool:

@@ -124,3 +124,9 @@ def test_the_detector_reads_member_names_and_attachment_shapes_outside_content_p
     found = set(written(body))
     assert {"ana@example.org", "tel_612", "QUJD", "data:,REVG", "SktM"} <= found
     assert not {"role", "content", "model", "messages"} & found  # letters alone hold no personal data
+
+
+def test_the_detector_reads_the_digits_of_large_integers_only() -> None:
+    found = written(chat(max_tokens=512, n=1, seed=7, customer={"card": 4111111111111111, "id": -9876543}))
+    assert {"4111111111111111", "-9876543"} <= set(found)
+    assert not {"512", "1", "7"} & set(found)

@@ -326,6 +326,26 @@ def test_personal_data_anywhere_in_the_body_keeps_it_local(rig: Rig, where: str)
     assert answer.headers.get("x-phoenix-backend") == "ollama-1"
 
 
+def test_a_card_number_sent_as_a_json_number_keeps_the_request_local(rig: Rig) -> None:
+    """An unknown field reaches an OpenAI-compatible backend as it is, numbers included."""
+    body = {
+        "model": "chat",
+        "max_tokens": 5,
+        "seed": 1234567890,  # a large number that is no card stays public
+        "messages": [{"role": "user", "content": "Charge the customer."}],
+    }
+    headers = {"authorization": f"Bearer {APP_KEY}"}
+    url = rig.gateways["local up"].url + "/v1/chat/completions"
+    public = httpx.post(url, json=body, headers=headers, timeout=10)
+    assert public.headers["x-phoenix-privacy"] == "public", public.text
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        url, json={**body, "customer": {"card": 4111111111111111}}, headers=headers, timeout=10
+    )
+    assert rig.cloud_calls() == before, "a cloud backend received the card number"
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:card", answer.text
+
+
 @pytest.mark.parametrize(
     "result",
     [{"nombre": "Ana López", "teléfono": "612 34 56 78"}, {"card": "4111\u00a01111\u00a01111\u00a01111"}],
