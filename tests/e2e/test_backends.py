@@ -18,6 +18,7 @@ from openai.types.chat import (
     ChatCompletionStreamOptionsParam,
 )
 from openai.types.shared import ReasoningEffort
+from pydantic import BaseModel
 
 from gateway.config import Config, parse_config
 from tests.e2e.conftest import sample, scrape, wait_for
@@ -171,6 +172,30 @@ def test_streamed_tool_calls_merge_into_one_call(rig: Rig) -> None:
     assert final.choices[0].finish_reason == "tool_calls"
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("lookup", {"q": "lima"})]
     assert calls[0].id.startswith("call_") and calls[0].id.count("call_") == 1
+
+
+class Lookup(BaseModel):
+    q: str
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["parse", "stream"])
+def test_a_tool_call_answer_cut_by_max_tokens_is_length_for_the_sdks_parse(rig: Rig, stream: bool) -> None:
+    # Ollama says done_reason `length` with the calls it parsed before the cut; OpenAI and Gemini
+    # (MAX_TOKENS) say `length` too, so the SDK raises LengthFinishReasonError on every backend
+    # rather than hand over calls that may not be all the model meant to make.
+    cut = [{"function": {"name": "Lookup", "arguments": {"q": "oslo"}}}]
+    rig.fake.queue(Reply(content="", tool_calls=cut, done_reason="length"))
+    messages: list[Any] = [{"role": "user", "content": "x"}]
+    tools = [openai.pydantic_function_tool(Lookup)]
+    with pytest.raises(openai.LengthFinishReasonError) as caught:
+        if stream:
+            with rig.api.chat.completions.stream(
+                model="chat", messages=messages, tools=tools, max_tokens=8
+            ) as events:
+                events.get_final_completion()
+        else:
+            rig.api.chat.completions.parse(model="chat", messages=messages, tools=tools, max_tokens=8)
+    assert caught.value.completion.choices[0].finish_reason == "length"
 
 
 def _streamed(

@@ -104,9 +104,9 @@ class FakeOpenAI:
                 "total_tokens": reply.prompt_eval_count + completion}  # fmt: skip
 
     def _finish(self, reply: Reply) -> str | None:
-        if reply.tool_calls:
-            return "tool_calls"
-        return {"stop": "stop", "length": "length"}.get(reply.done_reason or "", "stop")
+        if reply.done_reason == "length":  # OpenAI: cut by max_tokens, calls or not
+            return "length"
+        return "tool_calls" if reply.tool_calls else "stop"
 
     def _completion(self, model: str, reply: Reply) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.stream_pieces()) or None}

@@ -22,9 +22,11 @@ from gateway.upstream import json_or_none
 
 
 def finish_reason(done_reason: str | None, tool_calls: bool) -> FinishReason:
-    if tool_calls:
-        return "tool_calls"
-    return "length" if done_reason == "length" else "stop"
+    """Ollama says `stop` after tool calls too; `length` stays `length` with calls before it, as
+    OpenAI and Gemini (MAX_TOKENS) report it: the answer was cut, its last call may be missing."""
+    if done_reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def usage(body: dict[str, Any]) -> Usage:
