@@ -230,14 +230,14 @@ def parse_response(body: Any) -> Completion:
 class StreamState:
     """Turns SSE events into chunks; remembers which choices finished and whether [DONE] came."""
 
-    __slots__ = ("answered", "calls", "done", "envelope", "finished", "tool_calls", "usage")
+    __slots__ = ("calls", "done", "envelope", "finished", "opened", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.done = False
         # the backend's system_fingerprint and service_tier: None once passed on with a chunk
         self.envelope: dict[str, str] | None = {}
         self.calls: dict[int, CallNumbers] = {}  # per choice
-        self.answered: set[int] = set()  # choices that sent output
+        self.opened: set[int] = set()  # choices the backend sent anything for, an empty delta too
         self.finished: set[int] = set()
         self.tool_calls: set[int] = set()
         self.usage = False  # a usage event came (the gateway always asks for one)
@@ -276,12 +276,10 @@ class StreamState:
                 refusal=delta.get("refusal") or "",
                 logprobs=_logprobs(choice),
             )
+            self.opened.add(index)
             if reason:
                 self.finished.add(index)
-            if chunk.has_output:
-                self.answered.add(index)
-                chunks.append(chunk)
-            elif chunk.finish_reason:
+            if chunk.has_output or chunk.finish_reason:
                 chunks.append(chunk)
         if event.get("usage"):
             self.usage = True
@@ -299,9 +297,10 @@ class StreamState:
         return [_tool_call(call, numbers.number(call)) for call in calls]
 
     def _close(self) -> list[Chunk]:
-        """At [DONE]: a choice that answered and was never finished ends with `stop` (`tool_calls`
-        after a call), as a Gemini body that ends without a finishReason does."""
-        open_choices = sorted(self.answered - self.finished)
+        """At [DONE]: a choice that was opened and never finished ends with `stop` (`tool_calls`
+        after a call), as a Gemini body that ends without a finishReason does; an empty answer (its
+        role delta alone) too, or the client's stream would hold a choice without a finish."""
+        open_choices = sorted(self.opened - self.finished)
         self.finished.update(open_choices)
         return [Chunk(finish_reason=finish_reason(None, i in self.tool_calls), index=i) for i in open_choices]
 

@@ -174,6 +174,16 @@ def test_streamed_tool_calls_merge_into_one_call(rig: Rig) -> None:
     assert calls[0].id.startswith("call_") and calls[0].id.count("call_") == 1
 
 
+def test_an_empty_answer_streamed_finishes_its_choice(rig: Rig) -> None:
+    # An OpenAI-compatible server may end an empty answer with its role delta and [DONE] alone,
+    # no finish_reason: the choice still finishes, as from Ollama and Gemini. Unfinished, the SDK's
+    # final completion held finish_reason None, and the Node SDK's threw "missing finish_reason".
+    rig.fake.queue(Reply(content="", finish_missing=True))
+    with rig.api.chat.completions.stream(model="chat", messages=[{"role": "user", "content": "x"}]) as events:
+        final = events.get_final_completion()
+    assert [(c.index, c.finish_reason, c.message.content) for c in final.choices] == [(0, "stop", "")]
+
+
 class Lookup(BaseModel):
     q: str
 

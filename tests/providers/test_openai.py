@@ -260,11 +260,12 @@ def test_done_finishes_the_choices_left_open_with_stop_or_tool_calls() -> None:
     state.parse_chunk(event({"role": "assistant", "content": "hi"}))
     state.parse_chunk(event({"tool_calls": [call]}, index=1))
     state.parse_chunk(event({"content": "done"}, "length", index=2))
-    state.parse_chunk(event({"role": "assistant"}, index=3))  # no output: not an answer to finish
+    state.parse_chunk(event({"role": "assistant", "content": ""}, index=3))  # an empty answer
     closing = state.parse_chunk("[DONE]")
     assert [(c.index, c.finish_reason, c.has_output) for c in closing] == [
         (0, "stop", False),
         (1, "tool_calls", False),
+        (3, "stop", False),
     ]
     assert state.parse_chunk("[DONE]") == []  # a second one finishes nothing twice
 
