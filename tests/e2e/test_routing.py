@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +19,10 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway.cli import main
 from gateway.config import Config, parse_config
 from tests.e2e.conftest import sample, scrape, wait_for
+from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
-from tests.servers import ServerThread, free_port, serve
+from tests.servers import ServerThread, TlsFiles, free_port, gateway_process, serve
 from tests.test_audit import locked_elsewhere
 
 pytestmark = pytest.mark.e2e
@@ -250,6 +252,70 @@ def test_a_404_names_only_models_the_key_may_use(
     assert message(SECRET, "GET", "/v1/models/qwen", "") == (
         "The model 'qwen' does not exist on this gateway. Known models: llama3.2."
     )
+
+
+def test_a_gemini_model_name_cannot_steer_the_upstream_url_past_the_keys_globs(tmp_path: Path) -> None:
+    """Under `gemini/*` the name goes into Gemini's URL path. A key allowed only the flash models
+    asked for `gemini-2.5-flash/../gemini-2.5-pro`: its glob took the name, and the https client,
+    dropping the dot segment, called gemini-2.5-pro. Names Gemini does not have are a 400 now."""
+    tls = TlsFiles.issue(tmp_path)
+    fake = FakeGemini(models=["gemini-2.5-flash", "gemini-2.5-pro"], api_key="gm-key", thinking=[])
+    with serve(fake.app, tls=tls) as upstream:
+        config = {
+            "backends": [
+                {
+                    "name": "gemini",
+                    "type": "gemini",
+                    "base_url": upstream.url + "/v1beta",
+                    "api_key_env": "GK",
+                }
+            ],
+            "models": [{"name": "gemini/*", "deployments": [{"backend": "gemini"}]}],
+            "auth": {
+                "keys": [
+                    {
+                        "name": "flash",
+                        "key_sha256": hashlib.sha256(b"sk-flash").hexdigest(),
+                        "models": ["gemini/gemini-2.5-flash*"],
+                    }
+                ]
+            },
+        }
+        path = tmp_path / "gateway.json"
+        path.write_text(json.dumps(config))
+        env = {**os.environ, "GK": "gm-key", "SSL_CERT_FILE": tls.ca_bundle}
+        with gateway_process(["--config", str(path)], tmp_path / "gateway.log", env) as gateway:
+
+            def ask(model: str, endpoint: str = "chat/completions") -> httpx.Response:
+                body = (
+                    {"model": model, "input": "x"}
+                    if endpoint == "embeddings"
+                    else {"model": model, "messages": HELLO}
+                )
+                return httpx.post(
+                    f"{gateway.url}/v1/{endpoint}",
+                    json=body,
+                    headers={"authorization": "Bearer sk-flash"},
+                    timeout=30,
+                )
+
+            assert ask("gemini/gemini-2.5-flash").status_code == 200
+            assert ask("gemini/gemini-2.5-pro").status_code == 403
+            fake.requests.clear()
+            for model in (
+                "gemini/gemini-2.5-flash/../gemini-2.5-pro",
+                "gemini/gemini-2.5-flash%2F..%2Fgemini-2.5-pro",
+                "gemini/gemini-2.5-flash:generateContent?alt=json",
+                "gemini/gemini-2.5-flash\r",
+                "gemini/gemini-2.5-flash\u00e9",
+            ):
+                for endpoint in ("chat/completions", "embeddings"):
+                    refused = ask(model, endpoint)
+                    assert refused.status_code == 400, (model, refused.text)
+                    error = refused.json()["error"]
+                    assert error["param"] == "model"
+                    assert "is not a Gemini model name" in error["message"]
+            assert [p for p, _, _ in fake.requests if not p.endswith("/models")] == []
 
 
 def test_the_cli_refuses_to_start_when_a_key_variable_is_unset(

@@ -38,6 +38,7 @@ Translation choices (contracts/gemini.md §9-§11):
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
@@ -92,7 +93,21 @@ class ModelFacts:
     failed_at: float | None = None  # monotonic time the lookup failed: asked again after FACTS_RETRY
 
 
+# A model's id as Gemini names them (`gemini-2.5-flash`, `text-embedding-004`), one path segment
+# after `models/` or `tunedModels/`. The name goes into the request's URL path, so it is checked
+# before: `gemini/x/../gemini-2.5-pro` under a pattern route would otherwise call another model than
+# the one the API key's globs took (the https client drops the dot segments), and `?` or `#` would
+# write the query of the gateway's own call.
+_MODEL_ID = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def _resource(model: str) -> str:
+    if not _MODEL_ID.fullmatch(model):
+        raise InvalidRequest(
+            f"{model!r} is not a Gemini model name: it may hold letters, digits, '-', '.' and '_' only"
+            " (after 'models/' or 'tunedModels/').",
+            param="model",
+        )
     return model if model.startswith(("models/", "tunedModels/")) else "models/" + model
 
 
@@ -114,10 +129,10 @@ class GeminiProvider:
         return None if self._images is None else self._images.for_request(request)
 
     async def complete(self, request: ChatRequest, model: str) -> Completion:
+        path = f"/{_resource(model)}:generateContent"
         images = await images_for(self._images, request)
         thinks = await self._thinks(model) if needs_thinking(request) else None
         body = build_request(request, model, images=images, thinks=thinks)
-        path = f"/{_resource(model)}:generateContent"
         answer = await self._http.request("POST", path, body, model)
         completion = parsed(parse_response, answer, "Gemini")
         completion.notices.update(schema_notices(request))
