@@ -229,7 +229,7 @@ class State:
     ) -> list[Plan]:
         """Where a request may go, in order: route it, check the key, decide its privacy, and for a
         private request keep only local targets (or, for chat, `privacy.local_model`'s), never a
-        fallback."""
+        fallback; a public one's fallbacks are those the key may use."""
         exchange.requested_model = model
         plan = self.router.plan(model, visible=partial(allows, key))
         exchange.model_label = plan.label
@@ -249,6 +249,8 @@ class State:
         if not decision.private:
             plans = [plan]
             for name in plan.fallbacks:
+                if not allows(key, name):  # a key is served only the models its globs take
+                    continue
                 fallback = self.router.plan(name)
                 if fallback.privacy != "private":
                     plans.append(fallback)

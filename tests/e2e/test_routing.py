@@ -131,6 +131,38 @@ def test_fallbacks_serve_public_traffic_when_every_deployment_fails(
     assert sample(scrape(gateway.url), "gateway_fallbacks_total", from_model="big", to_model="small") == 2
 
 
+def test_a_key_is_never_served_by_a_fallback_outside_its_globs(
+    two_ollamas: tuple[FakeOllama, ServerThread, FakeOllama, ServerThread],
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    """The fallbacks were not checked against the key: a key allowed only `big` got `small`'s
+    answers whenever `big` failed, although asking for `small` itself was a 403."""
+    _, _, spare, two = two_ollamas
+    config = fallback_config(f"http://127.0.0.1:{free_port()}", two.url)
+    digests = {name: hashlib.sha256(name.encode()).hexdigest() for name in ("sk-big", "sk-both")}
+    auth = {
+        "keys": [
+            {"name": "big-only", "key_sha256": digests["sk-big"], "models": ["big"]},
+            {"name": "both", "key_sha256": digests["sk-both"], "models": ["big", "sm*"]},
+        ]
+    }
+    gateway = start_gateway(parse_config({**config.model_dump(exclude_defaults=True), "auth": auth}, "test"))
+
+    def ask(key: str, model: str, stream: bool = False) -> httpx.Response:
+        body = {"model": model, "messages": HELLO, "stream": stream}
+        headers = {"authorization": f"Bearer {key}"}
+        return httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+    assert ask("sk-big", "small").status_code == 403
+    for stream in (False, True):
+        refused = ask("sk-big", "big", stream)
+        assert refused.status_code == 503, refused.text  # the primary's own failure
+        assert "Cannot connect" in refused.json()["error"]["message"]
+    assert spare.chat_bodies() == []
+    served = ask("sk-both", "big")  # a key that may use the fallback still gets it
+    assert (served.status_code, served.json()["model"]) == (200, "small")
+
+
 def test_a_model_missing_on_every_deployment_falls_back(
     two_ollamas: tuple[FakeOllama, ServerThread, FakeOllama, ServerThread],
     start_gateway: Callable[..., ServerThread],
