@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -82,14 +83,28 @@ def completion_body(
 UNREPORTED = "unreported"  # the `usage` notice when a backend sent no token counts
 
 
+# What a notice's value may show as it is: printable ASCII, but for `%`, which marks the escapes.
+_SHOWN = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def _shown(value: str) -> str:
+    """A notice's value as header and SSE comment text. Some name what the client wrote (the
+    schema keywords Gemini lacks): a line break there ended the header or the comment, the rest
+    then a header or an event of its own (or a dropped connection), and a character past latin-1
+    made the answer a 500. Those characters are percent-encoded (UTF-8)."""
+    return (
+        value if value.isascii() and value.isprintable() and "%" not in value else quote(value, safe=_SHOWN)
+    )
+
+
 def notice_headers(notices: dict[str, str]) -> dict[str, str]:
     """`prompt_truncated` -> `x-phoenix-prompt-truncated`."""
-    return {"x-phoenix-" + key.replace("_", "-"): value for key, value in notices.items()}
+    return {"x-phoenix-" + key.replace("_", "-"): _shown(value) for key, value in notices.items()}
 
 
 def notice_comments(notices: dict[str, str]) -> bytes:
     """Streams learn such facts only at the end, after the headers: SSE comments, which clients skip."""
-    return b"".join(f": {key}={value}\n\n".encode() for key, value in notices.items())
+    return b"".join(f": {key}={_shown(value)}\n\n".encode() for key, value in notices.items())
 
 
 def error_event(error: GatewayError) -> bytes:

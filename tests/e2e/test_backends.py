@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
+from urllib.parse import unquote
 
 import httpx
 import openai
@@ -380,6 +381,36 @@ def test_a_gemini_json_schema_keeps_its_meaning_or_is_refused_saying_why(
     assert error["param"] == "response_format.json_schema.schema"
     assert "recursive" in error["message"]
     assert len(fake.chat_bodies()) == 2
+
+
+def test_schema_keywords_the_client_wrote_with_line_breaks_or_any_character_are_named_escaped(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    """The keywords Gemini lacks are named in a header (an SSE comment when streaming) as the
+    client wrote them: a line break ended the header (the connection dropped) or the comment (the
+    rest an event of the client's making), and a character past latin-1 was a 500."""
+    keywords = ["x-\u20ac", "a\r\nx-injected: 1", 'a\n\ndata: {"injected": true}']
+    fake = FakeGemini(api_key=KEY)
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        url = gateway.url + "/v1/chat/completions"
+        for keyword in keywords:
+            schema = {"type": "object", "properties": {"a": {"type": "string", keyword: "x"}}}
+            response_format = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+            body = {
+                "model": "chat",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": response_format,
+            }
+            whole = httpx.post(url, json=body, timeout=10)
+            assert whole.status_code == 200, whole.text
+            assert "x-injected" not in whole.headers
+            named = whole.headers["x-phoenix-schema-dropped"]
+            assert unquote(named) == keyword and named.isascii() and named.isprintable()
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=10) as response:
+                lines = [line for line in response.iter_lines() if line]
+            assert lines[-2:] == [f": schema_dropped={named}", "data: [DONE]"]
+            assert not any("injected" in line for line in lines[:-2])
 
 
 @pytest.mark.parametrize("kind", ["ollama", "gemini"])
