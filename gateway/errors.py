@@ -37,6 +37,10 @@ from typing import Any, ClassVar, TypeVar
 
 E = TypeVar("E", bound="GatewayError")
 NOT_LOGGED = "[the backend's message, not logged]"
+# Characters of an error's message in a log line. Messages quote what the client sent (a model
+# name, a field's value), which may be as long as the body: a 1 MB value wrote its megabyte into
+# the log for every request. The client still gets the whole message.
+LOGGED_MESSAGE = 1000
 
 
 def quoting(error: E, words: str) -> E:
@@ -73,8 +77,13 @@ class GatewayError(Exception):
 
     @property
     def log_message(self) -> str:
-        """The message for a log line: without a backend's words it quotes."""
-        return self.message.replace(self.quoted, NOT_LOGGED) if self.quoted else self.message
+        """The message for a log line: without a backend's words it quotes, and cut at LOGGED_MESSAGE."""
+        message = self.message.replace(self.quoted, NOT_LOGGED) if self.quoted else self.message
+        if len(message) > LOGGED_MESSAGE:
+            message = (
+                f"{message[:LOGGED_MESSAGE]}... [{len(message) - LOGGED_MESSAGE} more characters, not logged]"
+            )
+        return message
 
     @property
     def type(self) -> str:

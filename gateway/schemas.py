@@ -21,6 +21,9 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 MAX_MESSAGES = 4096  # per chat request; far beyond any context window, far below a flood
 MAX_EMBEDDING_INPUTS = 2048  # per embeddings request, OpenAI's limit
+# Characters of a requested model name: Ollama's longest (host, namespace, name and tag at their
+# limits) takes under 600. Each is written into the request's log line and audit record.
+MAX_MODEL_NAME = 1024
 
 
 class Wire(BaseModel):
@@ -213,7 +216,7 @@ class StreamOptions(Wire):
 
 
 class ChatRequest(Wire):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -292,7 +295,7 @@ class ChatRequest(Wire):
 
 
 class EmbeddingRequest(Wire):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)

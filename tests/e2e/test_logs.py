@@ -228,3 +228,50 @@ def test_a_record_before_the_logs_are_set_up_is_written_under_an_unknown_env_lev
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert json.loads(err.splitlines()[-1])["event"] == "Started server process [7]"
+
+
+def test_a_long_value_from_the_client_is_not_written_into_the_log_and_the_audit_file_whole(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    """A 1 MB model name under `ollama/*` wrote 4 MB into the log (the name twice in each of two
+    lines) and its megabyte into the audit record; a 1 MB field value quoted in an error message,
+    its megabyte into the log. The name is bounded now (400), and so are messages in a log line."""
+    config = tmp_path / "gateway.yaml"
+    audit = tmp_path / "audit.jsonl"
+    backends = [{"name": "ollama", "type": "ollama", "base_url": fake_ollama[1].url}]
+    models = [
+        {"name": "llama3.2", "deployments": [{"backend": "ollama"}]},
+        {"name": "ollama/*", "deployments": [{"backend": "ollama"}]},
+    ]
+    config.write_text(
+        yaml.safe_dump({"backends": backends, "models": models, "privacy": {"audit_log": str(audit)}})
+    )
+    log = tmp_path / "stderr.log"
+    long = "q" * 1_000_000
+    messages = [{"role": "user", "content": "hi"}]
+    with gateway_process(["--config", str(config)], log, {**os.environ}) as gateway:
+        chat, embeddings = gateway.url + "/v1/chat/completions", gateway.url + "/v1/embeddings"
+        for url, body in (
+            (chat, {"model": "ollama/" + long, "messages": messages}),
+            (chat, {"model": long, "messages": messages}),
+            (embeddings, {"model": "ollama/" + long, "input": "x"}),
+        ):
+            refused = httpx.post(url, json=body, timeout=30)
+            assert refused.status_code == 400, refused.text[:300]
+            assert refused.json()["error"]["param"] == "model"
+        quoted = httpx.post(
+            chat, json={"model": "llama3.2", "messages": messages, "metadata": {"privacy": long}}
+        )
+        assert quoted.status_code == 400
+        assert long in quoted.json()["error"]["message"]  # the client gets the whole message
+        wait_for(lambda: len(audit.read_text().splitlines()) == 4)
+    assert log.stat().st_size < 20_000
+    assert audit.stat().st_size < 10_000
+    failed = [
+        e
+        for e in (json.loads(line) for line in log.read_text().splitlines())
+        if e["event"] == "request failed"
+    ]
+    assert failed[-1]["message"].endswith(
+        f"... [{len(quoted.json()['error']['message']) - 1000} more characters, not logged]"
+    )
