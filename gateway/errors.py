@@ -261,6 +261,8 @@ class UpstreamRejected(UpstreamError):
         headers: dict[str, str] | None = None,
         busy: bool = False,
     ) -> None:
+        if upstream_status in (401, 403):  # the gateway's own credentials: retrying cannot help
+            headers = {**(headers or {}), "x-should-retry": "false"}
         super().__init__(message, param=param, code=code, headers=headers)
         self.upstream_status = upstream_status
         self.busy = busy or upstream_status == 429

@@ -587,6 +587,7 @@ def test_upstream_api_key_is_sent_and_never_shown(
     assert refused.json()["error"]["type"] == "server_error"
     assert "api_key_env" in refused.json()["error"]["message"]
     assert "sk-wrong-secret" not in refused.text
+    assert refused.headers["x-should-retry"] == "false"  # the OpenAI SDKs would retry a 502 twice
 
 
 def test_a_backends_configured_headers_reach_it_and_its_host_header_names_it(
