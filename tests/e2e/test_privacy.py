@@ -98,6 +98,15 @@ class Rig:
     gemini: FakeGemini
     gateways: dict[str, ServerThread]
 
+    def chat(self, body: dict[str, object], **headers: str) -> httpx.Response:
+        """A chat request to the gateway whose local backend is up, with the app's key."""
+        return httpx.post(
+            self.gateways["local up"].url + "/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {APP_KEY}", **headers},
+            timeout=10,
+        )
+
     def cloud_calls(self) -> int:
         """Requests the cloud fakes received, other than model listings."""
         listings = ("/v1/models", "/v1beta/models")
@@ -315,12 +324,7 @@ def test_personal_data_anywhere_in_the_body_keeps_it_local(rig: Rig, where: str)
     }
     body.update(ELSEWHERE[where])
     before = rig.cloud_calls()
-    answer = httpx.post(
-        rig.gateways["local up"].url + "/v1/chat/completions",
-        json=body,
-        headers={"authorization": f"Bearer {APP_KEY}"},
-        timeout=10,
-    )
+    answer = rig.chat(body)
     assert rig.cloud_calls() == before, "a cloud backend received personal data"
     assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email", answer.text
     assert answer.headers.get("x-phoenix-backend") == "ollama-1"
@@ -334,14 +338,10 @@ def test_a_card_number_sent_as_a_json_number_keeps_the_request_local(rig: Rig) -
         "seed": 1234567890,  # a large number that is no card stays public
         "messages": [{"role": "user", "content": "Charge the customer."}],
     }
-    headers = {"authorization": f"Bearer {APP_KEY}"}
-    url = rig.gateways["local up"].url + "/v1/chat/completions"
-    public = httpx.post(url, json=body, headers=headers, timeout=10)
+    public = rig.chat(body)
     assert public.headers["x-phoenix-privacy"] == "public", public.text
     before = rig.cloud_calls()
-    answer = httpx.post(
-        url, json={**body, "customer": {"card": 4111111111111111}}, headers=headers, timeout=10
-    )
+    answer = rig.chat({**body, "customer": {"card": 4111111111111111}})
     assert rig.cloud_calls() == before, "a cloud backend received the card number"
     assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:card", answer.text
 
@@ -366,12 +366,7 @@ def test_personal_data_in_a_tool_result_written_by_json_dumps_keeps_it_local(
         ],
     }
     before = rig.cloud_calls()
-    answer = httpx.post(
-        rig.gateways["local up"].url + "/v1/chat/completions",
-        json=body,
-        headers={"authorization": f"Bearer {APP_KEY}"},
-        timeout=10,
-    )
+    answer = rig.chat(body)
     assert rig.cloud_calls() == before, "a cloud backend received personal data"
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-phoenix-privacy"].startswith("private;reason=pii:")
@@ -394,12 +389,7 @@ def test_an_embedding_request_s_user_is_read_for_personal_data(rig: Rig) -> None
 def test_a_private_model_lends_a_public_request_only_its_local_deployments(rig: Rig, stream: bool) -> None:
     # `flaky` fails over to `chat-strict`, whose policy is private: every request for it stays local.
     before = rig.cloud_calls()
-    answer = httpx.post(
-        rig.gateways["local up"].url + "/v1/chat/completions",
-        json={"model": "flaky", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
-        headers={"authorization": f"Bearer {APP_KEY}"},
-        timeout=10,
-    )
+    answer = rig.chat({"model": "flaky", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-phoenix-backend"] == "ollama-1"
     assert rig.cloud_calls() == before
@@ -407,12 +397,7 @@ def test_a_private_model_lends_a_public_request_only_its_local_deployments(rig: 
 
 def test_a_private_model_without_a_local_deployment_is_no_fallback(rig: Rig) -> None:
     before = rig.cloud_calls()
-    answer = httpx.post(
-        rig.gateways["local up"].url + "/v1/chat/completions",
-        json={"model": "flaky-2", "messages": [{"role": "user", "content": "hi"}]},
-        headers={"authorization": f"Bearer {APP_KEY}"},
-        timeout=10,
-    )
+    answer = rig.chat({"model": "flaky-2", "messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code == 503, answer.text  # the primary's own failure
     assert answer.json()["error"]["message"].startswith("Cannot connect")
     assert rig.cloud_calls() == before
