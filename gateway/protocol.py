@@ -85,7 +85,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._in_head and not answering and not self.transport.is_closing():
+            # (a head sent while an answer is still going out waits for the keep-alive timer
+            # that follows it: a 408 now would land in the middle of that answer)
             self.transport.write(HEAD_TIMEOUT_RESPONSE)
             self.transport.close()
 

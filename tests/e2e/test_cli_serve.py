@@ -363,3 +363,25 @@ def test_a_request_head_sent_a_byte_at_a_time_is_answered_408_at_the_head_deadli
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as whole:
         whole.sendall(head + b"y\r\n\r\n")  # a head that arrives whole is served as ever
         assert whole.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_head_pipelined_behind_a_long_stream_does_not_cut_the_stream_at_the_head_deadline(
+    fake_ollama: tuple[FakeOllama, ServerThread], gateway: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head deadline runs while nothing is being answered: a 408 in the middle of an answer
+    would break it."""
+    monkeypatch.setattr(protocol, "HEAD_SECONDS", 0.5)
+    fake_ollama[0].queue(Reply(pieces=[f"w{i} " for i in range(10)], delay_between=0.2))
+    body = json.dumps({"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    request = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+    request += f"content-length: {len(body)}\r\n\r\n{body}"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as client:
+        client.sendall(request.encode())
+        time.sleep(0.3)  # the stream is under way
+        client.sendall(b"GET /healthz HTTP/1.1\r\nhost: ga")  # the next head, cut short
+        received = b""
+        while b"data: [DONE]" not in received and (chunk := client.recv(65536)):
+            received += chunk
+    assert b"data: [DONE]" in received, received[-300:]
+    assert b"408" not in received
+    assert received.count(b'"content":"w') == 10
