@@ -51,6 +51,8 @@ def _close_clients() -> Iterator[None]:
 
 
 OPEN_CLIENTS: list[openai.OpenAI] = []
+# A schema llama.cpp cannot turn into a grammar: Ollama answers it with 500 "invalid JSON schema in format".
+UNUSABLE: dict[str, Any] = {"type": "object", "properties": {"a": {"type": "frobnicate"}}}
 
 
 def client(gateway: ServerThread) -> openai.OpenAI:
@@ -626,6 +628,80 @@ def test_stream_without_done_ends_with_a_defined_error(
             )
         )
     assert "without its final 'done' line" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "stream", "param", "words"),
+    [
+        ({"options": {"stop": "x"}}, False, "options.stop", 'option "stop" must be of type array'),
+        (
+            {"options": {"num_ctx": "big"}},
+            True,
+            "options.num_ctx",
+            'option "num_ctx" must be of type integer',
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": UNUSABLE}}},
+            False,
+            "response_format",
+            "invalid JSON schema in format",
+        ),
+    ],
+)
+def test_what_ollama_refuses_with_a_500_is_the_clients_400_and_no_fault_of_the_instance(
+    start_gateway: Callable[[Config], ServerThread],
+    extra: dict[str, Any],
+    stream: bool,
+    param: str,
+    words: str,
+) -> None:
+    # Real Ollama (0.5.4 and newer) answers a wrongly typed option, or a schema it cannot make a
+    # grammar of, with 500. Taken for its own fault, it was a 502, tried on the other instance, and
+    # three such requests ejected both: /readyz said 503 for a client's typo.
+    fakes = [FakeOllama(models=["llama3.2:latest"]) for _ in range(2)]
+    with serve(fakes[0].app) as first, serve(fakes[1].app) as second:
+        backends = [
+            {"name": f"ollama-{i}", "type": "ollama", "base_url": server.url}
+            for i, server in enumerate((first, second))
+        ]
+        deployments = [{"backend": backend["name"], "model": "llama3.2:latest"} for backend in backends]
+        gateway = start_gateway(
+            ollama_config(
+                first.url, backends=backends, models=[{"name": "llama3.2", "deployments": deployments}]
+            )
+        )
+        body = {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": stream,
+            **extra,
+        }
+        for _ in range(4):
+            response = post(gateway, body)
+            assert response.status_code == 400
+            error = error_of(response)
+            assert (error["type"], error["param"]) == ("invalid_request_error", param)
+            assert error["message"] == f"Ollama rejected the request: {words}"
+        assert sum(len(fake.chat_bodies()) for fake in fakes) == 4  # never tried again elsewhere
+        samples = scrape(gateway.url)
+        assert [sample(samples, "gateway_backend_up", backend=f"ollama-{i}") for i in range(2)] == [1.0, 1.0]
+        assert sample(samples, "gateway_retries_total", backend="ollama-0") == 0
+        assert sample(samples, "gateway_retries_total", backend="ollama-1") == 0
+
+
+def test_a_first_stream_line_that_says_the_schema_is_unusable_is_a_400(
+    fake_ollama: FakeServer, gateway: ServerThread
+) -> None:
+    # Ollama 0.5.4 writes it as a stream's only line, after a 200 (newer ones answer 500 first).
+    fake, _ = fake_ollama
+    fake.queue(Reply(pieces=["never"], error_after=0, error_text="invalid JSON schema in format"))
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
+    response = post(gateway, {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}],
+                              "stream": True, "response_format": schema})  # fmt: skip
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "response_format"
+    assert len(fake.chat_bodies()) == 1
+    assert sample(scrape(gateway.url), "gateway_backend_up", backend="ollama-1") == 1.0
 
 
 def test_request_id_is_honoured_or_generated(fake_ollama: FakeServer, gateway: ServerThread) -> None:

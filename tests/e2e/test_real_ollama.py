@@ -19,10 +19,13 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway.config import Config, parse_config
 from gateway.llm import LLMMessage, LLMProviderFactory, LLMRole
 from tests.engines import SMOLLM2, TINY, RealOllama
-from tests.servers import ServerThread
+from tests.fakes.ollama_server import FakeOllama
+from tests.servers import ServerThread, serve
 
 pytestmark = pytest.mark.e2e
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+# A schema llama.cpp cannot turn into a grammar: Ollama answers it with 500 "invalid JSON schema in format".
+UNUSABLE: dict[str, Any] = {"type": "object", "properties": {"a": {"type": "frobnicate"}}}
 
 
 @pytest.fixture
@@ -274,3 +277,40 @@ def test_the_random_model_at_full_speed_matches_ollamas_counts(
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage is not None
     assert reply.usage.completion_tokens == expected["eval_count"] == 200
+
+
+@pytest.mark.parametrize(
+    ("native", "sent", "param"),
+    [
+        ({"options": {"stop": "x"}}, {"options": {"stop": "x"}}, "options.stop"),
+        ({"options": {"num_ctx": "x"}}, {"options": {"num_ctx": "x"}}, "options.num_ctx"),
+        (
+            {"format": UNUSABLE},
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": UNUSABLE}}},
+            "response_format",
+        ),
+    ],
+)
+def test_what_ollama_answers_with_500_for_the_requests_own_fault_is_a_400(
+    real_ollama: RealOllama,
+    gateway: ServerThread,
+    native: dict[str, Any],
+    sent: dict[str, Any],
+    param: str,
+) -> None:
+    body = {"model": TINY, "messages": QUESTION, "stream": False, **native}
+    direct = httpx.post(real_ollama.url + "/api/chat", json=body, timeout=60)
+    with serve(FakeOllama(models=[TINY]).app) as fake:  # the fake the other tests use says the same
+        faked = httpx.post(fake.url + "/api/chat", json=body, timeout=10)
+    assert (faked.status_code, faked.json()) == (direct.status_code, direct.json())
+    assert direct.status_code == 500, "precondition: Ollama answers it with a 500"
+    for stream in (False, True, False):  # three: as many failures as eject an instance
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "tiny", "messages": QUESTION, "max_tokens": 2, "stream": stream, **sent},
+            timeout=60,
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == param
+        assert response.json()["error"]["message"] == f"Ollama rejected the request: {direct.json()['error']}"
+    assert httpx.get(gateway.url + "/readyz").status_code == 200

@@ -54,6 +54,69 @@ class Reply:
         return [w + " " for w in words[:-1]] + [words[-1]] if self.content else []
 
 
+# Ollama's `options` keys and their Go types (api.Options and api.Runner; Options.FromMap). A value of
+# another type is a 500, from both 0.5.4 and newer servers: the check runs where the model is
+# scheduled, and handleScheduleError answers anything it does not know with 500.
+_INT, _FLOAT, _BOOL = "integer", "float32", "boolean"
+OPTION_TYPES = {
+    **dict.fromkeys(("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "mirostat", "num_ctx",
+                     "num_batch", "num_gpu", "main_gpu", "num_thread"), _INT),
+    **dict.fromkeys(("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty", "mirostat_tau", "mirostat_eta"), _FLOAT),
+    **dict.fromkeys(("penalize_newline", "use_mmap", "low_vram", "f16_kv", "vocab_only", "use_mlock"), _BOOL),
+    "stop": "array",
+}  # fmt: skip
+
+
+def option_error(options: Any) -> str | None:
+    """Ollama's words for the first wrongly typed option (None: all fit; unknown keys are ignored)."""
+    for key, value in (options if isinstance(options, dict) else {}).items():
+        kind = OPTION_TYPES.get(key)
+        if kind is None or value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if (kind in (_INT, _FLOAT) and not number) or (kind == _BOOL and not isinstance(value, bool)):
+            return f'option "{key}" must be of type {kind}'
+        if kind == "array" and not isinstance(value, list):
+            return f'option "{key}" must be of type array'
+        if kind == "array" and not all(isinstance(item, str) for item in value):
+            return f'option "{key}" must be of an array of strings'
+    return None
+
+
+JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+
+
+def format_error(fmt: Any) -> str | None:
+    """Ollama's words for a `format` it cannot use: not "json" nor an object; or a schema llama.cpp
+    cannot turn into a grammar (here: an unknown type, or a `$ref` to no definition in it)."""
+    if fmt is None or fmt in ("json", ""):
+        return None
+    if not isinstance(fmt, dict):
+        quoted = orjson.dumps(fmt).decode().replace("\\", "\\\\").replace('"', '\\"')
+        return f'invalid format: "{quoted}"; expected "json" or a valid JSON Schema object'
+    definitions = {**(fmt.get("$defs") or {}), **(fmt.get("definitions") or {})}
+
+    def usable(schema: Any) -> bool:
+        if not isinstance(schema, dict):
+            return True
+        kinds = schema.get("type")
+        if kinds is not None and not set(kinds if isinstance(kinds, list) else [kinds]) <= JSON_TYPES:
+            return False
+        ref = schema.get("$ref")
+        if ref is not None and str(ref).rsplit("/", 1)[-1] not in definitions:
+            return False
+        named = [schema.get(key) or {} for key in ("properties", "$defs", "definitions")]
+        inner = [value for group in named for value in group.values()]
+        inner += [schema.get(key) for key in ("items", "additionalProperties", "not")]
+        inner += [
+            value for key in ("anyOf", "oneOf", "allOf", "prefixItems") for value in schema.get(key) or []
+        ]
+        return all(map(usable, inner))
+
+    return None if usable(fmt) else "invalid JSON schema in format"
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"
 
@@ -125,31 +188,18 @@ class FakeOllama:
         body = await self._body(request)
         if not isinstance(body, dict):
             return _error(400, "missing request body")
+        if undecodable := self._undecodable(body):  # Go's JSON decoding: before anything else
+            return _error(400, undecodable)
         model = body.get("model")
         if not model:
             return _error(400, "model is required")
         if not self._known(model):
             return _error(404, f'model "{model}" not found, try pulling it first')
-        stop = (body.get("options") or {}).get("stop")
-        if stop is not None and not isinstance(stop, list):
-            return _error(400, 'option "stop" must be of type array')
         if body.get("think") not in (None, False) and self._full(model) not in self.thinking:
             return _error(400, f'"{model}" does not support thinking')
-        fmt = body.get("format")
-        if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
-            return _error(400, f'invalid format: {fmt!r}; expected "json" or a valid JSON Schema object')
-        for sent in body.get("messages") or []:
-            if any(str(image).startswith("data:") for image in sent.get("images") or []):
-                return _error(400, "illegal base64 data at input byte 4")
-            for call in sent.get("tool_calls") or []:
-                arguments = (call.get("function") or {}).get("arguments")
-                if not isinstance(arguments, dict):  # Go decodes them into a map
-                    kind = {list: "array", str: "string", bool: "bool"}.get(type(arguments), "number")
-                    return _error(
-                        400,
-                        f"json: cannot unmarshal {kind} into Go struct field ChatRequest.messages"
-                        " of type api.ToolCallFunctionArguments",
-                    )
+        # Where the model is scheduled, then where its runner starts: both a 500 (see OPTION_TYPES).
+        if wrong := option_error(body.get("options")) or format_error(body.get("format")):
+            return _error(500, wrong)
         reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)
@@ -165,6 +215,21 @@ class FakeOllama:
         if reply.tool_calls:
             message["tool_calls"] = self._calls(reply)
         return _json({"model": model, "created_at": _now(), "message": message, **self._final(reply)})
+
+    @staticmethod
+    def _undecodable(body: dict[str, Any]) -> str | None:
+        for sent in body.get("messages") or []:
+            if any(str(image).startswith("data:") for image in sent.get("images") or []):
+                return "illegal base64 data at input byte 4"
+            for call in sent.get("tool_calls") or []:
+                arguments = (call.get("function") or {}).get("arguments")
+                if not isinstance(arguments, dict):  # Go decodes them into a map
+                    kind = {list: "array", str: "string", bool: "bool"}.get(type(arguments), "number")
+                    return (
+                        f"json: cannot unmarshal {kind} into Go struct field ChatRequest.messages"
+                        " of type api.ToolCallFunctionArguments"
+                    )
+        return None
 
     def _calls(self, reply: Reply) -> list[dict[str, Any]]:
         alphabet = string.ascii_lowercase + string.digits

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,25 @@ from gateway.errors import (
 from gateway.providers.base import random_id
 from gateway.schemas import Choice, Chunk, Completion, FinishReason, ToolCallDelta, Usage
 from gateway.upstream import json_or_none
+
+# Ollama's 500s for what the request asked, not for a fault of its own (0.5.4 and newer alike): a
+# wrongly typed `options` value (Options.FromMap, reported by handleScheduleError's default), and a
+# `format` it cannot turn into a grammar (llm.Completion). A stream that has begun gets them as its
+# error line. They are the client's to fix: a 400, neither retried elsewhere nor counted against
+# the instance, whose next request is served as well as ever.
+BAD_OPTION = re.compile(r'^option "([^"]+)" must be of ')
+BAD_FORMAT = ("invalid JSON schema in format", "invalid format: ")
+
+
+def refused_request(text: str) -> InvalidRequest | None:
+    """The client's error in words Ollama answers with a 500 (None: a fault of Ollama's own)."""
+    if option := BAD_OPTION.match(text):
+        param = f"options.{option.group(1)}"
+    elif text.startswith(BAD_FORMAT):
+        param = "response_format"
+    else:
+        return None
+    return quoting(InvalidRequest(f"Ollama rejected the request: {text}", param=param), text)
 
 
 def finish_reason(done_reason: str | None, tool_calls: bool) -> FinishReason:
@@ -89,6 +109,8 @@ class StreamState:
             raise UpstreamProtocol("Ollama sent a stream line that is not a JSON object")
         if "error" in line:
             said = str(line["error"])
+            if refused := refused_request(said):  # 0.5.4 writes them as a stream's first line
+                raise refused
             raise quoting(
                 UpstreamRejected(f"Ollama reported an error mid-stream: {said}", upstream_status=500), said
             )
@@ -131,6 +153,8 @@ def error_from(
         params = {"format": "response_format", "images": "messages", "think": "reasoning_effort"}
         refused = InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
         return quoting(refused, text)
+    if client_fault := refused_request(text):
+        return client_fault
     given = (headers or {}).get("retry-after")
     retry = {"retry-after": given or "1"} if status in (429, 503) else None
     # 503 'server busy, please try again. maximum pending requests exceeded': its queue is full
