@@ -344,6 +344,9 @@ def error_from(
         return quoting(InvalidRequest(too_large, code=_code(error)), said)
     if status in (400, 422):
         return quoting(InvalidRequest(message, param=error.get("param"), code=_code(error)), said)
+    if status == 501:  # llama.cpp's server without --embeddings: alive, it just does not do that
+        unsupported = f"the OpenAI-compatible backend does not support this request (501): {message}"
+        return quoting(InvalidRequest(unsupported, code=_code(error)), said)
     if status == 403 and _code(error) == "privacy_violation":  # a Phoenix gateway keeping it local
         return quoting(
             PrivacyViolation(f"the OpenAI-compatible backend refused a private request: {message}"), said

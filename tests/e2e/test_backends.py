@@ -590,6 +590,30 @@ def test_upstream_api_key_is_sent_and_never_shown(
     assert refused.headers["x-should-retry"] == "false"  # the OpenAI SDKs would retry a 502 twice
 
 
+def test_embeddings_from_a_server_that_does_not_serve_them_are_a_400_and_no_fault_of_the_instance(
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    # llama.cpp's server started without --embeddings answers 501: alive, serving chat. Taken for
+    # a failure, three embedding requests ejected it from chat as well (/readyz 503).
+    fake = FakeOpenAI(api_key=KEY, embeddings=False)
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        wait_for(lambda: httpx.get(gateway.url + "/readyz").status_code == 200)
+        for _ in range(3):
+            response = httpx.post(gateway.url + "/v1/embeddings", json={"model": "embed", "input": "x"})
+            assert response.status_code == 400
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert error["message"] == (
+                "the OpenAI-compatible backend does not support this request (501):"
+                " This server does not support embeddings. Start it with `--embeddings`"
+            )
+        assert sample(scrape(gateway.url), "gateway_backend_up", backend="b") == 1.0
+        assert httpx.get(gateway.url + "/readyz").status_code == 200
+        chat = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=chat).status_code == 200
+
+
 def test_a_backends_configured_headers_reach_it_and_its_host_header_names_it(
     start_gateway: Callable[..., ServerThread],
 ) -> None:

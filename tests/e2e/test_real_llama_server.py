@@ -12,7 +12,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.config import parse_config
 from tests.engines import RealLlamaServer
-from tests.servers import ServerThread
+from tests.fakes.openai_server import FakeOpenAI
+from tests.servers import ServerThread, serve
 
 pytestmark = pytest.mark.e2e
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
@@ -93,3 +94,19 @@ def test_usage_is_counted_even_when_the_client_did_not_ask(
         ["length"],
         ["stop"],
     )
+
+
+def test_embeddings_it_does_not_serve_are_a_400_that_leaves_it_serving_chat(
+    llama: RealLlamaServer, api: openai.OpenAI
+) -> None:
+    direct = httpx.post(llama.url + "/v1/embeddings", json={"model": "smollm2", "input": "x"}, timeout=30)
+    assert direct.status_code == 501, "precondition: started without --embeddings"
+    with serve(FakeOpenAI(embeddings=False).app) as fake:  # the fake the other tests use says the same
+        faked = httpx.post(fake.url + "/v1/embeddings", json={"model": "smollm2", "input": "x"}, timeout=10)
+    assert (faked.status_code, faked.json()) == (direct.status_code, direct.json())
+    for _ in range(3):  # as many failures as eject an instance
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.embeddings.create(model="local-smol", input="x")
+        assert direct.json()["error"]["message"] in caught.value.message
+    reply = api.chat.completions.create(model="local-smol", messages=QUESTION, max_tokens=2)
+    assert reply.choices[0].finish_reason in ("length", "stop")

@@ -23,9 +23,12 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 class FakeOpenAI:
-    def __init__(self, models: list[str] | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self, models: list[str] | None = None, api_key: str | None = None, embeddings: bool = True
+    ) -> None:
         self.models = models or ["gpt-4o-mini", "text-embedding-3-small"]
         self.api_key = api_key
+        self.embeddings_served = embeddings  # False: as llama.cpp's server started without --embeddings
         self.replies: deque[Reply] = deque()
         self.default = Reply()  # the answer when nothing is queued
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
@@ -176,6 +179,10 @@ class FakeOpenAI:
         body = await self._record(request)
         if denied := self._denied(request):
             return denied
+        if not self.embeddings_served:  # llama.cpp's words, its `code` a number
+            words = "This server does not support embeddings. Start it with `--embeddings`"
+            error = {"code": 501, "message": words, "type": "not_supported_error"}
+            return _json({"error": error}, 501)
         given = body["input"]
         # As OpenAI reads it: a string or a list of token ids is one input, a list of either is many.
         one = isinstance(given, str) or (bool(given) and isinstance(given[0], int))
