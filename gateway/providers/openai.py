@@ -343,6 +343,8 @@ def error_from(
         too_large = f"the OpenAI-compatible backend refused the request as too large (413): {message}"
         return quoting(InvalidRequest(too_large, code=_code(error)), said)
     if status in (400, 422):
+        if error.get("type") == "exceed_context_size_error":  # llama.cpp's server: OpenAI's code for it
+            return quoting(InvalidRequest(message, param="messages", code="context_length_exceeded"), said)
         return quoting(InvalidRequest(message, param=error.get("param"), code=_code(error)), said)
     if status == 501:  # llama.cpp's server without --embeddings: alive, it just does not do that
         unsupported = f"the OpenAI-compatible backend does not support this request (501): {message}"

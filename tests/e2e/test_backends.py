@@ -614,6 +614,27 @@ def test_embeddings_from_a_server_that_does_not_serve_them_are_a_400_and_no_faul
         assert httpx.post(gateway.url + "/v1/chat/completions", json=chat).status_code == 200
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_prompt_longer_than_a_llama_cpp_context_is_openais_context_length_exceeded(
+    start_gateway: Callable[..., ServerThread], stream: bool
+) -> None:
+    # llama.cpp's server says so with its own type (exceed_context_size_error) and a numeric code;
+    # clients look for OpenAI's code, which the gateway left null.
+    fake = FakeOpenAI(api_key=KEY)
+    fake.context_size = 8
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
+        response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": "request (9 tokens) exceeds the available context size (8 tokens), try increasing it",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+
+
 def test_a_backends_configured_headers_reach_it_and_its_host_header_names_it(
     start_gateway: Callable[..., ServerThread],
 ) -> None:

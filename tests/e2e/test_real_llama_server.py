@@ -110,3 +110,19 @@ def test_embeddings_it_does_not_serve_are_a_400_that_leaves_it_serving_chat(
         assert direct.json()["error"]["message"] in caught.value.message
     reply = api.chat.completions.create(model="local-smol", messages=QUESTION, max_tokens=2)
     assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_prompt_longer_than_its_context_is_openais_context_length_exceeded(
+    llama: RealLlamaServer, api: openai.OpenAI
+) -> None:
+    long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * 3000}]  # n_ctx 2048
+    direct = httpx.post(
+        llama.url + "/v1/chat/completions", json={"model": "smollm2", "messages": long}, timeout=30
+    )
+    assert direct.json()["error"]["type"] == "exceed_context_size_error", "precondition"
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.chat.completions.create(model="local-smol", messages=long, max_tokens=2, stream=stream)
+        assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
+        assert isinstance(caught.value.body, dict)
+        assert caught.value.body["message"] == direct.json()["error"]["message"]

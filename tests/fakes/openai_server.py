@@ -29,6 +29,7 @@ class FakeOpenAI:
         self.models = models or ["gpt-4o-mini", "text-embedding-3-small"]
         self.api_key = api_key
         self.embeddings_served = embeddings  # False: as llama.cpp's server started without --embeddings
+        self.context_size: int | None = None  # a prompt of more words: llama.cpp's 400 for it
         self.replies: deque[Reply] = deque()
         self.default = Reply()  # the answer when nothing is queued
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
@@ -78,6 +79,8 @@ class FakeOpenAI:
             error = {"message": f"The model `{model}` does not exist or you do not have access to it.",
                      "type": "invalid_request_error", "param": None, "code": "model_not_found"}  # fmt: skip
             return _json({"error": error}, 404)
+        if (overflow := self._overflow(body)) is not None:
+            return _json({"error": overflow}, 400)
         reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)
@@ -90,6 +93,15 @@ class FakeOpenAI:
         if body.get("stream"):
             return StreamingResponse(self._events(model, reply, body), media_type="text/event-stream")
         return _json(self._completion(model, reply))
+
+    def _overflow(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """llama.cpp's answer to a prompt longer than its context (a word counted as a token)."""
+        words = sum(len(str(message.get("content") or "").split()) for message in body.get("messages") or [])
+        if self.context_size is None or words <= self.context_size:
+            return None
+        return {"code": 400, "message": f"request ({words} tokens) exceeds the available context size"
+                f" ({self.context_size} tokens), try increasing it", "type": "exceed_context_size_error",
+                "n_prompt_tokens": words, "n_ctx": self.context_size}  # fmt: skip
 
     @staticmethod
     def _calls(reply: Reply) -> list[dict[str, Any]]:
