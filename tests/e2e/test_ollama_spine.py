@@ -689,6 +689,20 @@ def test_what_ollama_refuses_with_a_500_is_the_clients_400_and_no_fault_of_the_i
         assert sample(samples, "gateway_retries_total", backend="ollama-1") == 0
 
 
+@pytest.mark.parametrize("keep_alive", ["bogus", "5", True])
+def test_a_keep_alive_ollama_cannot_read_is_a_400_naming_it(
+    fake_ollama: FakeServer, gateway: ServerThread, keep_alive: object
+) -> None:
+    response = post(gateway, {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}],
+                              "keep_alive": keep_alive})  # fmt: skip
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "keep_alive")
+    assert str(error["message"]).startswith(
+        ("Ollama rejected the request: time: ", "Ollama rejected the request: Unsupported type")
+    )
+
+
 def test_a_first_stream_line_that_says_the_schema_is_unusable_is_a_400(
     fake_ollama: FakeServer, gateway: ServerThread
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import secrets
 import string
 from collections import deque
@@ -82,6 +83,25 @@ def option_error(options: Any) -> str | None:
         if kind == "array" and not all(isinstance(item, str) for item in value):
             return f'option "{key}" must be of an array of strings'
     return None
+
+
+DURATION = re.compile(r"[-+]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
+
+
+def keep_alive_error(value: Any) -> str | None:
+    """Ollama's words for a `keep_alive` that is not seconds nor a Go duration (api.Duration)."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return None
+    if not isinstance(value, str):
+        kind = {bool: "bool", dict: "map[string]interface {}", list: "[]interface {}"}[type(value)]
+        return f"Unsupported type: '{kind}'"
+    if value in ("0", "+0", "-0") or DURATION.fullmatch(value):
+        return None
+    if re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)", value):
+        return f'time: missing unit in duration "{value}"'
+    if unit := re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([^\d.]+)", value):
+        return f'time: unknown unit "{unit.group(3)}" in duration "{value}"'
+    return f'time: invalid duration "{value}"'
 
 
 JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
@@ -190,6 +210,8 @@ class FakeOllama:
             return _error(400, "missing request body")
         if undecodable := self._undecodable(body):  # Go's JSON decoding: before anything else
             return _error(400, undecodable)
+        if wrong_duration := keep_alive_error(body.get("keep_alive")):
+            return _error(400, wrong_duration)
         model = body.get("model")
         if not model:
             return _error(400, "model is required")

@@ -28,6 +28,7 @@ from gateway.upstream import json_or_none
 # the instance, whose next request is served as well as ever.
 BAD_OPTION = re.compile(r'^option "([^"]+)" must be of ')
 BAD_FORMAT = ("invalid JSON schema in format", "invalid format: ")
+BAD_DURATION = ("time: ", "Unsupported type: ")  # a 400, for a keep_alive Go cannot read
 
 
 def refused_request(text: str) -> InvalidRequest | None:
@@ -150,6 +151,8 @@ def error_from(
         )
     if status == 400:
         param = next((p for p in ("tools", "format", "stop", "images", "think") if p in text), None)
+        if text.startswith(BAD_DURATION):  # api.Duration's words: only keep_alive is one
+            param = "keep_alive"
         params = {"format": "response_format", "images": "messages", "think": "reasoning_effort"}
         refused = InvalidRequest(f"Ollama rejected the request: {text}", param=params.get(param or "", param))
         return quoting(refused, text)
