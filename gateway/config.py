@@ -390,23 +390,43 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, str(path))
 
 
+def _from_variable(variable: str, backend: dict[str, Any]) -> dict[str, Any]:
+    """`backend`, built from `variable`, checked here: a bad value is reported under the variable
+    the operator set, not under a config key they never wrote (`backends.0.ollama.base_url`)."""
+    model = OllamaBackend if backend["type"] == "ollama" else OpenAIBackend
+    try:
+        model.model_validate(backend)
+    except ValidationError as error:
+        problems = [item["msg"].removeprefix("Value error, ") for item in error.errors(include_url=False)]
+        raise ConfigError(f"environment: {variable}: {'; '.join(problems)}") from None
+    return backend
+
+
 def config_from_env(environ: Mapping[str, str]) -> Config:
     """The provider guide's zero-file set-up: Ollama by default, OpenAI and Gemini when keyed."""
-    urls = [url.strip() for url in environ.get("OLLAMA_BASE_URL", OLLAMA_DEFAULT_URL).split(",")]
-    urls = [url for url in urls if url]
+    given = environ.get("OLLAMA_BASE_URL", "").strip() or OLLAMA_DEFAULT_URL  # empty: unset, as gateway.llm
+    urls = [url.strip() for url in given.split(",") if url.strip()]
+    if not urls:
+        raise ConfigError(
+            f"environment: OLLAMA_BASE_URL: no URL in {given!r}; give one, or several separated by commas"
+        )
     ollama = ["ollama"] if len(urls) == 1 else [f"ollama-{i}" for i in range(1, len(urls) + 1)]
     backends: list[dict[str, Any]] = [
-        {"name": name, "type": "ollama", "base_url": url} for name, url in zip(ollama, urls, strict=True)
+        _from_variable("OLLAMA_BASE_URL", {"name": name, "type": "ollama", "base_url": url})
+        for name, url in zip(ollama, urls, strict=True)
     ]
     by_provider = {"ollama": ollama}
     if environ.get("OPENAI_API_KEY"):
         backends.append(
-            {
-                "name": "openai",
-                "type": "openai",
-                "base_url": environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL,
-                "api_key_env": "OPENAI_API_KEY",
-            }
+            _from_variable(
+                "OPENAI_BASE_URL",
+                {
+                    "name": "openai",
+                    "type": "openai",
+                    "base_url": environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL,
+                    "api_key_env": "OPENAI_API_KEY",
+                },
+            )
         )
         by_provider["openai"] = ["openai"]
     if environ.get("GEMINI_API_KEY"):

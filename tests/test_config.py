@@ -314,9 +314,48 @@ def test_llm_provider_without_its_key_is_an_error() -> None:
 
 
 def test_a_base_url_without_its_scheme_in_the_environment_is_not_echoed() -> None:
-    with pytest.raises(ConfigError, match="base_url: must be an http") as caught:
+    with pytest.raises(ConfigError, match="OPENAI_BASE_URL: must be an http") as caught:
         config_from_env({"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "ops:s3cret@gpu-1/v1"})
     assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"OLLAMA_BASE_URL": "localhost:11434"},
+            "environment: OLLAMA_BASE_URL: must be an http(s) URL: http:// or https://, then the host"
+            " (backend 'ollama')",
+        ),
+        (
+            {"OLLAMA_BASE_URL": "http://a:1, b:2"},
+            "environment: OLLAMA_BASE_URL: must be an http(s) URL: http:// or https://, then the host"
+            " (backend 'ollama-2')",
+        ),
+        (
+            {"OLLAMA_BASE_URL": " , ,"},
+            "environment: OLLAMA_BASE_URL: no URL in ', ,'; give one, or several separated by commas",
+        ),
+        (
+            {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "api.openai.com/v1"},
+            "environment: OPENAI_BASE_URL: must be an http(s) URL: http:// or https://, then the host"
+            " (backend 'openai')",
+        ),
+    ],
+)
+def test_a_bad_url_in_the_environment_is_named_by_its_variable(environ: dict[str, str], message: str) -> None:
+    """Not by the config key built from it (`backends.0.ollama.base_url`), which the operator never
+    wrote, nor, for a variable without a URL, as 'backends: List should have at least 1 item'."""
+    with pytest.raises(ConfigError) as caught:
+        config_from_env(environ)
+    assert str(caught.value) == message
+
+
+def test_an_empty_ollama_base_url_is_the_default_as_in_the_library() -> None:
+    """`OLLAMA_BASE_URL=` (compose and `docker run -e` pass variables set but empty): Ollama on
+    localhost, as when it is not set, and as `LLMProviderFactory.create_from_env` reads it."""
+    config = config_from_env({"OLLAMA_BASE_URL": " "})
+    assert [(b.name, b.base_url) for b in config.backends] == [("ollama", "http://localhost:11434")]
 
 
 def test_phoenix_config_is_used_only_when_named(tmp_path: Path) -> None:
