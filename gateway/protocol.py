@@ -3,8 +3,10 @@
 httptools takes a request line and headers of any size, and uvicorn keeps them all: one request
 with 40 MB of headers grew the worker by 180 MB and held its loop for most of a second, past
 `server.max_body_bytes`, which only bounds the body. Here the request line and header fields of
-one request may take HEAD_LIMIT bytes; past that the request gets uvicorn's answer to a malformed
+one request may take HEAD_LIMIT bytes; past that the request gets the answer to a malformed
 request (400, and the connection closed), as it would behind nginx (8 KiB a line) or Node (16 KiB).
+That 400 is in OpenAI's error shape, as every other error is (uvicorn's own is the text/plain
+"Invalid HTTP request received."), and says whether the head was too large or not HTTP at all.
 A header line that does not end is counted as it arrives: httptools hands a header over only at its
 end, and keeps (copying at every read) all that came before; a head still unfinished after
 2 * HEAD_LIMIT bytes is refused the same way.
@@ -52,6 +54,16 @@ def _head_timeout_response() -> bytes:
 HEAD_TIMEOUT_RESPONSE = _head_timeout_response()
 
 
+def _malformed_body(too_large: bool) -> bytes:
+    message = (
+        f"The request head (request line and headers) is larger than {HEAD_LIMIT // 1024} KiB."
+        if too_large
+        else "The request is not valid HTTP/1.1."
+    )
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return orjson.dumps({"error": error})
+
+
 class HeadTooLarge(Exception):
     pass
 
@@ -61,6 +73,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_read = 0  # bytes received while a request head was unfinished
     _in_head = True  # from the connection's start, and from the end of each request, to a whole head
     _head_timer: asyncio.TimerHandle | None = None  # armed while a head is unfinished after a read
+    _head_too_large = False  # what a 400 for a request the parser refused says
     _extensions: dict[str, Any]
 
     def data_received(self, data: bytes) -> None:
@@ -70,11 +83,27 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self._in_head or self.transport.is_closing():
             return
         if self._head_read > 2 * HEAD_LIMIT:
-            message = "Invalid HTTP request received."  # as uvicorn answers one httptools refuses
+            self._head_too_large = True
+            message = "Invalid HTTP request received."  # as uvicorn logs one httptools refuses
             self.logger.warning(message)
             self.send_400_response(message)
         elif self._head_read and self._head_timer is None:
             self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
+
+    def send_400_response(self, msg: str) -> None:
+        """The answer to a request the parser refused (`msg` is uvicorn's, for its log): uvicorn's
+        400 and connection close, with an OpenAI error as its body."""
+        body = _malformed_body(self._head_too_large)
+        content = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [
+            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(content))
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -126,4 +155,5 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > HEAD_LIMIT:
+            self._head_too_large = True
             raise HeadTooLarge  # the parser reports it as a malformed request

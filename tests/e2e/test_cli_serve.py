@@ -279,6 +279,40 @@ def test_a_request_head_past_64_kib_is_refused_and_its_connection_closed(served:
     assert head_request(served, 0).startswith(b"HTTP/1.1 200")  # and the gateway goes on serving
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "message"),
+    [
+        (
+            b"GET /healthz HTTP/1.1\r\nhost: gateway\r\nx-big: " + b"y" * 70_000 + b"\r\n\r\n",
+            "The request head (request line and headers) is larger than 64 KiB.",
+        ),
+        (b"GET /v1/models HTTP/1.1 extra\r\nhost: gateway\r\n\r\n", "The request is not valid HTTP/1.1."),
+        (b"GET /v1/models HTTP/1.1\r\nho st: gateway\r\n\r\n", "The request is not valid HTTP/1.1."),
+    ],
+    ids=["head-past-64-kib", "malformed-request-line", "space-in-a-header-name"],
+)
+def test_a_request_the_parser_refuses_gets_an_openai_error(
+    served: str, request_bytes: bytes, message: str
+) -> None:
+    """As every other error (uvicorn's own 400 was text/plain 'Invalid HTTP request received.')."""
+    host, port = served.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        client.sendall(request_bytes)
+        while chunk := client.recv(65536):  # to the end: the gateway closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 400 bad request"
+    assert b"content-type: application/json" in lines
+    assert b"connection: close" in lines
+    assert b"content-length: %d" % len(body) in lines
+    assert json.loads(body) == {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    }
+    assert head_request(served, 0).startswith(b"HTTP/1.1 200")  # and the gateway goes on serving
+
+
 def test_a_request_header_that_never_ends_is_refused_before_it_is_all_read(served: str) -> None:
     host, port = served.removeprefix("http://").split(":")
     sent = 0
