@@ -152,6 +152,22 @@ class ModelRoute(_Strict):
     def is_pattern(self) -> bool:
         return "*" in self.name
 
+    @field_validator("name")
+    @classmethod
+    def _one_star(cls, name: str) -> str:
+        """A pattern's one `*` is the upstream model name: with two, the part cut out of the name
+        asked for was not what either matched (`local/*/*` sent `local/x/llama3.2` as `x/llama3`)."""
+        if name.count("*") > 1:
+            raise ValueError(f"{name!r}: a pattern has one '*', whose match is the upstream model name")
+        return name
+
+    @field_validator("aliases")
+    @classmethod
+    def _exact_aliases(cls, aliases: list[str], info: ValidationInfo) -> list[str]:
+        if aliases and "*" in info.data.get("name", ""):
+            raise ValueError("a pattern has no aliases (each name it matches is asked for as it is)")
+        return aliases
+
 
 class Limits(_Strict):
     """Per-minute budgets of one API key (or of every anonymous caller together)."""

@@ -76,6 +76,14 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
             "unknown model 'x'",
         ),
         ({"privacy": {"local_model": "ghost"}}, "privacy.local_model names unknown model 'ghost'"),
+        (  # the upstream name would be cut wrong: `local/x/llama3.2` sent as `x/llama3`
+            {"models": [{"name": "local/*/*", "deployments": [{"backend": "ollama-1"}]}]},
+            "models.0.name: 'local/*/*': a pattern has one '*', whose match is the upstream model name",
+        ),
+        (  # an alias of a pattern was listed by check-config and reached nothing
+            {"models": [{"name": "ollama/*", "aliases": ["o"], "deployments": [{"backend": "ollama-1"}]}]},
+            "models.0.aliases: a pattern has no aliases",
+        ),
         ({"server": {"port": 70000}}, "server.port"),
         ({"auth": {"keys": [{"name": "k"}]}}, "exactly one of 'key_sha256' or 'key_env'"),
         (
