@@ -320,6 +320,7 @@ class Config(_Strict):
         _unique([key.key_sha256.lower() for key in self.auth.keys if key.key_sha256], "auth key_sha256")
         _unique([key.key_env for key in self.auth.keys if key.key_env], "auth key_env")
         names = {name for route in self.models for name in (route.name, *route.aliases)}
+        patterns = {route.name for route in self.models if route.is_pattern}
         for route in self.models:
             for deployment in route.deployments:
                 if deployment.backend not in backends:
@@ -330,8 +331,15 @@ class Config(_Strict):
             for fallback in route.fallbacks:
                 if fallback not in names:
                     raise ValueError(f"model {route.name!r} falls back to unknown model {fallback!r}")
-        if self.privacy.local_model is not None and self.privacy.local_model not in names:
-            raise ValueError(f"privacy.local_model names unknown model {self.privacy.local_model!r}")
+                if fallback in patterns:  # it would be asked for as its own name: `ollama pull *`
+                    raise ValueError(
+                        f"model {route.name!r} falls back to {fallback!r}, a pattern: name one model"
+                    )
+        local_model = self.privacy.local_model
+        if local_model is not None and local_model not in names:
+            raise ValueError(f"privacy.local_model names unknown model {local_model!r}")
+        if local_model in patterns:
+            raise ValueError(f"privacy.local_model names {local_model!r}, a pattern: name one model")
         return self
 
     def backend(self, name: str) -> OllamaBackend | OpenAIBackend | GeminiBackend:

@@ -84,6 +84,22 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
             {"models": [{"name": "ollama/*", "aliases": ["o"], "deployments": [{"backend": "ollama-1"}]}]},
             "models.0.aliases: a pattern has no aliases",
         ),
+        (  # a pattern as a fallback or local_model was asked for as `*`: 'run `ollama pull *`'
+            {
+                "models": [
+                    {"name": "m", "deployments": [{"backend": "ollama-1"}], "fallbacks": ["ollama/*"]},
+                    {"name": "ollama/*", "deployments": [{"backend": "ollama-1"}]},
+                ]
+            },
+            "model 'm' falls back to 'ollama/*', a pattern: name one model",
+        ),
+        (
+            {
+                "models": [{"name": "*", "deployments": [{"backend": "ollama-1"}]}],
+                "privacy": {"local_model": "*"},
+            },
+            "privacy.local_model names '*', a pattern: name one model",
+        ),
         ({"server": {"port": 70000}}, "server.port"),
         ({"auth": {"keys": [{"name": "k"}]}}, "exactly one of 'key_sha256' or 'key_env'"),
         (
