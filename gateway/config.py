@@ -354,6 +354,9 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(name)
 
 
+BACKEND_TYPES = "ollama, openai (any OpenAI-compatible server: vLLM, llama.cpp, LM Studio) or gemini"
+
+
 def format_errors(source: str, error: ValidationError) -> str:
     lines = []
     for item in error.errors(include_url=False):
@@ -361,6 +364,11 @@ def format_errors(source: str, error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "union_tag_not_found":  # pydantic: "Unable to extract tag using ..."
+            where, message = f"{where}.type", f"required: {BACKEND_TYPES}"
+        elif item["type"] == "union_tag_invalid":
+            tag = (item.get("ctx") or {}).get("tag")
+            where, message = f"{where}.type", f"expected {BACKEND_TYPES}, got {tag!r}"
         lines.append(f"{source}: {where}: {message}")
     return "\n".join(lines)
 

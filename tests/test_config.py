@@ -68,7 +68,16 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path: Path) -> None:
     ("change", "expected"),
     [
         ({"backends": [{"name": "o", "type": "ollama", "base_url": "ftp://x"}]}, "must be an http(s) URL"),
-        ({"backends": [{"name": "o", "type": "mystery"}]}, "backends.0"),
+        (  # not pydantic's "Input tag 'vllm' found using 'type' does not match any of ..."
+            {"backends": [{"name": "o", "type": "vllm"}]},
+            "test.yaml: backends.0.type: expected ollama, openai (any OpenAI-compatible server: vLLM,"
+            " llama.cpp, LM Studio) or gemini, got 'vllm'",
+        ),
+        (  # not pydantic's "backends.0: Unable to extract tag using discriminator 'type'"
+            {"backends": [{"name": "o", "base_url": "http://gpu-1:8000/v1"}]},
+            "test.yaml: backends.0.type: required: ollama, openai (any OpenAI-compatible server: vLLM,"
+            " llama.cpp, LM Studio) or gemini",
+        ),
         ({"routing": {"strategy": "fastest"}}, "routing.strategy"),
         ({"models": [{"name": "m", "deployments": [{"backend": "nope"}]}]}, "unknown backend 'nope'"),
         (
