@@ -82,6 +82,9 @@ def _env_log_level() -> str | None:
 
 
 WORKER_CANNOT_START = 3  # a worker's exit status when the config does not load
+# A command whose reader left (`check-config FILE | head -1`): what a shell shows for any other
+# command that SIGPIPE ended, 128 + 13.
+BROKEN_PIPE = 141
 
 
 def app_factory() -> object:
@@ -287,9 +290,15 @@ def main(argv: Sequence[str] | None = None, *, hangup: Hangup = None) -> int:
         signal.signal(signal.SIGHUP, hangup)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()  # here, where a reader that left is caught, rather than at exit
     except (ConfigError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Nothing more can reach the reader, and it needs no traceback: stdout goes nowhere from
+        # here on, so that Python's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     return result
 
 

@@ -330,6 +330,34 @@ def test_a_request_header_that_never_ends_is_refused_before_it_is_all_read(serve
     assert head_request(served, 0).startswith(b"HTTP/1.1 200")  # and the gateway goes on serving
 
 
+@pytest.mark.parametrize("command", [["check-config", "config/hybrid.yaml"], ["audit", "verify", "AUDIT"]])
+def test_a_command_whose_reader_left_ends_without_a_traceback(command: list[str], tmp_path: Path) -> None:
+    """`phoenix-gateway check-config FILE | head -1`: the reader is gone before the table is written.
+    No BrokenPipeError traceback on the terminal, and 141, as a shell shows for a command SIGPIPE
+    ended, not 0 (nothing was read) nor 1 (the config is fine)."""
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("")  # an empty chain is intact: `audit verify` exits 0 when it can write
+    command = [str(audit) if part == "AUDIT" else part for part in command]
+    root = Path(__file__).resolve().parents[2]
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader left before the first write
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-m", "gateway", *command],
+            cwd=root,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert "BrokenPipeError" not in ran.stderr, ran.stderr
+    assert ran.returncode == cli.BROKEN_PIPE == 141
+
+
 def test_models_lists_on_stdout_and_warns_on_stderr_in_json(
     fake_ollama: tuple[FakeOllama, ServerThread], tmp_path: Path
 ) -> None:
