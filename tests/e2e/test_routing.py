@@ -424,6 +424,7 @@ def test_the_audit_file_says_an_ollama_cloud_alias_is_not_local(
                 json={"model": model, "messages": HELLO, "stream": stream},
             )
             assert answer.status_code == 200, answer.text
+    wait_for(lambda: audit.read_text().count("\n") == 2)  # each is written just after its answer
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(r["served_model"], r["local"]) for r in records] == [("house-model", False), ("llama3.2", True)]
 
@@ -469,6 +470,7 @@ def test_the_audit_file_proves_where_private_traffic_went(
                 headers=headers,
             )
             assert answer.status_code == 200
+    wait_for(lambda: audit.read_text().count("\n") == 4)  # each is written just after its answer
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(r["privacy"], r["backend"], r["local"]) for r in records] == [
         ("public", "openai", False),
