@@ -39,29 +39,16 @@ HEAD_SECONDS = 30.0  # a request head's bytes must all arrive within this, from 
 ABORT = "phoenix.abort"  # scope["extensions"][ABORT](): drop the connection, unsent bytes and all
 
 
-def _head_timeout_response() -> bytes:
-    error = {
-        "message": f"The request head did not arrive whole within {HEAD_SECONDS:g} s.",
-        "type": "invalid_request_error",
-        "param": None,
-        "code": "request_timeout",
-    }
+def _error_answer(status: bytes, message: str, code: str | None, headers: Any) -> bytes:
+    """A whole answer, its connection closed after it, to a request that never reached the app: an
+    OpenAI error as every other error is (uvicorn's own is text/plain)."""
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
     body = orjson.dumps({"error": error})
-    head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
-
-
-HEAD_TIMEOUT_RESPONSE = _head_timeout_response()
-
-
-def _malformed_body(too_large: bool) -> bytes:
-    message = (
-        f"The request head (request line and headers) is larger than {HEAD_LIMIT // 1024} KiB."
-        if too_large
-        else "The request is not valid HTTP/1.1."
+    lines = [b"HTTP/1.1 %s\r\n" % status, *(b"%s: %s\r\n" % (name, value) for name, value in headers)]
+    lines.append(
+        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
     )
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
-    return orjson.dumps({"error": error})
+    return b"".join(lines) + body
 
 
 class HeadTooLarge(Exception):
@@ -93,16 +80,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """The answer to a request the parser refused (`msg` is uvicorn's, for its log): uvicorn's
         400 and connection close, with an OpenAI error as its body."""
-        body = _malformed_body(self._head_too_large)
-        content = [b"HTTP/1.1 400 Bad Request\r\n"]
-        for name, value in self.server_state.default_headers:
-            content += [name, b": ", value, b"\r\n"]
-        content += [
-            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
-            body,
-        ]
-        self.transport.write(b"".join(content))
+        message = (
+            f"The request head (request line and headers) is larger than {HEAD_LIMIT // 1024} KiB."
+            if self._head_too_large
+            else "The request is not valid HTTP/1.1."
+        )
+        headers = self.server_state.default_headers
+        self.transport.write(_error_answer(b"400 Bad Request", message, None, headers))
         self.transport.close()
 
     def on_headers_complete(self) -> None:
@@ -118,7 +102,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._in_head and not answering and not self.transport.is_closing():
             # (a head sent while an answer is still going out waits for the keep-alive timer
             # that follows it: a 408 now would land in the middle of that answer)
-            self.transport.write(HEAD_TIMEOUT_RESPONSE)
+            message = f"The request head did not arrive whole within {HEAD_SECONDS:g} s."
+            headers = self.server_state.default_headers
+            self.transport.write(_error_answer(b"408 Request Timeout", message, "request_timeout", headers))
             self.transport.close()
 
     def on_message_complete(self) -> None:
