@@ -217,16 +217,20 @@ def models(args: argparse.Namespace) -> int:
     configure(_env_log_level() or config.server.log_level)  # to stderr: stdout is the listing
 
     async def listing() -> int:
+        """1 when a backend could not be listed (a script checking the backends sees it)."""
         state = State.build(config)
         try:
-            inventory = await state.inventory()
+            listings = await asyncio.gather(*(state.listing(backend.name) for backend in config.backends))
         finally:
             await state.aclose()
-        for backend in config.backends:
-            names = [m.id + (" (remote)" if m.remote else "") for m in inventory.get(backend.name, [])]
+        for backend, models in zip(config.backends, listings, strict=True):
             print(f"{backend.name} [{backend.type}, {'local' if backend.local else 'cloud'}]:")
-            print("\n".join(f"  {name}" for name in names) if names else "  (nothing listed or unreachable)")
-        return 0
+            if models is None:
+                print("  (unreachable: see the log line on stderr)")
+                continue
+            names = [m.id + (" (remote)" if m.remote else "") for m in models]
+            print("\n".join(f"  {name}" for name in names) if names else "  (nothing listed)")
+        return 1 if None in listings else 0
 
     return asyncio.run(listing())
 
