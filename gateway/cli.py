@@ -267,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=_whole_number(1, 65535), help="port to listen on (default 8080)")
     run.add_argument("--workers", type=_whole_number(1), default=1, help="worker processes (default 1)")
-    run.add_argument("--log-level", choices=LOG_LEVELS)
+    run.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS)  # as PHOENIX_LOG_LEVEL: any case
     run.set_defaults(func=serve)
     check = sub.add_parser("check-config", help="validate a config file and print its routing table")
     check.add_argument("path")

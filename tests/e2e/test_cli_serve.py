@@ -120,6 +120,17 @@ def test_an_unknown_log_level_in_the_environment_stops_serve_with_a_clear_error(
     assert os.environ["PHOENIX_LOG_LEVEL"] == "warning"
 
 
+def test_the_log_level_option_takes_any_case_as_the_environment_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "PHOENIX_LOG_LEVEL"})
+    serve_dry({}, ["--log-level", "DEBUG"], tmp_path, monkeypatch)
+    assert os.environ["PHOENIX_LOG_LEVEL"] == "debug"  # what the workers and reloads keep
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--log-level", "verbose"])
+    assert refused.value.code == 2
+
+
 def test_an_audit_file_it_cannot_open_stops_serve_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
