@@ -422,7 +422,7 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, str(path))
 
 
-def _from_variable(variable: str, backend: dict[str, Any]) -> dict[str, Any]:
+def from_variable(variable: str, backend: dict[str, Any]) -> dict[str, Any]:
     """`backend`, built from `variable`, checked here: a bad value is reported under the variable
     the operator set, not under a config key they never wrote (`backends.0.ollama.base_url`)."""
     model = OllamaBackend if backend["type"] == "ollama" else OpenAIBackend
@@ -444,13 +444,13 @@ def config_from_env(environ: Mapping[str, str]) -> Config:
         )
     ollama = ["ollama"] if len(urls) == 1 else [f"ollama-{i}" for i in range(1, len(urls) + 1)]
     backends: list[dict[str, Any]] = [
-        _from_variable("OLLAMA_BASE_URL", {"name": name, "type": "ollama", "base_url": url})
+        from_variable("OLLAMA_BASE_URL", {"name": name, "type": "ollama", "base_url": url})
         for name, url in zip(ollama, urls, strict=True)
     ]
     by_provider = {"ollama": ollama}
     if environ.get("OPENAI_API_KEY"):
         backends.append(
-            _from_variable(
+            from_variable(
                 "OPENAI_BASE_URL",
                 {
                     "name": "openai",

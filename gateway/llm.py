@@ -29,11 +29,13 @@ from gateway.config import (
     GEMINI_DEFAULT_URL,
     OLLAMA_DEFAULT_URL,
     OPENAI_DEFAULT_URL,
+    ConfigError,
     GeminiBackend,
     OllamaBackend,
     OpenAIBackend,
     Timeouts,
     format_errors,
+    from_variable,
 )
 from gateway.errors import GatewayError, InvalidRequest, UpstreamRejected
 from gateway.policy import is_cloud_name
@@ -483,7 +485,8 @@ class LLMProviderFactory:
         OPENAI_MODEL, OPENAI_BASE_URL; Gemini: GEMINI_API_KEY, GEMINI_MODEL. LLM_PROVIDER picks when
         `provider` is None."""
         environ = os.environ if environ is None else environ
-        name = (provider or environ.get("LLM_PROVIDER") or "ollama").strip().lower()
+        # a blank LLM_PROVIDER is an unset one, as `serve` reads it
+        name = (provider or environ.get("LLM_PROVIDER", "").strip() or "ollama").strip().lower()
         prefix = name.upper()
         config: dict[str, Any] = {
             "model": environ.get(f"{prefix}_MODEL"),
@@ -493,6 +496,13 @@ class LLMProviderFactory:
             config["base_url"] = environ.get("OLLAMA_BASE_URL", OLLAMA_DEFAULT_URL).split(",")[0].strip()
         elif name == "openai":
             config["base_url"] = environ.get("OPENAI_BASE_URL")
+        if config.get("base_url"):  # a bad one is named by the variable the user set, as `serve` does
+            try:
+                from_variable(
+                    f"{prefix}_BASE_URL", {"name": name, "type": name, "base_url": config["base_url"]}
+                )
+            except ConfigError as error:
+                raise LLMError(str(error)) from None
         return LLMProviderFactory.create(name, config)
 
 

@@ -161,6 +161,26 @@ def test_cloud_providers_need_a_key() -> None:
         LLMProviderFactory.create_from_env("openai", {})
 
 
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"OLLAMA_BASE_URL": "localhost:11434"}, "environment: OLLAMA_BASE_URL: must be an http(s) URL"),
+        (
+            {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "api.example.com/v1"},
+            "environment: OPENAI_BASE_URL: must be an http(s) URL",
+        ),
+    ],
+)
+def test_a_bad_url_in_the_environment_is_named_by_its_variable(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(LLMError) as caught:
+        LLMProviderFactory.create_from_env(None, environ)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_blank_llm_provider_is_ollama_as_serve_reads_it() -> None:
+    assert LLMProviderFactory.create_from_env(None, {"LLM_PROVIDER": "  "}).name == "ollama"
+
+
 async def test_gemini_provider_against_the_native_api() -> None:
     fake = FakeGemini(api_key="gm-lib")
     fake.queue(Reply(content="Hola", prompt_eval_count=2, eval_count=1), Reply(pieces=["x", "y"]))
