@@ -22,7 +22,7 @@
         │   ├── UpstreamConnectTimeout    the connect deadline: the request was never sent
         │   └── StreamOverTime            a stream's total deadline: not counted against the instance
         ├── UpstreamRejected          the backend's own 4xx/429/5xx, status mapped per class;
-        │                                 `busy` (429, Ollama's 503 'server busy'): not its failure
+        │                                 `busy` (429, a 503 'server busy' or 'overloaded'): not its failure
         └── UpstreamProtocol          502 the backend answered something we cannot parse
 
 Each class carries its HTTP status, OpenAI error `type`, and the log level it deserves:
@@ -246,8 +246,8 @@ class UpstreamProtocol(UpstreamError):
 class UpstreamRejected(UpstreamError):
     """The backend answered with an error status; we keep its meaning, not its words verbatim.
     `busy`: it answered that it has no room now (its 429, or `busy=True` from the provider, as for
-    Ollama's 503 'server busy' when its queue is full). The request moves on, but the instance is
-    alive and working: that is no failure to eject it for."""
+    Ollama's 503 'server busy' when its queue is full, Gemini's 503 for an overloaded model). The
+    request moves on, but the instance is alive and working: that is no failure to eject it for."""
 
     reason = "status"
 

@@ -1330,3 +1330,14 @@ async def test_constraints_dropped_from_the_schema_are_named_in_a_notice_whole_a
 
 def test_a_status_without_a_body_is_named_without_an_empty_reason() -> None:
     assert gemini.error_from(502, b"", "m").message == "Gemini answered 502"
+
+
+def test_an_overloaded_model_is_busy_not_a_failure_of_gemini() -> None:
+    """Gemini's 503 for a model under load says so; it is no reason to eject the backend."""
+    overloaded = google_error(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
+    error = gemini.error_from(503, overloaded, "gemini-2.5-flash")
+    assert isinstance(error, UpstreamRejected) and (error.http_status, error.busy) == (503, True)
+    down = gemini.error_from(
+        503, google_error(503, "UNAVAILABLE", "The service is currently unavailable."), "m"
+    )
+    assert isinstance(down, UpstreamRejected) and not down.busy

@@ -251,6 +251,8 @@ def error_from(
         f"Gemini answered {upstream}" + (f": {text}" if text else ""),
         upstream_status=upstream,
         headers={"retry-after": retry} if retry and upstream in (429, 503) else None,
+        # 503 'The model is overloaded. Please try again later.': Gemini is up, only full for now
+        busy=upstream == 503 and "overloaded" in text.lower(),
     )
     return quoting(rejected, text)
 
