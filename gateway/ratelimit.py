@@ -282,8 +282,8 @@ class RateLimiter:
         if limits.tpm and cost > limits.tpm:
             raise RateLimited(
                 f"Request too large for {_who(key)}: it may use {cost} tokens (prompt estimate plus"
-                f" max_tokens) and the limit is {limits.tpm} tokens per minute. Send less text or a"
-                " smaller max_tokens.",
+                f" max_tokens for each of its n choices) and the limit is {limits.tpm} tokens per"
+                " minute. Send less text or a smaller max_tokens.",
                 code="rate_limit_exceeded",
                 headers={"x-should-retry": "false"},
             )

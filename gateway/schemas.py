@@ -276,6 +276,12 @@ class ChatRequest(Wire):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def max_answer_tokens(self) -> int | None:
+        """What all its choices may generate: `max_tokens` is per choice, and there are `n`."""
+        per_choice = self.max_output_tokens
+        return None if per_choice is None else per_choice * (self.n or 1)
+
+    @property
     def stop_list(self) -> list[str] | None:
         if self.stop is None:
             return None

@@ -34,7 +34,7 @@ async def chat_completions(request: Incoming) -> Response:
             texts=lambda: written(data),
             attachments=chat.has_attachments,
         )
-        await state.admit(exchange, key, chat.texts(), chat.max_output_tokens)
+        await state.admit(exchange, key, chat.texts(), chat.max_answer_tokens)
         if chat.stream:
             departure = request.watch()
             try:

@@ -123,6 +123,9 @@ def test_tokens_per_minute_are_charged_what_the_backend_counted(
         client(gateway).chat.completions.create(model="llama3.2", messages=HI, max_tokens=500)
     assert "it may use 501 tokens" in too_large.value.message
     assert too_large.value.response.headers["x-should-retry"] == "false"
+    with pytest.raises(openai.RateLimitError) as per_choice:  # max_tokens is each choice's
+        client(gateway).chat.completions.create(model="llama3.2", messages=HI, max_tokens=150, n=2)
+    assert "it may use 301 tokens" in per_choice.value.message
     assert len(fake.chat_bodies()) == 3
 
 
