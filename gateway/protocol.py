@@ -60,6 +60,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_read = 0  # bytes received while a request head was unfinished
     _in_head = True  # from the connection's start, and from the end of each request, to a whole head
     _head_timer: asyncio.TimerHandle | None = None  # armed while a head is unfinished after a read
+    _head_begun = False  # the parser has seen a request's first byte, and not yet its whole head
     _head_too_large = False  # what a 400 for a request the parser refused says
     _extensions: dict[str, Any]
 
@@ -74,7 +75,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             message = "Invalid HTTP request received."  # as uvicorn logs one httptools refuses
             self.logger.warning(message)
             self.send_400_response(message)
-        elif self._head_read and self._head_timer is None:
+        elif self._head_begun and self._head_timer is None:
             self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
 
     def send_400_response(self, msg: str) -> None:
@@ -90,7 +91,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head = self._head_begun = False
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -126,6 +127,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
+        self._head_begun = True
         super().on_message_begin()
         self._head_bytes = 0
         self.scope["extensions"] = self._extensions

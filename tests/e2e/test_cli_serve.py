@@ -458,3 +458,19 @@ def test_a_head_pipelined_behind_a_long_stream_does_not_cut_the_stream_at_the_he
     assert b"data: [DONE]" in received, received[-300:]
     assert b"408" not in received
     assert received.count(b'"content":"w') == 10
+
+
+def test_a_head_cut_short_in_the_same_read_as_a_whole_request_is_timed_too(
+    gateway: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "HEAD_SECONDS", 0.5)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as client:
+        started = time.monotonic()
+        client.sendall(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\nGET /healthz HTTP/1.1\r\nhost: ga")
+        received = b""
+        while b"408 Request Timeout" not in received and (chunk := client.recv(65536)):
+            received += chunk
+        waited = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 200"), received[:100]
+    assert b"HTTP/1.1 408 Request Timeout" in received  # not closed silently by the 5 s idle timer
+    assert waited < 3, waited
