@@ -10,7 +10,7 @@ import errno
 import functools
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -109,14 +109,17 @@ def translated(error: Exception, kind: str, base_url: str, started: bool) -> Exc
     return error
 
 
-def _os_errno(error: BaseException) -> int | None:
-    """The errno of the OS error behind a transport failure (each client wraps it in its own)."""
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the errors behind it (each client wraps the OS's or ssl's in its own)."""
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(cause, OSError) and cause.errno:
-            return cause.errno
+        yield cause
         cause = cause.__cause__
-    return None
+
+
+def _os_errno(error: BaseException) -> int | None:
+    """The errno of the OS error behind a transport failure."""
+    return next((cause.errno for cause in _chain(error) if isinstance(cause, OSError) and cause.errno), None)
 
 
 E = TypeVar("E", bound=BaseException)
@@ -125,12 +128,8 @@ E = TypeVar("E", bound=BaseException)
 def _cause(error: BaseException, kind: type[E]) -> E | None:
     """The innermost error of `kind` in the chain behind a transport failure: the one raised where
     it happened (aiohttp's wrappers of an ssl error are ssl errors too, without its details)."""
-    found = None
-    cause: BaseException | None = error
-    while cause is not None:
-        found = cause if isinstance(cause, kind) else found
-        cause = cause.__cause__
-    return found
+    found = [cause for cause in _chain(error) if isinstance(cause, kind)]
+    return found[-1] if found else None
 
 
 class MappedErrors:
