@@ -282,6 +282,14 @@ def head_request(url: str, filler: int) -> bytes:
     return answer
 
 
+def receive_until(client: socket.socket, marker: bytes) -> bytes:
+    """What comes on `client` until `marker` has, or the gateway closes the connection."""
+    received = b""
+    while marker not in received and (chunk := client.recv(65536)):
+        received += chunk
+    return received
+
+
 def test_a_request_head_past_64_kib_is_refused_and_its_connection_closed(served: str) -> None:
     assert head_request(served, 60_000).startswith(b"HTTP/1.1 200")  # large, within the limit
     refused = head_request(served, 70_000)
@@ -452,9 +460,7 @@ def test_a_head_pipelined_behind_a_long_stream_does_not_cut_the_stream_at_the_he
         client.sendall(request.encode())
         time.sleep(0.3)  # the stream is under way
         client.sendall(b"GET /healthz HTTP/1.1\r\nhost: ga")  # the next head, cut short
-        received = b""
-        while b"data: [DONE]" not in received and (chunk := client.recv(65536)):
-            received += chunk
+        received = receive_until(client, b"data: [DONE]")
     assert b"data: [DONE]" in received, received[-300:]
     assert b"408" not in received
     assert received.count(b'"content":"w') == 10
@@ -467,9 +473,7 @@ def test_a_head_cut_short_in_the_same_read_as_a_whole_request_is_timed_too(
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as client:
         started = time.monotonic()
         client.sendall(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\nGET /healthz HTTP/1.1\r\nhost: ga")
-        received = b""
-        while b"408 Request Timeout" not in received and (chunk := client.recv(65536)):
-            received += chunk
+        received = receive_until(client, b"408 Request Timeout")
         waited = time.monotonic() - started
     assert received.startswith(b"HTTP/1.1 200"), received[:100]
     assert b"HTTP/1.1 408 Request Timeout" in received  # not closed silently by the 5 s idle timer
