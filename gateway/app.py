@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from gateway.audit import AuditError
 from gateway.config import Config, ConfigError
@@ -71,11 +71,38 @@ ROUTES = [
 ]
 
 
+API_ENDPOINTS = "POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models and GET /v1/models/{model}"
+
+
+def _unknown_endpoint(method: str, path: str) -> str:
+    """A 404's message. A client's base_url without its /v1 (or with it twice) is the usual cause,
+    so when the path would be served with /v1 put right (or without a trailing slash), the message
+    says which URL was meant; otherwise it lists what is served."""
+    message = f"Unknown endpoint {method} {path}."
+    bare = path.rstrip("/")
+    while bare.startswith("/v1/v1/"):
+        bare = bare[3:]
+    meant = bare if bare.startswith("/v1/") else f"/v1{bare}"
+    if _served(method, meant):
+        if meant == path.rstrip("/"):
+            return f"{message} Did you mean {method} {meant}, without the trailing slash?"
+        return (
+            f"{message} Did you mean {method} {meant}? The client's base_url should be the gateway's "
+            "address followed by /v1, once."
+        )
+    return f"{message} This gateway serves {API_ENDPOINTS}."
+
+
+def _served(method: str, path: str) -> bool:
+    scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+    return any(route.matches(scope)[0] is Match.FULL for route in ROUTES)
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
     message = {
-        404: f"Unknown endpoint {request.method} {request.url.path}.",
+        404: _unknown_endpoint(request.method, request.url.path),
         405: f"Method {request.method} is not allowed on {request.url.path}.",
     }.get(exc.status_code, str(exc.detail))
     error = NoRoute(message, status=exc.status_code, code=kind, headers=dict(exc.headers or {}))

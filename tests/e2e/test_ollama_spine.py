@@ -604,6 +604,36 @@ def test_unknown_endpoint_is_an_openai_shaped_404(gateway: ServerThread, method:
     assert error_of(response)["code"] == "not_found"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "words"),
+    [
+        ("POST", "/chat/completions", "Did you mean POST /v1/chat/completions? The client's base_url"),
+        ("POST", "/v1/v1/embeddings", "Did you mean POST /v1/embeddings? The client's base_url"),
+        ("GET", "/models/llama3.2", "Did you mean GET /v1/models/llama3.2?"),
+        (
+            "POST",
+            "/v1/chat/completions/",
+            "Did you mean POST /v1/chat/completions, without the trailing slash?",
+        ),
+        ("POST", "/v1/responses", "This gateway serves POST /v1/chat/completions, POST /v1/embeddings, GET"),
+        ("GET", "/chat/completions", "This gateway serves POST /v1/chat/completions"),
+    ],
+)
+def test_a_404_says_which_url_was_meant_or_what_is_served(
+    gateway: ServerThread, method: str, path: str, words: str
+) -> None:
+    response = httpx.request(method, gateway.url + path, json={})
+    assert response.status_code == 404
+    assert words in str(error_of(response)["message"])
+
+
+def test_an_sdk_whose_base_url_lacks_v1_is_told_so(gateway: ServerThread) -> None:
+    sdk = openai.OpenAI(base_url=gateway.url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}])
+    assert "Did you mean POST /v1/chat/completions?" in caught.value.message
+
+
 def test_mid_stream_error_becomes_an_sse_error_event(fake_ollama: FakeServer, gateway: ServerThread) -> None:
     fake, _ = fake_ollama
     fake.queue(Reply(pieces=["a", "b", "c"], error_after=2))
