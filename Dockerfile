@@ -17,9 +17,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/phoenix
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
-RUN /opt/phoenix/bin/pip install .
+RUN /opt/phoenix/bin/pip install -c constraints.txt .
 
 FROM python:3.11-slim
 ENV PATH=/opt/phoenix/bin:$PATH \

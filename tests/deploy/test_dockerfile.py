@@ -80,7 +80,7 @@ def test_build_stage_installs_the_project_and_the_image_copies_only_its_result()
     name = build[0].arguments.split()[-1]
     assert build[0].arguments.split()[-2].upper() == "AS"
     runs = " ".join(instruction.arguments for instruction in build if instruction.keyword == "RUN")
-    assert "pip install ." in runs
+    assert "pip install -c constraints.txt ." in runs
     copies = [instruction.arguments for instruction in runtime if instruction.keyword == "COPY"]
     assert copies and all(copy.startswith(f"--from={name} ") for copy in copies), copies
     venv = copies[0].split()[-1]
@@ -221,7 +221,7 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_secret() -> 
         if instruction.keyword == "COPY" and not instruction.arguments.startswith("--from")
         for source in instruction.arguments.split()[:-1]
     ]
-    assert sorted(sources) == ["README.md", "gateway", "pyproject.toml"]
+    assert sorted(sources) == ["README.md", "constraints.txt", "gateway", "pyproject.toml"]
     for source in sources:
         assert (ROOT / source).exists(), source
         assert not ignored(source, patterns), source
