@@ -94,7 +94,6 @@ class Dispatcher:
         last = len(plans) - 1
         for index, plan in enumerate(plans):
             if index:
-                self.metrics.child(self.metrics.fallbacks, plans[0].label, plan.label).inc()
                 exchange.notes["fallback_from"] = plans[0].label
             exchange.answered_as = plan.requested
             targets = self.balancer.order(plan.targets, exchange.affinity)
@@ -103,12 +102,14 @@ class Dispatcher:
             attempts = min(self.retries + 1, len(targets))
             try:
                 try:
-                    return await self._attempt(targets[0], exchange, attempt_one)
+                    result = await self._attempt(targets[0], exchange, attempt_one)
                 except GatewayError as error:
                     if attempts == 1 or not error.retryable:
                         raise
                     self.metrics.child(self.metrics.retries, targets[0].backend).inc()
-                return await self._retry(targets, attempts, exchange, attempt_one)
+                else:
+                    return self._served(plans, index, result)
+                return self._served(plans, index, await self._retry(targets, attempts, exchange, attempt_one))
             except GatewayError as error:
                 if not error.retryable:
                     raise
@@ -119,6 +120,13 @@ class Dispatcher:
                 if index == last:
                     raise
         raise AssertionError("unreachable: the last plan's failure is raised")
+
+    def _served(self, plans: list[Plan], index: int, result: T) -> T:
+        """A plan's answer. `gateway_fallbacks_total` counts the requests a fallback served, so
+        only the fallback that answered: not one tried that failed too."""
+        if index:
+            self.metrics.child(self.metrics.fallbacks, plans[0].label, plans[index].label).inc()
+        return result
 
     async def _retry(
         self,

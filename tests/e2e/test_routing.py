@@ -131,6 +131,40 @@ def test_fallbacks_serve_public_traffic_when_every_deployment_fails(
     assert sample(scrape(gateway.url), "gateway_fallbacks_total", from_model="big", to_model="small") == 2
 
 
+def test_fallbacks_total_counts_the_fallback_that_served_not_those_tried(
+    two_ollamas: tuple[FakeOllama, ServerThread, FakeOllama, ServerThread],
+    start_gateway: Callable[..., ServerThread],
+) -> None:
+    """`big` falls back to `small`, then `tiny`. A request that `small` failed and `tiny` served
+    counts once, for `tiny`; a request that every fallback failed counts none."""
+    broken, one, spare, two = two_ollamas
+    broken.default = Reply(status=500)
+    backends = {"primary": f"http://127.0.0.1:{free_port()}", "broken": one.url, "spare": two.url}
+    config = parse_config(
+        {
+            "backends": [{"name": name, "type": "ollama", "base_url": url} for name, url in backends.items()],
+            "models": [
+                {"name": "big", "deployments": [{"backend": "primary", "model": "llama3.2"}],
+                 "fallbacks": ["small", "tiny"]},
+                {"name": "small", "deployments": [{"backend": "broken", "model": "llama3.2"}]},
+                {"name": "tiny", "deployments": [{"backend": "spare", "model": "qwen2.5:0.5b"}]},
+            ],
+        },
+        "test",
+    )  # fmt: skip
+    gateway = start_gateway(config)
+    served = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "big", "messages": HELLO})
+    assert served.status_code == 200
+    assert served.json()["model"] == "tiny"
+    spare.default = Reply(status=500)
+    failed = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "big", "messages": HELLO})
+    assert failed.status_code == 502
+    assert len(broken.chat_bodies()) == 2  # `small` was tried both times
+    samples = scrape(gateway.url)
+    assert sample(samples, "gateway_fallbacks_total", from_model="big", to_model="small") == 0
+    assert sample(samples, "gateway_fallbacks_total", from_model="big", to_model="tiny") == 1
+
+
 def test_a_key_is_never_served_by_a_fallback_outside_its_globs(
     two_ollamas: tuple[FakeOllama, ServerThread, FakeOllama, ServerThread],
     start_gateway: Callable[..., ServerThread],
