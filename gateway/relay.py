@@ -316,8 +316,10 @@ class StreamRelay:
         include_usage: bool,
         finish: Callable[[int], None],
         on_unexpected: Callable[[BaseException], None],
+        choices: int = 1,
     ) -> None:
         self._source = source
+        self._choices = choices  # `n`: the answers are written side by side, their tokens counted together
         self._exchange = exchange
         self._encoder = ChunkEncoder(random_id("chatcmpl-"), int(time.time()), model, include_usage)
         self._include_usage = include_usage
@@ -325,6 +327,7 @@ class StreamRelay:
         self._on_unexpected = on_unexpected
         self._usage: Usage | None = None
         self._last_output = 0.0
+        self._reasoned = False  # reasoning was relayed (not only counted, as Gemini's unshown thoughts)
         self._gone = False  # the client left: the stream was cancelled for that
         self._watchdog: _Watchdog | None = None
 
@@ -388,6 +391,8 @@ class StreamRelay:
                 self._encoder.extend(chunk.envelope)
             if chunk.usage is not None:
                 self._usage = chunk.usage
+            if chunk.reasoning:
+                self._reasoned = True
             output = output or chunk.has_output
             out.append(encode(chunk))
         if output:
@@ -446,8 +451,15 @@ class StreamRelay:
         exchange, usage = self._exchange, self._usage
         exchange.usage = usage
         first = exchange.first_token_at
-        if usage is not None and first is not None and usage.completion_tokens > 1:
-            exchange.time_per_token = (self._last_output - first) / (usage.completion_tokens - 1)
+        if usage is not None and first is not None:
+            # The tokens of one answer written after its first: reasoning that was counted but not
+            # relayed came before the first token, and `n` answers were written side by side.
+            shown = usage.completion_tokens
+            if usage.reasoning_tokens and not self._reasoned:
+                shown -= usage.reasoning_tokens
+            tokens = shown / self._choices
+            if tokens > 1:
+                exchange.time_per_token = (self._last_output - first) / (tokens - 1)
         self._finish(status)
 
 

@@ -255,3 +255,59 @@ async def test_a_server_cancellation_is_a_503_with_an_error_event(blocked_write:
     assert exchange.error_type == ShuttingDown().error_type
     assert orjson.loads(client.bodies[-2].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
     assert client.bodies[-1] == b""
+
+
+class Ticks:
+    """relay's `time`, with perf_counter a clock that moves one second a call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
+@pytest.mark.parametrize(
+    ("choices", "reasoning", "usage", "expected"),
+    [
+        (1, "", Usage(5, 10), 9),  # 10 tokens: 9 after the first
+        (2, "", Usage(5, 20), 9),  # two answers of 10 side by side
+        (1, "", Usage(5, 30, reasoning_tokens=20), 9),  # 20 thought before the first token, unshown
+        (1, "hm", Usage(5, 30, reasoning_tokens=20), 29),  # the thinking was relayed: every token counts
+        (1, "", Usage(5, 1), None),  # one token: nothing after the first
+    ],
+)
+async def test_time_per_output_token_counts_the_tokens_of_one_answer_after_its_first(
+    monkeypatch: pytest.MonkeyPatch, choices: int, reasoning: str, usage: Usage, expected: int | None
+) -> None:
+    ticks = Ticks()
+    monkeypatch.setattr(relay_module, "time", ticks)
+    exchange = Exchange(request_id="r", endpoint="chat")
+    source = StreamSource(
+        first=[Chunk(content="a", reasoning=reasoning)],
+        rest=reads([[Chunk(content="b")], [Chunk(finish_reason="stop", usage=usage)]]),
+        idle_timeout=5,
+        deadline=1e9,
+        on_close=lambda _: None,
+    )
+    relay = StreamRelay(
+        source,
+        exchange,
+        model="m",
+        include_usage=False,
+        finish=lambda status: None,
+        on_unexpected=lambda e: None,
+        choices=choices,
+    )
+    assert [data async for data in relay.body()]
+    assert exchange.first_token_at is not None
+    if expected is None:
+        assert exchange.time_per_token is None
+        return
+    span = relay._last_output - exchange.first_token_at
+    assert span > 0
+    assert exchange.time_per_token == pytest.approx(span / expected)

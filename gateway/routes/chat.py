@@ -49,6 +49,7 @@ async def chat_completions(request: Incoming) -> Response:
                 include_usage=chat.include_usage,
                 finish=lambda status: state.finish(exchange, status),
                 on_unexpected=state.unexpected,
+                choices=chat.n or 1,
             )
             return EventStream(  # type: ignore[return-value]
                 relay.body(),
