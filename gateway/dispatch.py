@@ -233,9 +233,18 @@ class Dispatcher:
     def embed(
         self, plans: list[Plan], request: EmbeddingRequest, exchange: Exchange
     ) -> Awaitable[Embeddings]:
+        async def checked(target: Target, provider: Provider) -> Embeddings:
+            result = await provider.embed(request, target.model)
+            if len(result.vectors) != request.inputs():
+                raise UpstreamProtocol(
+                    f"backend {target.backend} returned {len(result.vectors)} vectors for "
+                    f"{request.inputs()} inputs"
+                )
+            return result
+
         def one(target: Target, provider: Provider) -> Awaitable[Embeddings]:
             return self._unary(
-                target, exchange, lambda: provider.embed(request, target.model), _answer_deadline(provider)
+                target, exchange, lambda: checked(target, provider), _answer_deadline(provider)
             )
 
         return self._first_success(plans, exchange, one)

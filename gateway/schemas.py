@@ -327,6 +327,10 @@ class EmbeddingRequest(Wire):
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else [s for s in self.input if isinstance(s, str)]
 
+    def inputs(self) -> int:
+        """How many vectors the answer holds: one for a string or one array of token ids."""
+        return 1 if isinstance(self.input, str) or isinstance(self.input[0], int) else len(self.input)
+
     def token_ids(self) -> int:
         """How many pre-tokenized ids the input holds (0 for text input)."""
         if isinstance(self.input, str):

@@ -372,6 +372,41 @@ def test_embeddings_float_and_base64(fake_ollama: FakeServer, gateway: ServerThr
     assert decoded == pytest.approx(floats.data[0].embedding, rel=1e-6)
 
 
+def test_embeddings_with_a_vector_missing_are_the_instances_fault_and_go_to_the_next(
+    start_gateway: Callable[[Config], ServerThread],
+) -> None:
+    short, whole = (FakeOllama(models=["nomic-embed-text:latest"]) for _ in range(2))
+    short.embed_short = True
+    with serve(short.app) as first, serve(whole.app) as second:
+        config = ollama_config(
+            first.url,
+            backends=[
+                {"name": "ollama-1", "type": "ollama", "base_url": first.url},
+                {"name": "ollama-2", "type": "ollama", "base_url": second.url},
+            ],
+            models=[
+                {
+                    "name": "embed",
+                    "deployments": [{"backend": f"ollama-{i}", "model": "nomic-embed-text"} for i in (1, 2)],
+                }
+            ],
+            routing={"strategy": "round_robin", "retries": 1},
+        )
+        gateway = start_gateway(config)
+        answers = [
+            httpx.post(gateway.url + "/v1/embeddings", json={"model": "embed", "input": ["a", "b"]})
+            for _ in range(2)
+        ]
+        samples = scrape(gateway.url)
+    for answer in answers:
+        assert answer.status_code == 200
+        assert answer.headers["x-phoenix-backend"] == "ollama-2"
+        assert [item["index"] for item in answer.json()["data"]] == [0, 1]
+    errors = sample(samples, "gateway_upstream_errors_total", backend="ollama-1", reason="protocol")
+    assert errors >= 1
+    assert sample(samples, "gateway_retries_total", backend="ollama-1") == errors  # moved away from it
+
+
 def test_embeddings_have_the_dimensions_asked_for_when_ollama_ignores_them(
     fake_ollama: FakeServer, gateway: ServerThread
 ) -> None:

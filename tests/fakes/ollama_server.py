@@ -171,6 +171,7 @@ class FakeOllama:
         self.completed_streams = 0
         self.embed_delay = 0.0  # seconds before each /api/embed answer
         self.embed_counts = True  # False: /api/embed answers without prompt_eval_count, which may be missing
+        self.embed_short = False  # True: a faulty /api/embed that answers one vector fewer than asked
         self.app = Starlette(
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
@@ -321,6 +322,8 @@ class FakeOllama:
         if self.embed_delay:
             await asyncio.sleep(self.embed_delay)
         vectors = [self.vector(text) for text in inputs]
+        if self.embed_short:
+            vectors.pop()
         words = sum(len(text.split()) for text in inputs)
         answer = {
             "model": model,
