@@ -71,7 +71,8 @@ class Exchange:
     def _record(self, metrics: Metrics, elapsed: float) -> None:
         backend = self.backend
         label = self.model_label
-        metrics.child(metrics.requests, self.endpoint, label, backend, str(self.status)).inc()
+        status = str(self.status)
+        metrics.child(metrics.requests, self.endpoint, label, backend, status).inc()
         stream = "true" if self.stream else "false"
         metrics.child(metrics.duration, self.endpoint, label, backend, stream).observe(elapsed)
         metrics.child(metrics.overhead, self.endpoint).observe(max(elapsed - self.upstream_seconds, 0.0))
@@ -81,9 +82,15 @@ class Exchange:
             metrics.child(metrics.tpot, label, backend).observe(self.time_per_token)
         if backend and (reason := self.notes.get("upstream_error")):  # failed after the first byte
             metrics.child(metrics.upstream_errors, backend, reason).inc()
-        if self.usage is not None and backend:
-            metrics.child(metrics.tokens, label, backend, "prompt").inc(self.usage.prompt_tokens)
-            metrics.child(metrics.tokens, label, backend, "completion").inc(self.usage.completion_tokens)
+        counted = self.usage if backend else None
+        if counted is not None:
+            metrics.child(metrics.tokens, label, backend, "prompt").inc(counted.prompt_tokens)
+            metrics.child(metrics.tokens, label, backend, "completion").inc(counted.completion_tokens)
+        if key := self.key_name:  # a request the gateway's auth let in, or refused after naming the key
+            metrics.child(metrics.key_requests, key, status).inc()
+            if counted is not None:
+                metrics.child(metrics.key_tokens, key, "prompt").inc(counted.prompt_tokens)
+                metrics.child(metrics.key_tokens, key, "completion").inc(counted.completion_tokens)
 
     def _fields(self, elapsed: float) -> dict[str, Any]:
         """The request line: ids, names, decisions and counts."""

@@ -4,7 +4,7 @@ With `serve --workers N`, every worker process records into files in a shared di
 `/metrics` on any worker reports the sum over all of them (prometheus_client's multiprocess mode).
 
 Label values come from the config only (model = configured client-facing name or "", backend =
-instance name), so no request can create new series.
+instance name, key = an API key's name), so no request can create new series.
 """
 
 from __future__ import annotations
@@ -165,6 +165,15 @@ class Metrics:
             "Requests whose audit record could not be written (privacy.audit_log).",
             registry=r,
         )
+        # Per API key (names from the config, as `model` and `backend`): what each team used.
+        self.key_requests = Counter(
+            "gateway_key_requests_total", "Requests made with each API key, by outcome status.",
+            ["key", "status"], registry=r,
+        )  # fmt: skip
+        self.key_tokens = Counter(
+            "gateway_key_tokens_total", "Tokens as the backend counted them, by the API key that asked.",
+            ["key", "type"], registry=r,
+        )  # fmt: skip
         self.overhead = Histogram(
             "gateway_overhead_seconds", "Time spent in the gateway itself, upstream waits excluded.",
             ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=r,

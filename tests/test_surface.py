@@ -42,6 +42,8 @@ def test_metric_names_and_labels() -> None:
         "gateway_privacy_decisions",
         "gateway_overhead_seconds",
         "gateway_audit_write_failures",
+        "gateway_key_requests",
+        "gateway_key_tokens",
     }
     labels = {
         "requests": ("endpoint", "model", "backend", "status"),
@@ -57,6 +59,8 @@ def test_metric_names_and_labels() -> None:
         "privacy": ("privacy", "reason"),
         "overhead": ("endpoint",),
         "audit_failures": (),
+        "key_requests": ("key", "status"),
+        "key_tokens": ("key", "type"),
     }
     for attribute, names in labels.items():
         assert getattr(metrics, attribute)._labelnames == names, attribute

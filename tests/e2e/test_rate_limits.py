@@ -129,6 +129,33 @@ def test_tokens_per_minute_are_charged_what_the_backend_counted(
     assert len(fake.chat_bodies()) == 3
 
 
+def test_each_keys_requests_and_tokens_are_counted_under_its_name(
+    fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread]
+) -> None:
+    fake = fake_ollama[0]
+    fake.default = Reply(content="one two three", prompt_eval_count=40, eval_count=5)
+    gateway = limited(auth=keys(clinic={"rpm": 2}))
+    for _ in range(2):
+        client(gateway).chat.completions.create(model="llama3.2", messages=HI)
+    with pytest.raises(openai.RateLimitError):
+        client(gateway).chat.completions.create(model="llama3.2", messages=HI)
+    stream = client(gateway, "sk-school").chat.completions.create(model="llama3.2", messages=HI, stream=True)
+    assert [chunk for chunk in stream]
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, "sk-stranger").chat.completions.create(model="llama3.2", messages=HI)
+    samples = scrape(gateway.url)
+    counted = {labels: value for (name, labels), value in samples.items() if name.startswith("gateway_key_")}
+    assert counted == {
+        (("key", "clinic"), ("status", "200")): 2,
+        (("key", "clinic"), ("status", "429")): 1,
+        (("key", "school"), ("status", "200")): 1,
+        (("key", "clinic"), ("type", "prompt")): 80,
+        (("key", "clinic"), ("type", "completion")): 10,
+        (("key", "school"), ("type", "prompt")): 40,
+        (("key", "school"), ("type", "completion")): 5,
+    }  # nothing for the unknown key: its 401 is in gateway_requests_total
+
+
 @pytest.fixture
 def frozen() -> Iterator[str]:
     """A backend address that never accepts a connection."""
