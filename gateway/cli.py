@@ -126,8 +126,8 @@ def serve(args: argparse.Namespace) -> int:
         log.warning(
             "no API keys configured: the gateway is open to anyone who can reach it", host=host, port=port
         )
-    limited = config.rate_limits.default.rpm or config.rate_limits.default.tpm
-    limited = limited or any(key.limits for key in config.auth.keys)
+    limited = config.rate_limits.default.limiting
+    limited = limited or any(key.limits and key.limits.limiting for key in config.auth.keys)
     if args.workers > 1 and limited and not config.rate_limits.redis_url:
         log.warning(
             "rate limits are kept per worker without rate_limits.redis_url: each of the workers"

@@ -170,10 +170,15 @@ class ModelRoute(_Strict):
 
 
 class Limits(_Strict):
-    """Per-minute budgets of one API key (or of every anonymous caller together)."""
+    """The budgets of one API key (or of every anonymous caller together): per minute, and at once."""
 
     rpm: int | None = Field(default=None, ge=1)  # requests per minute
     tpm: int | None = Field(default=None, ge=1)  # tokens per minute: prompt + completion
+    max_inflight: int | None = Field(default=None, ge=1)  # requests under way at once, streams included
+
+    @property
+    def limiting(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_inflight)
 
 
 class RateLimits(_Strict):

@@ -1,4 +1,5 @@
-"""Per-key rate limits: requests per minute and tokens per minute, as two token buckets.
+"""Per-key rate limits: requests per minute and tokens per minute, as two token buckets, and
+requests under way at once.
 
 Each bucket holds up to one minute's budget and refills continuously at budget/60 per second, so
 a key may burst its whole minute and then proceeds at the steady rate. A request is admitted when
@@ -8,18 +9,27 @@ at all. When the request ends, the estimate is replaced by the real count from t
 usage, so a bucket may go below zero and the next request waits for the debt to refill, which is
 how a key that streams long answers is held to its tokens per minute.
 
+`max_inflight` counts a key's requests from admission to their end, streams included: one more is
+refused (429) until one of them has finished. It is checked with the buckets, and a refused
+request takes nothing from them.
+
 In memory by default, per process. With `rate_limits.redis_url` every replica shares one pair of
 buckets per key: admission and settlement are single Lua scripts, so two gateways can never both
-take the last request, and the clock is Redis's own, so replicas need not agree on the time. When
-Redis cannot be reached the request is let through and the failure logged (`fail_open`), or
-refused with 503 when the operator chose to fail closed.
+take the last request, and the clock is Redis's own, so replicas need not agree on the time. A
+request under way holds a lease in a sorted set per key, which its end removes; leases are renewed
+while their requests last and expire LEASE_SECONDS after a replica stopped renewing them (it
+crashed, or Redis could not be reached when the request ended). When Redis cannot be reached
+the request is let through and the failure logged (`fail_open`), or refused with 503 when the
+operator chose to fail closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +37,7 @@ from gateway.config import Limits, RateLimits
 from gateway.errors import RateLimited, Unavailable
 
 ANONYMOUS = "*"  # the bucket of an open gateway's callers; no key name can contain '*'
+LEASE_SECONDS = 120  # a Redis lease of a request under way, renewed every third of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +62,7 @@ class Verdict:
     requests: Bucket | None
     tokens: Bucket | None
     retry_after: float = 0.0  # 0 when admitted
-    exhausted: str = ""  # "requests" or "tokens" when refused
+    exhausted: str = ""  # "requests", "tokens" or "inflight" when refused
 
     def headers(self) -> dict[str, str]:
         """OpenAI's `x-ratelimit-*` headers for the limits this key has."""
@@ -92,6 +103,7 @@ class Reservation:
     limits: Limits
     cost: int  # estimated tokens debited
     headers: dict[str, str]
+    lease: str = ""  # the request's place among the key's requests under way (max_inflight)
 
 
 class StoreUnreachable(Exception):
@@ -99,9 +111,18 @@ class StoreUnreachable(Exception):
 
 
 class Store(Protocol):
-    async def admit(self, key: str, limits: Limits, cost: int) -> Verdict: ...
+    async def admit(self, key: str, limits: Limits, cost: int, lease: str) -> Verdict:
+        """Admit the request (debiting the buckets, and holding `lease` under max_inflight) or refuse it."""
+        ...
 
-    async def settle(self, key: str, limits: Limits, tokens: int) -> None: ...
+    def settle(self, key: str, limits: Limits, tokens: int, lease: str) -> Awaitable[None] | None:
+        """Debit `tokens` more (a refund when negative) and give `lease` back: done at once (None),
+        or what to await."""
+        ...
+
+    async def renew(self, leases: Collection[tuple[str, str]]) -> None:
+        """Keep the (key, lease) pairs of the requests still under way from expiring."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -112,33 +133,50 @@ class MemoryStore:
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+        self._inflight: dict[str, int] = {}  # requests under way, of the keys with max_inflight
 
     def _level(self, key: str, kind: str, capacity: int, now: float) -> float:
         level, at = self._buckets.get((key, kind), (float(capacity), now))
         return min(float(capacity), level + (now - at) * capacity / 60)
 
-    async def admit(self, key: str, limits: Limits, cost: int) -> Verdict:
+    async def admit(self, key: str, limits: Limits, cost: int, lease: str) -> Verdict:
         now = self._clock()
         requests = tokens = None
         if limits.rpm:
             requests = Bucket(limits.rpm, self._level(key, "r", limits.rpm, now), limits.rpm / 60)
         if limits.tpm:
             tokens = Bucket(limits.tpm, self._level(key, "t", limits.tpm, now), limits.tpm / 60)
+        if limits.max_inflight and self._inflight.get(key, 0) >= limits.max_inflight:
+            return Verdict(requests, tokens, INFLIGHT_WAIT, "inflight")
         verdict = decide(requests, tokens, cost)
         if not verdict.retry_after:
             if verdict.requests is not None:
                 self._buckets[key, "r"] = (verdict.requests.level, now)
             if verdict.tokens is not None:
                 self._buckets[key, "t"] = (verdict.tokens.level, now)
+            if limits.max_inflight:
+                self._inflight[key] = self._inflight.get(key, 0) + 1
         return verdict
 
-    async def settle(self, key: str, limits: Limits, tokens: int) -> None:
+    def settle(self, key: str, limits: Limits, tokens: int, lease: str) -> None:
         if limits.tpm and tokens:
             now = self._clock()
             self._buckets[key, "t"] = (self._level(key, "t", limits.tpm, now) - tokens, now)
+        if lease:
+            left = self._inflight.get(key, 0) - 1
+            if left > 0:
+                self._inflight[key] = left
+            else:
+                self._inflight.pop(key, None)
+
+    async def renew(self, leases: Collection[tuple[str, str]]) -> None:
+        return None  # a process's own count: nothing expires
 
     async def aclose(self) -> None:
         return None
+
+
+INFLIGHT_WAIT = 1.0  # the retry-after of a key at its max_inflight: requests end at any moment
 
 
 def decide(requests: Bucket | None, tokens: Bucket | None, cost: int) -> Verdict:
@@ -178,27 +216,62 @@ local function store(key, capacity, value)
 end
 """
 
-# KEYS: request bucket, token bucket. ARGV: rpm, tpm (0: no such limit), cost in tokens.
+# The requests under way of a key with max_inflight: a sorted set of leases, each scored with the
+# time (µs) it expires unless renewed; expired ones are dropped before counting.
+_LEASES = """
+local function hold(key, lease, ttl_us)
+  redis.call('ZADD', key, now + ttl_us, lease)
+  redis.call('PEXPIRE', key, math.ceil(ttl_us / 1000) + 1000)
+end
+"""
+
+# KEYS: request bucket, token bucket, leases. ARGV: rpm, tpm (0: no such limit), cost in tokens,
+# max_inflight (0: none), the lease, its time to live in µs. Returns admitted, the two levels, and
+# whether the key was at its max_inflight.
 _ADMIT = (
     _LEVEL
+    + _LEASES
     + """
-local rpm, tpm, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpm, tpm, cost, most = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local requests, tokens = level(KEYS[1], rpm), level(KEYS[2], tpm)
-local admitted = (rpm == 0 or requests >= 1) and (tpm == 0 or tokens >= cost)
+local full = false
+if most > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  full = redis.call('ZCARD', KEYS[3]) >= most
+end
+local admitted = not full and (rpm == 0 or requests >= 1) and (tpm == 0 or tokens >= cost)
 if admitted then
   if rpm > 0 then requests = requests - 1; store(KEYS[1], rpm, requests) end
   if tpm > 0 then tokens = tokens - cost; store(KEYS[2], tpm, tokens) end
+  if most > 0 then hold(KEYS[3], ARGV[5], tonumber(ARGV[6])) end
 end
-return {admitted and 1 or 0, exact(requests), exact(tokens)}
+return {admitted and 1 or 0, exact(requests), exact(tokens), full and 1 or 0}
 """
 )
 
-# KEYS: token bucket. ARGV: tpm, tokens to debit (negative: a refund).
+# KEYS: token bucket, leases. ARGV: tpm, tokens to debit (negative: a refund; 0: none), the lease
+# to give back ('': none).
 _SETTLE = (
     _LEVEL
     + """
 local tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
-store(KEYS[1], tpm, level(KEYS[1], tpm) - tokens)
+if tpm > 0 and tokens ~= 0 then store(KEYS[1], tpm, level(KEYS[1], tpm) - tokens) end
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
+return 1
+"""
+)
+
+# KEYS: the leases' sets. ARGV: the time to live in µs, then one lease per key. A lease already
+# gone (expired, or its request ended meanwhile) is not put back.
+_RENEW = (
+    _LEVEL
+    + """
+local ttl_us = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', now + ttl_us, ARGV[i + 1]) == 1 then
+    redis.call('PEXPIRE', key, math.ceil(ttl_us / 1000) + 1000)
+  end
+end
 return 1
 """
 )
@@ -213,18 +286,24 @@ class RedisStore:
         self._client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._admit = self._client.register_script(_ADMIT)
         self._settle = self._client.register_script(_SETTLE)
+        self._renew = self._client.register_script(_RENEW)
         self._prefix = prefix
         self._log = log
         self._errors = redis.RedisError
 
     def _keys(self, key: str) -> list[str]:
-        return [f"{self._prefix}{key}:requests", f"{self._prefix}{key}:tokens"]
+        return [f"{self._prefix}{key}:requests", f"{self._prefix}{key}:tokens", self._leases(key)]
 
-    async def admit(self, key: str, limits: Limits, cost: int) -> Verdict:
+    def _leases(self, key: str) -> str:
+        return f"{self._prefix}{key}:inflight"
+
+    async def admit(self, key: str, limits: Limits, cost: int, lease: str) -> Verdict:
         """The verdict from Redis; raises StoreUnreachable (logged) when Redis cannot be asked."""
+        most = limits.max_inflight or 0
         try:
-            admitted, requests, tokens = await self._admit(
-                keys=self._keys(key), args=[limits.rpm or 0, limits.tpm or 0, cost]
+            admitted, requests, tokens, full = await self._admit(
+                keys=self._keys(key),
+                args=[limits.rpm or 0, limits.tpm or 0, cost, most, lease, LEASE_SECONDS * 1_000_000],
             )
         except (self._errors, OSError) as error:
             self._log.error("rate limit store unreachable", error=type(error).__name__)
@@ -234,18 +313,35 @@ class RedisStore:
         token_bucket = Bucket(limits.tpm, float(tokens), limits.tpm / 60) if limits.tpm else None
         if admitted:
             return Verdict(request_bucket, token_bucket)
+        if full:
+            return Verdict(request_bucket, token_bucket, INFLIGHT_WAIT, "inflight")
         return decide(request_bucket, token_bucket, cost)
 
-    async def settle(self, key: str, limits: Limits, tokens: int) -> None:
-        if not limits.tpm or not tokens:
-            return
+    def settle(self, key: str, limits: Limits, tokens: int, lease: str) -> Awaitable[None] | None:
+        debit = tokens if limits.tpm else 0
+        if not debit and not lease:
+            return None
+        return self._settled(self._keys(key)[1:], [limits.tpm or 0, debit, lease])
+
+    async def _settled(self, keys: list[str], args: list[Any]) -> None:
         try:
-            await self._settle(keys=self._keys(key)[1:], args=[limits.tpm, tokens])
+            await self._settle(keys=keys, args=args)
+        except (self._errors, OSError) as error:
+            self._log.error("rate limit store unreachable", error=type(error).__name__)
+
+    async def renew(self, leases: Collection[tuple[str, str]]) -> None:
+        keys = [self._leases(key) for key, _ in leases]
+        try:
+            await self._renew(keys=keys, args=[LEASE_SECONDS * 1_000_000, *(lease for _, lease in leases)])
         except (self._errors, OSError) as error:
             self._log.error("rate limit store unreachable", error=type(error).__name__)
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _lease() -> str:
+    return os.urandom(9).hex()
 
 
 def _who(key: str) -> str:
@@ -259,6 +355,8 @@ class RateLimiter:
         self.config = config
         self.store = store
         self._settling: set[asyncio.Task[None]] = set()
+        self._leases: dict[str, str] = {}  # lease -> key: the requests under way that hold one
+        self._renewing: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, config: RateLimits, log: Any) -> RateLimiter:
@@ -274,7 +372,7 @@ class RateLimiter:
 
     def limits(self, key_limits: Limits | None) -> Limits | None:
         limits = key_limits or self.config.default
-        return limits if limits.rpm or limits.tpm else None
+        return limits if limits.limiting else None
 
     async def admit(self, key: str, limits: Limits, cost: int) -> Reservation:
         """Take one request and `cost` tokens from the key's buckets, or raise RateLimited (429)
@@ -287,14 +385,22 @@ class RateLimiter:
                 code="rate_limit_exceeded",
                 headers={"x-should-retry": "false"},
             )
+        lease = _lease() if limits.max_inflight else ""
         try:
-            verdict = await self.store.admit(key, limits, cost)
+            verdict = await self.store.admit(key, limits, cost, lease)
         except StoreUnreachable:
             if not self.config.fail_open:
                 raise Unavailable(
                     "The rate-limit store (Redis) is unreachable, and rate_limits.fail_open is false."
                 ) from None
-            verdict = Verdict(None, None)
+            return Reservation(key, limits, 0, {})  # nothing was taken, nor held
+        if verdict.exhausted == "inflight":
+            raise RateLimited(
+                f"Too many requests under way for {_who(key)}: limit {limits.max_inflight} at once."
+                " Please try again when one of them has finished.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": "1", "retry-after-ms": "1000", **verdict.headers()},
+            )
         if verdict.retry_after:
             unit = "requests" if verdict.exhausted == "requests" else "tokens"
             limit = limits.rpm if unit == "requests" else limits.tpm
@@ -308,19 +414,38 @@ class RateLimiter:
                     **verdict.headers(),
                 },
             )
-        return Reservation(key, limits, cost, verdict.headers())
+        if lease:
+            self._hold(key, lease)
+        return Reservation(key, limits, cost, verdict.headers(), lease)
 
     def settle(self, reservation: Reservation, used: int) -> None:
-        """Replace the estimate by the `used` tokens (in the background: the answer has gone)."""
+        """Replace the estimate by the `used` tokens and end the request's lease (in memory at
+        once; with Redis in the background: the answer has gone)."""
+        if reservation.lease:
+            self._leases.pop(reservation.lease, None)
         tokens = used - reservation.cost
-        if not reservation.limits.tpm or not tokens:
+        settling = self.store.settle(reservation.key, reservation.limits, tokens, reservation.lease)
+        if settling is None:
             return
-        settling = self.store.settle(reservation.key, reservation.limits, tokens)
-        task = asyncio.get_running_loop().create_task(settling)
+        task: asyncio.Task[None] = asyncio.ensure_future(settling)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
+    def _hold(self, key: str, lease: str) -> None:
+        self._leases[lease] = key
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        """While requests hold leases, renew them every third of their time to live."""
+        while self._leases:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            if self._leases:
+                await self.store.renew([(key, lease) for lease, key in self._leases.items()])
+
     async def aclose(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
         await self.store.aclose()

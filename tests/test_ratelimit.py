@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
+from gateway import ratelimit
 from gateway.config import Limits, RateLimits, parse_config
 from gateway.errors import RateLimited, Unavailable
 from gateway.logs import get_logger
@@ -106,6 +107,42 @@ async def test_both_limits_are_debited_together_or_not_at_all() -> None:
     assert "on tokens per minute" in refused.value.message
 
 
+async def test_a_key_at_its_max_inflight_is_refused_until_one_of_its_requests_ends() -> None:
+    limits = Limits(rpm=10, max_inflight=2)
+    rate = limiter(limits, Clock())
+    first, second = [await rate.admit("app", limits, 0) for _ in range(2)]
+    with pytest.raises(RateLimited) as refused:
+        await rate.admit("app", limits, 0)
+    assert refused.value.message == (
+        "Too many requests under way for the API key 'app': limit 2 at once."
+        " Please try again when one of them has finished."
+    )
+    assert refused.value.code == "rate_limit_exceeded"
+    assert refused.value.headers["retry-after"] == "1"
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "8"  # the refusal took none
+    await rate.admit("other", limits, 0)  # each key counts its own
+    rate.settle(first, 0)  # at once, not in the background: the client may ask again right away
+    third = await rate.admit("app", limits, 0)
+    assert third.headers["x-ratelimit-remaining-requests"] == "7"
+    for reservation in (second, third):
+        rate.settle(reservation, 0)
+    assert [await rate.admit("app", limits, 0) for _ in range(2)]
+
+
+async def test_max_inflight_alone_is_a_limit_and_counts_only_what_it_admitted() -> None:
+    clock = Clock()
+    rate = limiter(Limits(max_inflight=1), clock)
+    assert rate.limits(None) == Limits(max_inflight=1)
+    held = await rate.admit("app", Limits(max_inflight=1), 0)
+    assert held.lease and held.headers == {}
+    unlimited = await rate.admit("app", Limits(rpm=100), 0)  # admitted under a reload's limits
+    rate.settle(unlimited, 0)  # no lease: the one under way still counts
+    with pytest.raises(RateLimited):
+        await rate.admit("app", Limits(max_inflight=1), 0)
+    rate.settle(held, 0)
+    await rate.admit("app", Limits(max_inflight=1), 0)
+
+
 def test_keys_limits_override_the_default_and_no_limits_means_no_limiter_work() -> None:
     rate = RateLimiter(RateLimits(default=Limits(rpm=5)), MemoryStore())
     assert rate.limits(None) == Limits(rpm=5)
@@ -171,7 +208,8 @@ async def test_redis_admits_a_whole_burst_however_close_together_it_arrives(redi
         for burst in range(200):  # one in about 70 went wrong when times were rounded
             pipe = client.pipeline(transaction=False)
             for _ in range(6):
-                await admit(keys=[f"b{burst}:requests", f"b{burst}:tokens"], args=[5, 0, 0], client=pipe)
+                keys = [f"b{burst}:requests", f"b{burst}:tokens", f"b{burst}:inflight"]
+                await admit(keys=keys, args=[5, 0, 0, 0, "", 0], client=pipe)
             outcomes = [admitted for admitted, *_ in await pipe.execute()]
             assert outcomes == [1, 1, 1, 1, 1, 0], f"burst {burst}"
     finally:
@@ -206,6 +244,55 @@ async def test_redis_settlement_carries_debt_across_replicas(redis_url: str) -> 
         assert 40 <= int(refused.value.headers["retry-after"]) <= 41  # -400 + 10 at 10 per second
     finally:
         await b.aclose()
+
+
+async def test_redis_counts_a_keys_requests_under_way_across_replicas(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = Limits(tpm=600, max_inflight=2)
+    a, b = (RateLimiter(RateLimits(), RedisStore(redis_url, "t:", log=None)) for _ in range(2))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        outcomes = await asyncio.gather(
+            *((a if i % 2 else b).admit("app", limits, 10) for i in range(6)), return_exceptions=True
+        )
+        held = [o for o in outcomes if not isinstance(o, BaseException)]
+        refused = [o for o in outcomes if isinstance(o, RateLimited)]
+        assert (len(held), len(refused)) == (2, 4)
+        assert all("limit 2 at once" in r.message for r in refused)
+        assert await client.zcard("t:app:inflight") == 2
+        assert refused[0].headers["x-ratelimit-remaining-tokens"] == "580"  # refusals took nothing
+        owner = a if held[0].lease in a._leases else b
+        owner.settle(held[0], 10)
+        await asyncio.gather(*owner._settling)
+        assert await client.zcard("t:app:inflight") == 1
+        again = await (b if owner is a else a).admit("app", limits, 10)  # the other replica sees the room
+        assert again.lease
+    finally:
+        await client.aclose()
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_redis_leases_are_renewed_while_their_requests_last_and_expire_after(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A replica that crashed leaves its leases behind: they expire, and the key is not locked out.
+    monkeypatch.setattr(ratelimit, "LEASE_SECONDS", 0.6)
+    limits = Limits(max_inflight=1)
+    alive = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", log=None))
+    crashed = RateLimiter(RateLimits(), RedisStore(redis_url, "t:", log=None))
+    try:
+        await alive.admit("kept", limits, 0)
+        await crashed.admit("lost", limits, 0)
+        crashed._renewing.cancel()  # type: ignore[union-attr]  # it renews no more
+        await asyncio.sleep(1.0)  # more than a lease's time to live
+        with pytest.raises(RateLimited):
+            await alive.admit("kept", limits, 0)  # renewed: still under way
+        await alive.admit("lost", limits, 0)  # expired: the key has its room back
+    finally:
+        await alive.aclose()
+        await crashed.aclose()
 
 
 async def test_unreachable_redis_fails_open_or_closed_as_configured() -> None:

@@ -156,6 +156,31 @@ def test_each_keys_requests_and_tokens_are_counted_under_its_name(
     }  # nothing for the unknown key: its 401 is in gateway_requests_total
 
 
+def test_a_key_at_its_max_inflight_is_refused_while_its_stream_runs_and_admitted_after(
+    fake_ollama: tuple[FakeOllama, ServerThread], limited: Callable[..., ServerThread]
+) -> None:
+    fake = fake_ollama[0]
+    fake.queue(Reply(pieces=["slow", " stream", " of", " words"], delay_between=0.3))
+    gateway = limited(auth=keys(clinic={"max_inflight": 1}))
+    body = {"model": "llama3.2", "messages": HI, "stream": True}
+    headers = {"authorization": "Bearer sk-clinic"}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=headers) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # under way
+        with pytest.raises(openai.RateLimitError) as refused:
+            client(gateway).chat.completions.create(model="llama3.2", messages=HI)
+        assert (
+            "Too many requests under way for the API key 'clinic': limit 1 at once" in refused.value.message
+        )
+        assert refused.value.response.headers["retry-after"] == "1"
+        school = client(gateway, "sk-school").chat.completions.create(model="llama3.2", messages=HI)
+        assert school.choices[0].message.content  # another key is not held back
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+    answer = client(gateway).chat.completions.create(model="llama3.2", messages=HI)
+    assert answer.choices[0].finish_reason == "stop"
+    assert len(fake.chat_bodies()) == 3
+
+
 @pytest.fixture
 def frozen() -> Iterator[str]:
     """A backend address that never accepts a connection."""
