@@ -635,6 +635,29 @@ def test_a_prompt_longer_than_a_llama_cpp_context_is_openais_context_length_exce
     }
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_prompt_longer_than_a_gemini_context_is_openais_context_length_exceeded(
+    start_gateway: Callable[..., ServerThread], stream: bool
+) -> None:
+    # Gemini says it with a plain INVALID_ARGUMENT; the gateway left OpenAI's code null for it, so
+    # LangChain's ChatOpenAI raised a bare BadRequestError here and ContextOverflowError (which its
+    # agents trim the history on) for the same prompt served by llama.cpp's server.
+    fake = FakeGemini(api_key=KEY)
+    said = "The input token count (1200293) exceeds the maximum number of tokens allowed (1048576)."
+    fake.queue(Reply(status=400, error_text=said))
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
+        response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": f"Gemini rejected the request: {said}",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+
+
 def test_a_backends_configured_headers_reach_it_and_its_host_header_names_it(
     start_gateway: Callable[..., ServerThread],
 ) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -24,6 +25,12 @@ from gateway.upstream import json_or_none
 
 FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"}  # fmt: skip
+
+
+# Gemini's 400 for a prompt past the model's context: "The input token count (1200293) exceeds the
+# maximum number of tokens allowed (1048576)." OpenAI says that with its code context_length_exceeded,
+# which clients look for (LangChain raises its ContextOverflowError on it), as llama.cpp's server does.
+TOO_LONG = re.compile(r"input token count.*exceeds the maximum number of tokens", re.IGNORECASE | re.DOTALL)
 
 
 def finish_reason(native: str | None, tool_calls: bool) -> FinishReason:
@@ -237,6 +244,11 @@ def error_from(
             "Gemini refused the gateway's API key; check its api_key_env", upstream_status=401
         )
     if kind in ("INVALID_ARGUMENT", "FAILED_PRECONDITION") or (status == 400 and not kind):
+        if TOO_LONG.search(text):
+            too_long = InvalidRequest(
+                f"Gemini rejected the request: {text}", param="messages", code="context_length_exceeded"
+            )
+            return quoting(too_long, text)
         return quoting(InvalidRequest(f"Gemini rejected the request: {text}"), text)
     if kind in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
         upstream = 401 if kind == "UNAUTHENTICATED" else 403
