@@ -9,6 +9,7 @@ sees the gateway's ids and one consistent stream shape.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
@@ -51,6 +52,9 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 # Fields that go upstream only as `_metadata` keeps them (embeddings have none).
 GATEWAY_FIELDS = ("metadata",)
+# OpenAI's words for a prompt past the context, which vLLM (and servers copying OpenAI) use too, but
+# with a numeric `code` (400) where OpenAI says context_length_exceeded.
+CONTEXT_EXCEEDED = re.compile(r"maximum context length is \d+", re.IGNORECASE)
 # Top-level answer fields passed on to the client as they came.
 PASSED_ON = ("system_fingerprint", "service_tier")
 
@@ -343,7 +347,10 @@ def error_from(
         too_large = f"the OpenAI-compatible backend refused the request as too large (413): {message}"
         return quoting(InvalidRequest(too_large, code=_code(error)), said)
     if status in (400, 422):
-        if error.get("type") == "exceed_context_size_error":  # llama.cpp's server: OpenAI's code for it
+        # llama.cpp's server says it with its own type, vLLM with OpenAI's words: OpenAI's code for both
+        if error.get("type") == "exceed_context_size_error" or (
+            _code(error) is None and CONTEXT_EXCEEDED.search(said)
+        ):
             return quoting(InvalidRequest(message, param="messages", code="context_length_exceeded"), said)
         return quoting(InvalidRequest(message, param=error.get("param"), code=_code(error)), said)
     if status == 501:  # llama.cpp's server without --embeddings: alive, it just does not do that

@@ -636,6 +636,28 @@ def test_a_prompt_longer_than_a_llama_cpp_context_is_openais_context_length_exce
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_prompt_longer_than_a_vllm_context_is_openais_context_length_exceeded(
+    start_gateway: Callable[..., ServerThread], stream: bool
+) -> None:
+    # vLLM says it in OpenAI's words with a numeric code (400), which the gateway dropped: LangChain
+    # raised a bare BadRequestError, not the ContextOverflowError it raises against OpenAI.
+    fake = FakeOpenAI(api_key=KEY)
+    fake.context_size, fake.context_server = 8, "vllm"
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
+        response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": "This model's maximum context length is 8 tokens. However, your request has 9 input"
+        " tokens. Please reduce the length of the input messages.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_prompt_longer_than_a_gemini_context_is_openais_context_length_exceeded(
     start_gateway: Callable[..., ServerThread], stream: bool
 ) -> None:

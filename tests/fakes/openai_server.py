@@ -29,7 +29,8 @@ class FakeOpenAI:
         self.models = models or ["gpt-4o-mini", "text-embedding-3-small"]
         self.api_key = api_key
         self.embeddings_served = embeddings  # False: as llama.cpp's server started without --embeddings
-        self.context_size: int | None = None  # a prompt of more words: llama.cpp's 400 for it
+        self.context_size: int | None = None  # a prompt of more words: a 400 for it, in the words of
+        self.context_server = "llama.cpp"  # llama.cpp's server, or "vllm"
         self.replies: deque[Reply] = deque()
         self.default = Reply()  # the answer when nothing is queued
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
@@ -95,10 +96,14 @@ class FakeOpenAI:
         return _json(self._completion(model, reply))
 
     def _overflow(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """llama.cpp's answer to a prompt longer than its context (a word counted as a token)."""
+        """llama.cpp's (or vLLM's) answer to a prompt longer than its context (a word counted as a token)."""
         words = sum(len(str(message.get("content") or "").split()) for message in body.get("messages") or [])
         if self.context_size is None or words <= self.context_size:
             return None
+        if self.context_server == "vllm":
+            return {"message": f"This model's maximum context length is {self.context_size} tokens."
+                    f" However, your request has {words} input tokens. Please reduce the length of the"
+                    " input messages.", "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
         return {"code": 400, "message": f"request ({words} tokens) exceeds the available context size"
                 f" ({self.context_size} tokens), try increasing it", "type": "exceed_context_size_error",
                 "n_prompt_tokens": words, "n_ctx": self.context_size}  # fmt: skip
