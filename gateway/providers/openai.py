@@ -333,6 +333,8 @@ def error_from(
 ) -> GatewayError:
     body = json_or_none(content)
     error = body.get("error") if isinstance(body, dict) else None
+    if error is None and isinstance(body, dict) and isinstance(body.get("message"), str):
+        error = body  # at the top level, as SGLang, FastChat and older vLLM releases write it
     error = (
         error if isinstance(error, dict) else {"message": error or content[:200].decode("utf-8", "replace")}
     )

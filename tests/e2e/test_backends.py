@@ -635,14 +635,17 @@ def test_a_prompt_longer_than_a_llama_cpp_context_is_openais_context_length_exce
     }
 
 
+@pytest.mark.parametrize("at_top", [False, True], ids=["nested", "at-top"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_prompt_longer_than_a_vllm_context_is_openais_context_length_exceeded(
-    start_gateway: Callable[..., ServerThread], stream: bool
+    start_gateway: Callable[..., ServerThread], stream: bool, at_top: bool
 ) -> None:
     # vLLM says it in OpenAI's words with a numeric code (400), which the gateway dropped: LangChain
-    # raised a bare BadRequestError, not the ContextOverflowError it raises against OpenAI.
+    # raised a bare BadRequestError, not the ContextOverflowError it raises against OpenAI. Older vLLM
+    # releases (and SGLang) write the error at the top level of the body, which the client got as
+    # that raw JSON, cut at 200 characters, for a message.
     fake = FakeOpenAI(api_key=KEY)
-    fake.context_size, fake.context_server = 8, "vllm"
+    fake.context_size, fake.context_server, fake.errors_at_top = 8, "vllm", at_top
     with serve(fake.app) as upstream:
         gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
         body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}

@@ -31,6 +31,9 @@ class FakeOpenAI:
         self.embeddings_served = embeddings  # False: as llama.cpp's server started without --embeddings
         self.context_size: int | None = None  # a prompt of more words: a 400 for it, in the words of
         self.context_server = "llama.cpp"  # llama.cpp's server, or "vllm"
+        # True: errors at the top level of the body ({"object": "error", "message": ...}), not under
+        # "error", as SGLang, FastChat and older vLLM releases write them
+        self.errors_at_top = False
         self.replies: deque[Reply] = deque()
         self.default = Reply()  # the answer when nothing is queued
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
@@ -81,7 +84,7 @@ class FakeOpenAI:
                      "type": "invalid_request_error", "param": None, "code": "model_not_found"}  # fmt: skip
             return _json({"error": error}, 404)
         if (overflow := self._overflow(body)) is not None:
-            return _json({"error": overflow}, 400)
+            return _json({"object": "error", **overflow} if self.errors_at_top else {"error": overflow}, 400)
         reply = self.replies.popleft() if self.replies else self.default
         if reply.delay_first:
             await asyncio.sleep(reply.delay_first)
