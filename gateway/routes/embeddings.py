@@ -45,7 +45,8 @@ def for_token_ids(state: State, plans: list[Plan], model: str) -> list[Plan]:
         where = ", ".join(f"{backend} ({kind})" for backend, kind in refusing.items())
         raise InvalidRequest(
             f"The model '{model}' is served by backends that take text input, not token arrays"
-            f" ({where}); send 'input' as text.",
+            f" ({where}); send 'input' as text (LangChain's OpenAIEmbeddings sends token arrays"
+            " unless created with check_embedding_ctx_length=False).",
             param="input",
         )
     return kept

@@ -512,6 +512,7 @@ def test_token_id_input(rig: Rig) -> None:
     elif rig.kind == "ollama":  # refused by the gateway: no backend was tried
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["param"] == "input"
+        assert "check_embedding_ctx_length=False" in answer.json()["error"]["message"]
         assert "x-phoenix-backend" not in answer.headers
     else:
         assert answer.status_code == 403, answer.text
