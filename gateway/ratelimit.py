@@ -111,6 +111,7 @@ class StoreUnreachable(Exception):
 
 
 class Store(Protocol):
+    leases_expire: bool  # whether leases must be renewed while their requests last
     async def admit(self, key: str, limits: Limits, cost: int, lease: str) -> Verdict:
         """Admit the request (debiting the buckets, and holding `lease` under max_inflight) or refuse it."""
         ...
@@ -129,6 +130,8 @@ class Store(Protocol):
 
 class MemoryStore:
     """Buckets in this process: (level, when) per key and kind."""
+
+    leases_expire = False
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
@@ -279,6 +282,8 @@ return 1
 
 class RedisStore:
     """Buckets in Redis, shared by every gateway that names the same server and prefix."""
+
+    leases_expire = True
 
     def __init__(self, url: str, prefix: str, *, log: Any) -> None:
         import redis.asyncio as redis  # noqa: PLC0415 (134 ms) only operators who configure Redis pay for the import
@@ -432,6 +437,8 @@ class RateLimiter:
         task.add_done_callback(self._settling.discard)
 
     def _hold(self, key: str, lease: str) -> None:
+        if not self.store.leases_expire:
+            return
         self._leases[lease] = key
         if self._renewing is None or self._renewing.done():
             self._renewing = asyncio.get_running_loop().create_task(self._renew())
