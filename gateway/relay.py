@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import orjson
@@ -225,6 +225,16 @@ class _Watchdog:
             self._handle = None
 
 
+class Encoder(Protocol):
+    """What makes a stream's events: chat's `ChunkEncoder`, or another API's (gateway/legacy.py)."""
+
+    def extend(self, fields: dict[str, str]) -> None: ...
+
+    def encode(self, chunk: Chunk) -> bytes: ...
+
+    def usage(self, usage: Usage) -> bytes: ...
+
+
 class ChunkEncoder:
     """Encodes chunks of one stream; the fixed envelope is serialised once per stream."""
 
@@ -317,11 +327,14 @@ class StreamRelay:
         finish: Callable[[int], None],
         on_unexpected: Callable[[BaseException], None],
         choices: int = 1,
+        encoder: Encoder | None = None,
     ) -> None:
         self._source = source
         self._choices = choices  # `n`: the answers are written side by side, their tokens counted together
         self._exchange = exchange
-        self._encoder = ChunkEncoder(random_id("chatcmpl-"), int(time.time()), model, include_usage)
+        self._encoder: Encoder = encoder or ChunkEncoder(
+            random_id("chatcmpl-"), int(time.time()), model, include_usage
+        )
         self._include_usage = include_usage
         self._finish = finish
         self._on_unexpected = on_unexpected
