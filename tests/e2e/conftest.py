@@ -6,9 +6,12 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,7 +19,9 @@ from gateway.app import create_app
 from gateway.config import Config, parse_config
 from gateway.protocol import GatewayHttpProtocol
 from tests.engines import MODELS, RealOllama
+from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama
+from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread, serve
 
 
@@ -141,3 +146,68 @@ class StreamInBackground:
         """The content of every chunk before the final `[DONE]` or error event."""
         chunks = [json.loads(event) for event in self.events[:-1]]
         return "".join((c["choices"] or [{}])[0].get("delta", {}).get("content") or "" for c in chunks)
+
+
+KEY = "sk-test-0123456789"  # what the fake OpenAI and Gemini backends take
+
+
+@dataclass
+class Rig:
+    kind: str
+    fake: FakeOllama | FakeOpenAI | FakeGemini
+    gateway: ServerThread
+    api: openai.OpenAI
+    audit: Path
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def upstream_bodies(self) -> list[dict[str, Any]]:
+        return self.fake.chat_bodies()
+
+
+def rig_config(kind: str, url: str, audit: Path | None = None, **extra: Any) -> Config:
+    """`extra`: more of the backend's settings."""
+    backend: dict[str, Any]
+    if kind == "ollama":
+        backend = {"name": "b", "type": "ollama", "base_url": url}
+        chat, embed = "llama3.2:latest", "nomic-embed-text:latest"
+    elif kind == "openai":
+        backend = {
+            "name": "b",
+            "type": "openai",
+            "base_url": url + "/v1",
+            "api_key_env": "FAKE_KEY",
+            "local": True,
+        }
+        chat, embed = "gpt-4o-mini", "text-embedding-3-small"
+    else:
+        backend = {"name": "b", "type": "gemini", "base_url": url + "/v1beta", "api_key_env": "FAKE_KEY"}
+        chat, embed = "gemini-2.5-flash", "gemini-embedding-001"
+    backend.update(extra)
+    models = [
+        {"name": "chat", "deployments": [{"backend": "b", "model": chat}]},
+        {"name": "embed", "deployments": [{"backend": "b", "model": embed}]},
+    ]
+    privacy = {"audit_log": str(audit)} if audit else {}
+    return parse_config({"backends": [backend], "models": models, "privacy": privacy}, "test")
+
+
+def rig_fake(kind: str) -> FakeOllama | FakeOpenAI | FakeGemini:
+    if kind == "ollama":
+        return FakeOllama(models=["llama3.2", "nomic-embed-text"])
+    return FakeOpenAI(api_key=KEY) if kind == "openai" else FakeGemini(api_key=KEY)
+
+
+# Every backend kind, each behind a gateway with an audit file; the official SDK as the client.
+@pytest.fixture(params=["ollama", "openai", "gemini"])
+def rig(
+    request: pytest.FixtureRequest, start_gateway: Callable[..., ServerThread], tmp_path: Path
+) -> Iterator[Rig]:
+    kind = request.param
+    fake = rig_fake(kind)
+    audit = tmp_path / "audit.jsonl"
+    with serve(fake.app) as upstream:
+        gateway = start_gateway(rig_config(kind, upstream.url, audit), environ={"FAKE_KEY": KEY})
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
+            yield Rig(kind, fake, gateway, api, audit)

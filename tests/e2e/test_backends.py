@@ -4,8 +4,7 @@ able to tell which backend answered, apart from the model it asked for."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import unquote
@@ -21,80 +20,18 @@ from openai.types.chat import (
 from openai.types.shared import ReasoningEffort
 from pydantic import BaseModel
 
-from gateway.config import Config, parse_config
-from tests.e2e.conftest import sample, scrape, wait_for
+from gateway.config import parse_config
+from tests.e2e.conftest import KEY, Rig, rig_config, rig_fake, sample, scrape, wait_for
 from tests.fakes.gemini_server import FakeGemini
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread, serve
 
 pytestmark = pytest.mark.e2e
-KEY = "sk-test-0123456789"
 TOOL: ChatCompletionFunctionToolParam = {
     "type": "function",
     "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
 }
-
-
-@dataclass
-class Rig:
-    kind: str
-    fake: FakeOllama | FakeOpenAI | FakeGemini
-    gateway: ServerThread
-    api: openai.OpenAI
-    audit: Path
-
-    def audit_records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit.read_text().splitlines()]
-
-    def upstream_bodies(self) -> list[dict[str, Any]]:
-        return self.fake.chat_bodies()
-
-
-def _config(kind: str, url: str, audit: Path | None = None, **extra: Any) -> Config:
-    """`extra`: more of the backend's settings."""
-    backend: dict[str, Any]
-    if kind == "ollama":
-        backend = {"name": "b", "type": "ollama", "base_url": url}
-        chat, embed = "llama3.2:latest", "nomic-embed-text:latest"
-    elif kind == "openai":
-        backend = {
-            "name": "b",
-            "type": "openai",
-            "base_url": url + "/v1",
-            "api_key_env": "FAKE_KEY",
-            "local": True,
-        }
-        chat, embed = "gpt-4o-mini", "text-embedding-3-small"
-    else:
-        backend = {"name": "b", "type": "gemini", "base_url": url + "/v1beta", "api_key_env": "FAKE_KEY"}
-        chat, embed = "gemini-2.5-flash", "gemini-embedding-001"
-    backend.update(extra)
-    models = [
-        {"name": "chat", "deployments": [{"backend": "b", "model": chat}]},
-        {"name": "embed", "deployments": [{"backend": "b", "model": embed}]},
-    ]
-    privacy = {"audit_log": str(audit)} if audit else {}
-    return parse_config({"backends": [backend], "models": models, "privacy": privacy}, "test")
-
-
-def _fake(kind: str) -> FakeOllama | FakeOpenAI | FakeGemini:
-    if kind == "ollama":
-        return FakeOllama(models=["llama3.2", "nomic-embed-text"])
-    return FakeOpenAI(api_key=KEY) if kind == "openai" else FakeGemini(api_key=KEY)
-
-
-@pytest.fixture(params=["ollama", "openai", "gemini"])
-def rig(
-    request: pytest.FixtureRequest, start_gateway: Callable[..., ServerThread], tmp_path: Path
-) -> Iterator[Rig]:
-    kind = request.param
-    fake = _fake(kind)
-    audit = tmp_path / "audit.jsonl"
-    with serve(fake.app) as upstream:
-        gateway = start_gateway(_config(kind, upstream.url, audit), environ={"FAKE_KEY": KEY})
-        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
-            yield Rig(kind, fake, gateway, api, audit)
 
 
 def test_plain_completion(rig: Rig) -> None:
@@ -218,7 +155,7 @@ def _streamed(
     """One answer from `fake`, streamed through a gateway with usage asked for: its chunks, as the
     official SDK reads them, and the gateway's URL (still serving, for its metrics)."""
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config(kind, upstream.url, **backend), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config(kind, upstream.url, **backend), environ={"FAKE_KEY": KEY})
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0, timeout=10) as api:
             chunks = list(
                 api.chat.completions.create(
@@ -260,7 +197,7 @@ class Unfinished(TypedDict, total=False):
 def test_a_stream_that_ends_cleanly_without_finish_reason_ends_with_stop(
     start_gateway: Callable[..., ServerThread], kind: str, unfinished: Unfinished
 ) -> None:
-    fake = _fake(kind)
+    fake = rig_fake(kind)
     fake.queue(Reply(pieces=["All of ", "the answer."], prompt_eval_count=4, **unfinished))
     chunks, _ = _streamed(kind, fake, start_gateway)
     _assert_ended_with_stop(chunks, "All of the answer.")
@@ -278,7 +215,7 @@ def test_a_stream_is_whole_at_its_end_marker_though_the_backend_holds_its_body_o
     # A proxy that holds back the last chunk: `done` (Ollama) or `[DONE]` (OpenAI) has come, the
     # HTTP body has not ended. The client's stream ends there, not at the idle deadline with an
     # error; also when [DONE] comes in a read of its own, bringing no chunk with it.
-    fake = _fake(kind)
+    fake = rig_fake(kind)
     fake.queue(
         Reply(
             pieces=["Hel", "lo"],
@@ -305,7 +242,7 @@ def test_a_gemini_stream_whose_body_ends_inside_an_event_is_an_error_not_a_stop(
     fake = FakeGemini(api_key=KEY)
     fake.queue(Reply(pieces=["hi ", "world"], cut_last=True))
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
         body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": True}
         with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=10) as response:
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -356,7 +293,7 @@ def test_a_gemini_json_schema_keeps_its_meaning_or_is_refused_saying_why(
     fake = FakeGemini(api_key=KEY)
     fake.queue(Reply(content="{}"), Reply(pieces=["{", "}"]))
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
         url = gateway.url + "/v1/chat/completions"
 
         def body(schema: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -392,7 +329,7 @@ def test_schema_keywords_the_client_wrote_with_line_breaks_or_any_character_are_
     keywords = ["x-\u20ac", "a\r\nx-injected: 1", 'a\n\ndata: {"injected": true}']
     fake = FakeGemini(api_key=KEY)
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
         url = gateway.url + "/v1/chat/completions"
         for keyword in keywords:
             schema = {"type": "object", "properties": {"a": {"type": "string", keyword: "x"}}}
@@ -417,9 +354,9 @@ def test_schema_keywords_the_client_wrote_with_line_breaks_or_any_character_are_
 def test_a_tool_choice_asking_for_a_call_without_tools_is_refused_before_the_backend(
     start_gateway: Callable[..., ServerThread], kind: str
 ) -> None:
-    fake = _fake(kind)
+    fake = rig_fake(kind)
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
         choice = {"type": "function", "function": {"name": "lookup"}}
         body = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "tool_choice": choice}
         refused = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10)
@@ -470,7 +407,7 @@ def test_an_ollama_embedding_answer_without_a_count_is_marked_unreported(
     fake = FakeOllama(models=["nomic-embed-text"])
     fake.embed_counts = False  # contracts/ollama.md 4: prompt_eval_count may be missing
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("ollama", upstream.url, tmp_path / "audit.jsonl"))
+        gateway = start_gateway(rig_config("ollama", upstream.url, tmp_path / "audit.jsonl"))
         answer = httpx.post(gateway.url + "/v1/embeddings", json={"model": "embed", "input": "one"})
         samples = scrape(gateway.url)
     assert answer.status_code == 200, answer.text
@@ -575,8 +512,8 @@ def test_upstream_api_key_is_sent_and_never_shown(
     Gemini says so with a 400 whose details read API_KEY_INVALID."""
     fake = FakeOpenAI(api_key=KEY) if kind == "openai" else FakeGemini(api_key=KEY)
     with serve(fake.app) as upstream:
-        good = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
-        bad = start_gateway(_config(kind, upstream.url), environ={"FAKE_KEY": "sk-wrong-secret"})
+        good = start_gateway(rig_config(kind, upstream.url), environ={"FAKE_KEY": KEY})
+        bad = start_gateway(rig_config(kind, upstream.url), environ={"FAKE_KEY": "sk-wrong-secret"})
         body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
         assert httpx.post(good.url + "/v1/chat/completions", json=body).status_code == 200
         sent = fake.requests[-1][2]
@@ -598,7 +535,7 @@ def test_embeddings_from_a_server_that_does_not_serve_them_are_a_400_and_no_faul
     # a failure, three embedding requests ejected it from chat as well (/readyz 503).
     fake = FakeOpenAI(api_key=KEY, embeddings=False)
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
         wait_for(lambda: httpx.get(gateway.url + "/readyz").status_code == 200)
         for _ in range(3):
             response = httpx.post(gateway.url + "/v1/embeddings", json={"model": "embed", "input": "x"})
@@ -624,7 +561,7 @@ def test_a_prompt_longer_than_a_llama_cpp_context_is_openais_context_length_exce
     fake = FakeOpenAI(api_key=KEY)
     fake.context_size = 8
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
         body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
         response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
     assert response.status_code == 400
@@ -648,7 +585,7 @@ def test_a_prompt_longer_than_a_vllm_context_is_openais_context_length_exceeded(
     fake = FakeOpenAI(api_key=KEY)
     fake.context_size, fake.context_server, fake.errors_at_top = 8, "vllm", at_top
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
         body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
         response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
     assert response.status_code == 400
@@ -672,7 +609,7 @@ def test_a_prompt_longer_than_a_gemini_context_is_openais_context_length_exceede
     said = "The input token count (1200293) exceeds the maximum number of tokens allowed (1048576)."
     fake.queue(Reply(status=400, error_text=said))
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
         body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
         response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
     assert response.status_code == 400
@@ -690,7 +627,7 @@ def test_a_backends_configured_headers_reach_it_and_its_host_header_names_it(
     # A virtual host behind a proxy: the URL is the proxy's, the Host header the server's name.
     fake = FakeOpenAI(api_key=KEY)
     with serve(fake.app) as upstream:
-        config = _config("openai", upstream.url)
+        config = rig_config("openai", upstream.url)
         backend = config.backends[0].model_copy(update={"headers": {"Host": "llm.internal", "x-team": "icu"}})
         gateway = start_gateway(config.model_copy(update={"backends": [backend]}), environ={"FAKE_KEY": KEY})
         body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
@@ -707,7 +644,7 @@ def test_openai_upstream_always_counts_tokens_when_streaming(
 ) -> None:
     fake = FakeOpenAI(api_key=KEY)
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
         body = {
             "model": "chat",
             "messages": [{"role": "user", "content": "x"}],
@@ -729,7 +666,7 @@ def test_a_backend_that_reports_no_usage_gives_zeros_marked_unreported_and_count
     fake = FakeOpenAI(api_key=KEY)
     fake.queue(Reply(content="Hello world", usage_missing=True))
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
         body: dict[str, Any] = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
         if stream:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -823,7 +760,7 @@ def test_reasoning_effort_reaches_gemini_as_its_thinking_config(
 ) -> None:
     fake = FakeGemini(api_key=KEY)
     with serve(fake.app) as upstream:
-        gateway = start_gateway(_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
+        gateway = start_gateway(rig_config("gemini", upstream.url), environ={"FAKE_KEY": KEY})
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="client", max_retries=0) as api:
             efforts: list[ReasoningEffort] = ["none", "high"]
             for effort in efforts:
