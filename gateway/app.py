@@ -1,7 +1,7 @@
 """create_app(config) -> the ASGI app: the route table, middleware, and a lifespan that owns the State.
 
-The two routes that carry the traffic, POST /v1/chat/completions and /v1/embeddings, go straight
-to their handlers (`HotRoutes`, the app's front, which also sets their request id); everything
+The routes that carry the traffic (POST /v1/chat/completions, /v1/completions and /v1/embeddings)
+go straight to their handlers (`HotRoutes`, the app's front, which also sets their request id); everything
 else goes through the request-id middleware, Starlette's exception middleware and router. The
 handlers turn every failure into an answer themselves, and Starlette's layers cost more per
 request than the gateway's own routing did on the benchmark (bench/README.md). Each coroutine
@@ -31,6 +31,7 @@ from gateway.metrics import forget_dead_workers, worker_exited
 from gateway.middleware import ASGIApp, Receive, RequestId, Scope, Send
 from gateway.openapi import openapi_json
 from gateway.routes.chat import chat_completions
+from gateway.routes.completions import completions
 from gateway.routes.embeddings import embeddings
 from gateway.routes.models import get_model, list_models
 from gateway.routes.ops import healthz, metrics, readyz
@@ -47,6 +48,7 @@ LAST_WORDS_SECONDS = 2.0
 Handler = Callable[[Incoming], Coroutine[Any, Any, Response]]
 HOT_ROUTES: dict[str, Handler] = {
     "/v1/chat/completions": chat_completions,
+    "/v1/completions": completions,
     "/v1/embeddings": embeddings,
 }
 
@@ -71,7 +73,10 @@ ROUTES = [
 ]
 
 
-API_ENDPOINTS = "POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models and GET /v1/models/{model}"
+API_ENDPOINTS = (
+    "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models and"
+    " GET /v1/models/{model}"
+)
 
 
 def _unknown_endpoint(method: str, path: str) -> str:

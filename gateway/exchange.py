@@ -50,6 +50,42 @@ class Exchange:
     finished: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
+    def branch(self) -> Exchange:
+        """A record for one of several backend requests made for this one (the prompts of a
+        completions request, sent at once): it carries what dispatch reads, and takes what
+        dispatch writes apart from its siblings'. `absorb` joins them back."""
+        return Exchange(
+            request_id=self.request_id,
+            endpoint=self.endpoint,
+            stream=self.stream,
+            requested_model=self.requested_model,
+            model_label=self.model_label,
+            affinity=self.affinity,
+            key_name=self.key_name,
+            privacy=self.privacy,
+            privacy_reason=self.privacy_reason,
+        )
+
+    def absorb(self, branches: list[Exchange]) -> None:
+        """The branches' backend requests as this request's. Metrics take one backend: the first
+        branch's (and its model); the request line lists every backend when they differ. Local
+        only when every branch that reached a backend was; the wait upstream is the longest."""
+        first = branches[0]
+        self.backend, self.served_model, self.answered_as = (
+            first.backend,
+            first.served_model,
+            first.answered_as,
+        )
+        tried = [branch.local for branch in branches if branch.backend]
+        self.local = all(tried) if tried else None
+        self.reached = any(branch.reached for branch in branches)
+        self.upstream_seconds += max(branch.upstream_seconds for branch in branches)
+        for branch in branches:
+            self.notes.update(branch.notes)
+        backends = sorted({branch.backend for branch in branches if branch.backend})
+        if len(backends) > 1:
+            self.notes["backends"] = backends
+
     def finish(self, status: int, metrics: Metrics, log: Any, audit: AuditLog | None = None) -> None:
         if self.finished:
             return

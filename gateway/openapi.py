@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from gateway.config import Config
 from gateway.responses import COMPONENTS, INTEGER, REF, STRING, Schema, ref
-from gateway.schemas import ChatRequest, EmbeddingRequest
+from gateway.schemas import MAX_PROMPTS, ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.state import State, json_response
 
 OPENAPI_VERSION = "3.1.0"
@@ -79,14 +79,35 @@ RESPONSE_FORMAT_RULES = [
 ]
 
 
+# What the completions route refuses beyond the fields' own types (gateway/legacy.py `check`);
+# `best_of` other than `n` is refused too, which a schema cannot say.
+COMPLETION_RULES = [
+    {
+        "not": {
+            "required": ["echo", "logprobs"],
+            "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
+        }
+    }
+]
+
+
 def request_schemas(model_names: list[str]) -> dict[str, Schema]:
-    """ChatRequest, EmbeddingRequest and every model they use, keyed by name for components."""
+    """ChatRequest, CompletionRequest, EmbeddingRequest and every model they use, keyed by name
+    for components."""
     schemas: dict[str, Schema] = {}
-    for model in (ChatRequest, EmbeddingRequest):
+    for model in (ChatRequest, CompletionRequest, EmbeddingRequest):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    for name in ("ChatRequest", "EmbeddingRequest"):
+    completion = schemas["CompletionRequest"]
+    completion["properties"]["prompt"] = {
+        "description": "Text: one prompt, or several (each answered as its own chat request).",
+        "anyOf": [STRING, {"type": "array", "items": STRING, "minItems": 1, "maxItems": MAX_PROMPTS}],
+    }
+    completion["properties"]["suffix"] = {"type": "null", "description": "Not served: null or left out."}
+    completion["properties"]["best_of"]["description"] = "Equal to `n`, or left out."
+    completion["allOf"] = COMPLETION_RULES
+    for name in ("ChatRequest", "CompletionRequest", "EmbeddingRequest"):
         field = schemas[name]["properties"]["model"]
         field["description"] = "A configured model name or alias, or a name a pattern route accepts."
         if model_names:
@@ -197,9 +218,21 @@ def document(config: Config) -> dict[str, Any]:
         },
     }
     chat = routed_post("Create a chat completion", "createChatCompletion", "ChatRequest", chat_ok, secured)
+    text_ok = {
+        "description": (
+            "A text completion (each prompt served as a chat request with one user message);"
+            " with `stream: true` server-sent events of the same shape."
+        ),
+        "headers": ROUTED_HEADERS,
+        "content": {
+            "application/json": {"schema": ref("TextCompletion")},
+            "text/event-stream": {"schema": ref("TextCompletionStreamEvent")},
+        },
+    }
+    text = routed_post("Create a text completion", "createCompletion", "CompletionRequest", text_ok, secured)
     embed_ok = json_body(ref("Embeddings"), "The embeddings, one per input, in order.", ROUTED_HEADERS)
     embed = routed_post("Create embeddings", "createEmbedding", "EmbeddingRequest", embed_ok, secured)
-    for operation in (chat, embed):  # the privacy header's name is configurable
+    for operation in (chat, text, embed):  # the privacy header's name is configurable
         operation["parameters"][0]["name"] = config.privacy.header
     auth_errors: dict[str, Schema] = errors(401) if secured else {}
     security: dict[str, Any] = {"security": [{"bearerAuth": []}]} if secured else {}
@@ -233,6 +266,7 @@ def document(config: Config) -> dict[str, Any]:
     ops: dict[str, Any] = {"tags": ["Operations"], "security": []}
     paths = {
         "/v1/chat/completions": {"post": chat},
+        "/v1/completions": {"post": text},
         "/v1/embeddings": {"post": embed},
         "/v1/models": {"get": models},
         "/v1/models/{model_id}": {"get": model},

@@ -220,6 +220,71 @@ STREAM_EVENT: Schema = {
     },
 }
 
+LEGACY_LOGPROBS: Schema = {
+    "type": "object",
+    "description": (
+        "With `logprobs: K`, from backends that report them: each token, its log probability, its"
+        " K most likely alternatives with the token itself, and its offset in `text`."
+    ),
+    "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    "properties": {
+        "tokens": {"type": "array", "items": STRING},
+        "token_logprobs": {"type": "array", "items": nullable({"type": "number"})},
+        "top_logprobs": {
+            "type": "array",
+            "items": {"type": "object", "additionalProperties": nullable({"type": "number"})},
+        },
+        "text_offset": {"type": "array", "items": INTEGER},
+    },
+}
+
+
+def _text_completion(chunk: bool) -> Schema:
+    """A legacy completion, or (`chunk`) one event of its stream, which has the same shape."""
+    finish = {"type": "string", "enum": ["stop", "length", "content_filter"]}
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"] + ([] if chunk else ["usage"]),
+        "properties": {
+            "id": STRING,
+            "object": {"const": "text_completion"},
+            "created": INTEGER,
+            "model": STRING,
+            "choices": {
+                "type": "array",
+                "description": "Numbered prompt_index * n + j."
+                + (" Empty in the usage event." if chunk else ""),
+                "items": {
+                    "type": "object",
+                    "required": ["text", "index", "logprobs", "finish_reason"],
+                    "properties": {
+                        "text": STRING,
+                        "index": INTEGER,
+                        "logprobs": nullable(ref("LegacyLogprobs")),
+                        "finish_reason": nullable(finish) if chunk else finish,
+                    },
+                },
+            },
+            "usage": ref("Usage"),
+            "system_fingerprint": {"type": "string", "description": "An OpenAI backend's, as sent."},
+        },
+    }
+
+
+TEXT_STREAM_EVENT: Schema = {
+    **STREAM_EVENT,
+    "properties": {
+        "data": {
+            "type": "string",
+            "if": {"const": "[DONE]"},
+            "else": {
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [ref("TextCompletionChunk"), ref("Error")]},
+            },
+        },
+    },
+}
+
 EMBEDDINGS: Schema = {
     "type": "object",
     "required": ["object", "data", "model", "usage"],
@@ -288,6 +353,10 @@ COMPONENTS: dict[str, Schema] = {
     "ChatCompletion": CHAT_COMPLETION,
     "ChatCompletionChunk": CHAT_COMPLETION_CHUNK,
     "ChatCompletionStreamEvent": STREAM_EVENT,
+    "LegacyLogprobs": LEGACY_LOGPROBS,
+    "TextCompletion": _text_completion(chunk=False),
+    "TextCompletionChunk": _text_completion(chunk=True),
+    "TextCompletionStreamEvent": TEXT_STREAM_EVENT,
     "Embeddings": EMBEDDINGS,
     "Model": MODEL,
     "ModelList": MODEL_LIST,

@@ -300,6 +300,70 @@ class ChatRequest(Wire):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+MAX_PROMPTS = 128  # per completions request: each is a request to a backend of its own, run at once
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's `max_tokens` when a completions request gives none
+
+
+class CompletionRequest(Wire):
+    """OpenAI's legacy text completion request (CreateCompletionRequest). Each prompt is served as
+    a chat request with one user message, so the model's chat template applies to it."""
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
+    prompt: str | list[str]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, int] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool | None = False
+    suffix: str | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None  # the gateway's own (privacy), as on chat
+    REFUSED: ClassVar[Mapping[str, str]] = ChatRequest.REFUSED
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, value: Any) -> Any:
+        """Token ids (a list of integers, or of lists of them) are OpenAI's too, but the gateway
+        has no tokenizer to turn them back into the text a chat template takes."""
+        if isinstance(value, list) and value and all(isinstance(item, int | list) for item in value):
+            raise ValueError(
+                "token ids are not served here (the gateway has no tokenizer to read them):"
+                " send the prompt as a string or a list of strings"
+            )
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty array")
+        if isinstance(value, list) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def choices(self) -> int:
+        """How many completions the answer holds: `n` for each prompt."""
+        return (self.n or 1) * len(self.prompts)
+
+    @property
+    def answer_tokens(self) -> int:
+        """What every completion together may generate, for the rate limiter's estimate."""
+        return (self.max_tokens or DEFAULT_COMPLETION_TOKENS) * self.choices
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
 class EmbeddingRequest(Wire):
     model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     input: str | list[str] | list[int] | list[list[int]]

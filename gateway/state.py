@@ -258,15 +258,16 @@ class State:
                     plans.append(local)
             return plans
         local = await self._local_plan(plan)
-        # A chat model: it would answer an embedding request with an error, or with vectors of
-        # another model, size and space.
-        substitute = self.config.privacy.local_model if exchange.endpoint == "chat" else None
+        # A chat model (text completions are served as chat): it would answer an embedding request
+        # with an error, or with vectors of another model, size and space.
+        chat = exchange.endpoint != "embeddings"
+        substitute = self.config.privacy.local_model if chat else None
         if local is None and substitute is not None and substitute != plan.route:
             local = await self._local_plan(self.router.plan(substitute))
             if local is not None:
                 exchange.notes["privacy_substitute"] = substitute
         if local is None:
-            raise privacy.refusal(model, decision, chat=exchange.endpoint == "chat", substitute=substitute)
+            raise privacy.refusal(model, decision, chat=chat, substitute=substitute)
         return [local]
 
     async def admit(

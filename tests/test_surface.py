@@ -15,6 +15,7 @@ from tests.e2e.conftest import ollama_config
 def test_route_table() -> None:
     assert [(route.path, sorted(route.methods or ())) for route in ROUTES] == [
         ("/v1/chat/completions", ["POST"]),
+        ("/v1/completions", ["POST"]),
         ("/v1/embeddings", ["POST"]),
         ("/v1/models", ["GET", "HEAD"]),
         ("/v1/models/{model_id:path}", ["GET", "HEAD"]),

@@ -115,7 +115,7 @@ UNROUTED = {
     "models": ("GET", "/v1/models", f"Bearer {SECRET_KEY}", 200, "models"),
     "model-unknown": ("GET", "/v1/models/nope", f"Bearer {SECRET_KEY}", 404, "models"),
     "wrong-method": ("DELETE", "/v1/chat/completions", f"Bearer {SECRET_KEY}", 405, "other"),
-    "unknown-path": ("POST", "/v1/completions", f"Bearer {SECRET_KEY}", 404, "other"),
+    "unknown-path": ("POST", "/v1/responses", f"Bearer {SECRET_KEY}", 404, "other"),
 }
 
 
@@ -147,6 +147,28 @@ def test_models_unknown_paths_and_wrong_methods_get_their_request_line_and_metri
     assert recorded == {request_id: (call[4], call[3]) for request_id, call in UNROUTED.items()}
     assert sum(e["event"] == "request" for e in events) == len(UNROUTED)  # one line each
     assert counted == {"models 401": 2, "models 200": 1, "models 404": 1, "other 405": 1, "other 404": 1}
+
+
+def test_a_text_completion_of_several_prompts_writes_one_request_line_without_them(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    def completions(url: str) -> None:
+        body = {"model": "llama3.2", "prompt": [PROMPT, "and then?"], "stream": True}
+        headers = {"authorization": f"Bearer {SECRET_KEY}", "x-request-id": "text-1"}
+        answer = httpx.post(url + "/v1/completions", json=body, headers=headers)
+        assert answer.status_code == 200 and answer.text.endswith("data: [DONE]\n\n")
+        assert answer.headers["x-request-id"] == "text-1"
+
+    lines = run_gateway(tmp_path, fake_ollama[1].url, "info", completions)
+    [line] = [event for event in map(json.loads, lines) if event["event"] == "request"]
+    assert (line["request_id"], line["endpoint"], line["status"], line["stream"]) == (
+        "text-1",
+        "completions",
+        200,
+        True,
+    )
+    assert (line["backend"], line["key"], line["prompt_tokens"]) == ("ollama", "app", 24)
+    assert "Zebulon" not in "\n".join(lines) and "and then?" not in "\n".join(lines)
 
 
 def test_the_level_comes_from_the_environment(

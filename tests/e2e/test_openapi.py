@@ -66,9 +66,13 @@ def test_document_is_valid_openapi() -> None:
         "504",
     }
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    text = keyed_doc["paths"]["/v1/completions"]["post"]
+    assert (text["security"], set(text["responses"])) == (chat["security"], set(chat["responses"]))
+    assert set(text["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     assert keyed_doc["paths"]["/healthz"]["get"]["security"] == []
-    model = open_doc["components"]["schemas"]["ChatRequest"]["properties"]["model"]
-    assert model["examples"] == ["llama3.2", "default", "embed"] and "enum" not in model
+    for request in ("ChatRequest", "CompletionRequest", "EmbeddingRequest"):
+        model = open_doc["components"]["schemas"][request]["properties"]["model"]
+        assert model["examples"] == ["llama3.2", "default", "embed"] and "enum" not in model
 
 
 def test_every_route_is_documented_and_nothing_else() -> None:
@@ -96,19 +100,24 @@ def test_the_gateway_serves_its_document(
 def _served(strategy: st.SearchStrategy[Any], names: list[str]) -> st.SearchStrategy[Any]:
     """Generated model names are almost never ones the gateway knows (404), optional fields such as
     `stream` are seldom generated, and most generated conversations hold something Ollama cannot take
-    (an image by URL, n > 1): put in a model it serves, stream half the chats, and give half of those
-    a plain conversation, so that completions and streams are checked too, not only errors."""
+    (an image by URL, n > 1): put in a model it serves, stream half the chats and text completions,
+    and give half of those a plain conversation or prompt, so that completions and streams are
+    checked too, not only errors."""
 
     def edit(drawn: tuple[Any, str, int, bool, bool]) -> Any:
         case, name, stream, include_usage, plain = drawn
         if isinstance(case.body, dict):
             case.body["model"] = name
-            if "messages" in case.body and stream:
+            if ("messages" in case.body or "prompt" in case.body) and stream:
                 case.body["stream"] = stream == 1
                 case.body["stream_options"] = {"include_usage": include_usage}
-                if plain:
+                if plain and "messages" in case.body:
                     case.body["messages"] = [{"role": "user", "content": "Hi"}]
                     case.body.pop("n", None)
+                elif plain:  # a text completion: one prompt or two, as the client may send them
+                    case.body["prompt"] = "Hi" if stream == 1 else ["Hi", "Bye"]
+                    for field in ("n", "best_of", "suffix"):
+                        case.body.pop(field, None)
         return case
 
     choices = st.sampled_from([0, 1, 1, 2])

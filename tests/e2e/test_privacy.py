@@ -214,6 +214,33 @@ def test_a_private_request_never_reaches_the_cloud(
         assert "ollama-1" in answer.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_a_text_completion_with_personal_data_never_reaches_the_cloud(
+    rig: Rig, scenario: str, stream: bool
+) -> None:
+    # One prompt of two holds an e-mail address: the whole request is private, every prompt local.
+    model = "gpt" if scenario.startswith("cloud-only") else "chat"
+    prompts = ["Summarise the visit notes.", "Reply to ana.lopez@example.org when done."]
+    before = rig.cloud_calls()
+    answer = httpx.post(
+        rig.gateways[scenario].url + "/v1/completions",
+        json={"model": model, "prompt": prompts, "max_tokens": 5, "stream": stream},
+        headers={"authorization": f"Bearer {APP_KEY}"},
+        timeout=10,
+    )
+    status, backend, substitute = EXPECTED[scenario]
+    assert rig.cloud_calls() == before, "a cloud backend received a private request"
+    assert answer.status_code == status, answer.text
+    assert answer.headers["x-phoenix-privacy"] == "private;reason=pii:email"
+    assert answer.headers.get("x-phoenix-backend") == backend
+    if status == 200:
+        assert f'"model":"{substitute or model}"' in answer.text.replace(" ", "")
+        assert '"object":"text_completion"' in answer.text.replace(" ", "")
+    if status == 403:
+        assert answer.json()["error"]["code"] == "privacy_violation"
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_public_requests_may_use_the_cloud(rig: Rig, scenario: str) -> None:
     body, headers = request_for("none", scenario)

@@ -86,6 +86,26 @@ def test_streaming_matches_ollama_itself(real_ollama: RealOllama, gateway: Serve
     assert chunks[-1].usage.completion_tokens == expected["eval_count"]
 
 
+def test_a_text_completion_is_the_prompt_as_a_chat_message(
+    real_ollama: RealOllama, gateway: ServerThread
+) -> None:
+    # What the model answers to the prompt as one user message, through its chat template.
+    expected = direct(real_ollama, temperature=0, seed=1, num_predict=12)
+    prompt = str(QUESTION[0]["content"])
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=120) as api:
+        reply = api.completions.create(model="smol", prompt=prompt, temperature=0, seed=1, max_tokens=12)
+        streamed = list(
+            api.completions.create(
+                model="smol", prompt=[prompt, prompt], temperature=0, seed=1, max_tokens=12, stream=True
+            )
+        )
+    assert reply.choices[0].text == expected["message"]["content"]
+    assert reply.usage is not None and reply.usage.completion_tokens == expected["eval_count"]
+    for index in (0, 1):
+        text = "".join(choice.text for chunk in streamed for choice in chunk.choices if choice.index == index)
+        assert text == expected["message"]["content"]
+
+
 def test_models_come_from_the_real_tags(gateway: ServerThread) -> None:
     ids = {m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]}
     assert {"smol", SMOLLM2} <= ids

@@ -96,7 +96,7 @@ class FakeOpenAI:
             return Response(b"<html>502 Bad Gateway</html>", media_type="text/event-stream")
         if body.get("stream"):
             return StreamingResponse(self._events(model, reply, body), media_type="text/event-stream")
-        return _json(self._completion(model, reply))
+        return _json(self._completion(model, reply, body))
 
     def _overflow(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """llama.cpp's (or vLLM's) answer to a prompt longer than its context (a word counted as a token)."""
@@ -121,8 +121,19 @@ class FakeOpenAI:
         return calls
 
     @staticmethod
-    def _usage(reply: Reply) -> dict[str, int]:
+    def _logprob(body: dict[str, Any], position: int, piece: str) -> dict[str, Any]:
+        """A piece's entry of `logprobs.content`, as if it were one token, with the `top_logprobs`
+        alternatives asked for (the token itself first)."""
+        logprob = -0.5 * (position + 1)
+        alternatives = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}]
+        alternatives += [{"token": f"alt{k}", "logprob": logprob - k - 1, "bytes": None} for k in range(19)]
+        top = body.get("top_logprobs") or 0
+        return {**alternatives[0], "top_logprobs": alternatives[:top]}
+
+    @staticmethod
+    def _usage(reply: Reply, choices: int = 1) -> dict[str, int]:
         completion = len(reply.stream_pieces()) if reply.eval_count is None else reply.eval_count
+        completion *= choices
         return {"prompt_tokens": reply.prompt_eval_count, "completion_tokens": completion,
                 "total_tokens": reply.prompt_eval_count + completion}  # fmt: skip
 
@@ -131,15 +142,22 @@ class FakeOpenAI:
             return "length"
         return "tool_calls" if reply.tool_calls else "stop"
 
-    def _completion(self, model: str, reply: Reply) -> dict[str, Any]:
+    def _completion(self, model: str, reply: Reply, body: dict[str, Any]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.stream_pieces()) or None}
         if reply.tool_calls:
             message["tool_calls"] = self._calls(reply)
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(reply)}
+        logprobs = None
+        if body.get("logprobs"):
+            logprobs = {"content": [self._logprob(body, i, p) for i, p in enumerate(reply.stream_pieces())]}
+        n = body.get("n") or 1
+        finish = self._finish(reply)
+        choices = [
+            {"index": j, "message": message, "logprobs": logprobs, "finish_reason": finish} for j in range(n)
+        ]
         answer = {"id": "chatcmpl-up", "object": "chat.completion", "created": int(time.time()),
-                  "model": model, "choices": [choice]}  # fmt: skip
+                  "model": model, "choices": choices}  # fmt: skip
         if not reply.usage_missing:
-            answer["usage"] = self._usage(reply)
+            answer["usage"] = self._usage(reply, n)
         return answer
 
     async def _events(self, model: str, reply: Reply, body: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -150,9 +168,13 @@ class FakeOpenAI:
             "model": model,
         }
 
-        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
+        n = body.get("n") or 1
+
+        def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+            choices = [
+                {"index": j, "delta": delta, "logprobs": logprobs, "finish_reason": finish} for j in range(n)
+            ]
+            return b"data: " + orjson.dumps({**head, "choices": choices}) + b"\n\n"
 
         try:
             yield event({"role": "assistant", "content": ""})
@@ -166,7 +188,8 @@ class FakeOpenAI:
                     return
                 if i and reply.delay_between:
                     await asyncio.sleep(reply.delay_between)
-                yield event({"content": piece})
+                logprobs = {"content": [self._logprob(body, i, piece)]} if body.get("logprobs") else None
+                yield event({"content": piece}, logprobs=logprobs)
             for i, call in enumerate(self._calls(reply)):
                 # Fragmented as OpenAI does: id and name first, then the arguments in two pieces.
                 args = call["function"]["arguments"]
@@ -185,7 +208,11 @@ class FakeOpenAI:
             if not reply.finish_missing:
                 yield event({}, self._finish(reply))
             if (body.get("stream_options") or {}).get("include_usage") and not reply.usage_missing:
-                yield b"data: " + orjson.dumps({**head, "choices": [], "usage": self._usage(reply)}) + b"\n\n"
+                yield (
+                    b"data: "
+                    + orjson.dumps({**head, "choices": [], "usage": self._usage(reply, n)})
+                    + b"\n\n"
+                )
             if reply.delay_done:
                 await asyncio.sleep(reply.delay_done)
             yield b"data: [DONE]\n\n"

@@ -1,0 +1,90 @@
+"""POST /v1/completions, OpenAI's legacy text completions, streaming and not, served as chat
+(gateway/legacy.py) through the same steps as POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.responses import Response
+
+from gateway.body import read_json, validate, written
+from gateway.errors import GatewayError
+from gateway.eventstream import EventStream
+from gateway.incoming import Incoming
+from gateway.legacy import (
+    TextEncoder,
+    about_prompt,
+    chat_requests,
+    check,
+    complete_all,
+    joined,
+    open_all,
+    text_completion_body,
+)
+from gateway.relay import UNREPORTED, StreamRelay, notice_headers
+from gateway.schemas import ChatRequest, CompletionRequest
+from gateway.state import json_response
+
+
+async def completions(request: Incoming) -> Response:
+    state = request.state
+    exchange = state.begin(request.request_id, "completions")
+    chats: list[ChatRequest] = []  # once there are, an error about their messages is about the prompt
+    try:
+        key = state.authenticate(request.headers, exchange)
+        data = await read_json(request, state.config.server.max_body_bytes)
+        legacy = validate(CompletionRequest, data)
+        check(legacy, data)
+        chats = chat_requests(legacy, data)
+        exchange.stream = bool(legacy.stream)
+        if state.config.routing.affinity == "prefix":
+            exchange.affinity = f"{exchange.key_name}|{chats[0].conversation()}"
+        plans = await state.plans(
+            request.headers,
+            exchange,
+            key=key,
+            model=legacy.model,
+            metadata=legacy.metadata,
+            texts=lambda: written(data),
+        )
+        await state.admit(exchange, key, legacy.prompts, legacy.answer_tokens)
+        n = legacy.n or 1
+        if legacy.stream:
+            departure = request.watch()
+            try:
+                source = await open_all(state.dispatcher, plans, chats, exchange, n)
+            except BaseException:
+                departure.stop()
+                raise
+            relay = StreamRelay(
+                source,
+                exchange,
+                model=exchange.answered_as,
+                include_usage=legacy.include_usage,
+                finish=lambda status: state.finish(exchange, status),
+                on_unexpected=state.unexpected,
+                choices=legacy.choices,
+                encoder=TextEncoder(legacy, exchange.answered_as),
+            )
+            return EventStream(  # type: ignore[return-value]
+                relay.body(),
+                state.headers(exchange),
+                on_client_gone=relay.client_gone,
+                departure=departure,
+                stalled=relay.client_stalled,
+            )
+        completion = joined(await complete_all(state.dispatcher, plans, chats, exchange))
+        if completion.counted:
+            exchange.usage = completion.usage
+        else:  # the client gets zeros; the books and the rate limiter do not take them for a count
+            completion.notices["usage"] = UNREPORTED
+        exchange.notes.update(completion.notices)
+        headers = {**state.headers(exchange), **notice_headers(completion.notices)}
+        body = text_completion_body(completion, legacy, model=exchange.answered_as)
+        return json_response(body, headers=headers, after=lambda: state.finish(exchange, 200))
+    except GatewayError as error:
+        return state.fail(exchange, about_prompt(error) if chats else error, unread=not request.body_read)
+    except asyncio.CancelledError:
+        return state.cancelled(exchange, request)
+    except Exception as error:
+        return state.crash(exchange, error)
