@@ -146,12 +146,11 @@ def summed(usages: Iterable[Usage]) -> Usage:
     return total
 
 
-def joined(completions: list[Completion]) -> Completion:
+def joined(completions: list[Completion], n: int) -> Completion:
     """The answers to every prompt as one: their choices numbered prompt_index * n + j, their
     usage summed (counted only when every backend counted), their notices together."""
     if len(completions) == 1:
         return completions[0]
-    n = len(completions[0].choices)
     choices = []
     for position, completion in enumerate(completions):
         for choice in completion.choices:

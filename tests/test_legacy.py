@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.legacy import FINISH, TextEncoder, chat_requests, fan_in, legacy_logprobs
+from gateway.legacy import FINISH, TextEncoder, chat_requests, fan_in, joined, legacy_logprobs
 from gateway.relay import StreamSource
-from gateway.schemas import Chunk, CompletionRequest, Usage
+from gateway.schemas import Choice, Chunk, Completion, CompletionRequest, Usage
 
 pytestmark = pytest.mark.anyio
 ENTRIES = [
@@ -74,6 +74,19 @@ def test_logprobs_k_asks_chat_for_k_alternatives(logprobs: int, top: int) -> Non
     data: dict[str, Any] = {"model": "m", "prompt": "a", "logprobs": logprobs, "max_tokens": 4}
     [chat] = chat_requests(CompletionRequest.model_validate(data), data)
     assert (chat.logprobs, chat.top_logprobs, chat.max_tokens) == (True, top, 4)
+
+
+def test_answers_are_joined_numbered_by_the_n_asked_for_whatever_came_back() -> None:
+    # A backend that returns fewer choices than `n` leaves gaps, not another prompt's numbers.
+    first = Completion([Choice(0, "a")], Usage(2, 1, cached_tokens=1))
+    second = Completion([Choice(0, "b")], Usage(3, 1), counted=False, notices={"usage": "x"})
+    whole = joined([first, second], n=2)
+    assert [(choice.index, choice.content) for choice in whole.choices] == [(0, "a"), (2, "b")]
+    assert (whole.usage, whole.counted, whole.notices) == (
+        Usage(5, 2, cached_tokens=1),
+        False,
+        {"usage": "x"},
+    )
 
 
 def test_the_stream_encoder_echoes_each_prompt_once_before_its_choice_text() -> None:

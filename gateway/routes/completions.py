@@ -73,7 +73,7 @@ async def completions(request: Incoming) -> Response:
                 departure=departure,
                 stalled=relay.client_stalled,
             )
-        completion = joined(await complete_all(state.dispatcher, plans, chats, exchange))
+        completion = joined(await complete_all(state.dispatcher, plans, chats, exchange), n)
         if completion.counted:
             exchange.usage = completion.usage
         else:  # the client gets zeros; the books and the rate limiter do not take them for a count
