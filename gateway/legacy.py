@@ -253,7 +253,16 @@ async def together(tasks: Sequence[asyncio.Future[T]]) -> list[T]:
         for task in tasks:
             task.cancel()
         await asyncio.wait(tasks)
+        _retrieved(tasks)
         raise
+
+
+def _retrieved(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Marks the failures of ended futures as seen: one is raised, the others only went with it
+    (asyncio would log them as never retrieved)."""
+    for future in futures:
+        if not future.cancelled():
+            future.exception()
 
 
 async def _close(source: StreamSource) -> None:
@@ -317,6 +326,7 @@ class _FanIn:
                 future.cancel()
             if pending:  # a stream is closed only once nothing is reading it
                 await asyncio.wait(pending)
+                _retrieved(pending)
             for stream in streams:
                 await stream.aclose()  # type: ignore[attr-defined]
 
