@@ -650,7 +650,11 @@ def test_unknown_endpoint_is_an_openai_shaped_404(gateway: ServerThread, method:
             "/v1/chat/completions/",
             "Did you mean POST /v1/chat/completions, without the trailing slash?",
         ),
-        ("POST", "/v1/responses", "This gateway serves POST /v1/chat/completions, POST /v1/embeddings, GET"),
+        (
+            "POST",
+            "/v1/responses",
+            "This gateway serves POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings",
+        ),
         ("GET", "/chat/completions", "This gateway serves POST /v1/chat/completions"),
     ],
 )
