@@ -112,6 +112,7 @@ class StoreUnreachable(Exception):
 
 class Store(Protocol):
     leases_expire: bool  # whether leases must be renewed while their requests last
+
     async def admit(self, key: str, limits: Limits, cost: int, lease: str) -> Verdict:
         """Admit the request (debiting the buckets, and holding `lease` under max_inflight) or refuse it."""
         ...
