@@ -13,7 +13,9 @@ What it guarantees:
 - a keep-alive connection idle for IDLE_SECONDS is not reused: servers close theirs after a few
   seconds (uvicorn after 5), and a request written just as the server closes would fail. A request
   is never sent twice (a POST may have started a generation): a connection that closes before
-  answering is a failure for dispatch to retry on another instance;
+  answering is a failure for dispatch to retry on another instance. Nor is it kept: one timer
+  closes it, so that a backend no longer asked (removed by a reload) is not held open for good by
+  a server that never closes idle connections itself (Ollama's Go server does not);
 - reading pauses when more than READ_HIGH body bytes wait for the reader;
 - an answer is what its framing says and nothing else: a body cut short, whatever its framing, or
   by a reset, is an error, never a shorter answer; headers past HEAD_LIMIT (a header line that
@@ -469,9 +471,10 @@ class Pool:
         self._max = max_connections
         self._wait = wait
         self._open = 0
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}  # each list oldest first
         self._all: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._sweep: asyncio.TimerHandle | None = None  # while connections are idle: _close_stale
 
     async def send(
         self, method: str, target: Target, headers: bytes, body: bytes | None, connect_timeout: float
@@ -571,7 +574,22 @@ class Pool:
         while idle and now - idle[0].idle_since >= IDLE_SECONDS:  # the oldest first
             idle.pop(0)._close()
         idle.append(connection)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_stale)
         self._wake_one()  # a request waiting for room may take it
+
+    def _close_stale(self) -> None:
+        """Every IDLE_SECONDS while connections are idle: close those idle that long, which no
+        request would reuse, whether or not their backend is asked again."""
+        now = asyncio.get_running_loop().time()
+        for key, idle in list(self._idle.items()):
+            while idle and now - idle[0].idle_since >= IDLE_SECONDS:  # the oldest first
+                idle.pop(0)._close()
+            if not idle:
+                del self._idle[key]
+        self._sweep = None
+        if self._idle:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_stale)
 
     def closed(self, connection: _Connection) -> None:
         if connection not in self._all:
@@ -583,6 +601,9 @@ class Pool:
         self._room()
 
     async def aclose(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for connection in list(self._all):
             connection._close()
         if self._all:

@@ -19,8 +19,10 @@ import httpx
 import pytest
 import yaml
 
+from gateway import http1
 from gateway.audit import verify
 from tests.e2e.conftest import StreamInBackground, sample, scrape, wait_for
+from tests.fakes.faulty_server import FaultyOllama, ok, sleep
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import GatewayProcess, ServerThread, free_port, gateway_process, serve, wait_for_workers
 
@@ -211,6 +213,39 @@ def test_a_request_failing_on_a_removed_instance_is_retried_on_one_that_stays(se
     assert answer.headers["x-phoenix-backend"] == "b"
     assert len(served.fakes["b"].chat_bodies()) == chats_on_b + 1
     assert not [e for e in served.log_events() if e.get("event") == "internal error"]
+
+
+def test_the_idle_connections_to_a_removed_instance_are_closed(tmp_path: Path) -> None:
+    """Ollama's server never closes an idle keep-alive connection (FaultyOllama does not either):
+    the gateway must, or a backend a reload removed keeps its connections open for good."""
+    config_path = tmp_path / "gateway.yaml"
+
+    def write_config(fakes: list[FaultyOllama]) -> None:
+        backends = [{"name": f"o{i}", "type": "ollama", "base_url": f.url} for i, f in enumerate(fakes)]
+        deployments = [{"backend": b["name"], "model": "llama3.2"} for b in backends]
+        config = {"backends": backends, "models": [{"name": "llama3.2", "deployments": deployments}]}
+        config_path.write_text(yaml.safe_dump(config))
+
+    def open_connections(fake: FaultyOllama) -> int:
+        return sum(1 for connection in fake.connections if connection.closed_at is None)
+
+    stays, gone = FaultyOllama(), FaultyOllama()
+    with stays.running(), gone.running():
+        write_config([stays, gone])
+        with gateway_process(["--config", str(config_path)], tmp_path / "stderr.log") as gateway:
+            for fake in (stays, gone):  # answers that overlap, so that each needs a connection
+                fake.queue(*([sleep(0.5), *ok(stream=False)] for _ in range(8)))
+            chat_url = gateway.url + "/v1/chat/completions"
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(lambda _: httpx.post(chat_url, json=CHAT, timeout=10), range(16)))
+            assert [answer.status_code for answer in answers] == [200] * 16
+            assert open_connections(gone) >= 4, "the burst left too few connections to prove anything"
+
+            write_config([stays])
+            gateway.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: open_connections(gone) == 0, 2 * http1.IDLE_SECONDS + 2)
+            assert open_connections(gone) == 0
+            assert httpx.post(chat_url, json=CHAT, timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize(
