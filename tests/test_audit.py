@@ -7,6 +7,7 @@ import io
 import multiprocessing
 import os
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -481,6 +482,30 @@ def test_on_a_loop_an_append_hands_its_record_over_instead_of_waiting_for_the_lo
     assert [orjson.loads(line)["request_id"] for line in lines] == [f"req-{n}" for n in range(5)]
     report = verify(path)
     assert (report.problems, report.records) == ([], 5)
+
+
+def test_a_backlog_left_by_the_lock_is_written_in_memory_about_its_own_size(tmp_path: Path) -> None:
+    """Records that waited for another process's lock are written in one go once it is free: that
+    must not take many times their size (orjson's bytes keep 4 KiB each, whatever their length)."""
+    path = tmp_path / "audit.jsonl"
+    count = 20_000
+
+    async def scenario() -> tuple[int, int]:
+        log = AuditLog(path)
+        with locked_elsewhere(path):
+            for n in range(count):
+                log.append(make_record(n))
+            tracemalloc.start()
+        try:
+            await log.aclose()  # once the backlog is written
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return peak, path.stat().st_size
+
+    peak, size = asyncio.run(scenario())
+    assert verify(path).records == count
+    assert peak < 4 * size, f"writing {size} bytes of records took {peak} bytes"
 
 
 def test_records_still_waiting_for_the_lock_at_close_are_reported_lost(
