@@ -40,6 +40,9 @@ GENESIS = "0" * 64
 TAIL_CHUNK = 4096
 LOCK_RETRY = (0.001, 0.02)  # seconds between a waiting write's tries for the lock: first, most
 CLOSE_GRACE = 5.0  # seconds close() gives records still waiting for the lock
+# Records that may wait for the lock at once (about 75 MB): a lock held for good (a hung backup job)
+# must not take the gateway's memory with it. More fail, and are counted, as on a full disk.
+WAITING_LIMIT = 100_000
 SHOWN = 20  # problems and requests listed by format_report before "and N more"
 
 
@@ -59,9 +62,9 @@ class AuditLog:
 
     An append called on an event loop never waits there for another process's lock (a worker's, or
     a backup job's `flock`): while the lock is taken, the record and every one after it go to a
-    thread that waits for the lock and writes them in order. What that thread cannot write is
-    reported, on the loop, through `on_failure(error, records)`. Without a running loop, an append
-    waits for the lock.
+    thread that waits for the lock and writes them in order, up to WAITING_LIMIT of them (an append
+    past that raises AuditError). What that thread cannot write is reported, on the loop, through
+    `on_failure(error, records)`. Without a running loop, an append waits for the lock.
     """
 
     def __init__(
@@ -91,6 +94,11 @@ class AuditLog:
             if fd is None or self._give_up_at is not None:
                 raise AuditError(f"audit log {self.path} is closed")
             if self._waiting is not None:  # behind records already waiting for the lock, in order
+                if len(self._waiting) >= WAITING_LIMIT:
+                    raise AuditError(
+                        f"cannot write audit log {self.path}: another process has held its lock while"
+                        f" {WAITING_LIMIT} records came, and no more can wait"
+                    )
                 self._waiting.append(entry)
                 return
             try:

@@ -508,6 +508,44 @@ def test_a_backlog_left_by_the_lock_is_written_in_memory_about_its_own_size(tmp_
     assert peak < 4 * size, f"writing {size} bytes of records took {peak} bytes"
 
 
+def test_records_past_the_limit_of_those_waiting_for_the_lock_fail_instead_of_piling_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "WAITING_LIMIT", 3, raising=False)
+    path = tmp_path / "audit.jsonl"
+
+    async def scenario() -> list[str]:
+        log = AuditLog(path)
+        refused = []
+        with locked_elsewhere(path):
+            for n in range(5):
+                try:
+                    log.append(make_record(n))
+                except AuditError as error:
+                    refused.append(str(error))
+        await written(path, 3)  # the lock is free: the three that waited go first
+        log.append(make_record(5))
+        await log.aclose()
+        return refused
+
+    refused = asyncio.run(scenario())
+    assert (
+        refused
+        == [
+            f"cannot write audit log {path}: another process has held its lock while 3 records came,"
+            " and no more can wait"
+        ]
+        * 2
+    )
+    assert [orjson.loads(line)["request_id"] for line in lines_of(path)] == [
+        "req-0",
+        "req-1",
+        "req-2",
+        "req-5",
+    ]
+    assert verify(path).ok
+
+
 def test_records_still_waiting_for_the_lock_at_close_are_reported_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
