@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_none
-
 from gateway.balancer import Balancer
 from gateway.deadlines import Deadlines
 from gateway.errors import (
@@ -58,10 +56,6 @@ async def _waited_for(preparing: Awaitable[object], exchange: Exchange) -> None:
         exchange.upstream_seconds += time.perf_counter() - started
 
 
-def _retryable(error: BaseException) -> bool:
-    return isinstance(error, GatewayError) and error.retryable
-
-
 def _failed_closed(error: GatewayError, tried: list[Target], exchange: Exchange) -> UpstreamError:
     """A private request's last failure, told as what it is: every local deployment tried has
     failed, and no cloud backend will be. 503, or 504 when the last one ran out of time."""
@@ -87,10 +81,10 @@ class Dispatcher:
         self, plans: list[Plan], exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
     ) -> T:
         """Each plan in turn until one succeeds; a plan's non-retryable failure is final. Within a
-        plan, its targets in the balancer's order until one succeeds or a failure is final: the
-        first attempt is a plain call from here (most requests need no other, and each coroutine
-        between the route and the backend is resumed at every step of the request), `_retry`
-        drives the rest."""
+        plan, its targets in the balancer's order until one succeeds or a failure is final, each
+        attempt a plain call from here: no coroutine in between, and no retry library's state.
+        (tenacity's kept the last error, whose traceback held that state in turn: a reference
+        cycle that kept the request, its sockets included, until the collector's rare full run.)"""
         last = len(plans) - 1
         for index, plan in enumerate(plans):
             if index:
@@ -101,15 +95,15 @@ class Dispatcher:
                 targets = await self.balancer.room(targets, exchange.affinity)
             attempts = min(self.retries + 1, len(targets))
             try:
-                try:
-                    result = await self._attempt(targets[0], exchange, attempt_one)
-                except GatewayError as error:
-                    if attempts == 1 or not error.retryable:
-                        raise
-                    self.metrics.child(self.metrics.retries, targets[0].backend).inc()
-                else:
-                    return self._served(plans, index, result)
-                return self._served(plans, index, await self._retry(targets, attempts, exchange, attempt_one))
+                for number in range(attempts):
+                    try:
+                        result = await self._attempt(targets[number], exchange, attempt_one)
+                    except GatewayError as error:
+                        if number == attempts - 1 or not error.retryable:
+                            raise
+                        self.metrics.child(self.metrics.retries, targets[number].backend).inc()
+                    else:
+                        return self._served(plans, index, result)
             except GatewayError as error:
                 if not error.retryable:
                     raise
@@ -127,30 +121,6 @@ class Dispatcher:
         if index:
             self.metrics.child(self.metrics.fallbacks, plans[0].label, plans[index].label).inc()
         return result
-
-    async def _retry(
-        self,
-        targets: list[Target],
-        attempts: int,
-        exchange: Exchange,
-        attempt_one: Callable[[Target, Provider], Awaitable[T]],
-    ) -> T:
-        """Attempts 2 to `attempts` of a plan, on its next targets, while the failures are retryable."""
-
-        def count_retry(state: RetryCallState) -> None:
-            self.metrics.child(self.metrics.retries, targets[state.attempt_number].backend).inc()
-
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts - 1),
-            retry=retry_if_exception(_retryable),
-            wait=wait_none(),
-            before_sleep=count_retry,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await self._attempt(targets[attempt.retry_state.attempt_number], exchange, attempt_one)
-        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _attempt(
         self, target: Target, exchange: Exchange, attempt_one: Callable[[Target, Provider], Awaitable[T]]
