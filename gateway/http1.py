@@ -347,6 +347,9 @@ class _Connection(asyncio.Protocol):
             self._ending = self._loop.call_later(self.grace, self._not_ended)
         else:
             self._busy = False
+            # The failure's traceback holds the frames that read this connection: kept here, it
+            # would make a reference cycle holding the request, until a full collection.
+            self._error = self._head = None
             self._close()
 
     def _ended(self) -> None:

@@ -458,6 +458,9 @@ class StreamRelay:
                 await _close(self._source.rest)
             finally:
                 self._source.on_close(failure)
+                # The failure's traceback holds this frame: a reference cycle, holding the request
+                # until a full collection, unless the frame lets go of it.
+                failure = None
                 self._close_books(status)
 
     def _close_books(self, status: int) -> None:

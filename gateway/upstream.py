@@ -150,7 +150,10 @@ class MappedErrors:
         if isinstance(error, Exception):
             mapped = translated(error, self.kind, self.base_url, self.started)
             if mapped is not error:
-                raise mapped from error
+                try:
+                    raise mapped from error
+                finally:  # this frame is in `mapped`'s traceback: holding it would be a cycle
+                    del mapped
 
 
 def json_or_none(content: bytes) -> Any:

@@ -324,20 +324,37 @@ def test_fault_before_the_first_byte_moves_to_the_other_instance(
     assert_nothing_left(setup)
 
 
+def left_in_cycles(run: Callable[[], object]) -> set[str]:
+    """The gateway's objects that `run` leaves in reference cycles, which `serve` frees only at the
+    collector's full pass, and that rarely (gateway/cli.py): what a request leaves there, its
+    sockets and body included, stays for long."""
+    gc.collect()
+    gc.disable()  # what the request leaves in a cycle stays there until the look below
+    try:
+        run()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        return {type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("gateway.")}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+REQUEST = {"Exchange", "Incoming", "ChatRequest"}  # a request, its body
+
+
 @pytest.mark.parametrize("ending", ["every-instance-fails", "client-leaves-the-retry"])
 def test_a_request_that_ends_after_a_retry_leaves_no_reference_cycle(
     rig: Callable[..., Rig], ending: str
 ) -> None:
-    """`serve` runs the collector's full pass rarely (gateway/cli.py), so what a request leaves in a
-    reference cycle, its sockets and body included, stays for long: RSS climbed by 13 KB for each
-    request a client left while it was retried."""
+    """RSS climbed by 13 KB for each request a client left while it was retried."""
     setup = rig(2, first_token=5)
     setup.fakes[0].queue([reply(500, {"error": "model runner crashed"})])  # the first chat, wherever
     second = [reply(500, {"error": "again"})] if ending == "every-instance-fails" else [sleep(5), *ok()]
     setup.fakes[0].queue(second)
-    gc.collect()
-    gc.disable()  # what the request leaves in a cycle stays there until the look below
-    try:
+
+    def run() -> None:
         if ending == "every-instance-fails":
             assert setup.post(stream=False).status_code == 502
         else:
@@ -346,15 +363,28 @@ def test_a_request_that_ends_after_a_retry_leaves_no_reference_cycle(
                 httpx.post(setup.gateway.url + "/v1/chat/completions", json=body, timeout=1.5)
             wait_for(lambda: sum(requests_total(setup, name, 499) for name in setup.names) == 1, 3)
         assert_nothing_left(setup)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = {type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("gateway.")}
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+
+    left = left_in_cycles(run)
     assert sum(retries(setup, name) for name in setup.names) == 1
-    assert not left & {"Exchange", "Incoming", "ChatRequest"}, left  # the request, its body
+    assert not left & REQUEST, left
+
+
+@pytest.mark.parametrize(("fault", "status"), [("reset", 502), ("stall", 504)])
+def test_a_stream_that_fails_midway_leaves_no_reference_cycle(
+    rig: Callable[..., Rig], fault: str, status: int
+) -> None:
+    setup = rig(1)
+    setup.fakes[0].queue([head(), chunk(line("a ")), reset() if fault == "reset" else hang()])
+
+    def run() -> None:
+        response = setup.post(stream=True)
+        assert '"error"' in response.text
+        wait_for(lambda: requests_total(setup, "ollama-1", status) == 1, 3)
+        assert_nothing_left(setup)
+
+    left = left_in_cycles(run)
+    assert requests_total(setup, "ollama-1", status) == 1
+    assert not left & REQUEST, left
 
 
 # ---- after the first byte: an SSE error event, no [DONE], never retried ----
