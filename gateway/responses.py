@@ -201,24 +201,31 @@ CHAT_COMPLETION_CHUNK: Schema = {
     },
 }
 
-STREAM_EVENT: Schema = {
-    "type": "object",
-    "description": (
-        "One server-sent event: a chunk, an error object when the stream fails after it started"
-        " (the stream then ends), or `[DONE]` last. Comment lines (`: name=value`) carry notices."
-    ),
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "if": {"const": "[DONE]"},
-            "else": {
-                "contentMediaType": "application/json",
-                "contentSchema": {"anyOf": [ref("ChatCompletionChunk"), ref("Error")]},
+
+def _stream_event(chunk: str) -> Schema:
+    """One server-sent event of a stream whose chunks are `chunk` (a component's name)."""
+    return {
+        "type": "object",
+        "description": (
+            "One server-sent event: a chunk, an error object when the stream fails after it started"
+            " (the stream then ends), or `[DONE]` last. Comment lines (`: name=value`) carry notices."
+        ),
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "else": {
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"anyOf": [ref(chunk), ref("Error")]},
+                },
             },
         },
-    },
-}
+    }
+
+
+STREAM_EVENT = _stream_event("ChatCompletionChunk")
+
 
 LEGACY_LOGPROBS: Schema = {
     "type": "object",
@@ -271,19 +278,7 @@ def _text_completion(chunk: bool) -> Schema:
     }
 
 
-TEXT_STREAM_EVENT: Schema = {
-    **STREAM_EVENT,
-    "properties": {
-        "data": {
-            "type": "string",
-            "if": {"const": "[DONE]"},
-            "else": {
-                "contentMediaType": "application/json",
-                "contentSchema": {"anyOf": [ref("TextCompletionChunk"), ref("Error")]},
-            },
-        },
-    },
-}
+TEXT_STREAM_EVENT = _stream_event("TextCompletionChunk")
 
 EMBEDDINGS: Schema = {
     "type": "object",

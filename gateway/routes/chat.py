@@ -8,11 +8,10 @@ from starlette.responses import Response
 
 from gateway.body import read_json, validate, written
 from gateway.errors import GatewayError
-from gateway.eventstream import EventStream
 from gateway.incoming import Incoming
-from gateway.relay import UNREPORTED, StreamRelay, completion_body, notice_headers
+from gateway.relay import completion_body
+from gateway.routes.answer import answered, streamed
 from gateway.schemas import ChatRequest
-from gateway.state import json_response
 
 
 async def chat_completions(request: Incoming) -> Response:
@@ -42,31 +41,13 @@ async def chat_completions(request: Incoming) -> Response:
             except BaseException:
                 departure.stop()
                 raise
-            relay = StreamRelay(
-                source,
-                exchange,
-                model=exchange.answered_as,
-                include_usage=chat.include_usage,
-                finish=lambda status: state.finish(exchange, status),
-                on_unexpected=state.unexpected,
-                choices=chat.n or 1,
-            )
-            return EventStream(  # type: ignore[return-value]
-                relay.body(),
-                state.headers(exchange),
-                on_client_gone=relay.client_gone,
-                departure=departure,
-                stalled=relay.client_stalled,
+            return streamed(
+                request, exchange, source, departure, include_usage=chat.include_usage, choices=chat.n or 1
             )
         completion = await state.dispatcher.complete(plans, chat, exchange)
-        if completion.counted:
-            exchange.usage = completion.usage
-        else:  # the client gets zeros; the books and the rate limiter do not take them for a count
-            completion.notices["usage"] = UNREPORTED
-        exchange.notes.update(completion.notices)
-        headers = {**state.headers(exchange), **notice_headers(completion.notices)}
-        body = completion_body(completion, model=exchange.answered_as)
-        return json_response(body, headers=headers, after=lambda: state.finish(exchange, 200))
+        return answered(
+            request, exchange, completion, completion_body(completion, model=exchange.answered_as)
+        )
     except GatewayError as error:
         return state.fail(exchange, error, unread=not request.body_read)
     except asyncio.CancelledError:

@@ -9,7 +9,6 @@ from starlette.responses import Response
 
 from gateway.body import read_json, validate, written
 from gateway.errors import GatewayError
-from gateway.eventstream import EventStream
 from gateway.incoming import Incoming
 from gateway.legacy import (
     TextEncoder,
@@ -21,9 +20,8 @@ from gateway.legacy import (
     open_all,
     text_completion_body,
 )
-from gateway.relay import UNREPORTED, StreamRelay, notice_headers
+from gateway.routes.answer import answered, streamed
 from gateway.schemas import ChatRequest, CompletionRequest
-from gateway.state import json_response
 
 
 async def completions(request: Incoming) -> Response:
@@ -56,32 +54,19 @@ async def completions(request: Incoming) -> Response:
             except BaseException:
                 departure.stop()
                 raise
-            relay = StreamRelay(
-                source,
+            encoder = TextEncoder(legacy, exchange.answered_as)
+            return streamed(
+                request,
                 exchange,
-                model=exchange.answered_as,
+                source,
+                departure,
                 include_usage=legacy.include_usage,
-                finish=lambda status: state.finish(exchange, status),
-                on_unexpected=state.unexpected,
                 choices=legacy.choices,
-                encoder=TextEncoder(legacy, exchange.answered_as),
-            )
-            return EventStream(  # type: ignore[return-value]
-                relay.body(),
-                state.headers(exchange),
-                on_client_gone=relay.client_gone,
-                departure=departure,
-                stalled=relay.client_stalled,
+                encoder=encoder,
             )
         completion = joined(await complete_all(state.dispatcher, plans, chats, exchange), n)
-        if completion.counted:
-            exchange.usage = completion.usage
-        else:  # the client gets zeros; the books and the rate limiter do not take them for a count
-            completion.notices["usage"] = UNREPORTED
-        exchange.notes.update(completion.notices)
-        headers = {**state.headers(exchange), **notice_headers(completion.notices)}
         body = text_completion_body(completion, legacy, model=exchange.answered_as)
-        return json_response(body, headers=headers, after=lambda: state.finish(exchange, 200))
+        return answered(request, exchange, completion, body)
     except GatewayError as error:
         return state.fail(exchange, about_prompt(error) if chats else error, unread=not request.body_read)
     except asyncio.CancelledError:
