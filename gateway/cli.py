@@ -81,7 +81,9 @@ def _env_log_level() -> str | None:
     return level.lower()
 
 
-WORKER_CANNOT_START = 3  # a worker's exit status when the config does not load
+# A worker's exit status when the config does not load: not uvicorn's STARTUP_FAILURE (3), on
+# which its supervisor stops every worker (gateway/supervisor.py).
+WORKER_CANNOT_START = 4
 # A command whose reader left (`check-config FILE | head -1`): what a shell shows for any other
 # command that SIGPIPE ended, 128 + 13.
 BROKEN_PIPE = 141
@@ -159,9 +161,11 @@ def serve(args: argparse.Namespace) -> int:
         "log_config": stdlib_log_config(),  # uvicorn's lines are JSON too
         "timeout_graceful_shutdown": config.server.shutdown_timeout,
     }
+    status = 0
     with metrics_directory(args.workers):
         if args.workers > 1:
-            stopped_by = serve_workers(APP, **options)
+            ended = serve_workers(APP, **options)
+            stopped_by, status = (ended, 0) if isinstance(ended, signal.Signals) else (None, ended)
         else:
             stopped_by = None
             # uvicorn puts back the SIGINT handler it found and re-raises the signal it stopped
@@ -174,7 +178,7 @@ def serve(args: argparse.Namespace) -> int:
     if stopped_by is not None:  # as uvicorn ends a single worker: by the signal, 143 or 130 in a shell
         signal.signal(stopped_by, signal.SIG_DFL)
         signal.raise_signal(stopped_by)
-    return 0
+    return status
 
 
 def event_loop() -> str:

@@ -75,8 +75,13 @@ def serve_dry(
     path = tmp_path / "gateway.yaml"
     path.write_text(json.dumps({**MINIMAL, **config}))
     started: list[dict[str, Any]] = []
+
+    def serve_workers(app: str, **options: Any) -> int:
+        started.append(options)
+        return 0
+
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
-    monkeypatch.setattr(cli, "serve_workers", lambda app, **options: started.append(options))
+    monkeypatch.setattr(cli, "serve_workers", serve_workers)
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PHOENIX_")})
     assert main(["serve", "--config", str(path), *args]) == 0
     return started[0]

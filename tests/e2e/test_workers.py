@@ -3,8 +3,12 @@ multiprocess mode, its directory set up and cleaned by the gateway)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +20,7 @@ import yaml
 
 from tests.e2e.conftest import StreamInBackground, sample, scrape, wait_for
 from tests.fakes.ollama_server import FakeOllama, Reply
-from tests.servers import GatewayProcess, ServerThread, gateway_process, wait_for_workers
+from tests.servers import GatewayProcess, ServerThread, free_port, gateway_process, wait_for_workers
 
 pytestmark = pytest.mark.e2e
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -124,7 +128,8 @@ def test_a_worker_replaced_while_the_file_is_broken_says_why_it_cannot_start(
     tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
 ) -> None:
     """One worker dies (an OOM kill) while an edit of the file is half done: its replacements
-    cannot load it, and say so in a JSON line each; the other worker keeps serving."""
+    cannot load it, and say so in a JSON line each, ever more slowly; the other worker keeps
+    serving all the while (uvicorn's supervisor used to stop the whole gateway, exit status 0)."""
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     with two_workers_process(
@@ -138,7 +143,58 @@ def test_a_worker_replaced_while_the_file_is_broken_says_why_it_cannot_start(
         wait_for(lambda: events_named(gateway, cannot), timeout=15)
         [first, *_] = events_named(gateway, cannot)
         assert first["error"] == f"{tmp_path / 'gateway.yaml'}: not valid YAML at line 2, column 1"
-        for _ in range(4):
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
             assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+            time.sleep(0.1)
+        assert gateway.process.poll() is None
+        pauses = [
+            e["pause"]
+            for e in events_named(
+                gateway, "a worker exited soon after it started; replacing it after a pause"
+            )
+        ]
+        # Each replacement waits twice as long as the one before (without a pause, one started
+        # as soon as the supervisor saw the last one gone, about every 1.5 s, for as long as the
+        # file stays broken).
+        assert len(pauses) >= 2, pauses
+        assert all(later == 2 * earlier for earlier, later in itertools.pairwise(pauses)), pauses
     lines = (tmp_path / "stderr.log").read_text().splitlines()
     assert [line for line in lines if not line.startswith("{")] == []  # no traceback, only JSON lines
+
+
+def test_when_no_worker_can_start_again_the_gateway_stops_with_exit_status_1(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    """Both workers die while the file is broken: none serves, and rather than hold connections
+    no one will answer, the gateway exits 1, for its service manager to restart it (where the
+    broken file is then named at start)."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    with two_workers_process(
+        tmp_path, fake_ollama[1].url, {"PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    ) as gateway:
+        wait_for_workers(metrics, 2)
+        (tmp_path / "gateway.yaml").write_text("backends: [unclosed\n")
+        for path in metrics.glob("*.db"):
+            with suppress(ProcessLookupError):
+                os.kill(int(path.stem.rpartition("_")[2]), signal.SIGKILL)
+        assert gateway.process.wait(timeout=20) == 1
+        assert events_named(gateway, "no worker can start; stopping")
+
+
+def refused_app() -> object:
+    """An app factory that uvicorn itself finds broken: its STARTUP_FAILURE (exit status 3)."""
+    raise TypeError("not an app")
+
+
+def test_workers_uvicorn_finds_broken_stop_the_gateway_with_exit_status_1() -> None:
+    """uvicorn's supervisor stops every worker when one exits with its STARTUP_FAILURE: the
+    gateway then exits 1, not 0 as if it had been asked to stop."""
+    program = (  # in a process of its own: the supervisor takes the signals
+        "import sys; from gateway.supervisor import serve_workers; sys.exit(serve_workers("
+        f"'tests.e2e.test_workers:refused_app', factory=True, workers=2, port={free_port()},"
+        " log_level='critical'))"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr.decode()[-2000:]
