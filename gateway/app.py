@@ -44,6 +44,7 @@ RESTART_KEYS = ("host", "port", "shutdown_timeout")
 # At shutdown, past server.shutdown_timeout uvicorn cancels the requests still running and goes on
 # to stop the app: they get this long to send their last words (a 503, an SSE error) first.
 LAST_WORDS_SECONDS = 2.0
+ORPHAN_CHECK_SECONDS = 1.0  # how often a worker of `serve --workers N` checks its main process
 
 Handler = Callable[[Incoming], Coroutine[Any, Any, Response]]
 HOT_ROUTES: dict[str, Handler] = {
@@ -252,19 +253,24 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     load: Callable[[], Config] | None = None,
     set_log_level: Callable[[str], object] | None = None,
+    supervisor: int | None = None,
 ) -> ASGIApp:
     """The app for `config`. With `load`, SIGHUP re-reads the config through it (only where the
     app runs in the main thread, as under `phoenix-gateway serve`); with `set_log_level`, a
-    reload that changes `server.log_level` applies it through that."""
+    reload that changes `server.log_level` applies it through that. `supervisor`: the pid of the
+    main process of `serve --workers N`, whose worker this is: should it die, the worker stops."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         forget_dead_workers()
         reloader.start()
         hangup = load is not None and _handle_hangup(reloader.on_hangup)
+        orphan_watch = asyncio.create_task(_stop_when_orphaned(supervisor, reloader)) if supervisor else None
         try:
             yield
         finally:
+            if orphan_watch is not None:
+                orphan_watch.cancel()
             until = asyncio.get_running_loop().time() + LAST_WORDS_SECONDS
             while front.running and asyncio.get_running_loop().time() < until:
                 await asyncio.sleep(0.01)
@@ -281,6 +287,16 @@ def create_app(
     reloader = Reloader(app, load or (lambda: config), environ, set_log_level)
     front = HotRoutes(app)
     return front
+
+
+async def _stop_when_orphaned(supervisor: int, reloader: Reloader) -> None:
+    """A worker whose main process is gone (killed, so it could not stop its workers) stops as at
+    SIGTERM, draining, instead of serving on with no one to pass it a reload, holding the port
+    that a new `serve` needs."""
+    while os.getppid() == supervisor:
+        await asyncio.sleep(ORPHAN_CHECK_SECONDS)
+    reloader.state.log.warning("the main process is gone: this worker stops", main_pid=supervisor)
+    signal.raise_signal(signal.SIGTERM)
 
 
 def _handle_hangup(callback: Callable[[], object]) -> bool:

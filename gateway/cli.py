@@ -84,6 +84,7 @@ def _env_log_level() -> str | None:
 # A worker's exit status when the config does not load: not uvicorn's STARTUP_FAILURE (3), on
 # which its supervisor stops every worker (gateway/supervisor.py).
 WORKER_CANNOT_START = 4
+SUPERVISOR_ENV = "PHOENIX_SUPERVISOR_PID"  # the main process of `serve --workers N`, for its workers
 # A command whose reader left (`check-config FILE | head -1`): what a shell shows for any other
 # command that SIGPIPE ended, 128 + 13.
 BROKEN_PIPE = 141
@@ -97,8 +98,12 @@ def app_factory() -> object:
         config = resolve_config(None)
         pinned = _env_log_level()  # --log-level reaches the workers as PHOENIX_LOG_LEVEL
         configure(pinned or config.server.log_level)
+        supervisor = os.environ.get(SUPERVISOR_ENV)
         app = create_app(
-            config, load=lambda: resolve_config(None), set_log_level=None if pinned else configure
+            config,
+            load=lambda: resolve_config(None),
+            set_log_level=None if pinned else configure,
+            supervisor=int(supervisor) if supervisor else None,
         )
     except (ConfigError, AuditError) as error:
         configure_from_env()
@@ -147,6 +152,10 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["PHOENIX_CONFIG"] = os.path.abspath(args.config)
     if pinned:
         os.environ["PHOENIX_LOG_LEVEL"] = pinned
+    if args.workers > 1:  # each worker watches this process, to stop should it be killed
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    else:
+        os.environ.pop(SUPERVISOR_ENV, None)
     log.info("serving", host=host, port=port, workers=args.workers, backends=len(config.backends))
     options: dict[str, Any] = {
         "factory": True,

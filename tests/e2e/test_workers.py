@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +198,38 @@ def test_workers_uvicorn_finds_broken_stop_the_gateway_with_exit_status_1() -> N
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, check=False)
     assert done.returncode == 1, done.stderr.decode()[-2000:]
+
+
+def test_workers_stop_when_the_main_process_is_killed(
+    tmp_path: Path, fake_ollama: tuple[FakeOllama, ServerThread]
+) -> None:
+    """Killed (an OOM kill, `kill -9`), the main process cannot stop its workers: they stop by
+    themselves, rather than serve on unsupervised and hold the port a new `serve` needs."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    with two_workers_process(
+        tmp_path, fake_ollama[1].url, {"PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    ) as gateway:
+        wait_for_workers(metrics, 2)
+        workers = {int(path.stem.rpartition("_")[2]) for path in metrics.glob("*.db")}
+        gateway.process.send_signal(signal.SIGKILL)
+        gateway.process.wait(timeout=10)
+
+        def running() -> set[int]:
+            return {pid for pid in workers if Path(f"/proc/{pid}").exists() and not zombie(pid)}
+
+        wait_for(lambda: not running(), timeout=10)
+        assert running() == set()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(gateway.url + "/healthz", timeout=2)
+        left = [
+            e for e in gateway.log_events() if e.get("event") == "the main process is gone: this worker stops"
+        ]
+        assert len(left) == 2
+
+
+def zombie(pid: int) -> bool:
+    """Whether the process has ended and waits for its parent to collect it."""
+    with suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    return False
