@@ -18,7 +18,9 @@ buckets per key: admission and settlement are single Lua scripts, so two gateway
 take the last request, and the clock is Redis's own, so replicas need not agree on the time. A
 request under way holds a lease in a sorted set per key, which its end removes; leases are renewed
 while their requests last and expire LEASE_SECONDS after a replica stopped renewing them (it
-crashed, or Redis could not be reached when the request ended). When Redis cannot be reached
+crashed). One whose admission or end Redis did not answer in time is given back again for about
+a minute (RELEASE_RETRIES): a Redis that stalled, rather than refused, runs an admission it was
+sent when it wakes, taking a lease that no request would ever give back. When Redis cannot be reached
 the request is let through and the failure logged (`fail_open`), or refused with 503 when the
 operator chose to fail closed.
 """
@@ -38,6 +40,10 @@ from gateway.errors import RateLimited, Unavailable
 
 ANONYMOUS = "*"  # the bucket of an open gateway's callers; no key name can contain '*'
 LEASE_SECONDS = 120  # a Redis lease of a request under way, renewed every third of it
+# Pauses before giving a lease back again when Redis could not be asked at its request's end: it
+# may only have stalled, and then run a late admission that took it. About a minute in all.
+RELEASE_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+CLOSE_GRACE = 1.5  # seconds that settlements still under way get at shutdown (one Redis timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +113,12 @@ class Reservation:
 
 
 class StoreUnreachable(Exception):
-    """The store could not be asked; the limiter's config says whether to let the request through."""
+    """The store could not be asked; the limiter's config says whether to let the request through.
+    `stalled`: it did not answer in time, so it may yet run what it was sent."""
+
+    def __init__(self, stalled: bool = False) -> None:
+        super().__init__()
+        self.stalled = stalled
 
 
 class Store(Protocol):
@@ -296,6 +307,7 @@ class RedisStore:
         self._prefix = prefix
         self._log = log
         self._errors = redis.RedisError
+        self._timeouts = (TimeoutError, redis.TimeoutError)
 
     def _keys(self, key: str) -> list[str]:
         return [f"{self._prefix}{key}:requests", f"{self._prefix}{key}:tokens", self._leases(key)]
@@ -313,7 +325,7 @@ class RedisStore:
             )
         except (self._errors, OSError) as error:
             self._log.error("rate limit store unreachable", error=type(error).__name__)
-            raise StoreUnreachable from None
+            raise StoreUnreachable(isinstance(error, self._timeouts)) from None
         # The script's levels are after the debit when admitted, before it when not.
         request_bucket = Bucket(limits.rpm, float(requests), limits.rpm / 60) if limits.rpm else None
         token_bucket = Bucket(limits.tpm, float(tokens), limits.tpm / 60) if limits.tpm else None
@@ -332,8 +344,22 @@ class RedisStore:
     async def _settled(self, keys: list[str], args: list[Any]) -> None:
         try:
             await self._settle(keys=keys, args=args)
+            return
         except (self._errors, OSError) as error:
             self._log.error("rate limit store unreachable", error=type(error).__name__)
+            if not isinstance(error, self._timeouts):  # refused: nothing was run, nor will be
+                return
+        tpm, _, lease = args
+        if not lease:
+            return
+        # Only the lease is given back again: the debit may have been made by a Redis that stalled.
+        for pause in RELEASE_RETRIES:
+            await asyncio.sleep(pause)
+            try:
+                await self._settle(keys=keys, args=[tpm, 0, lease])
+                return
+            except (self._errors, OSError):
+                continue
 
     async def renew(self, leases: Collection[tuple[str, str]]) -> None:
         keys = [self._leases(key) for key, _ in leases]
@@ -394,12 +420,20 @@ class RateLimiter:
         lease = _lease() if limits.max_inflight else ""
         try:
             verdict = await self.store.admit(key, limits, cost, lease)
-        except StoreUnreachable:
+        except StoreUnreachable as failure:
+            # A Redis that stalled (rather than refused) runs the admission when it wakes, taking
+            # a lease no one would give back: the lease stays the request's, to be given back at
+            # its end (renewing or removing one that was never taken changes nothing).
+            lease = lease if failure.stalled else ""
             if not self.config.fail_open:
+                if lease:
+                    self.settle(Reservation(key, limits, 0, {}, lease), 0)
                 raise Unavailable(
                     "The rate-limit store (Redis) is unreachable, and rate_limits.fail_open is false."
                 ) from None
-            return Reservation(key, limits, 0, {})  # nothing was taken, nor held
+            if lease:
+                self._hold(key, lease)
+            return Reservation(key, limits, 0, {}, lease)  # no tokens counted as taken
         if verdict.exhausted == "inflight":
             raise RateLimited(
                 f"Too many requests under way for {_who(key)}: limit {limits.max_inflight} at once."
@@ -454,6 +488,9 @@ class RateLimiter:
     async def aclose(self) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
-        if self._settling:
+        if self._settling:  # not a lease's retries for a minute: they expire in Redis anyway
+            _, late = await asyncio.wait(self._settling, timeout=CLOSE_GRACE)
+            for task in late:
+                task.cancel()
             await asyncio.gather(*self._settling, return_exceptions=True)
         await self.store.aclose()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -293,6 +295,41 @@ async def test_redis_leases_are_renewed_while_their_requests_last_and_expire_aft
     finally:
         await alive.aclose()
         await crashed.aclose()
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_a_lease_a_stalled_redis_took_late_is_given_back_and_the_key_is_not_locked_out(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, fail_open: bool
+) -> None:
+    """Redis stalls (a fork for a snapshot on a slow disk, a VM paused) longer than the gateway
+    waits: the admission times out, the request goes on (or gets its 503), and Redis runs the
+    admission when it wakes, taking a lease. Its request's end, itself written while Redis still
+    stalls, gives it back once Redis answers again: the key is not refused for two minutes with
+    nothing under way."""
+    monkeypatch.setattr(ratelimit, "RELEASE_RETRIES", (0.5,) * 6)
+    limits = Limits(max_inflight=1)
+    limiter = RateLimiter(RateLimits(fail_open=fail_open), RedisStore(redis_url, "t:", log=get_logger()))
+    client = redis.Redis.from_url(redis_url)
+    server = int((await client.info("server"))["process_id"])
+    try:
+        limiter.settle(await limiter.admit("app", limits, 0), 0)  # a connection in the pool
+        await asyncio.gather(*limiter._settling)
+        os.kill(server, signal.SIGSTOP)  # it takes what is sent, and runs it when it wakes
+        if fail_open:
+            reservation = await limiter.admit("app", limits, 0)  # Redis's 1 s timeout: let through
+            limiter.settle(reservation, 0)
+        else:
+            with pytest.raises(Unavailable):
+                await limiter.admit("app", limits, 0)
+        await asyncio.sleep(1.2)  # the request's end is not written either
+        os.kill(server, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*limiter._settling), timeout=5)
+        assert await client.zcard("t:app:inflight") == 0
+        limiter.settle(await limiter.admit("app", limits, 0), 0)  # room for a request
+    finally:
+        os.kill(server, signal.SIGCONT)
+        await client.aclose()
+        await limiter.aclose()
 
 
 async def test_unreachable_redis_fails_open_or_closed_as_configured() -> None:
