@@ -35,7 +35,7 @@ from gateway.routes.completions import completions
 from gateway.routes.embeddings import embeddings
 from gateway.routes.models import get_model, list_models
 from gateway.routes.ops import healthz, metrics, readyz
-from gateway.state import State, json_response
+from gateway.state import State, install, json_response, state_of
 from gateway.sweep import Sweeper
 
 DRAIN_SECONDS = 300.0  # how long a reload waits for the previous config's requests
@@ -112,7 +112,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
         405: f"Method {request.method} is not allowed on {request.url.path}.",
     }.get(exc.status_code, str(exc.detail))
     error = NoRoute(message, status=exc.status_code, code=kind, headers=dict(exc.headers or {}))
-    state: State = request.app.state.gateway
+    state = state_of(request.app)
     # Recorded as any request; the label is one value, whatever the path (no new series per path).
     state.record_failure(state.begin(request.state.request_id, "other"), error)
     return json_response(error.body(), error.http_status, error.headers)
@@ -143,8 +143,7 @@ class Reloader:
 
     @property
     def state(self) -> State:
-        state: State = self.app.state.gateway
-        return state
+        return state_of(self.app)
 
     def start(self) -> None:
         self.refresher = asyncio.create_task(self.state.keep_fresh())
@@ -166,7 +165,7 @@ class Reloader:
                     relevel(level)
                 old.log.error("config reload failed; the running config stays", error=str(error))
                 return
-            self.app.state.gateway = new
+            install(self.app, new)
             self._log_what_stays(old.config, new)
             if self.refresher is not None:
                 self.refresher.cancel()
@@ -283,7 +282,7 @@ def create_app(
     app = Starlette(routes=ROUTES, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     # No redirect to the path with(out) its slash: SDKs do not follow one for a POST; a JSON 404 says more.
     app.router.redirect_slashes = False
-    app.state.gateway = State.build(config, environ)
+    install(app, State.build(config, environ))
     reloader = Reloader(app, load or (lambda: config), environ, set_log_level)
     front = HotRoutes(app)
     return front

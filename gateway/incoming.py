@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, eq=False)  # hashed by identity: the sweeper's table holds them
 class Incoming:
-    app: Any  # the Starlette app: its `state.gateway` is the State in force (a reload swaps it)
+    app: Any  # the Starlette app: its `gateway_state` is the State in force (a reload swaps it)
     request_id: str
     headers: dict[str, str]  # lower-case names; a repeated header's lines joined by ", " (RFC 9110 5.3)
     receive: Receive
@@ -69,5 +69,7 @@ class Incoming:
 
     @property
     def state(self) -> State:
-        state: State = self.app.state.gateway
+        state: State = (
+            self.app.gateway_state
+        )  # as gateway.state.state_of reads it (which imports this module)
         return state

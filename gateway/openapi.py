@@ -19,7 +19,7 @@ from starlette.responses import Response
 from gateway.config import Config
 from gateway.responses import COMPONENTS, INTEGER, REF, STRING, Schema, ref
 from gateway.schemas import MAX_PROMPTS, ChatRequest, CompletionRequest, EmbeddingRequest
-from gateway.state import State, json_response
+from gateway.state import json_response, state_of
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -348,5 +348,5 @@ def document(config: Config) -> dict[str, Any]:
 
 
 async def openapi_json(request: Request) -> Response:
-    state: State = request.app.state.gateway
+    state = state_of(request.app)
     return json_response(document(state.config))

@@ -8,7 +8,7 @@ from starlette.applications import Starlette
 
 from gateway.app import HOT_ROUTES, ROUTES, create_app
 from gateway.metrics import Metrics
-from gateway.state import State
+from gateway.state import State, install
 from tests.e2e.conftest import ollama_config
 
 
@@ -77,7 +77,7 @@ async def test_the_route_tables_traffic_endpoints_serve_as_the_hot_path_does(pat
     handlers directly) answer too: a refused body, in the same shape."""
     config = ollama_config("http://127.0.0.1:1")
     starlette = Starlette(routes=ROUTES)
-    starlette.state.gateway = State.build(config, {})
+    install(starlette, State.build(config, {}))
     results = []
     for app in (starlette, create_app(config, environ={})):
         transport = httpx.ASGITransport(app=app)

@@ -9,14 +9,13 @@ from starlette.responses import Response
 
 from gateway.eventstream import Departure, EventStream
 from gateway.exchange import Exchange
-from gateway.incoming import Incoming
 from gateway.relay import UNREPORTED, Encoder, StreamRelay, StreamSource, notice_headers
 from gateway.schemas import Completion
-from gateway.state import json_response
+from gateway.state import State, json_response
 
 
 def streamed(
-    request: Incoming,
+    state: State,
     exchange: Exchange,
     source: StreamSource,
     departure: Departure,
@@ -26,7 +25,6 @@ def streamed(
     encoder: Encoder | None = None,
 ) -> Response:
     """The opened `source` relayed to the client; the request is finished when the stream ends."""
-    state = request.state
     relay = StreamRelay(
         source,
         exchange,
@@ -46,10 +44,9 @@ def streamed(
     )
 
 
-def answered(request: Incoming, exchange: Exchange, completion: Completion, body: dict[str, Any]) -> Response:
+def answered(state: State, exchange: Exchange, completion: Completion, body: dict[str, Any]) -> Response:
     """`completion` answered as `body`, its usage booked (or marked unreported) and its notices in
     the headers; the request is finished once the answer has gone."""
-    state = request.state
     if completion.counted:
         exchange.usage = completion.usage
     else:  # the client gets zeros; the books and the rate limiter do not take them for a count

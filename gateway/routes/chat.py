@@ -42,12 +42,10 @@ async def chat_completions(request: Incoming) -> Response:
                 departure.stop()
                 raise
             return streamed(
-                request, exchange, source, departure, include_usage=chat.include_usage, choices=chat.n or 1
+                state, exchange, source, departure, include_usage=chat.include_usage, choices=chat.n or 1
             )
         completion = await state.dispatcher.complete(plans, chat, exchange)
-        return answered(
-            request, exchange, completion, completion_body(completion, model=exchange.answered_as)
-        )
+        return answered(state, exchange, completion, completion_body(completion, model=exchange.answered_as))
     except GatewayError as error:
         return state.fail(exchange, error, unread=not request.body_read)
     except asyncio.CancelledError:

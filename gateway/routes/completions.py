@@ -56,7 +56,7 @@ async def completions(request: Incoming) -> Response:
                 raise
             encoder = TextEncoder(legacy, exchange.answered_as)
             return streamed(
-                request,
+                state,
                 exchange,
                 source,
                 departure,
@@ -66,7 +66,7 @@ async def completions(request: Incoming) -> Response:
             )
         completion = joined(await complete_all(state.dispatcher, plans, chats, exchange), n)
         body = text_completion_body(completion, legacy, model=exchange.answered_as)
-        return answered(request, exchange, completion, body)
+        return answered(state, exchange, completion, body)
     except GatewayError as error:
         return state.fail(exchange, about_prompt(error) if chats else error, unread=not request.body_read)
     except asyncio.CancelledError:

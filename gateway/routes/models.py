@@ -15,7 +15,7 @@ from gateway.config import ApiKey
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.policy import listed_name, not_found
-from gateway.state import State, json_response
+from gateway.state import State, json_response, state_of
 
 
 async def model_objects(state: State, key: ApiKey | None) -> dict[str, dict[str, Any]]:
@@ -43,7 +43,7 @@ async def model_objects(state: State, key: ApiKey | None) -> dict[str, dict[str,
 
 
 async def list_models(request: Request) -> Response:
-    state: State = request.app.state.gateway
+    state = state_of(request.app)
     exchange = state.begin(request.state.request_id, "models")
     try:
         objects = await model_objects(state, state.authenticate(request.headers, exchange))
@@ -54,7 +54,7 @@ async def list_models(request: Request) -> Response:
 
 
 async def get_model(request: Request) -> Response:
-    state: State = request.app.state.gateway
+    state = state_of(request.app)
     exchange = state.begin(request.state.request_id, "models")
     exchange.requested_model = model_id = request.path_params["model_id"]
     try:

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.metrics import CONTENT_TYPE
-from gateway.state import State, json_response
+from gateway.state import json_response, state_of
 
 
 async def healthz(request: Request) -> Response:
@@ -18,7 +18,7 @@ async def readyz(request: Request) -> Response:
     `balancer`). It reads what the background probes found, every `routing.health.interval`
     seconds (the first at start): no backend is asked here, and none is up before its first probe
     has answered."""
-    state: State = request.app.state.gateway
+    state = state_of(request.app)
     backends = {
         backend.name: {
             "type": backend.type,
@@ -34,5 +34,5 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    state: State = request.app.state.gateway
+    state = state_of(request.app)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)

@@ -24,7 +24,7 @@ import pytest
 from gateway import http1
 from gateway.app import HotRoutes
 from gateway.config import parse_config
-from gateway.state import State
+from gateway.state import state_of
 from tests.e2e.conftest import sample, scrape, wait_for
 from tests.fakes.faulty_server import (
     FaultyOllama,
@@ -209,7 +209,7 @@ def test_running_out_of_file_descriptors_is_the_gateways_503_and_no_fault_of_the
         wait_for(lambda: all(conn.closed_at for conn in setup.fakes[0].connections), 3)
         front = setup.gateway.server.config.app
         assert isinstance(front, HotRoutes)
-        state: State = front.app.state.gateway
+        state = state_of(front.app)
         assert setup.gateway.loop is not None
         with no_free_descriptors():
             answers = [client.post(url, json=body) for _ in range(3)]  # unhealthy_after: 3

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message
 
 from gateway.app import HotRoutes, create_app
-from gateway.state import State
+from gateway.state import State, state_of
 from tests.e2e.conftest import ollama_config, sample, scrape
 from tests.fakes.ollama_server import FakeOllama, Reply
 from tests.servers import ServerThread
@@ -109,7 +109,7 @@ async def test_an_answer_goes_out_before_its_bookkeeping(
     _, backend = fake_ollama
     app = create_app(ollama_config(backend.url), environ={})
     assert isinstance(app, HotRoutes)
-    state: State = app.app.state.gateway
+    state = state_of(app.app)
     content = json.dumps(body).encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
