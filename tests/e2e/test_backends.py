@@ -552,46 +552,36 @@ def test_embeddings_from_a_server_that_does_not_serve_them_are_a_400_and_no_faul
         assert httpx.post(gateway.url + "/v1/chat/completions", json=chat).status_code == 200
 
 
+OVERFLOW_WORDS = {  # what each OpenAI-compatible server says of a prompt past its context of 8 tokens
+    "llama.cpp": "request (9 tokens) exceeds the available context size (8 tokens), try increasing it",
+    "vllm": "This model's maximum context length is 8 tokens. However, your request has 9 input"
+    " tokens. Please reduce the length of the input messages.",
+}
+
+
+@pytest.mark.parametrize(
+    ("server", "at_top"),
+    [("llama.cpp", False), ("vllm", False), ("vllm", True)],
+    ids=["llama.cpp", "vllm", "vllm-at-top"],
+)
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_a_prompt_longer_than_a_llama_cpp_context_is_openais_context_length_exceeded(
-    start_gateway: Callable[..., ServerThread], stream: bool
+def test_a_prompt_longer_than_an_openai_compatible_context_is_openais_context_length_exceeded(
+    start_gateway: Callable[..., ServerThread], stream: bool, server: str, at_top: bool
 ) -> None:
-    # llama.cpp's server says so with its own type (exceed_context_size_error) and a numeric code;
-    # clients look for OpenAI's code, which the gateway left null.
+    # llama.cpp's server says so with its own type (exceed_context_size_error) and a numeric code,
+    # vLLM in OpenAI's words with a numeric code (400); the gateway dropped both codes, so LangChain
+    # raised a bare BadRequestError, not the ContextOverflowError it raises against OpenAI. Older
+    # vLLM releases (and SGLang) write the error at the top level of the body, which the client got
+    # as that raw JSON, cut at 200 characters, for a message.
     fake = FakeOpenAI(api_key=KEY)
-    fake.context_size = 8
+    fake.context_size, fake.context_server, fake.errors_at_top = 8, server, at_top
     with serve(fake.app) as upstream:
         gateway = start_gateway(rig_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
         body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
         response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"] == {
-        "message": "request (9 tokens) exceeds the available context size (8 tokens), try increasing it",
-        "type": "invalid_request_error",
-        "param": "messages",
-        "code": "context_length_exceeded",
-    }
-
-
-@pytest.mark.parametrize("at_top", [False, True], ids=["nested", "at-top"])
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_a_prompt_longer_than_a_vllm_context_is_openais_context_length_exceeded(
-    start_gateway: Callable[..., ServerThread], stream: bool, at_top: bool
-) -> None:
-    # vLLM says it in OpenAI's words with a numeric code (400), which the gateway dropped: LangChain
-    # raised a bare BadRequestError, not the ContextOverflowError it raises against OpenAI. Older vLLM
-    # releases (and SGLang) write the error at the top level of the body, which the client got as
-    # that raw JSON, cut at 200 characters, for a message.
-    fake = FakeOpenAI(api_key=KEY)
-    fake.context_size, fake.context_server, fake.errors_at_top = 8, "vllm", at_top
-    with serve(fake.app) as upstream:
-        gateway = start_gateway(rig_config("openai", upstream.url), environ={"FAKE_KEY": KEY})
-        body = {"model": "chat", "messages": [{"role": "user", "content": "word " * 9}], "stream": stream}
-        response = httpx.post(gateway.url + "/v1/chat/completions", json=body)
-    assert response.status_code == 400
-    assert response.json()["error"] == {
-        "message": "This model's maximum context length is 8 tokens. However, your request has 9 input"
-        " tokens. Please reduce the length of the input messages.",
+        "message": OVERFLOW_WORDS[server],
         "type": "invalid_request_error",
         "param": "messages",
         "code": "context_length_exceeded",
