@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -362,19 +362,12 @@ def fan_in(sources: list[StreamSource], n: int) -> StreamSource:
 async def complete_all(
     dispatcher: Dispatcher, plans: list[Plan], chats: list[ChatRequest], exchange: Exchange
 ) -> list[Completion]:
-    """Every prompt's answer. One prompt is sent as a chat request is; several at once, each with a
-    branch of the request's record, joined into it at the end (`Exchange.absorb`)."""
+    """Every prompt's answer. One prompt is sent as a chat request is; several at once."""
     if len(chats) == 1:
         return [await dispatcher.complete(plans, chats[0], exchange)]
-    branches = [exchange.branch() for _ in chats]
-    try:
-        tasks = [
-            asyncio.ensure_future(dispatcher.complete(plans, chat, branch))
-            for chat, branch in zip(chats, branches, strict=True)
-        ]
-        return await together(tasks)
-    finally:
-        exchange.absorb(branches)
+    return await _at_once(
+        chats, exchange, lambda chat, branch: dispatcher.complete(plans, chat, branch), together
+    )
 
 
 async def open_all(
@@ -383,12 +376,24 @@ async def open_all(
     """Every prompt's stream, opened (as `complete_all` sends them), as one."""
     if len(chats) == 1:
         return await dispatcher.open_stream(plans, chats[0], exchange)
+    sources = await _at_once(
+        chats, exchange, lambda chat, branch: dispatcher.open_stream(plans, chat, branch), opened
+    )
+    return fan_in(sources, n)
+
+
+async def _at_once(
+    chats: list[ChatRequest],
+    exchange: Exchange,
+    send: Callable[[ChatRequest, Exchange], Awaitable[T]],
+    gathered: Callable[[Sequence[asyncio.Future[T]]], Awaitable[list[T]]],
+) -> list[T]:
+    """`send` for every prompt's chat request at once, each with a branch of the request's record,
+    joined into it at the end (`Exchange.absorb`); `gathered` awaits them."""
     branches = [exchange.branch() for _ in chats]
     try:
-        tasks = [
-            asyncio.ensure_future(dispatcher.open_stream(plans, chat, branch))
-            for chat, branch in zip(chats, branches, strict=True)
-        ]
-        return fan_in(await opened(tasks), n)
+        return await gathered(
+            [asyncio.ensure_future(send(chat, branch)) for chat, branch in zip(chats, branches, strict=True)]
+        )
     finally:
         exchange.absorb(branches)
